@@ -1,0 +1,63 @@
+"""Reading and writing MiniMind `.pth` files. torch is imported here and nowhere on the training path."""
+from __future__ import annotations
+
+import pathlib
+import pickle
+import zipfile
+from collections import OrderedDict
+
+import numpy as np
+
+from minimind_jax.errors import UserError
+
+DTYPES = ("float16", "float32", "bfloat16")
+
+
+def read_state_dict(path) -> dict[str, np.ndarray]:
+    """A MiniMind weights file (plain state dict, or a resume dict's `model`) as numpy arrays.
+
+    Loaded with `weights_only=True`: a pickle that would run code is refused, never executed.
+    """
+    import torch
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[0]
+        raise UserError(f"{path}: refused to load (weights_only): {reason}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(f"{path}: not a readable .pth file (truncated or corrupt?): {reason}") from None
+    if isinstance(loaded, dict) and "model" in loaded and isinstance(loaded["model"], dict):
+        loaded = loaded["model"]  # MiniMind's resume checkpoint {model, optimizer, epoch, step, ...}
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise UserError(f"{path}: not a state dict of tensors (got {type(loaded).__name__})")
+    # DDP-wrapped or torch.compile'd models prefix their keys; MiniMind strips these when loading too.
+    return {_strip_prefix(k): v.detach().float().numpy() if v.dtype == torch.bfloat16 else v.detach().numpy()
+            for k, v in loaded.items()}
+
+
+def _strip_prefix(key: str) -> str:
+    for prefix in ("module.", "_orig_mod."):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def write_state_dict(state_dict: "OrderedDict[str, np.ndarray]", path, dtype: str = "float16") -> pathlib.Path:
+    """torch.save of {key: tensor} in `dtype`, MiniMind's exact format; written atomically."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    torch_dtype = getattr(torch, dtype)
+    tensors = OrderedDict((k, torch.from_numpy(np.ascontiguousarray(v)).to(torch_dtype)) for k, v in state_dict.items())
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(tensors, tmp)
+    tmp.replace(path)
+    return path

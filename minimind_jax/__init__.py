@@ -1,0 +1,23 @@
+"""minimind-jax: MiniMind in JAX/Flax NNX.
+
+Public API (stable): `load`, `save_pth`, `generate`, `ModelConfig`, `MiniMind`, `load_preset`.
+Submodules are imported on first use so that light tools (the CLI's --help, `convert`) start quickly.
+"""
+import importlib
+
+_EXPORTS = {
+    "ModelConfig": "minimind_jax.config",
+    "load_preset": "minimind_jax.config",
+    "MiniMind": "minimind_jax.model",
+    "load": "minimind_jax.weights",
+    "save_pth": "minimind_jax.weights",
+    "generate": "minimind_jax.generate",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'minimind_jax' has no attribute {name!r}")

@@ -1,0 +1,332 @@
+"""MiniMind in Flax NNX, both eras, numerically matching the PyTorch original.
+
+Shapes: B batch, T new tokens, S key positions, D hidden, H query heads, K kv heads, G = H // K query heads
+per kv head, Hd head dim, F MLP width, E routed experts, V vocab, L layers.
+
+The L blocks are one `Block` whose parameters carry a leading layer axis; `MiniMind.forward` runs them with
+`jax.lax.scan`, so compile time does not grow with depth. Parameters stay fp32; activations use
+`config.dtype`; logits are returned in fp32.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from minimind_jax.config import ModelConfig
+
+MASKED_PAD = -1e9  # MiniMind adds (1 - mask) * -1e9 to padded keys (not -inf: fully padded rows stay finite)
+
+
+class KVCache(NamedTuple):
+    """Fixed-size cache for all layers. Keys are stored after RoPE and before the GQA repeat."""
+
+    k_LBSKHd: jax.Array
+    v_LBSKHd: jax.Array
+    length: jax.Array  # int32 scalar: positions [0, length) are filled
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+        shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array | None  # [B,T,V] fp32, None when not requested
+    hidden_states: jax.Array  # [B,T,D] after the final norm
+    aux_loss: jax.Array  # fp32 scalar: summed MoE aux loss of all layers (0 in eval mode or without MoE)
+    cache: KVCache | None
+
+
+def _uniform_init(key, shape, fan_in):
+    """torch.nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), which MiniMind trains from."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+def _linear(rngs: nnx.Rngs, *shape: int) -> nnx.Param:
+    """A kernel laid out [..., in, out] (torch stores [out, in])."""
+    return nnx.Param(_uniform_init(rngs.params(), shape, shape[-2]))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, multiply_in_fp32: bool):
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
+        # 2510 casts back to the input dtype before the weight multiply; v3 multiplies in fp32, then casts.
+        self.multiply_in_fp32 = multiply_in_fp32
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.multiply_in_fp32:
+            return (self.weight[...] * normed).astype(x.dtype)
+        return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """RoPE inverse frequencies [Hd/2] in fp32, with the era's YaRN rescaling when it is switched on."""
+    dim, theta = config.head_dim, config.rope_theta
+    half = dim // 2
+    inv_freq = (1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32)[:half] / np.float32(dim)))).astype(np.float32)
+    scaling = config.rope_scaling
+    if scaling is None or config.max_position_embeddings / scaling["original_max_position_embeddings"] <= 1.0:
+        return inv_freq
+    orig, factor = scaling["original_max_position_embeddings"], scaling["factor"]
+    fast, slow = scaling["beta_fast"], scaling["beta_slow"]
+    index = np.arange(half, dtype=np.float32)
+    if config.is_v3:
+        inv_dim = lambda b: dim * math.log(orig / (b * 2 * math.pi)) / (2 * math.log(theta))
+        low, high = max(math.floor(inv_dim(fast)), 0), min(math.ceil(inv_dim(slow)), half - 1)
+        ramp = np.clip((index - low) / max(high - low, 0.001), 0, 1).astype(np.float32)
+        return (inv_freq * (1 - ramp + ramp / factor)).astype(np.float32)
+    corr_dim = next((i for i in range(half) if 2 * math.pi / inv_freq[i] > orig), half)
+    beta = (slow + (fast - slow) * index / max(half - 1, 1)).astype(np.float32)
+    scale = np.where(index < corr_dim, (beta * factor - beta + 1) / (beta * factor), 1.0 / factor)
+    return (inv_freq * scale).astype(np.float32)
+
+
+def rope_cos_sin(inv_freq: np.ndarray, positions_BT, attention_factor: float = 1.0):
+    """cos, sin [B,T,Hd] laid out cat([f, f]) as MiniMind builds them."""
+    angles = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles) * attention_factor, jnp.sin(angles) * attention_factor
+
+
+def apply_rope(x_BTNHd, cos_BTHd, sin_BTHd):
+    """Half-split rotation (HF-Llama rotate_half), computed in the promoted dtype like MiniMind."""
+    half = x_BTNHd.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BTNHd[..., half:], x_BTNHd[..., :half]], axis=-1)
+    cos, sin = cos_BTHd[:, :, None, :], sin_BTHd[:, :, None, :]
+    return (x_BTNHd * cos + rotated * sin).astype(x_BTNHd.dtype)
+
+
+def attention_bias(batch: int, num_queries: int, num_keys: int, query_offset, *, segment_ids_BT=None,
+                   key_segment_ids_BS=None, attention_mask_BS=None):
+    """Additive fp32 bias [B,1,T,S]: -inf above the causal diagonal or across segments, -1e9 on padded keys.
+
+    Query t sits at absolute position query_offset + t; key s at position s.
+    """
+    query_pos = query_offset + jnp.arange(num_queries)[:, None]
+    allowed = (jnp.arange(num_keys)[None, :] <= query_pos)[None]  # [1,T,S]
+    if segment_ids_BT is not None:
+        keys = segment_ids_BT if key_segment_ids_BS is None else key_segment_ids_BS
+        allowed = allowed & (segment_ids_BT[:, :, None] == keys[:, None, :])
+    bias = jnp.where(allowed, 0.0, -jnp.inf).astype(jnp.float32)
+    bias = jnp.broadcast_to(bias, (batch, num_queries, num_keys))
+    if attention_mask_BS is not None:
+        bias = bias + (1.0 - attention_mask_BS.astype(jnp.float32))[:, None, :] * MASKED_PAD
+    return bias[:, None]
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        d, hd = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
+        self.q_proj = _linear(rngs, d, self.num_heads * hd)
+        self.k_proj = _linear(rngs, d, self.num_kv_heads * hd)
+        self.v_proj = _linear(rngs, d, self.num_kv_heads * hd)
+        self.o_proj = _linear(rngs, self.num_heads * hd, d)
+        self.qk_norm = config.is_v3
+        if self.qk_norm:
+            self.q_norm = RMSNorm(hd, config.rms_norm_eps, multiply_in_fp32=True)
+            self.k_norm = RMSNorm(hd, config.rms_norm_eps, multiply_in_fp32=True)
+        self.dropout = nnx.Dropout(config.dropout)
+
+    def __call__(self, x_BTD, cos, sin, bias_B1TS, kv_cache=None, cache_index=None, dropout_rngs=None):
+        """Returns (out_BTD, (k_BSKHd, v_BSKHd)) where S is T without a cache, the cache size with one."""
+        dtype = x_BTD.dtype
+        b, t, _ = x_BTD.shape
+        q = (x_BTD @ self.q_proj[...].astype(dtype)).reshape(b, t, self.num_heads, self.head_dim)
+        k = (x_BTD @ self.k_proj[...].astype(dtype)).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = (x_BTD @ self.v_proj[...].astype(dtype)).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k_cache, v_cache = kv_cache
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0)).astype(dtype)
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0)).astype(dtype)
+        # Query head h reads kv head h // G, as MiniMind's repeat_interleave does, without materialising it.
+        groups = self.num_heads // self.num_kv_heads
+        q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(self.head_dim) + bias_B1TS[:, :, None]
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        probs = self.dropout(probs, rngs=dropout_rngs, deterministic=dropout_rngs is None)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, self.num_heads * self.head_dim)
+        out = out @ self.o_proj[...].astype(dtype)
+        return self.dropout(out, rngs=dropout_rngs, deterministic=dropout_rngs is None), (k, v)
+
+
+def swiglu(x, gate_DF, up_DF, down_FD):
+    dtype = x.dtype
+    hidden = jax.nn.silu(x @ gate_DF.astype(dtype)) * (x @ up_DF.astype(dtype))
+    return hidden @ down_FD.astype(dtype)
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        d, f = config.hidden_size, config.intermediate_size
+        self.gate_proj, self.up_proj, self.down_proj = _linear(rngs, d, f), _linear(rngs, d, f), _linear(rngs, f, d)
+        self.dropout = nnx.Dropout(config.dropout)
+
+    def __call__(self, x_BTD, train: bool, dropout_rngs=None):
+        out = swiglu(x_BTD, self.gate_proj[...], self.up_proj[...], self.down_proj[...])
+        return self.dropout(out, rngs=dropout_rngs, deterministic=dropout_rngs is None), jnp.zeros((), jnp.float32)
+
+
+class MoE(nnx.Module):
+    """Routed experts (+ 2510's shared experts). Every expert runs on every token and unselected ones get weight
+    0: exact, simple and shape-static; with 4 experts this costs E× the MLP FLOPs of a token-dispatching kernel."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        d, f, e = config.hidden_size, config.expert_intermediate_size, config.num_routed_experts
+        self.config = config
+        self.router = nnx.Param(_uniform_init(rngs.params(), (d, e), d))
+        self.gate_proj, self.up_proj, self.down_proj = _linear(rngs, e, d, f), _linear(rngs, e, d, f), _linear(rngs, e, f, d)
+        if config.num_shared_experts:
+            s = config.num_shared_experts
+            self.shared_gate_proj, self.shared_up_proj = _linear(rngs, s, d, f), _linear(rngs, s, d, f)
+            self.shared_down_proj = _linear(rngs, s, f, d)
+
+    def __call__(self, x_BTD, train: bool, dropout_rngs=None):
+        cfg = self.config
+        b, t, d = x_BTD.shape
+        num_experts, top_k = cfg.num_routed_experts, cfg.num_experts_per_tok
+        router_logits = x_BTD.astype(jnp.float32) @ self.router[...]
+        scores_BTE = jax.nn.softmax(router_logits, axis=-1)
+        top_weight_BTK, top_index_BTK = jax.lax.top_k(scores_BTE, top_k)
+        normalise = cfg.norm_topk_prob and (cfg.is_v3 or top_k > 1)
+        if normalise:
+            top_weight_BTK = top_weight_BTK / (top_weight_BTK.sum(-1, keepdims=True) + 1e-20)
+        chosen_BTKE = jax.nn.one_hot(top_index_BTK, num_experts, dtype=jnp.float32)
+        weight_BTE = jnp.einsum("btk,btke->bte", top_weight_BTK, chosen_BTKE)
+
+        expert_out_BTED = jax.vmap(swiglu, in_axes=(None, 0, 0, 0), out_axes=2)(
+            x_BTD, self.gate_proj[...], self.up_proj[...], self.down_proj[...])
+        expert_out_BTED = expert_out_BTED.astype(jnp.float32)
+        if train and not cfg.is_v3:
+            # 2510's training path collects expert outputs in an fp16 buffer before weighting them.
+            expert_out_BTED = expert_out_BTED.astype(jnp.float16).astype(jnp.float32)
+        y = jnp.einsum("bte,bted->btd", weight_BTE, expert_out_BTED)
+        if cfg.num_shared_experts:
+            for i in range(cfg.num_shared_experts):
+                shared = swiglu(x_BTD, self.shared_gate_proj[i], self.shared_up_proj[i], self.shared_down_proj[i])
+                y = y + shared.astype(jnp.float32)
+
+        aux = jnp.zeros((), jnp.float32)
+        if train and cfg.is_v3 and cfg.router_aux_loss_coef > 0:
+            load_KE = chosen_BTKE.reshape(b * t, top_k, num_experts).mean(0)
+            aux = (load_KE * scores_BTE.reshape(b * t, num_experts).mean(0)).sum() * num_experts * cfg.router_aux_loss_coef
+        elif train and not cfg.is_v3 and cfg.aux_loss_alpha > 0:
+            if cfg.seq_aux:
+                counts_BE = chosen_BTKE.sum((1, 2)) / (t * top_k / num_experts)
+                aux = (counts_BE * scores_BTE.mean(1)).sum(1).mean() * cfg.aux_loss_alpha
+            else:
+                load_E = chosen_BTKE.reshape(-1, num_experts).mean(0)
+                aux = (scores_BTE.reshape(-1, num_experts).mean(0) * load_E * num_experts).sum() * cfg.aux_loss_alpha
+        return y.astype(x_BTD.dtype), aux
+
+
+class Block(nnx.Module):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        fp32_norm = config.is_v3
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fp32_norm)
+        self.self_attn = Attention(config, rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fp32_norm)
+        self.mlp = MoE(config, rngs) if config.use_moe else MLP(config, rngs)
+
+    def __call__(self, h_BTD, cos, sin, bias, kv_cache, cache_index, train, dropout_rngs):
+        attn_out, new_kv = self.self_attn(self.input_layernorm(h_BTD), cos, sin, bias, kv_cache, cache_index,
+                                          dropout_rngs)
+        h_BTD = h_BTD + attn_out
+        mlp_out, aux = self.mlp(self.post_attention_layernorm(h_BTD), train, dropout_rngs)
+        return h_BTD + mlp_out, aux, new_kv
+
+
+_REMAT_POLICIES = {
+    "full": None,  # recompute everything in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class MiniMind(nnx.Module):
+    """MiniMindForCausalLM. `model(ids, attention_mask)` gives fp32 logits; `model.forward` gives everything."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        d = config.hidden_size
+        # The embedding doubles as the (tied) lm_head, whose torch init MiniMind keeps.
+        self.embed_tokens = nnx.Param(_uniform_init(rngs.params(), (config.vocab_size, d), d))
+
+        @nnx.split_rngs(splits=config.num_hidden_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def stacked_blocks(rngs):
+            return Block(config, rngs)
+
+        self.layers = stacked_blocks(rngs)
+        self.norm = RMSNorm(d, config.rms_norm_eps, config.is_v3)
+        self.embed_dropout = nnx.Dropout(config.dropout)
+
+    def __call__(self, input_ids_BT, attention_mask_BT=None, **kwargs):
+        return self.forward(input_ids_BT, attention_mask_BT, **kwargs).logits
+
+    def forward(self, input_ids_BT, attention_mask_BT=None, *, segment_ids_BT=None, positions_BT=None,
+                cache: KVCache | None = None, train: bool = False, dropout_rngs: nnx.Rngs | None = None,
+                return_logits: bool = True) -> ModelOutput:
+        """Runs the model.
+
+        attention_mask_BT: 1 = real token, 0 = padding (over the cache's S positions when decoding).
+        segment_ids_BT: packed rows; a token attends only within its segment. positions_BT restart per segment.
+        cache: decode with a fixed-size KV cache; the T new tokens are written at cache.length.
+        train: MoE aux loss and 2510's fp16 expert buffer, as MiniMind's training mode.
+        dropout_rngs: enables dropout (config.dropout) when given.
+        """
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        b, t = input_ids_BT.shape
+        offset = jnp.zeros((), jnp.int32) if cache is None else cache.length
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(offset + jnp.arange(t, dtype=jnp.int32), (b, t))
+        attention_factor = (cfg.rope_scaling or {}).get("attention_factor", 1.0)
+        cos, sin = rope_cos_sin(rope_inv_freq(cfg), positions_BT, attention_factor)
+        num_keys = t if cache is None else cache.k_LBSKHd.shape[2]
+        bias = attention_bias(b, t, num_keys, offset, segment_ids_BT=segment_ids_BT,
+                              attention_mask_BS=attention_mask_BT)
+
+        h = self.embed_tokens[...][input_ids_BT].astype(dtype)
+        h = self.embed_dropout(h, rngs=dropout_rngs, deterministic=dropout_rngs is None)
+
+        graphdef, layer_state = nnx.split(self.layers)
+        num_layers = cfg.num_hidden_layers
+        layer_keys = (jax.random.split(dropout_rngs.dropout(), num_layers) if dropout_rngs is not None
+                      else jnp.zeros((num_layers,), jnp.uint32))
+        layer_caches = None if cache is None else (cache.k_LBSKHd, cache.v_LBSKHd)
+
+        def run_block(h_BTD, per_layer):
+            state, kv, key = per_layer
+            block = nnx.merge(graphdef, state)
+            rngs = nnx.Rngs(dropout=key) if dropout_rngs is not None else None
+            h_BTD, aux, new_kv = block(h_BTD, cos, sin, bias, kv, offset, train, rngs)
+            return h_BTD, (aux, new_kv if cache is not None else None)
+
+        if cfg.remat != "none":
+            run_block = jax.checkpoint(run_block, policy=_REMAT_POLICIES[cfg.remat])
+        h, (aux_L, new_caches) = jax.lax.scan(run_block, h, (layer_state, layer_caches, layer_keys))
+
+        hidden = self.norm(h)
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(new_caches[0], new_caches[1], cache.length + t)
+        logits = self.logits(hidden) if return_logits else None
+        return ModelOutput(logits, hidden, aux_L.sum(), new_cache)
+
+    def logits(self, hidden_NTD):
+        """The tied lm_head: [..., D] -> fp32 [..., V]."""
+        embed = self.embed_tokens[...].astype(hidden_NTD.dtype)
+        return jnp.einsum("...d,vd->...v", hidden_NTD, embed, preferred_element_type=jnp.float32)
