@@ -1,0 +1,336 @@
+"""Examples and loss masks equal MiniMind's (goldens from its own SFTDataset/PretrainDataset), bad input is
+skipped and counted (or an error in strict mode), and the preprocessing cache is built once and reused."""
+import json
+import logging
+import os
+import pathlib
+import random
+
+import numpy as np
+import pytest
+
+from minimind_jax import data
+from minimind_jax.errors import UserError
+from minimind_jax.tokenizer import load_tokenizer, train_sentencepiece
+from tests.conftest import require_shared
+
+ERAS = {"2510": "minimind2", "v3": "minimind3"}
+GOLDEN_SFT_LEN = 128  # max length the goldens were recorded with
+GOLDEN_PRETRAIN_LEN = 64
+WORDS = ("the cat sat on a mat and we talk about small models that learn to chat in many words "
+         "hello how are you today fine thanks what is your name i am a tiny model").split()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers shared with test_pipeline.py and test_inspect.py
+
+
+def write_jsonl(path: pathlib.Path, records) -> pathlib.Path:
+    """Records (dicts, or raw str/bytes lines written as they are) to a jsonl file."""
+    with open(path, "wb") as f:
+        for record in records:
+            if isinstance(record, dict):
+                record = json.dumps(record, ensure_ascii=False)
+            if isinstance(record, str):
+                record = record.encode("utf-8")
+            f.write(record + b"\n")
+    return path
+
+
+def random_chats(count: int, seed: int = 0, max_turns: int = 3, max_words: int = 12) -> list[dict]:
+    """Chats of random words with 1..max_turns user/assistant exchanges; some have a system turn."""
+    rng = random.Random(seed)
+    say = lambda: " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, max_words)))
+    chats = []
+    for _ in range(count):
+        turns = [{"role": "system", "content": say()}] if rng.random() < 0.3 else []
+        for _ in range(rng.randint(1, max_turns)):
+            turns += [{"role": "user", "content": say()}, {"role": "assistant", "content": say()}]
+        chats.append({"conversations": turns})
+    return chats
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(tmp_path_factory) -> pathlib.Path:
+    """A 300-piece SentencePiece tokenizer (ChatML template), so these tests need no ../shared."""
+    directory = tmp_path_factory.mktemp("tokenizer")
+    texts = [{"text": " ".join(chat["content"] for chat in record["conversations"]) + " user assistant system"}
+             for record in random_chats(300, seed=1)]
+    return train_sentencepiece([write_jsonl(directory / "corpus.jsonl", texts)], directory / "tok", vocab_size=300)
+
+
+def golden_records(era: str, name: str) -> list[dict]:
+    path = require_shared("golden", era, name)
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def era_tokenizer(era: str):
+    return load_tokenizer(require_shared("minimind", era))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parity with MiniMind's own datasets
+
+
+@pytest.mark.parametrize("era", ERAS)
+def test_sft_examples_equal_minimind_goldens(era):
+    arch, tokenizer = ERAS[era], era_tokenizer(era)
+    records = golden_records(era, "sft_masks.jsonl")
+    assert len(records) == 40
+    for record in records:
+        prompt = data.chat_prompt(tokenizer, record["conversations"], arch=arch)
+        assert prompt == record["prompt"]
+        if arch == "minimind2":
+            X, Y, loss_mask = data.minimind2_sft(tokenizer, prompt, GOLDEN_SFT_LEN)
+            assert (X, Y, loss_mask) == (record["X"], record["Y"], record["loss_mask"])
+            assert X + Y[-1:] == record["input_ids"]
+        else:
+            input_ids, labels = data.minimind3_sft(tokenizer, prompt, GOLDEN_SFT_LEN)
+            assert (input_ids, labels) == (record["input_ids"], record["labels"])
+    # The set covers a truncated chat and a system turn, as the goldens promise.
+    assert any(record["input_ids"][-1] != 0 for record in records)
+
+
+@pytest.mark.parametrize("era", ERAS)
+def test_pretrain_examples_equal_minimind_goldens(era):
+    arch, tokenizer = ERAS[era], era_tokenizer(era)
+    for record in golden_records(era, "pretrain_masks.jsonl"):
+        if arch == "minimind2":
+            X, Y, loss_mask = data.minimind2_pretrain(tokenizer, record["text"], GOLDEN_PRETRAIN_LEN)
+            assert (X, Y, loss_mask) == (record["X"], record["Y"], record["loss_mask"])
+        else:
+            input_ids, labels = data.minimind3_pretrain(tokenizer, record["text"], GOLDEN_PRETRAIN_LEN)
+            assert (input_ids, labels) == (record["input_ids"], record["labels"])
+
+
+def golden_internal(record: dict, arch: str) -> dict:
+    if arch == "minimind2":
+        return data.from_minimind2(record["X"], record["Y"], record["loss_mask"])
+    return data.from_minimind3(record["input_ids"], record["labels"])
+
+
+@pytest.mark.parametrize("kind", ["sft", "pretrain"])
+@pytest.mark.parametrize("era", ERAS)
+def test_cached_examples_equal_goldens_in_internal_form(era, kind, tmp_path):
+    arch = ERAS[era]
+    name, max_len = ("sft_masks.jsonl", GOLDEN_SFT_LEN) if kind == "sft" else ("pretrain_masks.jsonl", GOLDEN_PRETRAIN_LEN)
+    records = golden_records(era, name)
+    config = data.ExampleConfig(kind, arch, max_len, system_prompt_ratio=0, drop_empty_think_ratio=0)
+    dataset = data.load_dataset(require_shared("golden", era, name), require_shared("minimind", era), config,
+                                cache_dir=tmp_path, num_workers=0, progress=False)
+    assert len(dataset) == len(records)
+    for index, record in enumerate(records):
+        expected = golden_internal(record, arch)
+        got = dataset.example(index)
+        assert set(got) == {"inputs", "targets", "loss_mask"}
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key], err_msg=f"record {index} {key}")
+        assert got["inputs"].shape == (config.seq_len,) and got["loss_mask"].dtype == np.float32
+
+
+def test_internal_form_of_each_era():
+    # 2510 feeds X; v3 feeds every id and its last position predicts nothing.
+    ids, learned = [1, 5, 6, 2, 0], [0, 0, 1, 1, 0]
+    v2 = data.example_from_tokens(np.array(ids), np.array(learned), "minimind2")
+    assert v2["inputs"].tolist() == [1, 5, 6, 2] and v2["targets"].tolist() == [5, 6, 2, 0]
+    assert v2["loss_mask"].tolist() == [0, 1, 1, 0]
+    v3 = data.example_from_tokens(np.array(ids), np.array(learned), "minimind3")
+    assert v3["inputs"].tolist() == ids and v3["targets"].tolist() == [5, 6, 2, 0, 0]
+    assert v3["loss_mask"].tolist() == [0, 1, 1, 0, 0]
+    labels = [-100, -100, 6, 2, -100]
+    assert {k: v.tolist() for k, v in data.from_minimind3(ids, labels).items()} == {k: v.tolist() for k, v in v3.items()}
+    padded = data.example_from_tokens(np.array(ids[:4]), np.array(learned[:4]), "minimind3", max_seq_len=6)
+    assert padded["inputs"].tolist() == [1, 5, 6, 2, 0, 0] and padded["loss_mask"].tolist() == [0, 1, 1, 0, 0, 0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# v3 augmentations
+
+
+def test_v3_augmentations_follow_minimind():
+    tokenizer = era_tokenizer("v3")
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    plain = data.chat_prompt(tokenizer, chat, arch="minimind3")
+    assert data.EMPTY_THINK in plain and "<|im_start|>system" not in plain
+    rng = np.random.default_rng(0)
+    both = data.chat_prompt(tokenizer, chat, arch="minimind3", rng=rng, system_prompt_ratio=1.0,
+                            drop_empty_think_ratio=1.0)
+    system = both.split("<|im_start|>system\n")[1].split("<|im_end|>")[0]
+    assert system in data.SYSTEM_PROMPTS
+    assert data.EMPTY_THINK not in both and both.endswith(plain.replace(data.EMPTY_THINK, ""))
+    # A chat that already has a system turn, or uses tools, keeps its own.
+    with_system = [{"role": "system", "content": "be brief"}] + chat
+    assert data.chat_prompt(tokenizer, with_system, arch="minimind3", rng=rng, system_prompt_ratio=1.0) == \
+        data.chat_prompt(tokenizer, with_system, arch="minimind3")
+    tool_chat = [{"role": "user", "content": "weather?", "tools": json.dumps([{"name": "f"}])}] + chat[1:]
+    assert data.augment_conversations(tool_chat, rng, 1.0) == tool_chat
+    # The draws are a pure function of (seed, line).
+    config = data.ExampleConfig("sft", "minimind3", 64, system_prompt_ratio=0.5, drop_empty_think_ratio=0.5, seed=3)
+    encoder = data.RecordEncoder(tokenizer, config)
+    prompts = {line: encoder.prompt({"conversations": chat}, line) for line in range(40)}
+    assert prompts == {line: encoder.prompt({"conversations": chat}, line) for line in range(40)}
+    assert len(set(prompts.values())) > 2
+
+
+def test_era_defaults_and_options():
+    v3 = data.ExampleConfig("sft", "minimind3", 64)
+    assert (v3.system_prompt_ratio, v3.drop_empty_think_ratio, v3.augmented, v3.seq_len) == (0.2, 0.8, True, 64)
+    v2 = data.ExampleConfig("sft", "minimind2", 64)
+    assert (v2.system_prompt_ratio, v2.augmented, v2.seq_len) == (0.0, False, 63)
+    with pytest.raises(UserError, match="minimind3 option"):
+        data.ExampleConfig("sft", "minimind2", 64, system_prompt_ratio=0.2)
+    with pytest.raises(UserError, match="max_seq_len"):
+        data.ExampleConfig("sft", "minimind2", 2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input
+
+GOOD = {"conversations": [{"role": "user", "content": "hi cat"}, {"role": "assistant", "content": "the mat"}]}
+BAD_SFT_LINES = {
+    "malformed JSON": '{"conversations": [',
+    "not a JSON object": "[1, 2]",
+    "no 'conversations' key": {"text": "a pretrain record"},
+    "unknown role": {"conversations": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},
+    "non-string content": {"conversations": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]},
+    "not UTF-8": b'{"conversations": "\xff\xfe"}',
+    "line over 10 MB": '{"conversations": "' + "x" * data.MAX_LINE_BYTES + '"}',
+}
+
+
+def bad_sft_file(tmp_path) -> tuple[pathlib.Path, dict[str, int]]:
+    """GOOD records around one line of each bad kind, plus two dropped chats; returns the path and the
+    line number of each reason."""
+    lines, where = [GOOD], {}
+    for reason, line in BAD_SFT_LINES.items():
+        lines.append(line)
+        where[reason] = len(lines)
+        lines.append(GOOD)
+    lines.append({"conversations": [{"role": "user", "content": "no answer"}]})
+    where["no assistant turn"] = len(lines)
+    lines.append({"conversations": [{"role": "user", "content": "cat " * 200}, {"role": "assistant", "content": "mat"}]})
+    where["assistant tokens truncated away"] = len(lines)
+    lines.append("")  # a blank line is no record at all
+    return write_jsonl(tmp_path / "bad.jsonl", lines), where
+
+
+def test_bad_lines_are_skipped_counted_and_summed_up_once(tmp_path, small_tokenizer, caplog):
+    path, where = bad_sft_file(tmp_path)
+    config = data.ExampleConfig("sft", "minimind2", 32)
+    with caplog.at_level(logging.WARNING, logger="minimind_jax.data"):
+        dataset = data.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "cache", num_workers=0,
+                                    progress=False)
+    assert len(dataset) == len(BAD_SFT_LINES) + 1
+    report = dataset.report
+    assert report.skipped == {reason: 1 for reason in BAD_SFT_LINES}
+    assert report.dropped == {"no assistant turn": 1, "assistant tokens truncated away": 1}
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    assert "\n" not in message
+    for reason, line in where.items():
+        assert f"{reason} (e.g. {path.resolve()}:{line})" in message
+    # Every kept example is a GOOD one, and the line numbers say where each came from.
+    assert set(dataset.line_numbers.tolist()) == {1} | {line + 1 for reason, line in where.items() if reason in BAD_SFT_LINES}
+
+
+@pytest.mark.parametrize("reason", list(BAD_SFT_LINES))
+def test_strict_mode_names_the_first_bad_line(tmp_path, small_tokenizer, reason):
+    path = write_jsonl(tmp_path / "one_bad.jsonl", [GOOD, GOOD, BAD_SFT_LINES[reason], GOOD])
+    config = data.ExampleConfig("sft", "minimind2", 32)
+    with pytest.raises(UserError) as error:
+        data.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "cache", num_workers=0,
+                          strict=True, progress=False)
+    assert str(error.value) == f"{path.resolve()}:3: {reason}"
+    assert not list((tmp_path / "cache").iterdir())  # no cache, and no temporary left behind
+    with pytest.raises(UserError, match=f"one_bad.jsonl:3: {reason}"):
+        list(data.read_jsonl(path, kind="sft", strict=True))
+
+
+def test_bad_pretrain_records(tmp_path, small_tokenizer):
+    path = write_jsonl(tmp_path / "pretrain.jsonl", [
+        {"text": "the cat"}, {"conversations": []}, {"text": ["not", "text"]}, {"text": ""}, {"text": "a mat"}])
+    report = data.SkipReport(str(path))
+    records = list(data.read_jsonl(path, kind="pretrain", report=report))
+    assert [line for line, _ in records] == [1, 4, 5]
+    assert report.skipped == {"no 'text' key": 1, "'text' is not a string": 1}
+    for arch in ERAS.values():
+        dataset = data.load_dataset(path, small_tokenizer, data.ExampleConfig("pretrain", arch, 16),
+                                    cache_dir=tmp_path / arch, num_workers=0, progress=False)
+        # 2510 learns nothing from an empty text; v3 still learns its EOS after the BOS.
+        expected_lines = [1, 5] if arch == "minimind2" else [1, 4, 5]
+        assert dataset.line_numbers.tolist() == expected_lines
+        assert dataset.report.dropped == ({"nothing to learn": 1} if arch == "minimind2" else {})
+
+
+def test_read_jsonl_tells_kinds_apart(tmp_path):
+    path = write_jsonl(tmp_path / "mixed.jsonl", [GOOD, {"text": "t"}, {"other": 1}])
+    report = data.SkipReport(str(path))
+    records = list(data.read_jsonl(path, kind=None, report=report))
+    assert [data.record_kind(record) for _, record in records] == ["sft", "pretrain"]
+    assert report.skipped == {"neither 'conversations' nor 'text' key": 1}
+
+
+def test_no_usable_record_is_an_error(tmp_path, small_tokenizer):
+    path = write_jsonl(tmp_path / "empty.jsonl", ["{oops"])
+    with pytest.raises(UserError, match="no usable sft records"):
+        data.load_dataset(path, small_tokenizer, data.ExampleConfig("sft", "minimind2", 32),
+                          cache_dir=tmp_path / "cache", num_workers=0, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The cache
+
+
+def test_second_load_reads_the_cache_without_tokenizing(tmp_path, small_tokenizer, monkeypatch):
+    path = write_jsonl(tmp_path / "chats.jsonl", random_chats(30))
+    config = data.ExampleConfig("sft", "minimind3", 48)
+    calls = []
+    encode = data.RecordEncoder.encode
+    monkeypatch.setattr(data.RecordEncoder, "encode", lambda self, *a: calls.append(1) or encode(self, *a))
+    first = data.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "cache", num_workers=0, progress=False)
+    assert not first.from_cache and len(calls) == 30
+    second = data.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "cache", num_workers=0, progress=False)
+    assert second.from_cache and len(calls) == 30 and second.directory == first.directory
+    assert isinstance(second._tokens, np.memmap) and isinstance(second._learned, np.memmap)
+    for index in range(len(first)):
+        for key, value in first.example(index).items():
+            np.testing.assert_array_equal(second.example(index)[key], value)
+    # Another length, or a changed file, is another cache.
+    other = data.load_dataset(path, small_tokenizer, data.ExampleConfig("sft", "minimind3", 40),
+                              cache_dir=tmp_path / "cache", num_workers=0, progress=False)
+    assert not other.from_cache and other.directory != first.directory
+    os.utime(path, ns=(0, 0))
+    touched = data.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "cache", num_workers=0,
+                                progress=False)
+    assert not touched.from_cache and len(calls) == 30 + 30 + 30
+
+
+def test_parallel_build_equals_single_process(tmp_path, small_tokenizer):
+    lines = random_chats(200, seed=4)
+    lines[5] = "{broken"
+    lines[50] = {"conversations": [{"role": "user", "content": "no answer"}]}
+    path = write_jsonl(tmp_path / "many.jsonl", lines)
+    config = data.ExampleConfig("sft", "minimind3", 256, system_prompt_ratio=0.5, drop_empty_think_ratio=0.5, seed=1)
+    inline = data.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "a", num_workers=0, progress=False)
+    data.build_cache(path.resolve(), str(small_tokenizer), config, tmp_path / "b" / "x", num_workers=2,
+                     strict=False, progress=False, lines_per_chunk=16)
+    parallel = data.TokenizedDataset(tmp_path / "b" / "x")
+    assert len(parallel) == 198
+    for name in ("lengths", "line_numbers", "num_learned", "_tokens", "_learned"):
+        np.testing.assert_array_equal(getattr(parallel, name), getattr(inline, name))
+    assert parallel.report.to_dict() == inline.report.to_dict()
+
+
+def test_compact_form_keeps_learned_padding_and_drops_the_rest(small_tokenizer):
+    tokenizer = load_tokenizer(small_tokenizer)
+    encoder = data.RecordEncoder(tokenizer, data.ExampleConfig("sft", "minimind2", 64))
+    prompt = encoder.prompt(GOOD, 1)
+    tokens, learned = encoder.encode(GOOD, 1)
+    ids = tokenizer.encode(prompt)
+    assert tokens.tolist() == ids and learned[0] == 0
+    # The learned tokens are the answer, its <|im_end|> and the newline after it.
+    assert tokenizer.decode(tokens[learned == 1]) == "the mat<|im_end|>\n"
+    # Without the final newline MiniMind's 2510 mask reaches one pad past <|im_end|>: that pad is kept.
+    tokens, learned = encoder.compact(prompt.removesuffix("\n"))
+    assert tokens[-1] == tokenizer.pad_id and learned[-1] == 1
