@@ -26,10 +26,12 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[0]
-        raise UserError(f"{path}: refused to load (weights_only): {reason}") from None
+        if not zipfile.is_zipfile(path):
+            raise UserError(f"{path}: not a .pth file (truncated or corrupt?)") from None
+        raise UserError(f"{path}: refused to load: it holds objects other than tensors ({_unsafe_detail(error)}); "
+                        f"only plain state dicts are read (weights_only=True)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise UserError(f"{path}: not a readable .pth file (truncated or corrupt?): {reason}") from None
     if isinstance(loaded, dict) and "model" in loaded and isinstance(loaded["model"], dict):
         loaded = loaded["model"]  # MiniMind's resume checkpoint {model, optimizer, epoch, step, ...}
@@ -38,6 +40,12 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
     # DDP-wrapped or torch.compile'd models prefix their keys; MiniMind strips these when loading too.
     return {_strip_prefix(k): v.detach().float().numpy() if v.dtype == torch.bfloat16 else v.detach().numpy()
             for k, v in loaded.items()}
+
+
+def _unsafe_detail(error: Exception) -> str:
+    """The line of torch's weights_only refusal that names the offending global."""
+    lines = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+    return (lines[0] if lines else "unsupported pickle content")[:200]
 
 
 def _strip_prefix(key: str) -> str:
@@ -54,7 +62,7 @@ def write_state_dict(state_dict: "OrderedDict[str, np.ndarray]", path, dtype: st
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     torch_dtype = getattr(torch, dtype)
-    tensors = OrderedDict((k, torch.from_numpy(np.ascontiguousarray(v)).to(torch_dtype)) for k, v in state_dict.items())
+    tensors = OrderedDict((k, torch.from_numpy(np.array(v, copy=True)).to(torch_dtype)) for k, v in state_dict.items())
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

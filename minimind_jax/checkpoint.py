@@ -1,0 +1,120 @@
+"""Orbax checkpoints: model-only checkpoints (what `convert` writes) and training checkpoints.
+
+Model checkpoint, a directory:      config.json + params/ (Orbax StandardSave of the parameter tree)
+Training checkpoints, a directory:  {step}/state (params + optimizer state + RNG) and {step}/meta (JSON:
+                                    step, epoch, data-iterator state, model and run config), written by an
+                                    async CheckpointManager that keeps the last N. Orbax writes each step
+                                    to a temporary directory and renames it when complete, so a crash never
+                                    leaves a half-written step that restore would pick.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from minimind_jax.config import ModelConfig
+from minimind_jax.errors import UserError
+from minimind_jax.weights import PARAMS_DIR, abstract_model, params_of, read_config, write_config
+
+
+def _abstract_params(config: ModelConfig, sharding=None) -> dict:
+    """ShapeDtypeStructs of the parameter tree, placed on `sharding` (a pytree or one sharding) or device 0."""
+    shapes = params_of(abstract_model(config))
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, sharding)
+
+
+def save_model_checkpoint(model, directory) -> pathlib.Path:
+    directory = pathlib.Path(directory).resolve()
+    if directory.exists() and any(directory.iterdir()):
+        raise UserError(f"{directory}: exists and is not empty; choose a new output directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    write_config(model.config, directory)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory / PARAMS_DIR, params_of(model))
+    return directory
+
+
+def restore_params(directory, sharding=None, **overrides) -> tuple[ModelConfig, dict]:
+    """(config, params) from a model checkpoint or from the newest complete step of a training run."""
+    directory = pathlib.Path(directory).resolve()
+    if (directory / PARAMS_DIR).is_dir():
+        config = read_config(directory, **overrides)
+        try:
+            with ocp.StandardCheckpointer() as checkpointer:
+                params = checkpointer.restore(directory / PARAMS_DIR, _abstract_params(config, sharding))
+        except Exception as error:  # Orbax raises many types for damaged files; all mean the same here
+            raise UserError(f"{directory / PARAMS_DIR}: corrupt or incomplete checkpoint ({_first_line(error)})") from None
+        return config, params
+    run = TrainCheckpoints(directory, create=False)
+    step = run.latest_step()
+    if step is None:
+        raise UserError(f"{directory}: neither a model checkpoint ({PARAMS_DIR}/) nor a training run with a complete step")
+    meta = run.restore_meta(step)
+    config = ModelConfig.from_dict({**meta["model_config"], **overrides})
+    state = run.restore_state(step, config, params_sharding=sharding)
+    return config, state["params"]
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+class TrainCheckpoints:
+    """The training run's CheckpointManager: state (params, optimizer state, RNG) + JSON meta per step."""
+
+    def __init__(self, directory, max_to_keep: int = 3, async_save: bool = True, create: bool = True):
+        self.directory = pathlib.Path(directory).resolve()
+        if not create and not self.directory.is_dir():
+            raise UserError(f"{self.directory}: no such checkpoint directory")
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+                                               enable_async_checkpointing=async_save)
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "meta"), options=options)
+        except Exception as error:
+            raise UserError(f"{self.directory}: cannot open checkpoints ({_first_line(error)})") from None
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: dict, meta: dict, force: bool = False) -> None:
+        """Starts an async save of `state` (a pytree of arrays) and `meta` (JSON-serialisable)."""
+        try:
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            meta=ocp.args.JsonSave(meta)), force=force)
+        except OSError as error:
+            raise UserError(f"{self.directory}: saving step {step} failed ({_first_line(error)}); "
+                            f"the previous checkpoint is intact") from None
+
+    def restore_meta(self, step: int) -> dict:
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as error:
+            raise UserError(f"{self.directory}/{step}/meta: corrupt checkpoint ({_first_line(error)})") from None
+
+    def restore_state(self, step: int, config: ModelConfig, params_sharding=None, opt_state_abstract=None) -> dict:
+        """Restores onto the given shardings, so a run can resume on another mesh or device count."""
+        target = {"params": _abstract_params(config, params_sharding)}
+        if opt_state_abstract is not None:
+            target["opt_state"] = opt_state_abstract
+            target["rng"] = jax.ShapeDtypeStruct((2,), np.uint32)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target, strict=opt_state_abstract is not None)))
+        except Exception as error:
+            raise UserError(f"{self.directory}/{step}/state: corrupt or incompatible checkpoint "
+                            f"({_first_line(error)})") from None
+        return restored["state"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
