@@ -180,7 +180,8 @@ class Tokenizer(abc.ABC):
 
     Attributes: `vocab_size`, `pad_id`, `bos_id`, `eos_id` (0/1/2 for MiniMind vocabularies), `arch`
     ("minimind2"/"minimind3" for a recognised MiniMind vocabulary, else None), `path` (where it was loaded
-    from) and `chat_template` (None when the tokenizer ships none).
+    from), `files` (every file it was read from, e.g. for cache keys) and `chat_template` (None when the
+    tokenizer ships none).
     """
 
     vocab_size: int
@@ -189,6 +190,7 @@ class Tokenizer(abc.ABC):
     eos_id: int
     arch: str | None
     path: pathlib.Path
+    files: tuple[pathlib.Path, ...]
     chat_template: ChatTemplate | None
 
     @abc.abstractmethod
@@ -256,6 +258,7 @@ class HFTokenizer(Tokenizer):
         self.path = directory
         tokenizer_file = directory / "tokenizer.json"
         config_file = directory / "tokenizer_config.json"
+        self.files = (tokenizer_file, config_file)
         try:
             self._tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_file))
         except Exception as error:  # tokenizers raises a bare Exception for unreadable files.
@@ -334,6 +337,7 @@ class SentencePieceTokenizer(Tokenizer):
 
         sidecar = sentencepiece_config_path(model_file)
         config = _read_json(sidecar) if sidecar.exists() else {}
+        self.files = (model_file, sidecar) if sidecar.exists() else (model_file,)
         if not isinstance(config, dict):
             raise UserError(f"{sidecar}: expected a JSON object")
         byte_ids = [self._processor.piece_to_id(f"<0x{byte:02X}>") for byte in _SPACE_SYMBOL.encode()]

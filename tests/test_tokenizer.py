@@ -290,6 +290,7 @@ def test_tiny_hf_tokenizer_has_no_arch_and_keeps_special_ids(tmp_path):
     assert (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id) == (0, 1, 2)
     assert tokenizer.encode("hello<|im_end|>")[-1] == 2
     assert load_tokenizer(tmp_path / "tok" / "tokenizer.json").vocab_size == tokenizer.vocab_size
+    assert tokenizer.files == (tmp_path / "tok" / "tokenizer.json", tmp_path / "tok" / "tokenizer_config.json")
 
 
 def test_template_environment_matches_transformers(tmp_path):
@@ -484,6 +485,8 @@ def test_sentencepiece_loads_from_directory_and_without_sidecar(sp_model, tmp_pa
     bare = tmp_path / "bare.model"
     bare.write_bytes(sp_model.read_bytes())
     tokenizer = load_tokenizer(bare)
+    assert tokenizer.files == (bare,)
+    assert load_tokenizer(sp_model).files == (sp_model, sp_model.with_name("tiny_config.json"))
     chat = [{"role": "user", "content": "hi"}]
     assert tokenizer.apply_chat_template(chat, add_generation_prompt=True) == (
         "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
@@ -537,7 +540,7 @@ def test_cli_train_and_encode(corpus, tmp_path, capsys):
     printed = capsys.readouterr().out
     vocab_size = load_tokenizer(out).vocab_size
     assert f"wrote {out / 'tokenizer.model'}" in printed and f"vocab_size {vocab_size}" in printed
-    assert "skipped 3 bad records" in printed
+    assert "and tokenizer_config.json" in printed and "skipped 3 bad records" in printed
 
     assert main.main(["tokenizer", "encode", "--tokenizer", str(out), "--text", "你好<|im_end|>"]) == 0
     printed = capsys.readouterr().out
