@@ -298,7 +298,8 @@ class MiniMindTorch(nn.Module):
 def greedy_decode(model: MiniMindTorch, prompt_ids_1T, max_new_tokens: int):
     """MiniMind's generate with do_sample=False: prefill, then one token per forward through the KV cache.
 
-    Stops after emitting eos. Returns (new token ids [n], logits of every forward [n_forwards, V]).
+    Puts the model in eval mode and stops after emitting eos. Returns (new token ids [n], the last-position
+    logits of every forward [n, V]).
     """
     model.eval()
     past, step_input = None, prompt_ids_1T
@@ -370,7 +371,8 @@ def _set_lr(optimizer, lr):
 
 
 def sft_step(model, optimizer, inputs_BT, targets_BT, loss_mask_BT, lr, grad_clip=1.0, autocast_dtype=None):
-    """One train_full_sft step without accumulation. Returns detached scalar tensors (no host sync)."""
+    """One train_full_sft step without accumulation, in train mode; `autocast_dtype` (e.g. torch.bfloat16)
+    wraps the forward and loss as MiniMind does on CUDA. Returns detached scalar tensors (no host sync)."""
     _set_lr(optimizer, lr)
     loss, logits_loss, aux_loss = _loss_backward(model, inputs_BT, targets_BT, loss_mask_BT, 1, autocast_dtype)
     grad_norm = _optimizer_step(model, optimizer, grad_clip)
