@@ -1,0 +1,81 @@
+"""`main.py inspect`: shows exactly the ids and loss mask training uses, for SFT and pretrain records."""
+import json
+import re
+
+import pytest
+
+import main
+from minimind_jax import inspect_cli
+from minimind_jax.tokenizer import load_tokenizer
+from tests.conftest import require_shared
+from tests.test_data import GOOD, golden_records, small_tokenizer, write_jsonl  # noqa: F401 (fixture)
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def inspect(capsys, *args) -> tuple[int, str, str]:
+    code = main.main(["inspect", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("era, arch", [("2510", "minimind2"), ("v3", "minimind3")])
+def test_json_matches_minimind_goldens(capsys, era, arch):
+    path = require_shared("golden", era, "sft_masks.jsonl")
+    code, out, _ = inspect(capsys, "--data_path", path, "--tokenizer_path", require_shared("minimind", era),
+                           "--max_seq_len", 128, "--arch", arch, "--json")
+    assert code == 0
+    shown = [json.loads(line) for line in out.splitlines()]
+    records = golden_records(era, "sft_masks.jsonl")
+    assert len(shown) == len(records)
+    for view, record in zip(shown, records):
+        assert set(view) == {"prompt", "input_ids", "loss_mask"} and view["prompt"] == record["prompt"]
+        n = len(view["input_ids"])
+        assert len(view["loss_mask"]) == n and view["input_ids"] == record["input_ids"][:n]
+        assert not any(record["input_ids"][n:])  # only padding is left out
+        if arch == "minimind2":
+            target_mask = [0] + record["loss_mask"]  # loss_mask[t] is about Y[t] = ids[t+1]
+        else:
+            target_mask = [0] + [int(label != -100) for label in record["labels"][1:]]
+        assert view["loss_mask"] == target_mask[:n] and not any(target_mask[n:])
+
+
+def test_tells_sft_and_pretrain_apart(capsys, tmp_path, small_tokenizer):  # noqa: F811
+    path = write_jsonl(tmp_path / "mixed.jsonl", [GOOD, {"text": "the cat sat"}])
+    code, out, _ = inspect(capsys, "--data_path", path, "--tokenizer_path", small_tokenizer, "--max_seq_len", 64,
+                           "--arch", "minimind2", "--json")
+    tokenizer = load_tokenizer(small_tokenizer)
+    sft, pretrain = (json.loads(line) for line in out.splitlines())
+    learned = [i for i, m in zip(sft["input_ids"], sft["loss_mask"]) if m]
+    assert code == 0 and tokenizer.decode(learned) == "the mat<|im_end|>\n"
+    assert sft["prompt"].startswith("<|im_start|>user\nhi cat")
+    # 2510 pretrain: the text's ids with no BOS/EOS, every id after the first learned.
+    assert pretrain["prompt"] == "the cat sat" and pretrain["input_ids"] == tokenizer.encode("the cat sat")
+    assert pretrain["loss_mask"] == [0] + [1] * (len(pretrain["input_ids"]) - 1)
+
+
+def test_colours_mark_the_learned_tokens(capsys, tmp_path, small_tokenizer):  # noqa: F811
+    path = write_jsonl(tmp_path / "chat.jsonl", [GOOD, {"conversations": [{"role": "user", "content": "hi"}]}])
+    code, out, _ = inspect(capsys, "--data_path", path, "--tokenizer_path", small_tokenizer, "--max_seq_len", 64,
+                           "--arch", "minimind3")
+    assert code == 0
+    learned_styles = "|".join(re.escape(style) for style in inspect_cli.LEARNED_STYLES)
+    learned_text = "".join(re.findall(rf"(?:{learned_styles})(.*?)\x1b\[0m", out.split("record 1")[0].split("record 0")[1]))
+    assert learned_text == "the mat<|im_end|>↵"
+    plain = ANSI.sub("", out)
+    assert "<|im_start|>user↵\nhi cat<|im_end|>↵\n<|im_start|>assistant↵\nthe mat<|im_end|>↵\n" in plain
+    assert "dropped in training: no assistant turn" in plain
+
+
+def test_index_and_errors(capsys, caplog, tmp_path, small_tokenizer):  # noqa: F811
+    path = write_jsonl(tmp_path / "chat.jsonl", ["{broken", GOOD, {"text": "the cat"}])
+    code, out, err = inspect(capsys, "--data_path", path, "--tokenizer_path", small_tokenizer, "--arch", "minimind2",
+                             "--index", 1, "--json")
+    assert code == 0 and [json.loads(line)["prompt"] for line in out.splitlines()] == ["the cat"]
+    code, out, err = inspect(capsys, "--data_path", path, "--tokenizer_path", small_tokenizer, "--arch", "minimind2",
+                             "--index", 2, "--json")
+    assert code == 1 and out == ""
+    assert err.splitlines()[-1] == f"error: {path}: no record 2; it has 2 well-formed records"
+    assert f"malformed JSON (e.g. {path}:1)" in caplog.records[-1].getMessage()
+    code, _, err = inspect(capsys, "--data_path", path, "--tokenizer_path", small_tokenizer)
+    assert code == 1 and "give --arch" in err
