@@ -410,7 +410,7 @@ def load_tokenizer(path) -> Tokenizer:
 # Training a SentencePiece tokenizer
 
 # SentencePiece drops training sentences longer than its max_sentence_length (in bytes), so texts are cut
-# into lines and lines into chunks that always fit (4 bytes per character at most).
+# into chunks that always fit (4 bytes per character at most).
 _CHUNK_CHARS = 2048
 _MAX_SENTENCE_BYTES = 4 * _CHUNK_CHARS
 
@@ -462,10 +462,10 @@ def iter_jsonl_texts(paths: Iterable, skipped: list[str] | None = None) -> Itera
 
 
 def _training_sentences(texts: Iterable[str]) -> Iterator[str]:
+    # Texts are not split at newlines: inside a sentence "\n" is an ordinary character that BPE can learn.
     for text in texts:
-        for line in text.splitlines(keepends=True):
-            for start in range(0, len(line), _CHUNK_CHARS):
-                yield line[start : start + _CHUNK_CHARS]
+        for start in range(0, len(text), _CHUNK_CHARS):
+            yield text[start : start + _CHUNK_CHARS]
 
 
 def train_sentencepiece(
@@ -481,7 +481,7 @@ def train_sentencepiece(
 
     Ids 0/1/2 are `<|endoftext|>`, `<|im_start|>`, `<|im_end|>` (user-defined pieces, so they are matched
     inside text) and id 3 is `<unk>`. Text is kept exactly (no normalisation, spaces preserved), so decoding
-    gives back the input. Training reads the files in order and uses at most `max_sentences` lines (a warning
+    gives back the input. Training reads the files in order and uses at most `max_sentences` texts (a warning
     says when that cut the data); it is deterministic. The vocabulary may come out smaller than `vocab_size`
     on a small corpus. Writes `{prefix}.model` (the same bytes for the same input) and `{prefix}_config.json`
     (ChatML template, special tokens, `default_system_prompt` and what the model was trained on).
@@ -494,7 +494,7 @@ def train_sentencepiece(
     sentences = []
     for sentence in _training_sentences(iter_jsonl_texts(paths, skipped)):
         if len(sentences) == max_sentences:
-            logger.warning("tokenizer training uses the first %d lines of the input only", max_sentences)
+            logger.warning("tokenizer training uses the first %d texts of the input only", max_sentences)
             break
         sentences.append(sentence)
     for line in skipped[:5]:

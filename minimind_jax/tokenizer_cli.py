@@ -22,7 +22,7 @@ def add_arguments(parser, command):
     )
     train.add_argument("--character_coverage", type=float, default=0.9995)
     train.add_argument("--default_system_prompt", default=None, help="system turn added when a chat has none")
-    train.add_argument("--max_sentences", type=int, default=2_000_000, help="read at most this many lines")
+    train.add_argument("--max_sentences", type=int, default=2_000_000, help="train on at most this many texts (each cut to 2048 characters)")
 
     encode = actions.add_parser("encode", help="print the token ids and pieces of a text")
     encode.add_argument("--tokenizer", required=True, help="MiniMind tokenizer directory or SentencePiece .model")
@@ -51,7 +51,7 @@ def run(args):
         trained_on = json.loads(config_file.read_text("utf-8"))["trained_on"]
         print(
             f"wrote {model_file} and {config_file.name}: vocab_size {tokenizer.vocab_size} "
-            f"(requested {args.vocab_size}), trained on {trained_on['sentences']} lines, "
+            f"(requested {args.vocab_size}), trained on {trained_on['sentences']} texts, "
             f"skipped {trained_on['skipped_lines']} bad records"
         )
     elif args.action == "encode":

@@ -3,6 +3,7 @@
 MiniMind's own tokenizers and the transformers-rendered prompts come from ../shared (skipped without it);
 everything else trains or builds small tokenizers here.
 """
+import functools
 import json
 import logging
 import pickle
@@ -64,6 +65,7 @@ TOOL_RESPONSES_TEXT = (
 # MiniMind's tokenizers (../shared)
 
 
+@functools.lru_cache(maxsize=None)
 def minimind_tokenizer(era):
     return load_tokenizer(require_shared("minimind", era))
 
@@ -116,6 +118,14 @@ def test_minimind_decode_round_trips_and_skips_special_tokens(era):
     assert ids[0] == 1 and 2 in ids
     assert tokenizer.decode(ids) == text
     assert tokenizer.decode(ids, skip_special_tokens=True) == "user\n你好，MiniMind!  Tabs\tand\nnewlines 😀\n"
+
+
+@pytest.mark.parametrize("era", ERAS)
+@settings(max_examples=100, deadline=None)
+@given(text=st.text())
+def test_minimind_round_trips_random_unicode(era, text):
+    tokenizer = minimind_tokenizer(era)
+    assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
 def test_v3_think_tags_are_tokens_but_not_special():
@@ -294,8 +304,9 @@ def test_tiny_hf_tokenizer_has_no_arch_and_keeps_special_ids(tmp_path):
 
 
 def test_template_environment_matches_transformers(tmp_path):
-    """trim_blocks/lstrip_blocks (no newline after a block tag, no indent before one), transformers' tojson (no HTML escaping, keyword options), loop controls,
-    the `generation` block, bos/eos tokens as variables and `documents` defined as None."""
+    """trim_blocks/lstrip_blocks (no newline after a block tag, no indent before one), transformers' tojson
+    (no HTML escaping, keyword options), loop controls, the `generation` block, bos/eos tokens as variables
+    and `documents` defined as None."""
     template = (
         "{% for m in messages %}\n"
         "    {% if m.skip %}{% continue %}{% endif %}\n"
@@ -503,7 +514,7 @@ def test_sentencepiece_training_reports_skipped_lines(corpus, tmp_path, caplog):
         model = train_sentencepiece(corpus, tmp_path / "t", vocab_size=350)
     trained_on = json.loads(tokenizer_lib.sentencepiece_config_path(model).read_text("utf-8"))["trained_on"]
     assert trained_on["skipped_lines"] == 3
-    assert trained_on["sentences"] == 20 * 2 + 20 * 2
+    assert trained_on["sentences"] == 20 + 20 * 2  # pretrain texts + SFT turns
     assert "sft.jsonl:21: invalid JSON" in caplog.text
     assert "sft.jsonl:22: neither" in caplog.text and "sft.jsonl:24: neither" in caplog.text
 
