@@ -18,7 +18,6 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
-import glob
 import hashlib
 import json
 import logging
@@ -34,7 +33,7 @@ import tqdm
 
 from minimind_jax.config import ARCHS
 from minimind_jax.errors import UserError
-from minimind_jax.tokenizer import assistant_markers, load_tokenizer
+from minimind_jax.tokenizer import Tokenizer, assistant_markers, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +111,11 @@ class ExampleConfig:
 
 
 class BadRecord(Exception):
-    """A malformed line: skipped and counted (an error with strict=True)."""
+    """A malformed line: skipped and counted by `reason` (an error with strict=True, which also shows
+    `detail`)."""
 
-    def __init__(self, reason: str):
-        super().__init__(reason)
+    def __init__(self, reason: str, detail: str | None = None):
+        super().__init__(f"{reason} ({detail})" if detail else reason)
         self.reason = reason
 
 
@@ -256,7 +256,7 @@ def read_jsonl(path: str | os.PathLike, *, kind: str | None, strict: bool = Fals
             check_record(record, kind or record_kind(record))
         except BadRecord as bad:
             if strict:
-                raise UserError(f"{path}:{line_no}: {bad.reason}") from None
+                raise UserError(f"{path}:{line_no}: {bad}") from None
             report.add(line_no, bad.reason, malformed=True)
             continue
         yield line_no, record
@@ -294,13 +294,20 @@ def augment_conversations(conversations: list[dict], rng: np.random.Generator, s
     return conversations
 
 
+def _render(tokenizer, messages: list[dict], tools: Any) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=False)
+    except UserError as error:  # this record's fields do not fit the template
+        raise BadRecord("chat template failed to render", str(error)) from None
+
+
 def chat_prompt(tokenizer, conversations: list[dict], *, arch: str, rng: np.random.Generator | None = None,
                 system_prompt_ratio: float = 0.0, drop_empty_think_ratio: float = 0.0) -> str:
     """The rendered chat string MiniMind trains on (its SFTDataset's prompt), augmentations drawn from rng."""
     if arch == "minimind2":
         first = conversations[0]
         tools = first.get("functions") if first.get("role") == "system" else None
-        return tokenizer.apply_chat_template(list(conversations), tools=tools or None, add_generation_prompt=False)
+        return _render(tokenizer, list(conversations), tools or None)
     if rng is not None and system_prompt_ratio:
         conversations = augment_conversations(conversations, rng, system_prompt_ratio)
     messages, tools = [], None
@@ -311,7 +318,7 @@ def chat_prompt(tokenizer, conversations: list[dict], *, arch: str, rng: np.rand
         if message.get("tool_calls"):
             message["tool_calls"] = _json_field(message["tool_calls"], "tool_calls")
         messages.append(message)
-    prompt = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=False)
+    prompt = _render(tokenizer, messages, tools)
     if rng is not None and drop_empty_think_ratio and EMPTY_THINK in prompt and rng.random() < drop_empty_think_ratio:
         prompt = prompt.replace(EMPTY_THINK, "")
     return prompt
@@ -325,41 +332,50 @@ def pad_to(ids: Sequence[int], length: int, value: int = 0) -> list[int]:
     return list(ids) + [value] * (length - len(ids))
 
 
+def _occurrences(ids: np.ndarray, pattern: Sequence[int]) -> np.ndarray:
+    """Start positions of every whole occurrence of `pattern` in `ids`."""
+    span = len(ids) - len(pattern) + 1
+    if span <= 0:
+        return np.zeros(0, np.int64)
+    hits = np.ones(span, bool)
+    for offset, token in enumerate(pattern):
+        hits &= ids[offset:offset + span] == token
+    return np.flatnonzero(hits)
+
+
 def _assistant_spans(ids: Sequence[int], bos: Sequence[int], eos: Sequence[int]) -> Iterator[tuple[int, int]]:
-    """(start, end) per assistant turn, scanned as MiniMind does: start just after `bos`, end at the next
-    `eos` at or after start (len(ids) when there is none); the scan resumes after that eos."""
-    bos, eos = list(bos), list(eos)
-    n, i = len(ids), 0
-    while i < n:
-        if ids[i] == bos[0] and list(ids[i:i + len(bos)]) == bos:
-            start = end = i + len(bos)
-            while end < n and list(ids[end:end + len(eos)]) != eos:
-                end += 1
-            yield start, end
-            i = end + len(eos) if end < n else n
-        else:
-            i += 1
+    """(start, end) per assistant turn, found as MiniMind's scan finds them: start just after a `bos`, end at
+    the next `eos` at or after start (len(ids) when there is none); the scan resumes after that eos."""
+    ids = np.asarray(ids)
+    n = len(ids)
+    eos_at = _occurrences(ids, eos)
+    resume = 0
+    for bos_start in _occurrences(ids, bos):
+        if bos_start < resume:
+            continue
+        start = int(bos_start) + len(bos)
+        following = eos_at[np.searchsorted(eos_at, start):]
+        end = int(following[0]) if len(following) else n
+        yield start, end
+        resume = end + len(eos) if end < n else n
 
 
 def minimind2_sft_mask(ids_L: Sequence[int], bos: Sequence[int], eos: Sequence[int]) -> list[int]:
     """2510's per-id mask: after `<|im_start|>assistant`, skip one id (the `\\n`), then mark through the id
     after `<|im_end|>`. mask[j] = 1 means ids[j] is learned as a target."""
-    length = len(ids_L)
-    mask = [0] * length
+    mask = np.zeros(len(ids_L), np.int64)
     for start, end in _assistant_spans(ids_L, bos, eos):
-        for j in range(start + 1, min(end + len(eos) + 1, length)):
-            mask[j] = 1
-    return mask
+        mask[start + 1:end + len(eos) + 1] = 1
+    return mask.tolist()
 
 
 def minimind3_sft_labels(ids_L: Sequence[int], bos: Sequence[int], eos: Sequence[int]) -> list[int]:
     """v3's labels: ids from after `<|im_start|>assistant\\n` through `<|im_end|>\\n`, -100 elsewhere."""
-    length = len(ids_L)
-    labels = [IGNORE_INDEX] * length
-    for start, end in _assistant_spans(ids_L, bos, eos):
-        for j in range(start, min(end + len(eos), length)):
-            labels[j] = ids_L[j]
-    return labels
+    ids = np.asarray(ids_L, np.int64)
+    labels = np.full(len(ids), IGNORE_INDEX, np.int64)
+    for start, end in _assistant_spans(ids, bos, eos):
+        labels[start:end + len(eos)] = ids[start:end + len(eos)]
+    return labels.tolist()
 
 
 def sft_markers(tokenizer, arch: str) -> tuple[list[int], list[int]]:
@@ -370,17 +386,19 @@ def sft_markers(tokenizer, arch: str) -> tuple[list[int], list[int]]:
     return list(markers["<|im_start|>assistant"]), list(markers["<|im_end|>"])
 
 
-def minimind2_sft(tokenizer, prompt: str, max_seq_len: int) -> tuple[list[int], list[int], list[int]]:
-    """2510 SFTDataset: (X, Y, loss_mask), each max_seq_len-1 long."""
+def minimind2_sft(tokenizer, prompt: str, max_seq_len: int,
+                  markers: tuple[list[int], list[int]] | None = None) -> tuple[list[int], list[int], list[int]]:
+    """2510 SFTDataset: (X, Y, loss_mask), each max_seq_len-1 long. markers: sft_markers(), if known."""
     ids_L = pad_to(tokenizer.encode(prompt)[:max_seq_len], max_seq_len, tokenizer.pad_id)
-    mask = minimind2_sft_mask(ids_L, *sft_markers(tokenizer, "minimind2"))
+    mask = minimind2_sft_mask(ids_L, *(markers or sft_markers(tokenizer, "minimind2")))
     return ids_L[:-1], ids_L[1:], mask[1:]
 
 
-def minimind3_sft(tokenizer, prompt: str, max_seq_len: int) -> tuple[list[int], list[int]]:
-    """v3 SFTDataset: (input_ids, labels), each max_seq_len long."""
+def minimind3_sft(tokenizer, prompt: str, max_seq_len: int,
+                  markers: tuple[list[int], list[int]] | None = None) -> tuple[list[int], list[int]]:
+    """v3 SFTDataset: (input_ids, labels), each max_seq_len long. markers: sft_markers(), if known."""
     ids_L = pad_to(tokenizer.encode(prompt)[:max_seq_len], max_seq_len, tokenizer.pad_id)
-    return ids_L, minimind3_sft_labels(ids_L, *sft_markers(tokenizer, "minimind3"))
+    return ids_L, minimind3_sft_labels(ids_L, *(markers or sft_markers(tokenizer, "minimind3")))
 
 
 def minimind2_pretrain(tokenizer, text: str, max_seq_len: int) -> tuple[list[int], list[int], list[int]]:
@@ -445,6 +463,7 @@ class RecordEncoder:
         self.tokenizer = tokenizer
         self.config = config
         self.pad_id = tokenizer.pad_id
+        self.markers = sft_markers(tokenizer, config.arch)
 
     def prompt(self, record: dict[str, Any], line_no: int) -> str:
         """The string that gets tokenized: the rendered chat (SFT) or the text (pretrain)."""
@@ -458,12 +477,10 @@ class RecordEncoder:
 
     def minimind_form(self, prompt: str) -> tuple[list[int], ...]:
         """MiniMind's own output for this prompt: 2510 (X, Y, loss_mask), v3 (input_ids, labels)."""
-        L, tok = self.config.max_seq_len, self.tokenizer
-        builders = {
-            ("sft", "minimind2"): minimind2_sft, ("sft", "minimind3"): minimind3_sft,
-            ("pretrain", "minimind2"): minimind2_pretrain, ("pretrain", "minimind3"): minimind3_pretrain,
-        }
-        return builders[self.config.kind, self.config.arch](tok, prompt, L)
+        L, tok, arch = self.config.max_seq_len, self.tokenizer, self.config.arch
+        if self.config.kind == "pretrain":
+            return (minimind2_pretrain if arch == "minimind2" else minimind3_pretrain)(tok, prompt, L)
+        return (minimind2_sft if arch == "minimind2" else minimind3_sft)(tok, prompt, L, self.markers)
 
     def compact(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
         """(tokens, learned) of a prompt: MiniMind's form with the padding that teaches nothing cut off."""
@@ -505,7 +522,7 @@ class EncodedChunk:
     lengths: np.ndarray  # int32 [num_examples]
     num_learned: np.ndarray  # int32 [num_examples], loss-bearing positions per example
     line_numbers: np.ndarray  # int64 [num_examples]
-    events: list[tuple[int, str, bool]]  # (line, reason, malformed) per skipped or dropped line
+    events: list[tuple[int, str, bool, str]]  # (line, reason, malformed, message) per skipped or dropped line
     num_bytes: int
 
 
@@ -518,10 +535,10 @@ def encode_chunk(encoder: RecordEncoder, chunk: list[tuple[int, bytes | None]]) 
             record = parse_record(line, encoder.config.kind)
             ids, mask = encoder.encode(record, line_no)
         except BadRecord as bad:
-            events.append((line_no, bad.reason, True))
+            events.append((line_no, bad.reason, True, str(bad)))
             continue
         except DroppedRecord as dropped:
-            events.append((line_no, dropped.reason, False))
+            events.append((line_no, dropped.reason, False, dropped.reason))
             continue
         tokens.append(ids)
         learned.append(mask)
@@ -562,7 +579,7 @@ def _line_chunks(path: pathlib.Path, lines_per_chunk: int) -> Iterator[list[tupl
         yield chunk
 
 
-def _encoded_chunks(path: pathlib.Path, tokenizer, tokenizer_path: str, config: ExampleConfig, num_workers: int,
+def _encoded_chunks(path: pathlib.Path, tokenizer, config: ExampleConfig, num_workers: int,
                     lines_per_chunk: int) -> Iterator[EncodedChunk]:
     """Encoded chunks in file order. Workers get at most 2 chunks each in flight, so RAM stays bounded."""
     chunks = _line_chunks(path, lines_per_chunk)
@@ -573,7 +590,7 @@ def _encoded_chunks(path: pathlib.Path, tokenizer, tokenizer_path: str, config: 
         return
     # spawn, not fork: the parent may already run JAX's threads.
     pool = concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"),
-                                                  initializer=_init_worker, initargs=(tokenizer_path, config))
+                                                  initializer=_init_worker, initargs=(str(tokenizer.path), config))
     try:
         pending = collections.deque()
         for chunk in chunks:
@@ -586,19 +603,15 @@ def _encoded_chunks(path: pathlib.Path, tokenizer, tokenizer_path: str, config: 
         pool.shutdown(cancel_futures=True)
 
 
-def fingerprint_files(path: str | os.PathLike) -> str:
-    """sha256 over every file directly in a directory, or over a file and its siblings of the same stem
-    (a SentencePiece `.model` with its `.json` template), in name order."""
-    path = pathlib.Path(path)
-    files = path.iterdir() if path.is_dir() else path.parent.glob(f"{glob.escape(path.stem)}.*")
-    files = sorted(p for p in files if p.is_file())
+def fingerprint_files(files: Sequence[str | os.PathLike]) -> str:
+    """sha256 over the names and contents of files."""
     digest = hashlib.sha256()
-    for file in files:
+    for file in map(pathlib.Path, files):
         digest.update(file.name.encode() + b"\0" + file.read_bytes())
     return digest.hexdigest()
 
 
-def cache_key(data_path: str | os.PathLike, tokenizer_path: str | os.PathLike, config: ExampleConfig) -> str:
+def cache_key(data_path: str | os.PathLike, tokenizer, config: ExampleConfig) -> str:
     """Changes whenever the data file, the tokenizer files or any setting that shapes the examples does."""
     data_path = pathlib.Path(data_path).resolve()
     stat = data_path.stat()
@@ -608,7 +621,7 @@ def cache_key(data_path: str | os.PathLike, tokenizer_path: str | os.PathLike, c
     fields = {
         "format": CACHE_FORMAT,
         "data": [str(data_path), stat.st_size, stat.st_mtime_ns],
-        "tokenizer": fingerprint_files(tokenizer_path),
+        "tokenizer": fingerprint_files(tokenizer.files),
         "config": settings,
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
@@ -618,11 +631,11 @@ def default_cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "minimind_jax"
 
 
-def build_cache(data_path: pathlib.Path, tokenizer_path: str, config: ExampleConfig, target: pathlib.Path, *,
+def build_cache(data_path: pathlib.Path, tokenizer, config: ExampleConfig, target: pathlib.Path, *,
                 num_workers: int, strict: bool, progress: bool, lines_per_chunk: int = 512) -> None:
     """Tokenize data_path into `target`, written in a temporary directory and renamed into place at the end,
-    so an interrupted build never leaves a cache that looks complete."""
-    tokenizer = load_tokenizer(tokenizer_path)
+    so an interrupted build never leaves a cache that looks complete. Worker processes load their own copy
+    of the tokenizer from `tokenizer.path`."""
     token_dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32)
     target.parent.mkdir(parents=True, exist_ok=True)
     temp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -633,10 +646,10 @@ def build_cache(data_path: pathlib.Path, tokenizer_path: str, config: ExampleCon
             files = {name: stack.enter_context(open(temp / f"{name}.bin", "wb")) for name in CACHE_ARRAYS}
             bar = stack.enter_context(tqdm.tqdm(total=data_path.stat().st_size, unit="B", unit_scale=True,
                                                 disable=not progress, desc=f"tokenizing {data_path.name}"))
-            for chunk in _encoded_chunks(data_path, tokenizer, tokenizer_path, config, num_workers, lines_per_chunk):
-                for line_no, reason, malformed in chunk.events:
+            for chunk in _encoded_chunks(data_path, tokenizer, config, num_workers, lines_per_chunk):
+                for line_no, reason, malformed, message in chunk.events:
                     if strict and malformed:
-                        raise UserError(f"{data_path}:{line_no}: {reason}")
+                        raise UserError(f"{data_path}:{line_no}: {message}")
                     report.add(line_no, reason, malformed)
                 files["tokens"].write(chunk.tokens.astype(token_dtype).tobytes())
                 files["learned"].write(chunk.learned.tobytes())
@@ -718,25 +731,25 @@ class TokenizedDataset:
         return example_from_tokens(tokens, learned, self.arch, self.config.max_seq_len if padded else None)
 
 
-def load_dataset(data_path: str | os.PathLike, tokenizer_path: str | os.PathLike, config: ExampleConfig, *,
+def load_dataset(data_path: str | os.PathLike, tokenizer: Tokenizer | str | os.PathLike, config: ExampleConfig, *,
                  cache_dir: str | os.PathLike | None = None, num_workers: int | None = None, strict: bool = False,
                  progress: bool = True) -> TokenizedDataset:
     """The examples of a jsonl file, from the cache when it is there, else tokenized (in parallel) into it.
 
+    tokenizer: a Tokenizer or its path. cache_dir: default ~/.cache/minimind_jax.
     num_workers: processes for tokenizing (None: one per CPU; 0: in this process).
     """
     data_path = pathlib.Path(data_path)
     if not data_path.is_file():
         raise UserError(f"{data_path}: no such data file")
-    tokenizer_path = str(tokenizer_path)
-    if not pathlib.Path(tokenizer_path).exists():
-        raise UserError(f"{tokenizer_path}: no such tokenizer")
+    if not isinstance(tokenizer, Tokenizer):
+        tokenizer = load_tokenizer(tokenizer)
     cache_dir = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache_dir / f"{data_path.stem}-{config.kind}-{cache_key(data_path, tokenizer_path, config)}"
+    target = cache_dir / f"{data_path.stem}-{config.kind}-{cache_key(data_path, tokenizer, config)}"
     from_cache = (target / "meta.json").exists()
     if not from_cache:
         workers = (os.cpu_count() or 1) if num_workers is None else num_workers
-        build_cache(data_path.resolve(), tokenizer_path, config, target, num_workers=workers, strict=strict,
+        build_cache(data_path.resolve(), tokenizer, config, target, num_workers=workers, strict=strict,
                     progress=progress)
     dataset = TokenizedDataset(target, from_cache=from_cache)
     first_bad = dataset.report.first_malformed()

@@ -85,7 +85,13 @@ def run(args: argparse.Namespace) -> int:
         count = index + 1
         if args.index is not None and index != args.index:
             continue
-        view = learned_view(encoders, record, line_no)
+        try:
+            view = learned_view(encoders, record, line_no)
+        except data.BadRecord as bad:
+            if args.index is not None:
+                raise UserError(f"{args.data_path}:{line_no}: {bad}") from None
+            report.add(line_no, bad.reason, malformed=True)
+            continue
         if args.json:
             print(json.dumps({key: view[key] for key in ("prompt", "input_ids", "loss_mask")}, ensure_ascii=False))
         else:

@@ -236,7 +236,13 @@ class BatchIterator:
                 raise UserError(f"data iterator state: {key} was {state.get(key)!r} when saved, now {value!r}; "
                                 "resume with the same data and batch settings")
         self._next_step = int(state["next_step"])
-        self._iterator = None
+        self.close()
+
+    def close(self) -> None:
+        """Stop the background threads; iterating again starts them afresh at the current step."""
+        if self._iterator is not None:
+            self._iterator.close()
+            self._iterator = None
 
 
 def make_batches(dataset: TokenizedDataset, *, batch_size: int, seed: int, epochs: int = 1, packing: bool = False,

@@ -6,6 +6,8 @@ import os
 import pathlib
 import random
 
+import hypothesis
+import hypothesis.strategies as st
 import numpy as np
 import pytest
 
@@ -230,6 +232,9 @@ def test_bad_lines_are_skipped_counted_and_summed_up_once(tmp_path, small_tokeni
     assert "\n" not in message
     for reason, line in where.items():
         assert f"{reason} (e.g. {path.resolve()}:{line})" in message
+    # The cache remembers what it skipped: strict mode refuses it too.
+    with pytest.raises(UserError, match=f"bad.jsonl:{where['malformed JSON']}: malformed JSON$"):
+        data.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "cache", strict=True, progress=False)
     # Every kept example is a GOOD one, and the line numbers say where each came from.
     assert set(dataset.line_numbers.tolist()) == {1} | {line + 1 for reason, line in where.items() if reason in BAD_SFT_LINES}
 
@@ -245,6 +250,25 @@ def test_strict_mode_names_the_first_bad_line(tmp_path, small_tokenizer, reason)
     assert not list((tmp_path / "cache").iterdir())  # no cache, and no temporary left behind
     with pytest.raises(UserError, match=f"one_bad.jsonl:3: {reason}"):
         list(data.read_jsonl(path, kind="sft", strict=True))
+
+
+def test_bad_tool_calls_are_skipped(tmp_path, small_tokenizer):
+    call = lambda tool_calls: {"conversations": [
+        {"role": "user", "content": "weather?"}, {"role": "assistant", "content": "", "tool_calls": tool_calls}]}
+    good_call = call(json.dumps([{"name": "weather", "arguments": {"city": "x"}}]))
+    path = write_jsonl(tmp_path / "tools.jsonl", [good_call, call("[not json"), call([1])])
+    config = data.ExampleConfig("sft", "minimind3", 128)
+    dataset = data.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "cache", num_workers=0,
+                                progress=False)
+    assert dataset.line_numbers.tolist() == [1]
+    assert dataset.report.skipped == {"'tool_calls' is not valid JSON": 1, "chat template failed to render": 1}
+    with pytest.raises(UserError, match=r"tools.jsonl:2: 'tool_calls' is not valid JSON$"):
+        data.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "strict", num_workers=0, strict=True,
+                          progress=False)
+    path = write_jsonl(tmp_path / "render.jsonl", [good_call, call([1])])
+    with pytest.raises(UserError, match=r"render.jsonl:2: chat template failed to render \(.+\)$"):
+        data.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "strict", num_workers=0, strict=True,
+                          progress=False)
 
 
 def test_bad_pretrain_records(tmp_path, small_tokenizer):
@@ -304,6 +328,11 @@ def test_second_load_reads_the_cache_without_tokenizing(tmp_path, small_tokenize
     touched = data.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "cache", num_workers=0,
                                 progress=False)
     assert not touched.from_cache and len(calls) == 30 + 30 + 30
+    # So is another tokenizer.
+    other_tokenizer = train_sentencepiece([write_jsonl(tmp_path / "corpus.jsonl", random_chats(50))], tmp_path / "t2",
+                                          vocab_size=280)
+    assert data.cache_key(path, load_tokenizer(other_tokenizer), config) != \
+        data.cache_key(path, load_tokenizer(small_tokenizer), config)
 
 
 def test_parallel_build_equals_single_process(tmp_path, small_tokenizer):
@@ -313,7 +342,7 @@ def test_parallel_build_equals_single_process(tmp_path, small_tokenizer):
     path = write_jsonl(tmp_path / "many.jsonl", lines)
     config = data.ExampleConfig("sft", "minimind3", 256, system_prompt_ratio=0.5, drop_empty_think_ratio=0.5, seed=1)
     inline = data.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "a", num_workers=0, progress=False)
-    data.build_cache(path.resolve(), str(small_tokenizer), config, tmp_path / "b" / "x", num_workers=2,
+    data.build_cache(path.resolve(), load_tokenizer(small_tokenizer), config, tmp_path / "b" / "x", num_workers=2,
                      strict=False, progress=False, lines_per_chunk=16)
     parallel = data.TokenizedDataset(tmp_path / "b" / "x")
     assert len(parallel) == 198
@@ -334,3 +363,30 @@ def test_compact_form_keeps_learned_padding_and_drops_the_rest(small_tokenizer):
     # Without the final newline MiniMind's 2510 mask reaches one pad past <|im_end|>: that pad is kept.
     tokens, learned = encoder.compact(prompt.removesuffix("\n"))
     assert tokens[-1] == tokenizer.pad_id and learned[-1] == 1
+
+
+def scanned_mask(ids, bos, eos, learn_from, learn_to):
+    """The spec's rule, position by position: at each bos match, learn [start+learn_from, end+len(eos)+learn_to)
+    where end is the next eos at or after start, then continue after that eos."""
+    learned, i = [0] * len(ids), 0
+    while i < len(ids):
+        if ids[i:i + len(bos)] != bos:
+            i += 1
+            continue
+        start = end = i + len(bos)
+        while end < len(ids) and ids[end:end + len(eos)] != eos:
+            end += 1
+        for j in range(start + learn_from, min(end + len(eos) + learn_to, len(ids))):
+            learned[j] = 1
+        i = end + len(eos) if end < len(ids) else len(ids)
+    return learned
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(st.lists(st.integers(0, 3), max_size=40), st.lists(st.integers(0, 3), min_size=1, max_size=3),
+                  st.lists(st.integers(0, 3), min_size=1, max_size=2))
+def test_mask_rules_equal_a_position_by_position_scan(ids, bos, eos):
+    assert data.minimind2_sft_mask(ids, bos, eos) == scanned_mask(ids, bos, eos, 1, 1)
+    labels = data.minimind3_sft_labels(ids, bos, eos)
+    assert [int(label != data.IGNORE_INDEX) for label in labels] == scanned_mask(ids, bos, eos, 0, 0)
+    assert all(label in (data.IGNORE_INDEX, token) for label, token in zip(labels, ids))

@@ -164,6 +164,21 @@ def test_resume_gives_exactly_the_remaining_batches(dataset, packing, stop_at):
     assert_same_batches(all_batches(interrupted), reference[taken:])
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_each_process_gets_its_share_of_the_global_batch(dataset, packing, monkeypatch):
+    whole = all_batches(pipeline.make_batches(dataset, batch_size=4, seed=4, packing=packing))
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    shares = []
+    for process in range(2):
+        monkeypatch.setattr(jax, "process_index", lambda: process)
+        shares.append(all_batches(pipeline.make_batches(dataset, batch_size=4, seed=4, packing=packing)))
+    joined = [{key: np.concatenate([a[key], b[key]]) for key in a} for a, b in zip(*shares)]
+    assert shares[0][0]["inputs"].shape == (2, dataset.seq_len)
+    assert_same_batches(joined, whole)
+    with pytest.raises(UserError, match="multiple of the 2 processes"):
+        pipeline.make_batches(dataset, batch_size=3, seed=4)
+
+
 def test_state_from_other_settings_is_refused(dataset):
     state = pipeline.make_batches(dataset, batch_size=4, seed=2).get_state()
     with pytest.raises(UserError, match="batch_size was 4 when saved, now 2"):
