@@ -180,7 +180,11 @@ class SkipReport:
 
 def iter_lines(path: str | os.PathLike, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None]]:
     """(1-based line number, raw bytes) per non-blank line, streaming; None for a line over max_line_bytes."""
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as error:
+        raise UserError(f"{path}: cannot read ({error.strerror})") from None
+    with f:
         line_no = 0
         while True:
             line = f.readline(max_line_bytes + 1)

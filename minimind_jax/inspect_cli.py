@@ -61,7 +61,7 @@ def token_pieces(tokenizer, ids: Sequence[int]) -> Iterator[tuple[str, int, int]
 def coloured(tokenizer, view: dict[str, Any]) -> str:
     """The ids as text, each token on its shade of green (learned) or grey (context); `\\n` shown as ↵."""
     out = []
-    for n, (text, first, stop) in enumerate(token_pieces(tokenizer, view["input_ids"])):
+    for n, (text, _, stop) in enumerate(token_pieces(tokenizer, view["input_ids"])):
         style = (LEARNED_STYLES if view["loss_mask"][stop - 1] else CONTEXT_STYLES)[n % 2]
         parts = text.split("\n")
         lines = [part + "↵" for part in parts[:-1]] + parts[-1:]
@@ -70,6 +70,8 @@ def coloured(tokenizer, view: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.index is not None and args.index < 0:
+        raise UserError(f"--index must be 0 or more, got {args.index}")
     tokenizer = load_tokenizer(args.tokenizer_path)
     arch = args.arch or tokenizer.arch
     if arch is None:

@@ -79,3 +79,6 @@ def test_index_and_errors(capsys, caplog, tmp_path, small_tokenizer):  # noqa: F
     assert f"malformed JSON (e.g. {path}:1)" in caplog.records[-1].getMessage()
     code, _, err = inspect(capsys, "--data_path", path, "--tokenizer_path", small_tokenizer)
     assert code == 1 and "give --arch" in err
+    code, _, err = inspect(capsys, "--data_path", tmp_path / "missing.jsonl", "--tokenizer_path", small_tokenizer,
+                           "--arch", "minimind2")
+    assert code == 1 and err == f"error: {tmp_path / 'missing.jsonl'}: cannot read (No such file or directory)\n"
