@@ -175,7 +175,7 @@ class MLP(nnx.Module):
         self.gate_proj, self.up_proj, self.down_proj = _linear(rngs, d, f), _linear(rngs, d, f), _linear(rngs, f, d)
         self.dropout = nnx.Dropout(config.dropout)
 
-    def __call__(self, x_BTD, train: bool, dropout_rngs=None):
+    def __call__(self, x_BTD, train: bool, dropout_rngs=None, batch_axes=()):
         out = swiglu(x_BTD, self.gate_proj[...], self.up_proj[...], self.down_proj[...])
         return self.dropout(out, rngs=dropout_rngs, deterministic=dropout_rngs is None), jnp.zeros((), jnp.float32)
 
@@ -194,7 +194,9 @@ class MoE(nnx.Module):
             self.shared_gate_proj, self.shared_up_proj = _linear(rngs, s, d, f), _linear(rngs, s, d, f)
             self.shared_down_proj = _linear(rngs, s, f, d)
 
-    def __call__(self, x_BTD, train: bool, dropout_rngs=None):
+    def __call__(self, x_BTD, train: bool, dropout_rngs=None, batch_axes=()):
+        """batch_axes: mesh axes the batch is split over inside shard_map; the aux loss's means are taken over
+        the global batch, so it is the same on any mesh."""
         cfg = self.config
         b, t, d = x_BTD.shape
         num_experts, top_k = cfg.num_routed_experts, cfg.num_experts_per_tok
@@ -219,17 +221,23 @@ class MoE(nnx.Module):
                 shared = swiglu(x_BTD, self.shared_gate_proj[i], self.shared_up_proj[i], self.shared_down_proj[i])
                 y = y + shared.astype(jnp.float32)
 
+        def global_mean(x, axis):
+            total, count = x.sum(axis), jnp.float32(np.prod([x.shape[a] for a in np.atleast_1d(axis)]))
+            if batch_axes:
+                total, count = jax.lax.psum(total, batch_axes), count * jax.lax.psum(1, batch_axes)
+            return total / count
+
         aux = jnp.zeros((), jnp.float32)
         if train and cfg.is_v3 and cfg.router_aux_loss_coef > 0:
-            load_KE = chosen_BTKE.reshape(b * t, top_k, num_experts).mean(0)
-            aux = (load_KE * scores_BTE.reshape(b * t, num_experts).mean(0)).sum() * num_experts * cfg.router_aux_loss_coef
+            load_KE = global_mean(chosen_BTKE, (0, 1))
+            aux = (load_KE * global_mean(scores_BTE, (0, 1))).sum() * num_experts * cfg.router_aux_loss_coef
         elif train and not cfg.is_v3 and cfg.aux_loss_alpha > 0:
-            if cfg.seq_aux:
+            if cfg.seq_aux:  # per sequence: load of each expert in the row times its mean score in the row
                 counts_BE = chosen_BTKE.sum((1, 2)) / (t * top_k / num_experts)
-                aux = (counts_BE * scores_BTE.mean(1)).sum(1).mean() * cfg.aux_loss_alpha
+                aux = global_mean((counts_BE * scores_BTE.mean(1)).sum(1), 0) * cfg.aux_loss_alpha
             else:
-                load_E = chosen_BTKE.reshape(-1, num_experts).mean(0)
-                aux = (scores_BTE.reshape(-1, num_experts).mean(0) * load_E * num_experts).sum() * cfg.aux_loss_alpha
+                load_E = global_mean(chosen_BTKE.sum(2), (0, 1)) / top_k
+                aux = (global_mean(scores_BTE, (0, 1)) * load_E * num_experts).sum() * cfg.aux_loss_alpha
         return y.astype(x_BTD.dtype), aux
 
 
@@ -241,11 +249,11 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fp32_norm)
         self.mlp = MoE(config, rngs) if config.use_moe else MLP(config, rngs)
 
-    def __call__(self, h_BTD, cos, sin, bias, kv_cache, cache_index, train, dropout_rngs):
+    def __call__(self, h_BTD, cos, sin, bias, kv_cache, cache_index, train, dropout_rngs, batch_axes):
         attn_out, new_kv = self.self_attn(self.input_layernorm(h_BTD), cos, sin, bias, kv_cache, cache_index,
                                           dropout_rngs)
         h_BTD = h_BTD + attn_out
-        mlp_out, aux = self.mlp(self.post_attention_layernorm(h_BTD), train, dropout_rngs)
+        mlp_out, aux = self.mlp(self.post_attention_layernorm(h_BTD), train, dropout_rngs, batch_axes)
         return h_BTD + mlp_out, aux, new_kv
 
 
@@ -278,13 +286,14 @@ class MiniMind(nnx.Module):
 
     def forward(self, input_ids_BT, attention_mask_BT=None, *, segment_ids_BT=None, positions_BT=None,
                 cache: KVCache | None = None, train: bool = False, dropout_rngs: nnx.Rngs | None = None,
-                return_logits: bool = True) -> ModelOutput:
+                return_logits: bool = True, batch_axes: tuple[str, ...] = ()) -> ModelOutput:
         """Runs the model.
 
         attention_mask_BT: 1 = real token, 0 = padding (over the cache's S positions when decoding).
         segment_ids_BT: packed rows; a token attends only within its segment. positions_BT restart per segment.
         cache: decode with a fixed-size KV cache; the T new tokens are written at cache.length.
         train: MoE aux loss and 2510's fp16 expert buffer, as MiniMind's training mode.
+        batch_axes: inside shard_map, the mesh axes the batch is split over (for the MoE aux loss).
         dropout_rngs: enables dropout (config.dropout) when given.
         """
         cfg = self.config
@@ -312,7 +321,7 @@ class MiniMind(nnx.Module):
             state, kv, key = per_layer
             block = nnx.merge(graphdef, state)
             rngs = nnx.Rngs(dropout=key) if dropout_rngs is not None else None
-            h_BTD, aux, new_kv = block(h_BTD, cos, sin, bias, kv, offset, train, rngs)
+            h_BTD, aux, new_kv = block(h_BTD, cos, sin, bias, kv, offset, train, rngs, batch_axes)
             return h_BTD, (aux, new_kv if cache is not None else None)
 
         if cfg.remat != "none":

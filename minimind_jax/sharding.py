@@ -1,0 +1,92 @@
+"""Device mesh, parameter sharding rules and batch sharding.
+
+The mesh always has three axes, (data, fsdp, tensor); `--mesh data=2,fsdp=2,tensor=2` sizes them and an
+omitted axis has size 1. Batches are split over data×fsdp. Parameters follow logical-axis rules: the
+hidden (embed) dimension is split over fsdp, heads / MLP width / vocab over tensor. A dimension that the
+axis size does not divide stays replicated, so every preset runs on every mesh.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from minimind_jax.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axes of each parameter, by its name in the parameter tree (see model.py for the layouts).
+# "layers" and "experts" are the stacked axes; they are never split.
+LOGICAL_AXES = {
+    "embed_tokens": ("vocab", "embed"),
+    "q_proj": ("layers", "embed", "heads"),
+    "k_proj": ("layers", "embed", "kv_heads"),
+    "v_proj": ("layers", "embed", "kv_heads"),
+    "o_proj": ("layers", "heads", "embed"),
+    "gate_proj": ("layers", "embed", "mlp"),
+    "up_proj": ("layers", "embed", "mlp"),
+    "down_proj": ("layers", "mlp", "embed"),
+    "router": ("layers", "embed", None),
+}
+RULES = {"embed": "fsdp", "vocab": "tensor", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor"}
+
+
+def parse_mesh(spec: str | None, num_devices: int) -> dict[str, int]:
+    """"data=2,fsdp=2,tensor=2" -> axis sizes; None puts every device on the data axis."""
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    if not spec:
+        sizes["data"] = num_devices
+        return sizes
+    for part in spec.split(","):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in sizes or not value.strip().isdigit() or int(value) < 1:
+            raise UserError(f"--mesh {spec!r}: expected comma-separated axis=size with axes {', '.join(MESH_AXES)}")
+        sizes[name] = int(value)
+    if math.prod(sizes.values()) != num_devices:
+        raise UserError(f"--mesh {spec!r} needs {math.prod(sizes.values())} devices, but {num_devices} are present")
+    return sizes
+
+
+def make_mesh(spec: str | None = None, devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    sizes = parse_mesh(spec, len(devices))
+    grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
+    return Mesh(grid, MESH_AXES)
+
+
+def batch_size_per_step(mesh: Mesh) -> int:
+    """How many ways the batch is split: the global batch must be a multiple of this."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def _leaf_spec(path, shape, mesh: Mesh) -> P:
+    keys = [str(getattr(p, "key", "")).removeprefix("shared_") for p in path]  # 2510 shared experts as experts
+    name = next((k for k in reversed(keys) if k in LOGICAL_AXES), None)
+    if name is None:  # norms and other small vectors are replicated
+        return P()
+    logical = LOGICAL_AXES[name]
+    if len(logical) < len(shape):  # stacked experts: [L, E, ...] ("experts" is inserted after "layers")
+        logical = logical[:1] + ("experts",) + logical[1:]
+    spec = []
+    for axis, size in zip(logical, shape):
+        mesh_axis = RULES.get(axis)
+        spec.append(mesh_axis if mesh_axis and size % mesh.shape[mesh_axis] == 0 and mesh.shape[mesh_axis] > 1 else None)
+    return P(*spec)
+
+
+def tree_shardings(tree, mesh: Mesh):
+    """A NamedSharding for every leaf of a parameter tree, or of an optimizer state that mirrors one
+    (its moments sit under the same parameter names; its scalars are replicated)."""
+    return jax.tree_util.tree_map_with_path(lambda path, x: NamedSharding(mesh, _leaf_spec(path, x.shape, mesh)), tree)

@@ -1,0 +1,194 @@
+"""The sharded train step and MiniMind's training recipe.
+
+One optimizer update consumes `accumulation_steps` micro-batches, each a dict of global [B,T] arrays
+(`inputs`, `targets`, `loss_mask`, `segment_ids`, `positions`) split over the mesh's batch axes (data×fsdp).
+The loss and its gradient are computed in a `shard_map` over those axes: each device sums ce·mask and the
+mask on its own rows, both sums are psum'd, and the division happens once, in the open:
+
+  loss_norm="tokens"   (default)  Σ ce·mask over all micro-batches and devices / Σ mask over the same
+                                  + the mean of the micro-batches' MoE aux losses (token-weighted).
+  loss_norm="minimind"            Σ_micro (ce_mean(micro) + aux(micro)) / accumulation_steps, exactly
+                                  what MiniMind's train_full_sft.py optimizes.
+
+Parameters enter the shard_map replicated over the batch axes (XLA gathers fsdp shards for the forward
+and backward) and stay automatically sharded over `tensor`; the optimizer update runs on the sharded
+parameters outside it. The result is the same on any mesh.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, PartitionSpec as P
+
+from minimind_jax.loss import chunked_masked_ce_sums, masked_ce_sums, safe_divide
+from minimind_jax.sharding import BATCH_AXES, replicated, tree_shardings
+
+LOSS_NORMS = ("tokens", "minimind")
+
+
+def minimind_lr(arch: str, step, total_steps: int, lr: float, warmup_steps: int = 0):
+    """MiniMind's cosine schedule at micro-step `step` (1-based, across epochs) of `total_steps`.
+
+    2510: lr/10 + lr/2·(1+cos(π·s/S)); v3: lr·(0.1 + 0.45·(1+cos(π·s/S))). Optional linear warmup
+    (MiniMind has none) multiplies the first `warmup_steps` micro-steps by s/warmup.
+    """
+    cosine = 1 + jnp.cos(jnp.pi * step / total_steps)
+    value = lr * (0.1 + 0.45 * cosine) if arch == "minimind3" else lr / 10 + 0.5 * lr * cosine
+    if warmup_steps:
+        value = value * jnp.minimum(1.0, step / warmup_steps)
+    return value
+
+
+def clip_by_global_norm_like_torch(max_norm: float) -> optax.GradientTransformation:
+    """torch.nn.utils.clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6))."""
+
+    def update(grads, state, params=None):
+        del params
+        scale = jnp.minimum(1.0, max_norm / (optax.global_norm(grads) + 1e-6))
+        return jax.tree.map(lambda g: g * scale, grads), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(learning_rate, grad_clip: float = 1.0, weight_decay: float = 0.01) -> optax.GradientTransformation:
+    """torch.optim.AdamW's defaults (β 0.9/0.999, ε 1e-8, weight decay on every parameter) after clipping.
+
+    learning_rate: a float or an optax schedule of the update count.
+    """
+    return optax.chain(
+        clip_by_global_norm_like_torch(grad_clip),
+        optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay),
+    )
+
+
+def update_lr_schedule(arch: str, lr: float, accumulation_steps: int, total_micro_steps: int, warmup_steps: int = 0):
+    """The LR of optimizer update u (0-based): MiniMind sets it every micro-step, so the update made after
+    micro-step s = (u+1)·accumulation_steps uses minimind_lr(s)."""
+    return lambda update: minimind_lr(arch, (update + 1) * accumulation_steps, total_micro_steps, lr, warmup_steps)
+
+
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, mesh: Mesh, *,
+                    accumulation_steps: int = 1, loss_norm: str = "tokens", loss_chunk_size: int | None = None,
+                    param_shardings=None, opt_shardings=None):
+    """A jitted `step(params, opt_state, micro_batches, rng) -> (params, opt_state, metrics)`.
+
+    micro_batches: a list of `accumulation_steps` batch dicts. params/opt_state are donated.
+    loss_chunk_size: compute the tied lm_head and CE that many positions at a time (never materialising the
+    whole [B,T,V] logits); None computes them in one piece.
+    A step whose loss or gradient is not finite leaves params and opt_state unchanged (metrics["skipped"]=1).
+    """
+    if loss_norm not in LOSS_NORMS:
+        raise ValueError(f"loss_norm must be one of {LOSS_NORMS}, got {loss_norm!r}")
+    num_micro = accumulation_steps
+
+    def micro_objective(params, batch, rng, token_total, micro_token_total):
+        model = nnx.merge(graphdef, params)
+        dropout = nnx.Rngs(dropout=rng) if model.config.dropout > 0 else None
+        out = model.forward(batch["inputs"], segment_ids_BT=batch["segment_ids"], positions_BT=batch["positions"],
+                            train=True, dropout_rngs=dropout, return_logits=loss_chunk_size is None,
+                            batch_axes=BATCH_AXES)
+        if loss_chunk_size is None:
+            ce_sum, _ = masked_ce_sums(out.logits, batch["targets"], batch["loss_mask"])
+        else:
+            ce_sum, _ = chunked_masked_ce_sums(out.hidden_states, params["embed_tokens"][...], batch["targets"],
+                                               batch["loss_mask"], loss_chunk_size)
+        ce_total = jax.lax.psum(ce_sum, BATCH_AXES)
+        logits_loss = safe_divide(ce_total, micro_token_total)
+        if loss_norm == "tokens":
+            objective = safe_divide(ce_total, token_total) + out.aux_loss / num_micro
+        else:
+            objective = (logits_loss + out.aux_loss) / num_micro
+        return objective, (logits_loss, out.aux_loss)
+
+    def local_loss_and_grads(params, micro_batches, rng):
+        """Runs on each device's rows of every micro-batch; returns globally reduced values."""
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *micro_batches)  # [A, b, T]
+        micro_token_totals = jax.lax.psum(stacked["loss_mask"].astype(jnp.float32).sum((1, 2)), BATCH_AXES)
+        token_total = micro_token_totals.sum()
+        device_rng = jax.random.fold_in(rng, jax.lax.axis_index(BATCH_AXES))
+        grad_fn = jax.value_and_grad(micro_objective, has_aux=True)
+
+        def accumulate(grads_sum, micro):
+            batch, micro_total, index = micro
+            (objective, (logits_loss, aux)), grads = grad_fn(params, batch, jax.random.fold_in(device_rng, index),
+                                                              token_total, micro_total)
+            return jax.tree.map(jnp.add, grads_sum, grads), (objective, logits_loss, aux)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, (objectives, logits_losses, aux_losses) = jax.lax.scan(
+            accumulate, zeros, (stacked, micro_token_totals, jnp.arange(num_micro)))
+        metrics = {
+            "loss": objectives.sum(),
+            "logits_loss": safe_divide((logits_losses * micro_token_totals).sum(), token_total)
+            if loss_norm == "tokens" else logits_losses.mean(),
+            "aux_loss": aux_losses.mean(),
+            "micro_losses": logits_losses + aux_losses,  # what MiniMind logs for each micro-step
+            "loss_tokens": token_total,
+        }
+        return grads, metrics
+
+    sharded_loss_and_grads = jax.shard_map(
+        local_loss_and_grads, mesh=mesh, in_specs=(P(), P(BATCH_AXES), P()), out_specs=(P(), P()),
+        axis_names=set(BATCH_AXES))
+
+    def step(params, opt_state, micro_batches, rng):
+        grads, metrics = sharded_loss_and_grads(params, micro_batches, rng)
+        grad_norm = optax.global_norm(grads)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+        metrics.update(grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32))
+        return keep(new_params, params), keep(new_opt_state, opt_state), metrics
+
+    out_shardings = (param_shardings, opt_shardings, replicated(mesh)) if param_shardings is not None else None
+    return jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
+
+
+def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation, mesh: Mesh):
+    """(graphdef, params, opt_state, param_shardings, opt_shardings), placed on the mesh by the sharding rules.
+
+    params is a plain nested dict of arrays (`nnx.merge(graphdef, params)` rebuilds the model), so the train
+    state checkpoints and restores as an ordinary pytree.
+    """
+    graphdef, state = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(state)
+    param_shardings = tree_shardings(params, mesh)
+    params = jax.device_put(params, param_shardings)
+    opt_shardings = tree_shardings(jax.eval_shape(optimizer.init, params), mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    return graphdef, params, opt_state, param_shardings, opt_shardings
+
+
+def model_flops_per_token(config) -> float:
+    """Training FLOPs per token (forward + backward = 3× forward), matmuls only, attention at full T counted
+    by the caller via `attention_flops_per_token`."""
+    h, d = config.hidden_size, config.head_dim
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    attn_proj = 2 * (h * q + 2 * h * kv + q * h)
+    if config.use_moe:
+        active = config.num_experts_per_tok + config.num_shared_experts
+        mlp = 2 * 3 * h * config.expert_intermediate_size * active + 2 * h * config.num_routed_experts
+    else:
+        mlp = 2 * 3 * h * config.intermediate_size
+    lm_head = 2 * h * config.vocab_size
+    return 3 * (config.num_hidden_layers * (attn_proj + mlp) + lm_head)
+
+
+def attention_flops_per_token(config, seq_len: int) -> float:
+    """Training FLOPs per token of the QK^T and PV products (causal: half of the T×T scores)."""
+    per_layer = 2 * 2 * config.num_attention_heads * config.head_dim * seq_len / 2
+    return 3 * config.num_hidden_layers * per_layer
+
+
+def total_updates(steps_per_epoch: int, epochs: int, accumulation_steps: int) -> int:
+    return epochs * (steps_per_epoch // accumulation_steps)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b) if b else math.inf

@@ -1,0 +1,103 @@
+"""`python main.py sft` and `python main.py pretrain`: MiniMind's trainer flags, plus ours.
+
+Precedence: MiniMind's defaults for the script and era < `--config FILE.yaml` (a `train:` section, and
+optionally a `model:` preset name under `preset:`) < flags given on the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+
+import yaml
+
+from minimind_jax.errors import UserError
+
+MINIMIND_FLAGS = {  # name: (type, help); defaults come from trainer.TrainConfig / defaults_for
+    "save_dir": (str, "where {save_weight}_{hidden}{_moe}.pth and logs go"),
+    "save_weight": (str, "weight file prefix (full_sft / pretrain)"),
+    "epochs": (int, "training epochs"),
+    "batch_size": (int, "global batch size (all devices)"),
+    "learning_rate": (float, "peak learning rate of MiniMind's cosine schedule"),
+    "dtype": (str, "compute dtype: float32 | bfloat16 (default: float32 on CPU, bfloat16 on GPU/TPU)"),
+    "accumulation_steps": (int, "micro-batches per optimizer update"),
+    "grad_clip": (float, "clip the global gradient norm to this"),
+    "log_interval": (int, "log every N micro-steps"),
+    "save_interval": (int, "checkpoint and write the .pth every N micro-steps"),
+    "hidden_size": (int, "hidden size"),
+    "num_hidden_layers": (int, "number of layers"),
+    "max_seq_len": (int, "truncation length"),
+    "use_moe": (int, "1 = MoE model"),
+    "data_path": (str, "training jsonl"),
+    "from_weight": (str, "'none', a MiniMind weight name ({save_dir}/{name}_{hidden}{_moe}.pth), a .pth or our checkpoint"),
+    "from_resume": (int, "1 = continue from the newest complete checkpoint"),
+    "num_workers": (int, "tokenizing processes"),
+}
+OUR_FLAGS = {
+    "arch": (str, "minimind2 (2510 era) | minimind3 (v3 era)"),
+    "tokenizer_path": (str, "MiniMind tokenizer directory or SentencePiece .model"),
+    "mesh": (str, "device mesh, e.g. data=8 or data=2,fsdp=2,tensor=2 (default: all devices on data)"),
+    "seed": (int, "seed for init, shuffling and dropout"),
+    "loss_norm": (str, "tokens (global token-weighted) | minimind (per micro-batch mean / accumulation_steps)"),
+    "eval_data_path": (str, "held-out jsonl: masked eval loss at the end"),
+    "warmup_steps": (int, "linear warmup micro-steps (MiniMind: 0)"),
+    "checkpoint_dir": (str, "Orbax checkpoints go to {checkpoint_dir}/{save_weight}_{hidden}{_moe}"),
+    "keep_checkpoints": (int, "how many checkpoints to keep"),
+    "max_steps": (int, "stop after N optimizer updates"),
+    "remat": (str, "none | full | dots: recompute activations in the backward pass"),
+    "loss_chunk_size": (int, "compute lm_head + CE this many positions at a time"),
+    "num_attention_heads": (int, "heads (2510 weights cannot tell; default 8)"),
+    "cache_dir": (str, "tokenized-data cache directory"),
+    "system_prompt_ratio": (float, "v3: chance of adding a random system prompt (MiniMind: 0.2)"),
+    "drop_empty_think_ratio": (float, "v3: chance of dropping an empty think block (MiniMind: 0.8)"),
+    "max_consecutive_skips": (int, "stop after N consecutive non-finite updates"),
+}
+IGNORED_FLAGS = {"device": str, "use_wandb": None, "wandb_project": str, "use_compile": int}
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.description = f"MiniMind-compatible {'full SFT' if command == 'sft' else 'pretraining'}. " + __doc__.splitlines()[2]
+    parser.add_argument("--config", help="YAML run preset (see configs/)")
+    for name, (kind, help_text) in {**MINIMIND_FLAGS, **OUR_FLAGS}.items():
+        parser.add_argument(f"--{name}", type=kind, default=None, help=help_text)
+    parser.add_argument("--packing", type=int, choices=(0, 1), default=None, help="1 = pack several examples per row")
+    parser.add_argument("--strict", action="store_true", default=None, help="a bad jsonl line is an error, not a skip")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    for name, kind in IGNORED_FLAGS.items():  # accepted so MiniMind command lines run unchanged
+        if kind is None:
+            parser.add_argument(f"--{name}", action="store_true", help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(f"--{name}", type=kind, help=argparse.SUPPRESS)
+
+
+def config_from_args(args, command: str):
+    from minimind_jax.trainer import TrainConfig, defaults_for
+
+    from_file = {}
+    if args.config:
+        path = pathlib.Path(args.config)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise UserError(f"{path}: cannot read run config ({str(error).splitlines()[0]})") from None
+        from_file = loaded.get("train", loaded)
+    given = {name: getattr(args, name) for name in {**MINIMIND_FLAGS, **OUR_FLAGS, "packing": 0, "strict": 0}
+             if getattr(args, name) is not None}
+    arch = given.get("arch", from_file.get("arch", "minimind2"))
+    fields = {**defaults_for(command, arch), **from_file, **given, "mode": command}
+    if args.no_progress:
+        fields["progress"] = False
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise UserError(f"{args.config}: unknown run setting(s): {', '.join(unknown)}")
+    return TrainConfig(**fields)
+
+
+def run(args) -> int:
+    from minimind_jax.trainer import train
+
+    summary = train(config_from_args(args, args.command))
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, default=str))
+    return 0

@@ -1,0 +1,445 @@
+"""The training run: weights in, sharded steps, logs, Orbax checkpoints, MiniMind `.pth` out.
+
+`train(TrainConfig)` is what `main.py sft` and `main.py pretrain` call. Every flag of MiniMind's
+train_full_sft.py / train_pretrain.py has a field of the same name and meaning here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from flax import nnx
+
+from minimind_jax import sharding
+from minimind_jax.checkpoint import TrainCheckpoints
+from minimind_jax.config import ModelConfig, load_preset
+from minimind_jax.errors import UserError
+from minimind_jax.loss import masked_ce_sums, safe_divide
+from minimind_jax.model import MiniMind
+from minimind_jax.perf import total_peak_flops
+from minimind_jax.train import (LOSS_NORMS, attention_flops_per_token, init_train_state, make_optimizer,
+                                make_train_step, minimind_lr, model_flops_per_token, update_lr_schedule)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    mode: str = "sft"  # sft | pretrain
+    # ---- MiniMind's flags (train_full_sft.py defaults; pretrain's differ, see defaults_for) ----
+    save_dir: str = "out"
+    save_weight: str = "full_sft"
+    epochs: int = 2
+    batch_size: int = 16
+    learning_rate: float = 5e-7
+    dtype: str | None = None  # None: float32 on CPU, bfloat16 on GPU/TPU
+    accumulation_steps: int = 1
+    grad_clip: float = 1.0
+    log_interval: int = 100
+    save_interval: int = 100
+    hidden_size: int = 512
+    num_hidden_layers: int = 8
+    max_seq_len: int = 512
+    use_moe: int = 0
+    data_path: str = "dataset/sft_mini_512.jsonl"
+    from_weight: str = "pretrain"
+    from_resume: int = 0
+    num_workers: int | None = None  # tokenizing processes (MiniMind: data-loader workers)
+    # ---- ours ----
+    arch: str = "minimind2"
+    tokenizer_path: str = "model"
+    packing: bool = False
+    mesh: str | None = None
+    seed: int = 42
+    loss_norm: str = "tokens"
+    eval_data_path: str | None = None
+    warmup_steps: int = 0
+    checkpoint_dir: str = "checkpoints"
+    keep_checkpoints: int = 3
+    max_steps: int | None = None  # stop after this many optimizer updates (the schedule still spans all epochs)
+    remat: str = "none"
+    loss_chunk_size: int | None = None
+    num_attention_heads: int | None = None
+    cache_dir: str | None = None
+    strict: bool = False
+    system_prompt_ratio: float | None = None
+    drop_empty_think_ratio: float | None = None
+    max_consecutive_skips: int = 10
+    shuffle: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.mode not in ("sft", "pretrain"):
+            raise UserError(f"mode must be sft or pretrain, got {self.mode!r}")
+        if self.loss_norm not in LOSS_NORMS:
+            raise UserError(f"--loss_norm must be one of {', '.join(LOSS_NORMS)}, got {self.loss_norm!r}")
+        for name in ("epochs", "batch_size", "accumulation_steps", "log_interval", "save_interval", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
+
+    @property
+    def run_name(self) -> str:
+        """MiniMind's weight file stem: {save_weight}_{hidden}{_moe}."""
+        return f"{self.save_weight}_{self.hidden_size}{'_moe' if self.use_moe else ''}"
+
+
+def defaults_for(mode: str, arch: str) -> dict[str, Any]:
+    """MiniMind's defaults per script and era (TrainConfig's own defaults are 2510's train_full_sft.py)."""
+    v3 = arch == "minimind3"
+    if mode == "pretrain":
+        fields = dict(save_weight="pretrain", epochs=1, batch_size=32, learning_rate=5e-4, accumulation_steps=8,
+                      data_path="dataset/pretrain_hq.jsonl", from_weight="none")
+        if v3:
+            fields.update(epochs=2, hidden_size=768, max_seq_len=340, save_interval=1000,
+                          data_path="dataset/pretrain_t2t_mini.jsonl")
+        return fields
+    if v3:
+        return dict(learning_rate=1e-5, hidden_size=768, max_seq_len=768, save_interval=1000,
+                    data_path="dataset/sft_t2t_mini.jsonl")
+    return {}
+
+
+def maybe_initialize_distributed() -> None:
+    """jax.distributed for multi-process launches (TPU pod slices, SLURM, or explicit coordinator env)."""
+    multi_process = (os.environ.get("JAX_COORDINATOR_ADDRESS") or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+                     or len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1)
+    if multi_process and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+
+
+def default_dtype() -> str:
+    return "float32" if jax.devices()[0].platform == "cpu" else "bfloat16"
+
+
+def resolve_weight(cfg: TrainConfig) -> pathlib.Path | None:
+    """MiniMind's `{save_dir}/{from_weight}_{hidden}{_moe}.pth`, or a path / checkpoint of ours."""
+    if cfg.from_weight == "none":
+        return None
+    direct = pathlib.Path(cfg.from_weight)
+    if direct.exists():
+        return direct
+    minimind_path = pathlib.Path(cfg.save_dir) / f"{cfg.from_weight}_{cfg.hidden_size}{'_moe' if cfg.use_moe else ''}.pth"
+    if minimind_path.exists():
+        return minimind_path
+    raise UserError(f"--from_weight {cfg.from_weight}: neither {direct} nor {minimind_path} exists "
+                    f"(use --from_weight none to start from random weights)")
+
+
+def build_model(cfg: TrainConfig, dtype: str) -> MiniMind:
+    from minimind_jax.weights import load
+
+    ours = dict(dtype=dtype, remat=cfg.remat)
+    weight = resolve_weight(cfg)
+    if weight is not None:
+        overrides = dict(ours, **({"num_attention_heads": cfg.num_attention_heads} if cfg.num_attention_heads else {}))
+        model = load(weight, **overrides)
+        loaded = model.config
+        for name in ("hidden_size", "num_hidden_layers"):
+            if getattr(loaded, name) != getattr(cfg, name):
+                raise UserError(f"--{name} {getattr(cfg, name)} but {weight} has {getattr(loaded, name)}")
+        if bool(loaded.use_moe) != bool(cfg.use_moe) or loaded.arch != cfg.arch:
+            raise UserError(f"{weight} is a {loaded.arch}{' MoE' if loaded.use_moe else ''} model, but the run asks "
+                            f"for --arch {cfg.arch} --use_moe {cfg.use_moe}")
+        return model
+    fields = dict(arch=cfg.arch, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
+                  use_moe=bool(cfg.use_moe), **ours)
+    if cfg.num_attention_heads:
+        fields["num_attention_heads"] = cfg.num_attention_heads
+    return MiniMind(ModelConfig(**fields), rngs=nnx.Rngs(cfg.seed))
+
+
+def load_run_data(cfg: TrainConfig, data_path: str, model_config: ModelConfig):
+    from minimind_jax.data import ExampleConfig, load_dataset
+    from minimind_jax.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.tokenizer_path)
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise UserError(f"{cfg.tokenizer_path}: vocab {tokenizer.vocab_size} exceeds the model's {model_config.vocab_size}")
+    if tokenizer.arch is not None and tokenizer.arch != model_config.arch:
+        raise UserError(f"{cfg.tokenizer_path} is the {tokenizer.arch} tokenizer but the model is {model_config.arch}; "
+                        f"their token ids differ")
+    examples = ExampleConfig(kind=cfg.mode, arch=model_config.arch, max_seq_len=cfg.max_seq_len,
+                             system_prompt_ratio=cfg.system_prompt_ratio,
+                             drop_empty_think_ratio=cfg.drop_empty_think_ratio, seed=cfg.seed)
+    return load_dataset(data_path, cfg.tokenizer_path, examples, cache_dir=cfg.cache_dir,
+                        num_workers=cfg.num_workers, strict=cfg.strict, progress=cfg.progress and jax.process_index() == 0)
+
+
+def make_eval_fn(graphdef):
+    """jit: (params, batch) -> (Σ ce·mask, Σ mask) in eval mode (no dropout, MoE without aux)."""
+
+    @jax.jit
+    def eval_sums(params, batch):
+        model = nnx.merge(graphdef, params)
+        out = model.forward(batch["inputs"], segment_ids_BT=batch["segment_ids"], positions_BT=batch["positions"])
+        return masked_ce_sums(out.logits, batch["targets"], batch["loss_mask"])
+
+    return eval_sums
+
+
+def evaluate(eval_sums, params, batches) -> dict[str, float]:
+    """Masked loss over every batch (token-weighted), as training computes it."""
+    ce_total, tokens = 0.0, 0.0
+    for batch in batches:
+        ce, count = jax.device_get(eval_sums(params, batch))
+        ce_total, tokens = ce_total + float(ce), tokens + float(count)
+    loss = ce_total / tokens if tokens else float("nan")
+    return {"loss": loss, "perplexity": math.exp(loss) if tokens else float("nan"), "loss_tokens": tokens}
+
+
+class _Preemption:
+    """SIGTERM (a preempted TPU or spot VM) asks the loop to checkpoint at the next step boundary and exit 0."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Runs the whole training job; returns a summary (final losses, throughput, paths)."""
+    maybe_initialize_distributed()
+    is_main = jax.process_index() == 0
+    mesh = sharding.make_mesh(cfg.mesh)
+    split = sharding.batch_size_per_step(mesh)
+    if cfg.batch_size % split:
+        raise UserError(f"--batch_size {cfg.batch_size} is not divisible by the data-parallel size {split} "
+                        f"(mesh {dict(mesh.shape)})")
+    dtype = cfg.dtype or default_dtype()
+    model = build_model(cfg, dtype)
+    model_config = model.config
+
+    from minimind_jax.pipeline import make_batches
+
+    dataset = load_run_data(cfg, cfg.data_path, model_config)
+    batch_sharding = sharding.batch_sharding(mesh)
+    batches = make_batches(dataset, batch_size=cfg.batch_size, seed=cfg.seed, epochs=cfg.epochs,
+                           packing=cfg.packing, shuffle=cfg.shuffle, sharding=batch_sharding)
+    acc = cfg.accumulation_steps
+    total_micro = batches.total_steps - batches.total_steps % acc
+    total_updates = total_micro // acc
+    if total_updates < 1:
+        raise UserError(f"{cfg.data_path}: {batches.total_steps} batches are fewer than --accumulation_steps {acc}")
+    schedule = update_lr_schedule(model_config.arch, cfg.learning_rate, acc, total_micro, cfg.warmup_steps)
+    optimizer = make_optimizer(schedule, cfg.grad_clip)
+    graphdef, params, opt_state, param_shardings, opt_shardings = init_train_state(model, optimizer, mesh)
+    del model
+    step_fn = make_train_step(graphdef, optimizer, mesh, accumulation_steps=acc, loss_norm=cfg.loss_norm,
+                              loss_chunk_size=cfg.loss_chunk_size, param_shardings=param_shardings,
+                              opt_shardings=opt_shardings)
+
+    run_dir = pathlib.Path(cfg.save_dir)
+    log_dir = run_dir / "logs" / cfg.run_name
+    checkpoints = TrainCheckpoints(pathlib.Path(cfg.checkpoint_dir) / cfg.run_name, max_to_keep=cfg.keep_checkpoints)
+    rng = jax.random.key_data(jax.random.key(cfg.seed))
+    update = 0
+    if cfg.from_resume and checkpoints.latest_step() is not None:
+        update = checkpoints.latest_step()
+        meta = checkpoints.restore_meta(update)
+        restored = checkpoints.restore_state(update, model_config, param_shardings,
+                                             jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                                          opt_state, opt_shardings))
+        params = jax.tree.map(lambda target, value: value, params, restored["params"])
+        opt_state, rng = restored["opt_state"], restored["rng"]
+        batches.set_state(meta["data_state"])
+        if is_main:
+            tqdm.tqdm.write(f"resumed {checkpoints.directory} at update {update} (micro-step {update * acc})")
+    elif is_main:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (log_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+    peak_flops, peak_source = total_peak_flops(dtype)
+    flops_per_token = model_flops_per_token(model_config) + attention_flops_per_token(model_config, dataset.seq_len)
+    last_update = total_updates if cfg.max_steps is None else min(total_updates, update + cfg.max_steps)
+    tokens_per_update = cfg.batch_size * dataset.seq_len * acc
+    run_meta = {"model_config": model_config.to_dict(), "train_config": dataclasses.asdict(cfg)}
+
+    def save(at_update: int, wait: bool = False) -> None:
+        host_rng = np.asarray(jax.device_get(rng))
+        checkpoints.save(at_update, {"params": params, "opt_state": opt_state, "rng": host_rng},
+                         {**run_meta, "update": at_update, "epoch": batches.epoch, "data_state": batches.get_state()},
+                         force=True)
+        if is_main:
+            from minimind_jax.weights import save_pth
+
+            save_pth(nnx.merge(graphdef, params), run_dir / f"{cfg.run_name}.pth")
+        if wait:
+            checkpoints.wait()
+
+    writer = _MetricsWriter(log_dir, enabled=is_main)
+    if is_main:
+        stats = batches.stats
+        tqdm.tqdm.write(f"{cfg.mode}: {model_config.arch} hidden {model_config.hidden_size} × {model_config.num_hidden_layers} "
+                        f"layers, mesh {dict(mesh.shape)}, dtype {dtype}, {len(dataset)} examples, "
+                        f"{len(batches)} batches/epoch, {total_updates} updates; packing efficiency "
+                        f"{stats.get('token_fraction', float('nan')):.1%}, loss tokens {stats.get('loss_fraction', float('nan')):.1%}")
+    preemption = _Preemption()
+    bar = tqdm.tqdm(total=last_update, initial=update, disable=not (cfg.progress and is_main), unit="step",
+                    dynamic_ncols=True)
+    pending = None  # metrics of the step in flight, read after the next one is dispatched
+    consecutive_skips, total_skips = 0, 0
+    compile_seconds = None
+    window_start, window_updates, window_loss_tokens = time.perf_counter(), 0, 0.0
+    history = []
+
+    def finish_step(done: dict) -> None:
+        nonlocal consecutive_skips, total_skips, window_start, window_updates, window_loss_tokens
+        metrics = jax.device_get(done["metrics"])
+        at = done["update"]
+        micro_step = at * acc  # MiniMind counts micro-steps (1-based within the epoch)
+        epoch, step_in_epoch = divmod(micro_step - 1, len(batches))
+        lr = float(minimind_lr(model_config.arch, micro_step, total_micro, cfg.learning_rate, cfg.warmup_steps))
+        if metrics["skipped"]:
+            consecutive_skips += 1
+            total_skips += 1
+            tqdm.tqdm.write(f"update {at}: non-finite loss or gradient (loss {float(metrics['loss'])}, grad norm "
+                            f"{float(metrics['grad_norm'])}) at data batches {done['batches']}; update skipped")
+        else:
+            consecutive_skips = 0
+        window_updates += 1
+        window_loss_tokens += float(metrics["loss_tokens"])
+        elapsed = time.perf_counter() - window_start
+        tokens_per_s = window_updates * tokens_per_update / elapsed if elapsed > 0 else float("nan")
+        record = {"update": at, "micro_step": micro_step, "epoch": epoch + 1, "loss": float(metrics["loss"]),
+                  "logits_loss": float(metrics["logits_loss"]), "aux_loss": float(metrics["aux_loss"]),
+                  "last_micro_loss": float(metrics["micro_losses"][-1]), "grad_norm": float(metrics["grad_norm"]),
+                  "lr": lr, "tokens_per_s": tokens_per_s, "loss_tokens_per_s": window_loss_tokens / elapsed,
+                  "mfu": tokens_per_s * flops_per_token / peak_flops, "skipped": int(metrics["skipped"])}
+        history.append(record)
+        writer.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        bar.update(1)
+        crossed_log = (micro_step // cfg.log_interval) > ((micro_step - acc) // cfg.log_interval)
+        if is_main and (crossed_log or at == last_update):
+            eta_min = (time.perf_counter() - train_start) / max(at - start_update, 1) * (last_update - at) / 60
+            # MiniMind's own log line, so its log parsers keep working.
+            tqdm.tqdm.write(f"Epoch:[{epoch + 1}/{cfg.epochs}]({step_in_epoch + 1}/{len(batches)}) "
+                            f"loss:{record['last_micro_loss']:.6f} lr:{lr:.12f} epoch_Time:{eta_min:.1f}min: "
+                            f"tokens/s:{tokens_per_s:,.0f} loss_tokens/s:{record['loss_tokens_per_s']:,.0f} "
+                            f"mfu:{record['mfu']:.1%}")
+        if window_updates >= 20:
+            window_start, window_updates, window_loss_tokens = time.perf_counter(), 0, 0.0
+        if consecutive_skips >= cfg.max_consecutive_skips:
+            raise _TooManySkips(at)
+
+    start_update = update
+    train_start = time.perf_counter()
+    try:
+        while update < last_update:
+            first_batch = batches.step
+            micro_batches = [next(batches) for _ in range(acc)]
+            step_key = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(rng), update))
+            started = time.perf_counter()
+            params, opt_state, metrics = step_fn(params, opt_state, micro_batches, step_key)
+            update += 1
+            if compile_seconds is None:
+                jax.block_until_ready(metrics)
+                compile_seconds = time.perf_counter() - started
+                window_start = time.perf_counter()
+            if pending is not None:
+                finish_step(pending)
+            pending = {"metrics": metrics, "update": update, "batches": list(range(first_batch, first_batch + acc))}
+            crossed_save = (update * acc // cfg.save_interval) > ((update - 1) * acc // cfg.save_interval)
+            if crossed_save and update < last_update:
+                save(update)
+            if preemption.requested:
+                finish_step(pending)
+                pending = None
+                save(update, wait=True)
+                tqdm.tqdm.write(f"SIGTERM: saved update {update} to {checkpoints.directory}; resume with --from_resume 1")
+                return {"preempted": True, "update": update}
+        if pending is not None:
+            finish_step(pending)
+            pending = None
+    except _TooManySkips as stop:
+        save(update, wait=True)  # skipped updates left params unchanged: this is the last good state
+        raise UserError(f"{cfg.max_consecutive_skips} consecutive non-finite updates (last: update {stop.update}); "
+                        f"saved the last good state to {checkpoints.directory}") from None
+    finally:
+        preemption.restore()
+        bar.close()
+    save(update, wait=True)
+    checkpoints.close()
+    summary = {"updates": update, "compile_s": compile_seconds, "skipped_updates": total_skips,
+               "weights": str(run_dir / f"{cfg.run_name}.pth"), "checkpoints": str(checkpoints.directory),
+               "peak_flops": peak_flops, "peak_flops_source": peak_source, "history": history}
+    if history:
+        recent = history[-min(len(history), 20):]
+        summary.update(final_loss=history[-1]["loss"], tokens_per_s=float(np.median([r["tokens_per_s"] for r in recent])),
+                       mfu=float(np.median([r["mfu"] for r in recent])))
+    if cfg.eval_data_path:
+        eval_data = load_run_data(cfg, cfg.eval_data_path, model_config)
+        eval_batches = make_batches(eval_data, batch_size=cfg.batch_size, seed=0, epochs=1, packing=False,
+                                    shuffle=False, sharding=batch_sharding, drop_remainder=False)
+        summary["eval"] = evaluate(make_eval_fn(graphdef), params, eval_batches)
+        if is_main:
+            tqdm.tqdm.write(f"eval {cfg.eval_data_path}: masked loss {summary['eval']['loss']:.4f} "
+                            f"(perplexity {summary['eval']['perplexity']:.2f}, {summary['eval']['loss_tokens']:.0f} tokens)")
+    if is_main:
+        writer.plot(history, log_dir / "loss_curve.png", title=f"{cfg.mode} {cfg.run_name}")
+        (log_dir / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))
+    writer.close()
+    return summary
+
+
+class _TooManySkips(Exception):
+    def __init__(self, update: int):
+        self.update = update
+
+
+class _MetricsWriter:
+    """metrics.jsonl and TensorBoard event files in the run's log directory."""
+
+    def __init__(self, log_dir: pathlib.Path, enabled: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(log_dir / "metrics.jsonl", "a")
+        from tensorboardX import SummaryWriter
+
+        self.tensorboard = SummaryWriter(str(log_dir))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        for key, value in record.items():
+            if key not in ("update", "micro_step", "epoch") and np.isfinite(value):
+                self.tensorboard.add_scalar(f"train/{key}", value, record["update"])
+
+    @staticmethod
+    def plot(history: list[dict], path: pathlib.Path, title: str) -> None:
+        if not history:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axis = plt.subplots(figsize=(7, 4))
+        axis.plot([r["update"] for r in history], [r["loss"] for r in history], label="loss")
+        axis.set(xlabel="optimizer update", ylabel="masked loss", title=title)
+        axis.grid(alpha=0.3)
+        figure.tight_layout()
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tensorboard.close()
