@@ -63,12 +63,12 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def infer_config(state_dict, **overrides) -> ModelConfig:
+def infer_config(state_dict, source: str = "state dict", **overrides) -> ModelConfig:
     """Era, sizes and MoE layout from keys and shapes. `overrides` name what shapes cannot tell."""
     keys = set(state_dict)
     if EMBED not in keys or not any(k.startswith("model.layers.0.") for k in keys):
         sample = ", ".join(sorted(keys)[:3]) or "no keys"
-        raise UserError(f"not a MiniMind state dict: no {EMBED} / model.layers.* (found {sample}, ...)")
+        raise UserError(f"{source}: not a MiniMind state dict: no {EMBED} / model.layers.* (found {sample}, ...)")
 
     def shape(key):
         return tuple(state_dict[key].shape)
@@ -91,7 +91,7 @@ def infer_config(state_dict, **overrides) -> ModelConfig:
     head_dim = fields.setdefault("head_dim", hidden // heads)
     if q_out != heads * head_dim or k_out % head_dim:
         raise UserError(
-            f"attention shapes (q_proj out {q_out}, k_proj out {k_out}) do not fit {heads} heads of dim {head_dim}; "
+            f"{source}: attention shapes (q_proj out {q_out}, k_proj out {k_out}) do not fit {heads} heads of dim {head_dim}; "
             f"MiniMind's default is 8 heads: pass num_attention_heads=N (and head_dim=N for v3) to say otherwise")
     fields["num_key_value_heads"] = k_out // head_dim
 

@@ -69,7 +69,7 @@ def load(path, **overrides) -> MiniMind:
     from convert.pth import read_state_dict
 
     state_dict = read_state_dict(path)
-    config = infer_config(state_dict, **overrides)
+    config = infer_config(state_dict, source=str(path), **overrides)
     return model_from_params(config, params_from_state_dict(state_dict, config, source=str(path)))
 
 
