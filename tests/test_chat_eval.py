@@ -1,0 +1,213 @@
+"""`main.py chat` driven through standard input, and `main.py eval` against the loss computed directly."""
+import io
+import json
+import math
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import main
+from minimind_jax import data, weights
+from minimind_jax.config import ModelConfig
+from minimind_jax.generate import Decoder, generate
+from minimind_jax.loss import masked_ce_sums, safe_divide
+from minimind_jax.model import MiniMind
+from minimind_jax.tokenizer import load_tokenizer, train_sentencepiece
+from tests.conftest import require_shared
+
+CONVERSATIONS = [
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is the sky?"},
+     {"role": "assistant", "content": "Blue, mostly."}],
+    [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "Hi! How can I help you today?"},
+     {"role": "user", "content": "tell me a joke about cats and dogs and birds"},
+     {"role": "assistant", "content": "A cat, a dog and a bird walk into a bar. The bar was empty."}],
+    [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+    [{"role": "user", "content": "name a colour"}, {"role": "assistant", "content": "green"}],
+    [{"role": "user", "content": "how are you"}, {"role": "assistant", "content": "fine, thank you"}],
+]
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "Cats sleep a lot.", "Rain falls on the plain in spring."]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A small SentencePiece tokenizer and a tiny random model per era, saved as MiniMind .pth files."""
+    root = tmp_path_factory.mktemp("chat_eval")
+    corpus = write_jsonl(root / "corpus.jsonl", [{"conversations": c} for c in CONVERSATIONS] +
+                         [{"text": t} for t in TEXTS] * 3)
+    (root / "weights").mkdir()
+    train_sentencepiece([corpus], root / "weights" / "tok", vocab_size=400)
+    tokenizer = load_tokenizer(root / "weights")
+    for arch in ("minimind2", "minimind3"):
+        config = ModelConfig(arch=arch, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
+                             vocab_size=tokenizer.vocab_size)
+        weights.save_pth(MiniMind(config, rngs=nnx.Rngs(3)), root / "weights" / f"full_sft_{arch}.pth")
+    return root
+
+
+def run_chat(monkeypatch, capsys, argv, stdin_text=""):
+    """Runs `main.py chat` with `stdin_text` as standard input; returns (stdout, the prompt ids of each turn)."""
+    prompts = []
+    start = Decoder.start
+
+    def recording_start(self, input_ids, *args, **kwargs):
+        prompts.append(np.asarray(input_ids)[0].tolist())
+        return start(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(Decoder, "start", recording_start)
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin_text))
+    assert main.main(["chat", *argv]) == 0
+    return capsys.readouterr().out, prompts
+
+
+def greedy_reply(model, tokenizer, prompt_ids, max_new_tokens):
+    """The reply text greedy decoding gives, computed with `generate` (not through the chat code)."""
+    new = generate(model, np.asarray([prompt_ids]), max_new_tokens, eos_token_id=tokenizer.eos_id)[0, len(prompt_ids):]
+    if tokenizer.eos_id in new:
+        new = new[:list(new).index(tokenizer.eos_id)]
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("historys", [2, 0])
+def test_chat_repl_renders_history_with_the_template(workdir, monkeypatch, capsys, historys):
+    pth = workdir / "weights" / "full_sft_minimind2.pth"
+    out, prompts = run_chat(monkeypatch, capsys, [
+        "--load_from", str(pth), "--historys", str(historys), "--do_sample", "0", "--max_new_tokens", "12",
+        "--show_speed", "0"], stdin_text="hello there\nhow are you\n\nnever read\n")
+
+    tokenizer, model = load_tokenizer(workdir / "weights"), weights.load(pth)
+    first = [{"role": "user", "content": "hello there"}]
+    first_ids = tokenizer.encode(tokenizer.apply_chat_template(first, add_generation_prompt=True))
+    reply = greedy_reply(model, tokenizer, first_ids, 12)
+    second = [{"role": "user", "content": "how are you"}]
+    if historys:
+        second = first + [{"role": "assistant", "content": reply}] + second
+    second_ids = tokenizer.encode(tokenizer.apply_chat_template(second, add_generation_prompt=True))
+
+    assert len(prompts) == 2  # the empty line ends the session
+    assert len(reply) > 3
+    assert prompts == [first_ids, second_ids]
+    assert f"💬: hello there\n🧠: {reply}\n" in out
+    assert "never read" not in out
+
+
+def test_chat_one_shot_prompt_samples_and_reports_speed(workdir, monkeypatch, capsys):
+    argv = ["--load_from", str(workdir / "weights" / "full_sft_minimind2.pth"), "--prompt", "name a colour",
+            "--max_new_tokens", "10", "--temperature", "0.9", "--top_k", "20", "--seed", "4"]
+    out, prompts = run_chat(monkeypatch, capsys, argv)
+    assert len(prompts) == 1 and out.startswith("💬: name a colour\n🧠: ")
+    again, _ = run_chat(monkeypatch, capsys, argv)
+    assert re.fullmatch(r"\[Speed\]: [0-9.]+ tokens/s", out.strip().splitlines()[-1])
+    strip_speed = lambda text: text.rsplit("[Speed]", 1)[0]
+    assert strip_speed(out) == strip_speed(again)  # a fixed seed gives the same reply
+
+
+def test_chat_v3_history_carries_the_think_blocks(monkeypatch, capsys):
+    pth = require_shared("golden", "v3", "dense.pth")
+    tokenizer_dir = require_shared("minimind", "v3")
+    out, prompts = run_chat(monkeypatch, capsys, [
+        "--load_from", str(pth), "--tokenizer_path", str(tokenizer_dir), "--historys", "2", "--do_sample", "0",
+        "--max_new_tokens", "6", "--open_thinking", "1", "--show_speed", "0"], stdin_text="你好\nwhy is the sky blue\n")
+    tokenizer, model = load_tokenizer(tokenizer_dir), weights.load(pth)
+    first = [{"role": "user", "content": "你好"}]
+    first_text = tokenizer.apply_chat_template(first, add_generation_prompt=True, open_thinking=True)
+    assert first_text.endswith("<|im_start|>assistant\n<think>\n")
+    reply = greedy_reply(model, tokenizer, tokenizer.encode(first_text), 6)
+    second = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "why is the sky blue"}]
+    second_text = tokenizer.apply_chat_template(second, add_generation_prompt=True, open_thinking=True)
+    assert prompts == [tokenizer.encode(first_text), tokenizer.encode(second_text)]
+
+
+def test_chat_rejects_a_tokenizer_of_the_other_era(workdir, capsys):
+    pth = require_shared("golden", "v3", "dense.pth")
+    tokenizer_dir = require_shared("minimind", "2510")
+    assert main.main(["chat", "--load_from", str(pth), "--tokenizer_path", str(tokenizer_dir), "--prompt", "x"]) == 1
+    assert "minimind2 tokenizer for a minimind3 model" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# eval
+
+
+def expected_loss(model, tokenizer, arch, kind, records, max_seq_len):
+    """safe_divide(masked_ce_sums(...)) over MiniMind's own example forms, one record at a time; also how
+    many records have a token to learn."""
+    ce_total, tokens, learning = 0.0, 0.0, 0
+    for record in records:
+        if kind == "sft":
+            prompt = data.chat_prompt(tokenizer, record["conversations"], arch=arch)
+            forms = (data.minimind2_sft if arch == "minimind2" else data.minimind3_sft)(tokenizer, prompt, max_seq_len)
+        else:
+            forms = (data.minimind2_pretrain if arch == "minimind2" else data.minimind3_pretrain)(
+                tokenizer, record["text"], max_seq_len)
+        if arch == "minimind2":
+            x, y, loss_mask = (np.asarray(f)[None] for f in forms)
+            logits = model(jnp.asarray(x))
+        else:  # v3 feeds all ids and shifts after the forward
+            input_ids, labels = (np.asarray(f)[None] for f in forms)
+            logits = model(jnp.asarray(input_ids))[:, :-1]
+            y, loss_mask = input_ids[:, 1:], labels[:, 1:] != data.IGNORE_INDEX
+        ce, count = masked_ce_sums(logits, jnp.asarray(y), jnp.asarray(loss_mask))
+        ce_total, tokens, learning = ce_total + float(ce), tokens + float(count), learning + int(count > 0)
+    return float(safe_divide(jnp.float32(ce_total), jnp.float32(tokens))), int(tokens), learning
+
+
+def run_eval(workdir, capsys, pth, data_path, *extra):
+    out_file = workdir / f"summary_{data_path.stem}.json"
+    argv = ["eval", "--load_from", str(pth), "--data_path", str(data_path), "--cache_dir", str(workdir / "cache"),
+            "--num_workers", "0", "--out", str(out_file), *extra]
+    assert main.main(argv) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert json.loads(out_file.read_text()) == printed
+    return printed
+
+
+@pytest.mark.parametrize("arch", ["minimind2", "minimind3"])
+def test_eval_sft_loss_equals_the_masked_loss_computed_directly(workdir, capsys, arch):
+    pth = workdir / "weights" / f"full_sft_{arch}.pth"
+    records = [{"conversations": c} for c in CONVERSATIONS]
+    data_path = write_jsonl(workdir / f"sft_{arch}.jsonl", records)
+    summary = run_eval(workdir, capsys, pth, data_path, "--max_seq_len", "40", "--batch_size", "2")
+
+    tokenizer, model = load_tokenizer(workdir / "weights"), weights.load(pth)
+    loss, tokens, learning = expected_loss(model, tokenizer, arch, "sft", records, 40)
+    # The first record's answer lies past 40 tokens: the pipeline drops it (and says so), MiniMind learns
+    # nothing from it; either way it adds nothing to the loss.
+    assert learning == len(records) - 1
+    assert summary["examples"] == learning and summary["dropped"] == 1 and summary["skipped"] == 0
+    assert summary["batches"] == 2 and summary["kind"] == "sft"
+    assert summary["loss_tokens"] == tokens
+    assert summary["loss"] == pytest.approx(loss, rel=1e-5)
+    assert summary["perplexity"] == pytest.approx(math.exp(summary["loss"]), rel=1e-9)
+
+    packed = run_eval(workdir, capsys, pth, data_path, "--max_seq_len", "40", "--batch_size", "2", "--packing", "1")
+    assert packed["loss_tokens"] == tokens and packed["examples"] == learning
+    assert packed["loss"] == pytest.approx(loss, rel=1e-4)
+
+
+def test_eval_pretrain_kind_is_detected(workdir, capsys):
+    pth = workdir / "weights" / "full_sft_minimind2.pth"
+    records = [{"text": t} for t in TEXTS]
+    summary = run_eval(workdir, capsys, pth, write_jsonl(workdir / "pretrain.jsonl", records), "--max_seq_len", "24")
+    loss, tokens, _ = expected_loss(weights.load(pth), load_tokenizer(workdir / "weights"), "minimind2", "pretrain",
+                                 records, 24)
+    assert summary["kind"] == "pretrain" and summary["examples"] == 3 and summary["loss_tokens"] == tokens
+    assert summary["loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_eval_bad_inputs_are_one_line_errors(workdir, capsys):
+    pth = workdir / "weights" / "full_sft_minimind2.pth"
+    assert main.main(["eval", "--load_from", str(workdir / "missing.pth"), "--data_path", "x.jsonl"]) == 1
+    assert "missing.pth: no such weights file" in capsys.readouterr().err
+    bad = workdir / "bad.jsonl"
+    bad.write_text("not json\n")
+    assert main.main(["eval", "--load_from", str(pth), "--data_path", str(bad)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
