@@ -134,7 +134,8 @@ def _prefill(graphdef, params, ids_BP, mask_BS, prompt_len, sampling, eos_id, ke
     last_hidden_BD = jax.lax.dynamic_index_in_dim(out.hidden_states, prompt_len - 1, axis=1, keepdims=False)
     # The pad tokens of the left padding and of the bucket do not count as seen.
     real_BP = (mask_BS[:, :padded_len] > 0) & (jnp.arange(padded_len) < prompt_len)
-    seen_BV = jnp.zeros((batch, config.vocab_size), jnp.int32).at[jnp.arange(batch)[:, None], ids_BP].max(real_BP.astype(jnp.int32))
+    rows_B1 = jnp.arange(batch)[:, None]
+    seen_BV = jnp.zeros((batch, config.vocab_size), jnp.int32).at[rows_B1, ids_BP].max(real_BP.astype(jnp.int32))
     state = DecodeState(cache=out.cache._replace(length=jnp.asarray(prompt_len, jnp.int32)), mask_BS=mask_BS,
                         tokens_B=jnp.zeros((batch,), jnp.int32), logits_BV=jnp.zeros((batch, config.vocab_size)),
                         seen_BV=seen_BV > 0, finished_B=jnp.zeros((batch,), bool), key=key)
@@ -176,8 +177,8 @@ _COMPILED: dict[tuple, _Compiled] = {}
 
 
 def _compiled_for(model: MiniMind):
-    """(graphdef, params, jitted functions). The jitted functions are shared by every model of one structure,
-    so new weights (or a new model object) never recompile."""
+    """(params, jitted functions). The jitted functions are shared by every model of one structure, so new
+    weights (or a new model object) never recompile."""
     graphdef, params = nnx.split(model)
     key = (json.dumps(model.config.to_dict(), sort_keys=True), jax.tree.structure(params))
     if key not in _COMPILED:

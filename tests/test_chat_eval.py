@@ -1,5 +1,7 @@
 """`main.py chat` driven through standard input, and `main.py eval` against the loss computed directly."""
+import argparse
 import io
+import pathlib
 import json
 import math
 import re
@@ -10,7 +12,7 @@ import pytest
 from flax import nnx
 
 import main
-from minimind_jax import data, weights
+from minimind_jax import chat_cli, data, weights
 from minimind_jax.config import ModelConfig
 from minimind_jax.generate import Decoder, generate
 from minimind_jax.loss import masked_ce_sums, safe_divide
@@ -114,7 +116,8 @@ def test_chat_v3_history_carries_the_think_blocks(monkeypatch, capsys):
     tokenizer_dir = require_shared("minimind", "v3")
     out, prompts = run_chat(monkeypatch, capsys, [
         "--load_from", str(pth), "--tokenizer_path", str(tokenizer_dir), "--historys", "2", "--do_sample", "0",
-        "--max_new_tokens", "6", "--open_thinking", "1", "--show_speed", "0"], stdin_text="你好\nwhy is the sky blue\n")
+        "--max_new_tokens", "6", "--open_thinking", "1", "--show_speed", "0"],
+        stdin_text="你好\nwhy is the sky blue\n")
     tokenizer, model = load_tokenizer(tokenizer_dir), weights.load(pth)
     first = [{"role": "user", "content": "你好"}]
     first_text = tokenizer.apply_chat_template(first, add_generation_prompt=True, open_thinking=True)
@@ -130,6 +133,19 @@ def test_chat_rejects_a_tokenizer_of_the_other_era(workdir, capsys):
     tokenizer_dir = require_shared("minimind", "2510")
     assert main.main(["chat", "--load_from", str(pth), "--tokenizer_path", str(tokenizer_dir), "--prompt", "x"]) == 1
     assert "minimind2 tokenizer for a minimind3 model" in capsys.readouterr().err
+
+
+def test_model_flags_follow_minimind(workdir):
+    parser = argparse.ArgumentParser()
+    chat_cli.add_arguments(parser, "chat")
+    pth = workdir / "weights" / "full_sft_minimind2.pth"
+    model = chat_cli.load_model(parser.parse_args(["--load_from", str(pth), "--inference_rope_scaling",
+                                                   "--dtype", "bfloat16"]))
+    assert model.config.dtype == "bfloat16" and model.config.rope_scaling["factor"] == 4  # 2510's YaRN
+    # Without --load_from the file is named as MiniMind's eval_llm.py names it.
+    names = [chat_cli.weights_path(parser.parse_args(flags)) for flags in (
+        [], ["--save_dir", "ckpt", "--weight", "pretrain", "--hidden_size", "768", "--use_moe", "1"])]
+    assert names == [pathlib.Path("out/full_sft_512.pth"), pathlib.Path("ckpt/pretrain_768_moe.pth")]
 
 
 # ---------------------------------------------------------------------------------------------------------
