@@ -103,7 +103,9 @@ def add_arguments(parser, command: str) -> None:
                         help="v3: let the model think first (the template opens a <think> block)")
     parser.add_argument("--historys", default=0, type=int,
                         help="earlier messages to carry into each turn (even; 0: none, as MiniMind)")
-    parser.add_argument("--show_speed", default=1, type=int, choices=(0, 1), help="print decode tokens/s")
+    parser.add_argument("--show_speed", default=1, type=int, choices=(0, 1),
+                        help="print each reply's tokens/s (wall clock from the prompt on, so the first prompt "
+                             "of a new length bucket includes compiling)")
     parser.add_argument("--seed", default=DEFAULT_SEED, type=int, help="sampling seed of every turn")
 
 
@@ -196,8 +198,8 @@ def user_turns(prompts: Sequence[str] | None, write: Callable[[str], None]):
         else:
             line = sys.stdin.readline()
             if line:
-                write(f"💬: {line.rstrip(chr(10))}\n")
-        line = line.rstrip("\n")
+                write(f"💬: {line.rstrip()}\n")
+        line = line.rstrip("\r\n")
         if not line:
             return
         yield line
