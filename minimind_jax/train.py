@@ -49,7 +49,7 @@ def clip_by_global_norm_like_torch(max_norm: float) -> optax.GradientTransformat
 
     def update(grads, state, params=None):
         del params
-        scale = jnp.minimum(1.0, max_norm / (optax.global_norm(grads) + 1e-6))
+        scale = jnp.minimum(1.0, max_norm / (optax.tree.norm(grads) + 1e-6))
         return jax.tree.map(lambda g: g * scale, grads), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
@@ -138,7 +138,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
     def step(params, opt_state, micro_batches, rng):
         grads, metrics = sharded_loss_and_grads(params, micro_batches, rng)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)

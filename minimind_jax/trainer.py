@@ -226,8 +226,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     dataset = load_run_data(cfg, cfg.data_path, model_config)
     batch_sharding = sharding.batch_sharding(mesh)
+    # Like MiniMind's DataLoader, keep the short last batch (filled with loss-free rows): iters = ceil(N / B).
     batches = make_batches(dataset, batch_size=cfg.batch_size, seed=cfg.seed, epochs=cfg.epochs,
-                           packing=cfg.packing, shuffle=cfg.shuffle, sharding=batch_sharding)
+                           packing=cfg.packing, shuffle=cfg.shuffle, sharding=batch_sharding, drop_remainder=False)
     acc = cfg.accumulation_steps
     total_micro = batches.total_steps - batches.total_steps % acc
     total_updates = total_micro // acc
@@ -256,6 +257,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         opt_state, rng = restored["opt_state"], restored["rng"]
         batches.set_state(meta["data_state"])
         if is_main:
+            _drop_metrics_after(log_dir / "metrics.jsonl", update)
             tqdm.tqdm.write(f"resumed {checkpoints.directory} at update {update} (micro-step {update * acc})")
     elif is_main:
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -267,11 +269,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     tokens_per_update = cfg.batch_size * dataset.seq_len * acc
     run_meta = {"model_config": model_config.to_dict(), "train_config": dataclasses.asdict(cfg)}
 
+    checkpointed = update or None  # the update of the newest checkpoint (resumed from), None before one
+
     def save(at_update: int, wait: bool = False) -> None:
-        host_rng = np.asarray(jax.device_get(rng))
-        checkpoints.save(at_update, {"params": params, "opt_state": opt_state, "rng": host_rng},
-                         {**run_meta, "update": at_update, "epoch": batches.epoch, "data_state": batches.get_state()},
-                         force=True)
+        nonlocal checkpointed
+        if at_update != checkpointed:  # SIGTERM or the end can follow a periodic save of the same update
+            host_rng = np.asarray(jax.device_get(rng))
+            checkpoints.save(at_update, {"params": params, "opt_state": opt_state, "rng": host_rng},
+                             {**run_meta, "update": at_update, "epoch": batches.epoch,
+                              "data_state": batches.get_state()}, force=True)
+            checkpointed = at_update
         if is_main:
             from minimind_jax.weights import save_pth
 
@@ -353,12 +360,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 finish_step(pending)
             pending = {"metrics": metrics, "update": update, "batches": list(range(first_batch, first_batch + acc))}
             crossed_save = (update * acc // cfg.save_interval) > ((update - 1) * acc // cfg.save_interval)
-            if crossed_save and update < last_update:
-                save(update)
-            if preemption.requested:
-                finish_step(pending)
+            if (crossed_save and update < last_update) or preemption.requested:
+                finish_step(pending)  # log it first: a checkpoint never exists without its update's metrics
                 pending = None
-                save(update, wait=True)
+                save(update, wait=preemption.requested)
+            if preemption.requested:
                 tqdm.tqdm.write(f"SIGTERM: saved update {update} to {checkpoints.directory}; resume with --from_resume 1")
                 return {"preempted": True, "update": update}
         if pending is not None:
@@ -393,6 +399,24 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         (log_dir / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))
     writer.close()
     return summary
+
+
+def _drop_metrics_after(path: pathlib.Path, update: int) -> None:
+    """Keep the records of updates up to the resumed checkpoint: a killed run may have logged later ones
+    (they are computed again) or died mid-line."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("update", update + 1) <= update:
+            kept.append(line + "\n")
+    temp = path.with_name(path.name + ".tmp")
+    temp.write_text("".join(kept))
+    temp.replace(path)
 
 
 class _TooManySkips(Exception):
