@@ -31,5 +31,5 @@ def chat_data(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("chat_data")
     paths = build_corpus(out, max_conversations=150, heldout_fraction=0.1, seed=1)
-    tokenizer = train_sentencepiece([paths["pretrain"], paths["sft"]], out / "tokenizer", vocab_size=800)
+    tokenizer = train_sentencepiece([paths["pretrain"], paths["sft"]], out / "tokenizer", vocab_size=2000)
     return {**paths, "tokenizer": tokenizer}

@@ -1,0 +1,97 @@
+"""The whole training run: MiniMind's per-step losses and LRs, its weight file, and exact resume."""
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from minimind_jax.data import ExampleConfig, load_dataset
+from minimind_jax.pipeline import make_batches
+from minimind_jax.torch_reference import reference_train_loop
+from minimind_jax.trainer import TrainConfig, train
+from tests.test_convert import random_torch_model
+from tests.test_train import tiny_config, torch_batch
+
+pytestmark = pytest.mark.slow
+RUN_MODEL = tiny_config("minimind2", False).replace(vocab_size=6400)  # what hidden 64, 2 layers builds
+
+
+def run_config(tmp_path, chat_data, **changes) -> TrainConfig:
+    fields = dict(mode="sft", save_dir=str(tmp_path / "out"), checkpoint_dir=str(tmp_path / "checkpoints"),
+                  cache_dir=str(tmp_path.parent / "cache"), data_path=str(chat_data["sft"]),
+                  tokenizer_path=str(chat_data["tokenizer"]), hidden_size=64, num_hidden_layers=2, max_seq_len=48,
+                  batch_size=8, epochs=1, learning_rate=1e-3, log_interval=1, save_interval=1000, num_workers=0,
+                  progress=False, mesh=None)
+    fields.update(changes)
+    return TrainConfig(**fields)
+
+
+def metrics_of(cfg: TrainConfig):
+    path = f"{cfg.save_dir}/logs/{cfg.run_name}/metrics.jsonl"
+    with open(path) as lines:
+        return [json.loads(line) for line in lines]
+
+
+@pytest.fixture
+def pretrained(tmp_path, chat_data):
+    """A MiniMind-format weight file out/pretrain_64.pth, as a user of MiniMind has."""
+    reference = random_torch_model(RUN_MODEL, seed=12)
+    path = tmp_path / "out" / "pretrain_64.pth"
+    path.parent.mkdir(parents=True)
+    torch.save({k: v.half() for k, v in reference.state_dict().items()}, path)
+    return path
+
+
+def test_same_run_as_minimind(tmp_path, chat_data, pretrained):
+    """main.py sft on MiniMind's weight file, data in a fixed order: MiniMind's losses, LRs and full_sft .pth."""
+    cfg = run_config(tmp_path, chat_data, from_weight="pretrain", shuffle=False, max_steps=6)
+    summary = train(cfg)
+    ours = metrics_of(cfg)
+
+    dataset = load_dataset(cfg.data_path, cfg.tokenizer_path, ExampleConfig("sft", "minimind2", cfg.max_seq_len),
+                           cache_dir=cfg.cache_dir, num_workers=0, progress=False)
+    order = make_batches(dataset, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=False, drop_remainder=False)
+    batches = [torch_batch(next(order)) for _ in range(6)]
+    reference = random_torch_model(RUN_MODEL)
+    reference.load_state_dict({k: v.float() for k, v in torch.load(pretrained, weights_only=True).items()})
+    expected = reference_train_loop(reference, batches, arch="minimind2", lr=cfg.learning_rate,
+                                    total_steps=len(order), accumulation_steps=1, grad_clip=1.0)
+
+    np.testing.assert_allclose([r["last_micro_loss"] for r in ours], expected["loss"], rtol=1e-5)
+    np.testing.assert_allclose([r["lr"] for r in ours], expected["lr"], rtol=1e-6)
+    written = torch.load(summary["weights"], weights_only=True)
+    assert summary["weights"].endswith("full_sft_64.pth") and all(v.dtype == torch.float16 for v in written.values())
+    final = reference.state_dict()
+    assert list(written) == list(final)
+    for key, value in final.items():  # both rounded to fp16, as MiniMind saves
+        np.testing.assert_allclose(written[key].float().numpy(), value.half().float().numpy(), atol=2e-3, err_msg=key)
+
+
+def test_interrupted_run_resumes_exactly(tmp_path, chat_data):
+    whole = run_config(tmp_path / "whole", chat_data, from_weight="none", epochs=2, save_interval=3, packing=True)
+    train(whole)
+    expected = [r["loss"] for r in metrics_of(whole)]
+    assert len(expected) >= 8
+
+    part = run_config(tmp_path / "part", chat_data, from_weight="none", epochs=2, save_interval=3, packing=True,
+                      max_steps=5)
+    train(part)
+    resumed = run_config(tmp_path / "part", chat_data, from_weight="none", epochs=2, save_interval=3, packing=True,
+                         from_resume=1)
+    train(resumed)
+    assert [r["loss"] for r in metrics_of(resumed)] == expected
+
+
+def test_resume_on_another_mesh(tmp_path, chat_data):
+    first = run_config(tmp_path, chat_data, from_weight="none", max_steps=2, save_interval=2, mesh="data=8")
+    train(first)
+    resumed = run_config(tmp_path, chat_data, from_weight="none", max_steps=2, from_resume=1,
+                         mesh="data=2,fsdp=2,tensor=2")
+    train(resumed)
+    reference = run_config(tmp_path / "reference", chat_data, from_weight="none", max_steps=4, save_interval=2,
+                           mesh="data=8")
+    train(reference)
+    np.testing.assert_allclose([r["loss"] for r in metrics_of(resumed)], [r["loss"] for r in metrics_of(reference)],
+                               rtol=1e-5)
+    assert len(jax.devices()) == 8
