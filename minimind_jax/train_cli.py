@@ -1,7 +1,7 @@
 """`python main.py sft` and `python main.py pretrain`: MiniMind's trainer flags, plus ours.
 
-Precedence: MiniMind's defaults for the script and era < `--config FILE.yaml` (a `train:` section, and
-optionally a `model:` preset name under `preset:`) < flags given on the command line.
+Precedence: MiniMind's defaults for the script and era < `--config FILE.yaml` (run settings named as the
+flags, at the top level or under `train:`) < flags given on the command line.
 """
 from __future__ import annotations
 
@@ -57,7 +57,8 @@ IGNORED_FLAGS = {"device": str, "use_wandb": None, "wandb_project": str, "use_co
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    parser.description = f"MiniMind-compatible {'full SFT' if command == 'sft' else 'pretraining'}. " + __doc__.splitlines()[2]
+    parser.description = f"MiniMind-compatible {'full SFT' if command == 'sft' else 'pretraining'}. " + " ".join(
+        __doc__.split("\n\n")[1].split())
     parser.add_argument("--config", help="YAML run preset (see configs/)")
     for name, (kind, help_text) in {**MINIMIND_FLAGS, **OUR_FLAGS}.items():
         parser.add_argument(f"--{name}", type=kind, default=None, help=help_text)
