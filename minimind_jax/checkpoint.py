@@ -73,7 +73,9 @@ class TrainCheckpoints:
         self.directory = pathlib.Path(directory).resolve()
         if not create and not self.directory.is_dir():
             raise UserError(f"{self.directory}: no such checkpoint directory")
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+        # A training run (create=True) deletes the half-written steps a killed predecessor left; a reader
+        # must not, as it may look at a run that is writing one now.
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create, cleanup_tmp_directories=create,
                                                enable_async_checkpointing=async_save)
         try:
             self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "meta"), options=options)
@@ -84,13 +86,18 @@ class TrainCheckpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, state: dict, meta: dict, force: bool = False) -> None:
-        """Starts an async save of `state` (a pytree of arrays) and `meta` (JSON-serialisable)."""
+        """Starts an async save of `state` (a pytree of arrays) and `meta` (JSON-serialisable).
+
+        A failed write (a full disk, a read-only directory) raises UserError here or, for the write in the
+        background, at the next `save` or `wait`; the complete checkpoints before it stay as they were.
+        """
         try:
             self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                             meta=ocp.args.JsonSave(meta)), force=force)
-        except OSError as error:
-            raise UserError(f"{self.directory}: saving step {step} failed ({_first_line(error)}); "
-                            f"the previous checkpoint is intact") from None
+        except ocp.checkpoint_manager.StepAlreadyExistsError:
+            raise
+        except Exception as error:  # OSError here; tensorstore's ValueError from the background write
+            raise UserError(self._write_failure(error)) from None
 
     def restore_meta(self, step: int) -> dict:
         try:
@@ -99,21 +106,35 @@ class TrainCheckpoints:
             raise UserError(f"{self.directory}/{step}/meta: corrupt checkpoint ({_first_line(error)})") from None
 
     def restore_state(self, step: int, config: ModelConfig, params_sharding=None, opt_state_abstract=None) -> dict:
-        """Restores onto the given shardings, so a run can resume on another mesh or device count."""
+        """Restores onto the given shardings, so a run can resume on another mesh or device count.
+
+        Without `opt_state_abstract`, only the parameters are read.
+        """
         target = {"params": _abstract_params(config, params_sharding)}
-        if opt_state_abstract is not None:
-            target["opt_state"] = opt_state_abstract
-            target["rng"] = jax.ShapeDtypeStruct((2,), np.uint32)
+        if opt_state_abstract is None:
+            state = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                           partial_restore=True)
+        else:
+            target.update(opt_state=opt_state_abstract, rng=jax.ShapeDtypeStruct((2,), np.uint32))
+            state = ocp.args.StandardRestore(target)
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target, strict=opt_state_abstract is not None)))
+            restored = self.manager.restore(step, args=ocp.args.Composite(state=state))
         except Exception as error:
             raise UserError(f"{self.directory}/{step}/state: corrupt or incompatible checkpoint "
                             f"({_first_line(error)})") from None
         return restored["state"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:
+            raise UserError(self._write_failure(error)) from None
+
+    def _write_failure(self, error: Exception) -> str:
+        reason = "no space left on device" if "No space left on device" in str(error) else _first_line(error)
+        complete = [int(p.name) for p in self.directory.iterdir() if p.name.isdigit()]
+        newest = f"step {max(complete)} is the newest complete checkpoint" if complete else "no checkpoint is complete"
+        return f"{self.directory}: writing a checkpoint failed ({reason}); {newest}"
 
     def close(self) -> None:
         self.manager.wait_until_finished()
