@@ -29,33 +29,41 @@ def safe_divide(numerator, denominator):
 
 
 def chunked_masked_ce_sums(hidden_BTD, embed_VD, targets_BT, loss_mask_BT, chunk_size: int):
-    """masked_ce_sums of the tied lm_head's logits, computed `chunk_size` positions at a time.
+    """masked_ce_sums of the tied lm_head's logits, computed only at loss-bearing positions.
 
-    The [B,T,V] logits are never all materialised: each chunk's logits are recomputed in the backward pass
-    (jax.checkpoint), so peak memory holds one [B,chunk,V] block instead of the whole tensor.
+    The positions whose mask is non-zero are gathered, in order, to the front of a [B·T, D] buffer, which
+    is then projected `chunk_size` rows at a time; chunks past the last loss position are skipped
+    (lax.cond), so the lm_head and CE cost follows the number of loss positions, not B·T. Each chunk's
+    logits are recomputed in the backward pass (jax.checkpoint): the [B,T,V] logits are never materialised,
+    peak memory holds one [chunk, V] block. Exact: the skipped positions carry no loss.
     """
-    b, t, d = hidden_BTD.shape
-    num_chunks = -(-t // chunk_size)
-    pad = num_chunks * chunk_size - t
-    if pad:
-        hidden_BTD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
-        targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
-        loss_mask_BT = jnp.pad(loss_mask_BT, ((0, 0), (0, pad)))
+    d = hidden_BTD.shape[-1]
+    hidden_ND, targets_N = hidden_BTD.reshape(-1, d), targets_BT.reshape(-1)
+    mask_N = loss_mask_BT.reshape(-1).astype(jnp.float32)
+    num_chunks = -(-mask_N.shape[0] // chunk_size)
+    # Indices of the loss positions first; the slots after them point one past the end, which the gathers
+    # below fill with zeros (mask 0: no loss, no gradient).
+    (index_N,) = jnp.nonzero(mask_N != 0, size=num_chunks * chunk_size, fill_value=mask_N.shape[0])
+    num_loss_positions = jnp.count_nonzero(mask_N)
 
-    def to_chunks(x):  # [B, C*chunk, ...] -> [C, B, chunk, ...]
-        return jnp.swapaxes(x.reshape(b, num_chunks, chunk_size, *x.shape[2:]), 0, 1)
+    def gather(x):  # [N, ...] -> [num_chunks, chunk_size, ...]
+        picked = jnp.take(x, index_N, axis=0, mode="fill", fill_value=0)
+        return picked.reshape(num_chunks, chunk_size, *x.shape[1:])
 
     @jax.checkpoint
-    def chunk_sums(hidden_BcD, targets_Bc, mask_Bc):
-        logits = jnp.einsum("bcd,vd->bcv", hidden_BcD, embed_VD.astype(hidden_BcD.dtype),
-                            preferred_element_type=jnp.float32)
-        return masked_ce_sums(logits, targets_Bc, mask_Bc)
-
-    def body(totals, chunk):
-        ce, count = chunk_sums(*chunk)
-        return (totals[0] + ce, totals[1] + count), None
+    def chunk_sums(hidden_CD, targets_C, mask_C):
+        logits_CV = jnp.einsum("cd,vd->cv", hidden_CD, embed_VD.astype(hidden_CD.dtype),
+                               preferred_element_type=jnp.float32)
+        return masked_ce_sums(logits_CV, targets_C, mask_C)
 
     zero = jnp.zeros((), jnp.float32)
+
+    def body(totals, chunk):
+        first, *arrays = chunk
+        ce, count = jax.lax.cond(first < num_loss_positions, chunk_sums, lambda *_: (zero, zero), *arrays)
+        return (totals[0] + ce, totals[1] + count), None
+
+    starts = jnp.arange(num_chunks, dtype=jnp.int32) * chunk_size
     (ce_sum, mask_sum), _ = jax.lax.scan(body, (zero, zero),
-                                         (to_chunks(hidden_BTD), to_chunks(targets_BT), to_chunks(loss_mask_BT)))
+                                         (starts, gather(hidden_ND), gather(targets_N), gather(mask_N)))
     return ce_sum, mask_sum
