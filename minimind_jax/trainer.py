@@ -360,11 +360,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 finish_step(pending)
             pending = {"metrics": metrics, "update": update, "batches": list(range(first_batch, first_batch + acc))}
             crossed_save = (update * acc // cfg.save_interval) > ((update - 1) * acc // cfg.save_interval)
-            if (crossed_save and update < last_update) or preemption.requested:
+            preempted = preemption.requested  # read once: SIGTERM may arrive at any point of this iteration
+            if (crossed_save and update < last_update) or preempted:
                 finish_step(pending)  # log it first: a checkpoint never exists without its update's metrics
                 pending = None
-                save(update, wait=preemption.requested)
-            if preemption.requested:
+                save(update, wait=preempted)
+            if preempted:
                 tqdm.tqdm.write(f"SIGTERM: saved update {update} to {checkpoints.directory}; resume with --from_resume 1")
                 return {"preempted": True, "update": update}
         if pending is not None:
