@@ -15,6 +15,11 @@ import yaml
 
 ARCHS = ("minimind2", "minimind3")
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+# How attention without a KV cache is computed (model.Attention): "xla" the explicit einsum/softmax path;
+# "causal_blocks" the same math per block of queries against only the keys at or before the block (about
+# half the work, no [T,T] scores beyond the diagonal); "dot_product_attention" jax.nn.dot_product_attention
+# (XLA); "cudnn" its cuDNN flash-attention kernel (GPU, bfloat16/float16).
+ATTENTION_IMPLS = ("xla", "causal_blocks", "dot_product_attention", "cudnn")
 PRESETS = ("minimind2-small", "minimind2", "minimind2-moe", "minimind3", "minimind3-moe")
 
 
@@ -56,6 +61,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; params stay fp32 and logits are returned in fp32
     scan_layers: bool = True
     remat: str = "none"  # none | full | dots (jax.checkpoint policy for each scanned block)
+    attention_impl: str = "xla"  # see ATTENTION_IMPLS; "xla" is the exact path the parity tests check
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -83,6 +89,10 @@ class ModelConfig:
             )
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"remat must be none, full or dots, got {self.remat!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"attention_impl=cudnn needs dtype bfloat16 or float16, got {self.dtype!r}")
 
     # ---- derived, era-independent views used by the model ----
     @property

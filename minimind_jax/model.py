@@ -9,6 +9,7 @@ The L blocks are one `Block` whose parameters carry a leading layer axis; `MiniM
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -20,6 +21,7 @@ from flax import nnx
 from minimind_jax.config import ModelConfig
 
 MASKED_PAD = -1e9  # MiniMind adds (1 - mask) * -1e9 to padded keys (not -inf: fully padded rows stay finite)
+CAUSAL_BLOCK = 128  # queries per block of causal_block_attention
 
 
 class KVCache(NamedTuple):
@@ -123,6 +125,33 @@ def attention_bias(batch: int, num_queries: int, num_keys: int, query_offset, *,
     return bias[:, None]
 
 
+def grouped_attention(q_BTNHd, k_BSKHd, v_BSKHd, bias_B1TS, dropout=None):
+    """softmax(q·kᵀ/√Hd + bias)·v in fp32 scores -> [B,T,N,Hd]. Query head h reads kv head h // G, as MiniMind's
+    repeat_interleave does, without materialising the repeat. `dropout` is applied to the probabilities."""
+    b, t, num_heads, head_dim = q_BTNHd.shape
+    num_kv_heads = k_BSKHd.shape[2]
+    q = q_BTNHd.reshape(b, t, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_BSKHd, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(head_dim) + bias_B1TS[:, :, None]
+    probs = jax.nn.softmax(scores, axis=-1).astype(q_BTNHd.dtype)
+    if dropout is not None:
+        probs = dropout(probs)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKHd).reshape(q_BTNHd.shape)
+
+
+def causal_block_attention(q_BTNHd, k_BTKHd, v_BTKHd, bias_B1TT, block_size: int = CAUSAL_BLOCK):
+    """grouped_attention without a cache, one block of queries at a time against only the keys up to the
+    block's end. The keys left out are all above the causal diagonal (bias -inf, probability exactly 0), so
+    the result is the same, for about half the work and without the [T,T] scores above the diagonal."""
+    t = q_BTNHd.shape[1]
+    blocks = []
+    for start in range(0, t, block_size):
+        stop = min(start + block_size, t)
+        blocks.append(grouped_attention(q_BTNHd[:, start:stop], k_BTKHd[:, :stop], v_BTKHd[:, :stop],
+                                        bias_B1TT[:, :, start:stop, :stop]))
+    return jnp.concatenate(blocks, axis=1)
+
+
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
         d, hd = config.hidden_size, config.head_dim
@@ -136,6 +165,7 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(hd, config.rms_norm_eps, multiply_in_fp32=True)
             self.k_norm = RMSNorm(hd, config.rms_norm_eps, multiply_in_fp32=True)
         self.dropout = nnx.Dropout(config.dropout)
+        self.impl = config.attention_impl
 
     def __call__(self, x_BTD, cos, sin, bias_B1TS, kv_cache=None, cache_index=None, dropout_rngs=None):
         """Returns (out_BTD, (k_BSKHd, v_BSKHd)) where S is T without a cache, the cache size with one."""
@@ -151,15 +181,17 @@ class Attention(nnx.Module):
             k_cache, v_cache = kv_cache
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0)).astype(dtype)
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0)).astype(dtype)
-        # Query head h reads kv head h // G, as MiniMind's repeat_interleave does, without materialising it.
-        groups = self.num_heads // self.num_kv_heads
-        q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(self.head_dim) + bias_B1TS[:, :, None]
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        probs = self.dropout(probs, rngs=dropout_rngs, deterministic=dropout_rngs is None)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, self.num_heads * self.head_dim)
-        out = out @ self.o_proj[...].astype(dtype)
+        if kv_cache is not None or dropout_rngs is not None or self.impl == "xla":
+            dropout = functools.partial(self.dropout, rngs=dropout_rngs, deterministic=dropout_rngs is None)
+            out = grouped_attention(q, k, v, bias_B1TS, dropout)
+        elif self.impl == "causal_blocks":
+            out = causal_block_attention(q, k, v, bias_B1TS)
+        else:  # The bias already holds the causal mask; is_causal also lets cuDNN skip the blocks above it.
+            cudnn = self.impl == "cudnn"
+            out = jax.nn.dot_product_attention(q, k, v, bias_B1TS.astype(dtype) if cudnn else bias_B1TS,
+                                               scale=1 / math.sqrt(self.head_dim), is_causal=cudnn,
+                                               implementation="cudnn" if cudnn else "xla")
+        out = out.reshape(b, t, self.num_heads * self.head_dim) @ self.o_proj[...].astype(dtype)
         return self.dropout(out, rngs=dropout_rngs, deterministic=dropout_rngs is None), (k, v)
 
 
