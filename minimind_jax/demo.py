@@ -26,7 +26,6 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
 
 import yaml
 
