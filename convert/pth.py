@@ -1,6 +1,7 @@
 """Reading and writing MiniMind `.pth` files. torch is imported here and nowhere on the training path."""
 from __future__ import annotations
 
+import io
 import pathlib
 import pickle
 import zipfile
@@ -56,7 +57,8 @@ def _strip_prefix(key: str) -> str:
 
 
 def write_state_dict(state_dict: "OrderedDict[str, np.ndarray]", path, dtype: str = "float16") -> pathlib.Path:
-    """torch.save of {key: tensor} in `dtype`, MiniMind's exact format; written atomically."""
+    """torch.save of {key: tensor} in `dtype`, MiniMind's exact format; written atomically, so a failed write
+    (a full disk) leaves the previous file as it was."""
     import torch
 
     if dtype not in DTYPES:
@@ -64,8 +66,15 @@ def write_state_dict(state_dict: "OrderedDict[str, np.ndarray]", path, dtype: st
     torch_dtype = getattr(torch, dtype)
     tensors = OrderedDict((k, torch.from_numpy(np.array(v, copy=True)).to(torch_dtype)) for k, v in state_dict.items())
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    serialized = io.BytesIO()  # torch's own file writer reports a full disk as an opaque RuntimeError
+    torch.save(tensors, serialized)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(tensors, tmp)
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(serialized.getbuffer())
+        tmp.replace(path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{path}: cannot write ({(error.strerror or str(error)).lower()})") from None
     return path
