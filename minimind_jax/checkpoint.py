@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 
 from minimind_jax.config import ModelConfig
 from minimind_jax.errors import UserError
-from minimind_jax.weights import PARAMS_DIR, abstract_model, params_of, read_config, write_config
+from minimind_jax.weights import CONFIG_FILE, PARAMS_DIR, abstract_model, params_of, read_config, write_config
 
 
 def _abstract_params(config: ModelConfig, sharding=None) -> dict:
@@ -45,7 +45,7 @@ def restore_params(directory, sharding=None, **overrides) -> tuple[ModelConfig, 
     """(config, params) from a model checkpoint or from the newest complete step of a training run."""
     directory = pathlib.Path(directory).resolve()
     if (directory / PARAMS_DIR).is_dir():
-        config = read_config(directory, **overrides)
+        config = _checked_config(lambda: read_config(directory, **overrides), directory / CONFIG_FILE)
         try:
             with ocp.StandardCheckpointer() as checkpointer:
                 params = checkpointer.restore(directory / PARAMS_DIR, _abstract_params(config, sharding))
@@ -57,9 +57,17 @@ def restore_params(directory, sharding=None, **overrides) -> tuple[ModelConfig, 
     if step is None:
         raise UserError(f"{directory}: neither a model checkpoint ({PARAMS_DIR}/) nor a training run with a complete step")
     meta = run.restore_meta(step)
-    config = ModelConfig.from_dict({**meta["model_config"], **overrides})
+    config = _checked_config(lambda: ModelConfig.from_dict({**meta["model_config"], **overrides}),
+                             f"{directory}/{step}/meta")
     state = run.restore_state(step, config, params_sharding=sharding)
     return config, state["params"]
+
+
+def _checked_config(make_config, origin) -> ModelConfig:
+    try:
+        return make_config()
+    except (KeyError, TypeError, ValueError) as error:  # unknown or missing fields, values of the wrong type
+        raise UserError(f"{origin}: not a valid model config ({_first_line(error)})") from None
 
 
 def _first_line(error: Exception) -> str:

@@ -212,6 +212,8 @@ def decode_line(line: bytes | None) -> dict[str, Any]:
         record = json.loads(text)
     except json.JSONDecodeError:
         raise BadRecord("malformed JSON") from None
+    except RecursionError:
+        raise BadRecord("JSON nested too deeply") from None
     if not isinstance(record, dict):
         raise BadRecord("not a JSON object")
     return record
@@ -507,7 +509,12 @@ class RecordEncoder:
         sft = self.config.kind == "sft"
         if sft and not any(message["role"] == "assistant" for message in record["conversations"]):
             raise DroppedRecord("no assistant turn")
-        tokens, learned = self.compact(self.prompt(record, line_no))
+        prompt = self.prompt(record, line_no)
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:  # JSON can spell a lone surrogate (\ud800), which no tokenizer accepts
+            raise BadRecord("text is not valid Unicode (lone surrogate)") from None
+        tokens, learned = self.compact(prompt)
         if not learned.any():
             raise DroppedRecord("assistant tokens truncated away" if sft else "nothing to learn")
         return tokens, learned
@@ -735,6 +742,19 @@ class TokenizedDataset:
         return example_from_tokens(tokens, learned, self.arch, self.config.max_seq_len if padded else None)
 
 
+def shortest_sft_prompt(tokenizer, arch: str) -> int:
+    """Tokens before the first learned one in the shortest chats there are (an empty reply, with or without an
+    empty system turn): with max_seq_len up to this, every SFT record is truncated to nothing to learn."""
+    encoder = RecordEncoder(tokenizer, ExampleConfig("sft", arch, max_seq_len=1024, system_prompt_ratio=0.0,
+                                                     drop_empty_think_ratio=0.0))
+    reply = {"role": "assistant", "content": ""}
+    firsts = []
+    for turns in ([reply], [{"role": "system", "content": ""}, reply]):
+        _, learned = encoder.compact(encoder.prompt({"conversations": turns}, line_no=0))
+        firsts.append(int(np.argmax(learned)))
+    return min(firsts)
+
+
 def load_dataset(data_path: str | os.PathLike, tokenizer: Tokenizer | str | os.PathLike, config: ExampleConfig, *,
                  cache_dir: str | os.PathLike | None = None, num_workers: int | None = None, strict: bool = False,
                  progress: bool = True) -> TokenizedDataset:
@@ -748,6 +768,9 @@ def load_dataset(data_path: str | os.PathLike, tokenizer: Tokenizer | str | os.P
         raise UserError(f"{data_path}: no such data file")
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = load_tokenizer(tokenizer)
+    if config.kind == "sft" and config.max_seq_len <= (shortest := shortest_sft_prompt(tokenizer, config.arch)):
+        raise UserError(f"--max_seq_len {config.max_seq_len} leaves no room for a reply: the chat template puts at "
+                        f"least {shortest} tokens before the first learned one")
     cache_dir = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache_dir / f"{data_path.stem}-{config.kind}-{cache_key(data_path, tokenizer, config)}"
     from_cache = (target / "meta.json").exists()

@@ -160,6 +160,9 @@ def load_run_data(cfg: TrainConfig, data_path: str, model_config: ModelConfig):
     from minimind_jax.data import ExampleConfig, load_dataset
     from minimind_jax.tokenizer import load_tokenizer
 
+    if cfg.max_seq_len > model_config.max_position_embeddings:
+        raise UserError(f"--max_seq_len {cfg.max_seq_len} exceeds the model's max_position_embeddings "
+                        f"{model_config.max_position_embeddings} (the end of MiniMind's RoPE table)")
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     if tokenizer.vocab_size > model_config.vocab_size:
         raise UserError(f"{cfg.tokenizer_path}: vocab {tokenizer.vocab_size} exceeds the model's {model_config.vocab_size}")
