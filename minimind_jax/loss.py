@@ -56,7 +56,7 @@ def chunked_masked_ce_sums(hidden_BTD, embed_VD, targets_BT, loss_mask_BT, chunk
                                preferred_element_type=jnp.float32)
         return masked_ce_sums(logits_CV, targets_C, mask_C)
 
-    zero = jnp.zeros((), jnp.float32)
+    zero = jnp.zeros_like(mask_N, shape=())  # like the data: varying over the mesh inside shard_map
 
     def body(totals, chunk):
         first, *arrays = chunk
