@@ -204,3 +204,13 @@ def test_full_disk_while_exporting_a_pth_keeps_the_previous_file(tmp_path):
             write_state_dict({"w": np.ones((1000, 1000), np.float32)}, path)
         assert sorted(p.name for p in disk.iterdir()) == ["weights.pth"]  # no temporary left behind
         np.testing.assert_array_equal(read_state_dict(path)["w"], np.ones((100, 100), np.float16))
+
+
+def test_resuming_drops_the_metrics_a_killed_run_logged_after_its_checkpoint(tmp_path):
+    from minimind_jax.trainer import _drop_metrics_after
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"update": u, "loss": float("nan") if u == 2 else 1.0 / u}) for u in range(1, 6)]
+    path.write_text("\n".join(lines) + '\n{"update": 6, "lo')  # died in the middle of a line
+    _drop_metrics_after(path, 3)
+    assert path.read_text() == "\n".join(lines[:3]) + "\n"
