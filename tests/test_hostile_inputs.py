@@ -150,26 +150,21 @@ def test_fuzzed_chats_render_encode_or_are_skipped(small_tokenizer, conversation
     assert len(tokens) == len(learned) <= 64 and learned.any()
 
 
+@pytest.fixture(scope="module")
+def minimind_tokenizers() -> dict:
+    return {era: load_tokenizer(require_shared("minimind", era)) for era in ("2510", "v3")}
+
+
 @hypothesis.settings(max_examples=40, deadline=None)
 @hypothesis.given(conversations=messages, add_generation_prompt=st.booleans())
-def test_fuzzed_chats_through_minimind_templates(conversations, add_generation_prompt):
-    for era in ("2510", "v3"):
-        tokenizer = minimind_tokenizer(era)
+def test_fuzzed_chats_through_minimind_templates(minimind_tokenizers, conversations, add_generation_prompt):
+    for tokenizer in minimind_tokenizers.values():
         try:
             prompt = tokenizer.apply_chat_template(conversations, add_generation_prompt=add_generation_prompt)
         except UserError as error:
             assert "\n" not in str(error)
             continue
         assert isinstance(prompt, str)
-
-
-_TOKENIZERS = {}
-
-
-def minimind_tokenizer(era: str):
-    if era not in _TOKENIZERS:
-        _TOKENIZERS[era] = load_tokenizer(require_shared("minimind", era))
-    return _TOKENIZERS[era]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -202,8 +197,8 @@ def test_max_seq_len_that_leaves_no_room_for_a_reply_is_refused_before_tokenizin
 
 
 @pytest.mark.parametrize("era,arch", [("2510", "minimind2"), ("v3", "minimind3")])
-def test_shortest_prompt_of_minimind_templates(era, arch):
-    tokenizer = minimind_tokenizer(era)
+def test_shortest_prompt_of_minimind_templates(minimind_tokenizers, era, arch):
+    tokenizer = minimind_tokenizers[era]
     shortest = data.shortest_sft_prompt(tokenizer, arch)
     assert not any(short_chats_learn(tokenizer, arch, shortest))
     assert any(short_chats_learn(tokenizer, arch, shortest + 1))
