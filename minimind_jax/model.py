@@ -170,10 +170,13 @@ class Attention(nnx.Module):
     def __call__(self, x_BTD, cos, sin, bias_B1TS, kv_cache=None, cache_index=None, dropout_rngs=None):
         """Returns (out_BTD, (k_BSKHd, v_BSKHd)) where S is T without a cache, the cache size with one."""
         dtype = x_BTD.dtype
-        b, t, _ = x_BTD.shape
-        q = (x_BTD @ self.q_proj[...].astype(dtype)).reshape(b, t, self.num_heads, self.head_dim)
-        k = (x_BTD @ self.k_proj[...].astype(dtype)).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = (x_BTD @ self.v_proj[...].astype(dtype)).reshape(b, t, self.num_kv_heads, self.head_dim)
+        b, t, d = x_BTD.shape
+        # Projections on [B·T, D]: contracting over one token axis, the weight gradients need no transposed
+        # copy of the activations (XLA:CPU transposes them when B and T are separate axes).
+        x_ND = x_BTD.reshape(b * t, d)
+        q = (x_ND @ self.q_proj[...].astype(dtype)).reshape(b, t, self.num_heads, self.head_dim)
+        k = (x_ND @ self.k_proj[...].astype(dtype)).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = (x_ND @ self.v_proj[...].astype(dtype)).reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -191,7 +194,7 @@ class Attention(nnx.Module):
             out = jax.nn.dot_product_attention(q, k, v, bias_B1TS.astype(dtype) if cudnn else bias_B1TS,
                                                scale=1 / math.sqrt(self.head_dim), is_causal=cudnn,
                                                implementation="cudnn" if cudnn else "xla")
-        out = out.reshape(b, t, self.num_heads * self.head_dim) @ self.o_proj[...].astype(dtype)
+        out = (out.reshape(b * t, self.num_heads * self.head_dim) @ self.o_proj[...].astype(dtype)).reshape(b, t, d)
         return self.dropout(out, rngs=dropout_rngs, deterministic=dropout_rngs is None), (k, v)
 
 
