@@ -122,7 +122,7 @@ def validate(state_dict, config: ModelConfig, source: str) -> None:
         got = tuple(state_dict[key].shape)
         if got != want:
             raise UserError(f"{source}: {key} has shape {list(got)}, expected {list(want)}")
-    if not np.array_equal(np.asarray(state_dict[EMBED]), np.asarray(state_dict[LM_HEAD])):
+    if not np.array_equal(np.asarray(state_dict[EMBED]), np.asarray(state_dict[LM_HEAD]), equal_nan=True):
         raise UserError(f"{source}: {LM_HEAD} differs from {EMBED}; MiniMind ties them")
 
 
