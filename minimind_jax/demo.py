@@ -223,14 +223,15 @@ def evaluate_stage(run: DemoRun) -> dict:
     from flax import nnx
 
     from minimind_jax.pipeline import make_batches
-    from minimind_jax.trainer import build_model, evaluate, load_run_data, make_eval_fn
+    from minimind_jax.evaluation import evaluate, make_loss_sums
+    from minimind_jax.trainer import build_model, load_run_data
     from minimind_jax.weights import load, params_of
 
     pretrain_cfg, sft_cfg = run.train_config("pretrain"), run.train_config("sft")
     random_init = build_model(pretrain_cfg, "float32")  # the exact initial weights of the pretrain run
     pretrained, finetuned = load(run.weights("pretrain")), load(run.weights("sft"))
     graphdef, _ = nnx.split(random_init, nnx.Param)
-    eval_sums = make_eval_fn(graphdef)  # one compiled program per batch shape, shared by the three models
+    eval_sums = make_loss_sums(graphdef)  # one compiled program per batch shape, shared by the three models
     batch_size = run.settings["eval"].get("batch_size", sft_cfg.batch_size)
 
     def heldout_loss(cfg, data_path, model) -> dict:

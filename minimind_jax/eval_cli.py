@@ -9,19 +9,14 @@ and the records dropped (nothing left to learn after truncation), as the data pi
 from __future__ import annotations
 
 import json
-import math
 import pathlib
-import sys
 
-import jax
-import tqdm
 from flax import nnx
 
 from minimind_jax.chat_cli import add_model_arguments, load_model, load_tokenizer_for
 from minimind_jax.data import ExampleConfig, load_dataset, read_jsonl, record_kind
 from minimind_jax.errors import UserError
-from minimind_jax.loss import masked_ce_sums
-from minimind_jax.model import MiniMind
+from minimind_jax.evaluation import evaluate, make_loss_sums
 from minimind_jax.pipeline import make_batches
 
 # MiniMind's --max_seq_len defaults: train_full_sft / train_pretrain per era.
@@ -51,40 +46,6 @@ def detect_kind(data_path) -> str:
     raise UserError(f"{data_path}: no sft or pretrain record found")
 
 
-def make_batch_sums(model: MiniMind):
-    """A jitted (Σ ce·mask, Σ mask) of one batch, the train step's loss sums without the update."""
-    graphdef, params = nnx.split(model)
-
-    @jax.jit
-    def batch_sums(params, batch):
-        out = nnx.merge(graphdef, params).forward(batch["inputs"], segment_ids_BT=batch["segment_ids"],
-                                                  positions_BT=batch["positions"])
-        return masked_ce_sums(out.logits, batch["targets"], batch["loss_mask"])
-
-    return lambda batch: batch_sums(params, batch)
-
-
-def evaluate(model: MiniMind, batches, num_batches: int, progress: bool = True) -> dict:
-    """Loss over `num_batches` batches; sums are accumulated in float64 on the host."""
-    batch_sums = make_batch_sums(model)
-    ce_total, tokens = 0.0, 0.0
-    bar = tqdm.tqdm(total=num_batches, desc="eval", unit="batch", disable=not progress, file=sys.stderr)
-    for index, batch in enumerate(batches):
-        if index == num_batches:
-            break
-        ce_sum, count = batch_sums(batch)
-        ce_total += float(ce_sum)
-        tokens += float(count)
-        bar.update()
-        if tokens:
-            bar.set_postfix(loss=f"{ce_total / tokens:.4f}")
-    bar.close()
-    if not tokens:
-        raise UserError("no token carries loss in the evaluated examples")
-    loss = ce_total / tokens
-    return {"loss": loss, "perplexity": math.exp(loss), "loss_tokens": int(tokens)}
-
-
 def run(args) -> int:
     model = load_model(args)
     tokenizer = load_tokenizer_for(args, model)
@@ -105,7 +66,8 @@ def run(args) -> int:
         examples = num_batches * args.batch_size
     else:
         examples = sum(len(row) for row in batches.rows[:num_batches * args.batch_size])
-    summary = {**evaluate(model, batches, num_batches), "examples": examples, "batches": num_batches,
+    graphdef, params = nnx.split(model)
+    summary = {**evaluate(make_loss_sums(graphdef), params, batches, num_batches, progress=True), "examples": examples, "batches": num_batches,
                "kind": kind, "max_seq_len": max_seq_len, "data_path": str(args.data_path),
                "skipped": dataset.report.num_skipped, "dropped": dataset.report.num_dropped}
     batches.close()

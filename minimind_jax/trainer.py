@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import pathlib
 import signal
@@ -15,16 +14,15 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 from flax import nnx
 
 from minimind_jax import sharding
 from minimind_jax.checkpoint import TrainCheckpoints
-from minimind_jax.config import ModelConfig, load_preset
+from minimind_jax.config import ModelConfig
 from minimind_jax.errors import UserError
-from minimind_jax.loss import masked_ce_sums, safe_divide
+from minimind_jax.evaluation import evaluate, make_loss_sums
 from minimind_jax.model import MiniMind
 from minimind_jax.perf import total_peak_flops
 from minimind_jax.train import (LOSS_NORMS, attention_flops_per_token, init_train_state, make_optimizer,
@@ -174,28 +172,6 @@ def load_run_data(cfg: TrainConfig, data_path: str, model_config: ModelConfig):
                              drop_empty_think_ratio=cfg.drop_empty_think_ratio, seed=cfg.seed)
     return load_dataset(data_path, cfg.tokenizer_path, examples, cache_dir=cfg.cache_dir,
                         num_workers=cfg.num_workers, strict=cfg.strict, progress=cfg.progress and jax.process_index() == 0)
-
-
-def make_eval_fn(graphdef):
-    """jit: (params, batch) -> (Σ ce·mask, Σ mask) in eval mode (no dropout, MoE without aux)."""
-
-    @jax.jit
-    def eval_sums(params, batch):
-        model = nnx.merge(graphdef, params)
-        out = model.forward(batch["inputs"], segment_ids_BT=batch["segment_ids"], positions_BT=batch["positions"])
-        return masked_ce_sums(out.logits, batch["targets"], batch["loss_mask"])
-
-    return eval_sums
-
-
-def evaluate(eval_sums, params, batches) -> dict[str, float]:
-    """Masked loss over every batch (token-weighted), as training computes it."""
-    ce_total, tokens = 0.0, 0.0
-    for batch in batches:
-        ce, count = jax.device_get(eval_sums(params, batch))
-        ce_total, tokens = ce_total + float(ce), tokens + float(count)
-    loss = ce_total / tokens if tokens else float("nan")
-    return {"loss": loss, "perplexity": math.exp(loss) if tokens else float("nan"), "loss_tokens": tokens}
 
 
 class _Preemption:
@@ -394,7 +370,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         eval_data = load_run_data(cfg, cfg.eval_data_path, model_config)
         eval_batches = make_batches(eval_data, batch_size=cfg.batch_size, seed=0, epochs=1, packing=False,
                                     shuffle=False, sharding=batch_sharding, drop_remainder=False)
-        summary["eval"] = evaluate(make_eval_fn(graphdef), params, eval_batches)
+        summary["eval"] = evaluate(make_loss_sums(graphdef), params, eval_batches)
         if is_main:
             tqdm.tqdm.write(f"eval {cfg.eval_data_path}: masked loss {summary['eval']['loss']:.4f} "
                             f"(perplexity {summary['eval']['perplexity']:.2f}, {summary['eval']['loss_tokens']:.0f} tokens)")
