@@ -142,13 +142,15 @@ def grouped_attention(q_BTNHd, k_BSKHd, v_BSKHd, bias_B1TS, dropout=None):
 def causal_block_attention(q_BTNHd, k_BTKHd, v_BTKHd, bias_B1TT, block_size: int = CAUSAL_BLOCK):
     """grouped_attention without a cache, one block of queries at a time against only the keys up to the
     block's end. The keys left out are all above the causal diagonal (bias -inf, probability exactly 0), so
-    the result is the same, for about half the work and without the [T,T] scores above the diagonal."""
+    the result is the same for about half the work. Each block's scores are recomputed in the backward pass
+    rather than kept, so no [T,T] probabilities are stored per layer."""
+    attend = jax.checkpoint(grouped_attention)
     t = q_BTNHd.shape[1]
     blocks = []
     for start in range(0, t, block_size):
         stop = min(start + block_size, t)
-        blocks.append(grouped_attention(q_BTNHd[:, start:stop], k_BTKHd[:, :stop], v_BTKHd[:, :stop],
-                                        bias_B1TT[:, :, start:stop, :stop]))
+        blocks.append(attend(q_BTNHd[:, start:stop], k_BTKHd[:, :stop], v_BTKHd[:, :stop],
+                             bias_B1TT[:, :, start:stop, :stop]))
     return jnp.concatenate(blocks, axis=1)
 
 
