@@ -73,7 +73,7 @@ def load_settings(path, quick: bool = False) -> dict[str, dict]:
     except (OSError, yaml.YAMLError) as error:
         raise UserError(f"{path}: cannot read demo settings ({str(error).splitlines()[0]})") from None
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)} - DEMO_TRAIN_FIELDS
-    allowed = {"corpus": CORPUS_KEYS, "tokenizer": {"vocab_size"}, "model": MODEL_KEYS, "pretrain": train_keys,
+    allowed = {"corpus": CORPUS_KEYS, "tokenizer": {"vocab_size", "character_coverage"}, "model": MODEL_KEYS, "pretrain": train_keys,
                "sft": train_keys, "eval": {"batch_size"}, "chat": CHAT_KEYS}
     quick_overrides = raw.pop("quick", None) or {}
     for where, sections in (("", raw), ("quick.", quick_overrides)):
