@@ -379,7 +379,7 @@ def _ratio(row: dict, key: str, low: str, high: str) -> str:
 
 
 TABLE_COLUMNS = (  # header, width, cell
-    ("side", -46, lambda r: r["name"][:46]),
+    ("side", -52, lambda r: r["name"][:52]),
     ("step s", 7, lambda r: f"{r['step_s']:.2f}"),
     ("tokens/s", 9, lambda r: f"{r['tokens_per_s']:,.0f}"),
     ("loss tok/s", 10, lambda r: f"{r['loss_tokens_per_s']:,.0f}"),
