@@ -417,6 +417,7 @@ def format_table(result: dict[str, Any]) -> str:
         "",
     ]
     lines += table_rows(result["rows"])
+    lines += [f"{row['name']}: could not run here ({row['error']})" for row in result.get("failed_variants", [])]
     lines.append(f"process peak memory {result['peak_memory_bytes'] / 2**20:,.0f} MB ({result['peak_memory_source']})")
     for row in result.get("decode", []):
         lines.append(f"decode batch {row['batch']}: {row['tokens_per_s']:,.1f} tokens/s "
@@ -466,11 +467,18 @@ def run(args) -> int:
     flops_per_token = model_flops_per_token(config) + attention_flops_per_token(config, dataset.seq_len)
 
     watch = CompileWatch()
-    sides = []
+    sides, failed = [], []
     try:
-        for variant in variants_for(args, platform):
-            progress(f"building our step: {variant.name}")
-            sides.append(JaxSide(variant, config, dataset, init_params, mesh, args, watch))
+        for index, variant in enumerate(variants_for(args, platform)):
+            progress(f"building our step: {describe(variant)}")
+            try:
+                sides.append(JaxSide(variant, config, dataset, init_params, mesh, args, watch))
+            except Exception as error:  # an ablation variant this device cannot run is reported, not fatal
+                if index == 0:
+                    raise
+                message = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+                failed.append({"name": describe(variant), "settings": dataclasses.asdict(variant), "error": message})
+                progress(f"  failed: {message}")
         torch_side = None
         if not args.no_torch:
             progress("building the PyTorch step")
@@ -528,6 +536,7 @@ def run(args) -> int:
             "compilation_cache_dir": args.compilation_cache_dir,
         },
         "rows": rows,
+        "failed_variants": failed,
     }
     if args.decode:
         from minimind_jax.generate import benchmark_decode

@@ -178,12 +178,16 @@ def test_bench_runs_both_sides_on_the_same_batches(capsys, data_dir, tiny_preset
     assert bench.format_table(result).count("\n") > 5
 
 
-def test_bench_table_without_torch(capsys, data_dir, tiny_preset):
+def test_bench_table_without_torch_reports_variants_that_cannot_run(capsys, data_dir, tiny_preset, monkeypatch):
+    asked = bench.variants_for
+    unsupported = bench.Variant("cudnn attention in float32", attention_impl="cudnn")
+    monkeypatch.setattr(bench, "variants_for", lambda args, platform: asked(args, platform) + [unsupported])
     out = run_bench(capsys, "--preset", str(tiny_preset), "--batch_size", "8", "--max_seq_len", "64", "--steps", "1",
                     "--warmup", "0", "--num_records", "80", "--data_dir", str(data_dir), "--no_torch", "--packing",
                     "--attention_impl", "causal_blocks")
     assert "ours: packed, full logits, causal_blocks attention" in out
     assert "pytorch" not in out and "tokens/s" in out
+    assert "cudnn attention in float32: could not run here (ValueError: attention_impl=cudnn needs dtype" in out
 
 
 @pytest.mark.parametrize("flags, message", [
