@@ -64,6 +64,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_steps: int | None = None  # stop after this many optimizer updates (the schedule still spans all epochs)
     remat: str = "none"
+    attention_impl: str = "xla"  # ModelConfig.attention_impl: xla (exact) | causal_blocks | dot_product_attention | cudnn
     loss_chunk_size: int | None = None
     num_attention_heads: int | None = None
     cache_dir: str | None = None
@@ -134,7 +135,7 @@ def resolve_weight(cfg: TrainConfig) -> pathlib.Path | None:
 def build_model(cfg: TrainConfig, dtype: str) -> MiniMind:
     from minimind_jax.weights import load
 
-    ours = dict(dtype=dtype, remat=cfg.remat)
+    ours = dict(dtype=dtype, remat=cfg.remat, attention_impl=cfg.attention_impl)
     weight = resolve_weight(cfg)
     if weight is not None:
         overrides = dict(ours, **({"num_attention_heads": cfg.num_attention_heads} if cfg.num_attention_heads else {}))
@@ -232,8 +233,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         restored = checkpoints.restore_state(update, model_config, param_shardings,
                                              jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                                           opt_state, opt_shardings))
-        params = jax.tree.map(lambda target, value: value, params, restored["params"])
-        opt_state, rng = restored["opt_state"], restored["rng"]
+        params, opt_state, rng = restored["params"], restored["opt_state"], restored["rng"]
         batches.set_state(meta["data_state"])
         if is_main:
             _drop_metrics_after(log_dir / "metrics.jsonl", update)
