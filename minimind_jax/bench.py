@@ -10,10 +10,12 @@ Both sides train the same model (same preset and initial weights) on the same re
 
 The sides take turns step by step (and so do the variants of --ablation), so a machine that is busy with
 other work slows all of them alike; every figure is the median over the timed steps, after warm-up.
-Per side: tokens/s (all B·T positions), loss tokens/s (positions that carry loss), the ratio to PyTorch,
-MFU (model FLOPs / the device's peak from `perf`), compile time (trace + lower + XLA compile of the first
-call), recompilations after it (must be 0), and the fraction of the step spent waiting for the input
-iterator. `noise` gives the spread of the per-turn ratios.
+Per side: tokens/s (all B·T positions), loss tokens/s (positions that carry loss), the ratio to PyTorch
+(with `noise`, the spread of the per-turn ratios), the ratio of CPU time per token (on CPU, less sensitive
+to other load), MFU (model FLOPs / the device's peak from `perf`), compile time (trace, lower and XLA compile,
+ahead of the first step), compiles during the steps (must be 0), the step's memory (XLA's account for ours,
+torch.cuda.max_memory_allocated for torch on GPU) and the fraction of the step spent waiting for the input
+iterator.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import sys
 import time
 from typing import Any
 
+from minimind_jax.config import ATTENTION_IMPLS
 from minimind_jax.errors import UserError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -52,8 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "bench") -> No
     parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch side")
     parser.add_argument("--loss_chunk_size", type=int, default=None,
                         help="lm_head + CE only at loss positions, this many at a time (default: full logits)")
-    parser.add_argument("--attention_impl", default="xla",
-                        choices=("xla", "causal_blocks", "dot_product_attention", "cudnn"))
+    parser.add_argument("--attention_impl", default="xla", choices=ATTENTION_IMPLS)
     parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     parser.add_argument("--ablation", action="store_true",
                         help="also run each fast-path switch on its own and all together (one row each)")
@@ -391,7 +393,7 @@ TABLE_COLUMNS = (  # header, width, cell
     ("compile s", 9, lambda r: f"{r['compile_s']:.1f}"),
     ("recomp", 6, lambda r: str(r["recompilations"])),
     ("data wait", 9, lambda r: f"{r['data_wait_fraction']:.1%}"),
-    ("XLA MB", 7, lambda r: f"{r['memory_bytes'] / 2**20:,.0f}" if r.get("memory_bytes") else "-"),
+    ("step MB", 7, lambda r: f"{r['memory_bytes'] / 2**20:,.0f}" if r.get("memory_bytes") else "-"),
 )
 
 

@@ -143,15 +143,25 @@ def causal_block_attention(q_BTNHd, k_BTKHd, v_BTKHd, bias_B1TT, block_size: int
     """grouped_attention without a cache, one block of queries at a time against only the keys up to the
     block's end. The keys left out are all above the causal diagonal (bias -inf, probability exactly 0), so
     the result is the same for about half the work. Each block's scores are recomputed in the backward pass
-    rather than kept, so no [T,T] probabilities are stored per layer."""
-    attend = jax.checkpoint(grouped_attention)
-    t = q_BTNHd.shape[1]
+    rather than kept, so no [T,T] probabilities are stored per layer. Queries, keys and values are laid out
+    head-major once ([B,K,G,T,Hd], [B,K,T,Hd]), so XLA:CPU does not transpose the blocks' probabilities."""
+    b, t, num_heads, head_dim = q_BTNHd.shape
+    num_kv_heads = k_BTKHd.shape[2]
+    q_BKGTHd = q_BTNHd.reshape(b, t, num_kv_heads, num_heads // num_kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
+    k_BKTHd, v_BKTHd = k_BTKHd.transpose(0, 2, 1, 3), v_BTKHd.transpose(0, 2, 1, 3)
+
+    @jax.checkpoint
+    def attend(q_BKGtHd, k_BKsHd, v_BKsHd, bias_B1ts):
+        scores = jnp.einsum("bkgth,bksh->bkgts", q_BKGtHd, k_BKsHd, preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(scores / math.sqrt(head_dim) + bias_B1ts[:, :, None], axis=-1)
+        return jnp.einsum("bkgts,bksh->bkgth", probs.astype(v_BKsHd.dtype), v_BKsHd)
+
     blocks = []
     for start in range(0, t, block_size):
         stop = min(start + block_size, t)
-        blocks.append(attend(q_BTNHd[:, start:stop], k_BTKHd[:, :stop], v_BTKHd[:, :stop],
+        blocks.append(attend(q_BKGTHd[:, :, :, start:stop], k_BKTHd[:, :, :stop], v_BKTHd[:, :, :stop],
                              bias_B1TT[:, :, start:stop, :stop]))
-    return jnp.concatenate(blocks, axis=1)
+    return jnp.concatenate(blocks, axis=3).transpose(0, 3, 1, 2, 4).reshape(q_BTNHd.shape)
 
 
 class Attention(nnx.Module):
