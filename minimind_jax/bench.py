@@ -317,7 +317,7 @@ class TorchSide:
         self.batches.close()
 
 
-def take_turns(sides: list, warmup: int, steps: int, progress) -> dict[str, list[StepRecord]]:
+def take_turns(sides: list, warmup: int, steps: int, progress, after_turn=lambda: None) -> dict[str, list[StepRecord]]:
     """Each side steps once per turn, in order; the first `warmup` turns are not kept."""
     records = {side.name: [] for side in sides}
     for turn in range(warmup + steps):
@@ -326,7 +326,26 @@ def take_turns(sides: list, warmup: int, steps: int, progress) -> dict[str, list
             progress(f"turn {turn + 1}/{warmup + steps} {side.name}: {record.seconds:.2f}s loss {record.loss:.4f}")
             if turn >= warmup:
                 records[side.name].append(record)
+        after_turn()
     return records
+
+
+class PeakFlops:
+    """The device's peak for MFU. On CPU the matmul peak is measured again after every turn and the best is
+    kept: measured once on a machine busy with other work it can come out low enough to put MFU above 100%."""
+
+    def __init__(self, dtype: str, platform: str):
+        from minimind_jax.perf import measured_matmul_peak, total_peak_flops
+
+        self.dtype, self.remeasure = dtype, platform == "cpu"
+        self.measure = measured_matmul_peak.__wrapped__  # uncached: a fresh measurement each call
+        self.flops, self.source = total_peak_flops(dtype)
+        if self.remeasure:
+            self.source = "best 2048² matmul on this CPU, measured between turns"
+
+    def update(self) -> None:
+        if self.remeasure:
+            self.flops = max(self.flops, self.measure(self.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -448,7 +467,6 @@ def run(args) -> int:
     from minimind_jax import sharding
     from minimind_jax.config import load_preset, num_params
     from minimind_jax.model import MiniMind
-    from minimind_jax.perf import total_peak_flops
     from minimind_jax.train import attention_flops_per_token, model_flops_per_token
     from minimind_jax.weights import params_of
 
@@ -465,7 +483,7 @@ def run(args) -> int:
                         f"{sharding.batch_size_per_step(mesh)} of mesh {dict(mesh.shape)}")
     dataset, tokenizer_label = bench_dataset(args, config.arch)
     init_params = jax.tree.map(np.asarray, params_of(MiniMind(config, rngs=nnx.Rngs(args.seed))))
-    peak_flops, peak_source = total_peak_flops(dtype)
+    peak = PeakFlops(dtype, platform)
     flops_per_token = model_flops_per_token(config) + attention_flops_per_token(config, dataset.seq_len)
 
     watch = CompileWatch()
@@ -486,7 +504,7 @@ def run(args) -> int:
             progress("building the PyTorch step")
             torch_side = TorchSide(config, dataset, init_params, args, dtype)
             sides.append(torch_side)
-        records = take_turns(sides, args.warmup, args.steps, progress)
+        records = take_turns(sides, args.warmup, args.steps, progress, after_turn=peak.update)
     finally:
         watch.close()
         for side in sides:
@@ -494,7 +512,7 @@ def run(args) -> int:
 
     rows = []
     for side in sides:
-        row = {"name": side.name, **side_figures(records[side.name], flops_per_token, peak_flops),
+        row = {"name": side.name, **side_figures(records[side.name], flops_per_token, peak.flops),
                "compile_s": side.compile_s, "compile_cache_hits": side.compile_cache_hits,
                "recompilations": side.recompilations, "memory_bytes": side.memory_bytes}
         if isinstance(side, JaxSide):
@@ -528,7 +546,7 @@ def run(args) -> int:
             "preset": args.preset, "arch": config.arch, "params": num_params(config), "dtype": dtype,
             "batch_size": args.batch_size, "seq_len": dataset.seq_len, "steps": args.steps, "warmup": args.warmup,
             "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind, "platform": platform,
-            "mesh": dict(mesh.shape), "peak_flops": peak_flops, "peak_flops_source": peak_source,
+            "mesh": dict(mesh.shape), "peak_flops": peak.flops, "peak_flops_source": peak.source,
             "flops_per_token": flops_per_token, "records": len(dataset), "tokenizer": tokenizer_label,
             "padded_loss_fraction": padded["loss_fraction"], "packed_loss_fraction": packed["loss_fraction"],
             "packed_token_fraction": packed["token_fraction"],
