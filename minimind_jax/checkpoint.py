@@ -9,15 +9,19 @@ Training checkpoints, a directory:  {step}/state (params + optimizer state + RNG
 """
 from __future__ import annotations
 
+import logging
 import pathlib
 
 import jax
+import jax.experimental.multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
 from minimind_jax.config import ModelConfig
 from minimind_jax.errors import UserError
 from minimind_jax.weights import CONFIG_FILE, PARAMS_DIR, abstract_model, params_of, read_config, write_config
+
+log = logging.getLogger(__name__)
 
 
 def _abstract_params(config: ModelConfig, sharding=None) -> dict:
@@ -131,6 +135,35 @@ class TrainCheckpoints:
             raise UserError(f"{self.directory}/{step}/state: corrupt or incompatible checkpoint "
                             f"({_first_line(error)})") from None
         return restored["state"]
+
+    def restore_newest(self, config: ModelConfig, params_sharding, opt_state_abstract) -> tuple[int, dict, dict] | None:
+        """(step, meta, state) of the newest step that restores, None without one.
+
+        A newer step that does not restore (its files damaged after it was committed) is moved aside to
+        `{step}.damaged`, kept for a look, with a one-line warning, so the run goes on from the step before
+        and can later write that step again. When no step restores (e.g. every one was saved with another
+        model shape), nothing is moved and the newest step's error is raised.
+        """
+        failures = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                meta = self.restore_meta(step)
+                state = self.restore_state(step, config, params_sharding, opt_state_abstract)
+            except UserError as error:
+                failures.append((step, error))
+                continue
+            for damaged, error in failures:
+                aside = self.directory / f"{damaged}.damaged"
+                if jax.process_index() == 0:
+                    (self.directory / str(damaged)).rename(aside)
+                log.warning("%s; moved it to %s, resuming from step %d", error, aside.name, step)
+            if failures:
+                jax.experimental.multihost_utils.sync_global_devices("checkpoint: damaged steps moved aside")
+                self.manager.reload()
+            return step, meta, state
+        if failures:
+            raise failures[0][1]
+        return None
 
     def wait(self) -> None:
         try:

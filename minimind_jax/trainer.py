@@ -227,12 +227,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     checkpoints = TrainCheckpoints(pathlib.Path(cfg.checkpoint_dir) / cfg.run_name, max_to_keep=cfg.keep_checkpoints)
     rng = jax.random.key_data(jax.random.key(cfg.seed))
     update = 0
-    if cfg.from_resume and checkpoints.latest_step() is not None:
-        update = checkpoints.latest_step()
-        meta = checkpoints.restore_meta(update)
-        restored = checkpoints.restore_state(update, model_config, param_shardings,
-                                             jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                                          opt_state, opt_shardings))
+    newest = None
+    if cfg.from_resume:
+        newest = checkpoints.restore_newest(
+            model_config, param_shardings,
+            jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt_state, opt_shardings))
+    if newest is not None:
+        update, meta, restored = newest
         params, opt_state, rng = restored["params"], restored["opt_state"], restored["rng"]
         batches.set_state(meta["data_state"])
         if is_main:

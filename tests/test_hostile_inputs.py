@@ -362,18 +362,47 @@ def damaged_run(tmp_path_factory, small_tokenizer) -> dict:
     return {"cfg": cfg, "run": run}
 
 
-def test_damaged_training_checkpoint_is_one_line_error_on_resume_and_load(damaged_run):
+def test_damaged_training_checkpoint_is_one_line_error_on_load(damaged_run):
     run = damaged_run["run"]
-    for attempt in (lambda: train(TrainConfig(**{**damaged_run["cfg"].__dict__, "from_resume": 1, "max_steps": 3})),
-                    lambda: minimind_jax.load(run)):
-        with pytest.raises(UserError) as error:
-            attempt()
-        assert str(error.value).startswith(f"{run.resolve()}/2/state: corrupt or incompatible checkpoint (")
-        assert "\n" not in str(error.value)
+    with pytest.raises(UserError) as error:
+        minimind_jax.load(run)
+    assert str(error.value).startswith(f"{run.resolve()}/2/state: corrupt or incompatible checkpoint (")
+    assert "\n" not in str(error.value)
     # The step before it is untouched and still loads.
     checkpoints = TrainCheckpoints(run, create=False)
     config = ModelConfig.from_dict(checkpoints.restore_meta(1)["model_config"])
     assert np.isfinite(np.asarray(checkpoints.restore_state(1, config)["params"]["embed_tokens"])).all()
+
+
+def resumed_copy(damaged_run, tmp_path, **overrides) -> TrainConfig:
+    """The damaged run's config resuming from a copy of its checkpoints, writing under tmp_path."""
+    cfg = TrainConfig(**{**damaged_run["cfg"].__dict__, "checkpoint_dir": str(tmp_path / "checkpoints"),
+                         "save_dir": str(tmp_path / "out"), "from_resume": 1, **overrides})
+    shutil.copytree(damaged_run["run"], pathlib.Path(cfg.checkpoint_dir) / cfg.run_name)
+    return cfg
+
+
+def test_resume_moves_a_damaged_newest_checkpoint_aside_and_goes_on_from_the_one_before(damaged_run, tmp_path,
+                                                                                         caplog):
+    cfg = resumed_copy(damaged_run, tmp_path, max_steps=2)
+    run = pathlib.Path(cfg.checkpoint_dir) / cfg.run_name
+    train(cfg)
+    assert f"{run}/2/state: corrupt or incompatible checkpoint (" in caplog.text
+    assert "moved it to 2.damaged, resuming from step 1" in caplog.text
+    assert (run / "2.damaged" / "state").is_dir()  # kept, not deleted
+    checkpoints = TrainCheckpoints(run, create=False)
+    assert checkpoints.latest_step() == 3  # updates 2 and 3 trained again from step 1
+    assert checkpoints.restore_meta(3)["update"] == 3
+
+
+def test_resume_with_no_restorable_checkpoint_moves_nothing(damaged_run, tmp_path):
+    cfg = resumed_copy(damaged_run, tmp_path)
+    run = pathlib.Path(cfg.checkpoint_dir) / cfg.run_name
+    damage_all(run / "1" / "state", lambda b: b[: len(b) // 2])
+    with pytest.raises(UserError) as error:
+        train(cfg)
+    assert str(error.value).startswith(f"{run}/2/state: corrupt or incompatible checkpoint (")
+    assert sorted(p.name for p in run.iterdir()) == ["1", "2"]
 
 
 # ---------------------------------------------------------------------------------------------------------
