@@ -50,6 +50,7 @@ OUR_FLAGS = {
     "loss_chunk_size": (int, "compute lm_head + CE this many positions at a time"),
     "num_attention_heads": (int, "heads (2510 weights cannot tell; default 8)"),
     "cache_dir": (str, "tokenized-data cache directory"),
+    "compilation_cache_dir": (str, "persistent XLA compilation cache (default ~/.cache/minimind_jax/xla; 'none': off)"),
     "system_prompt_ratio": (float, "v3: chance of adding a random system prompt (MiniMind: 0.2)"),
     "drop_empty_think_ratio": (float, "v3: chance of dropping an empty think block (MiniMind: 0.8)"),
     "max_consecutive_skips": (int, "stop after N consecutive non-finite updates"),

@@ -68,6 +68,7 @@ class TrainConfig:
     loss_chunk_size: int | None = None
     num_attention_heads: int | None = None
     cache_dir: str | None = None
+    compilation_cache_dir: str | None = None  # None: $JAX_COMPILATION_CACHE_DIR if set, else {cache}/xla; "none": off
     strict: bool = False
     system_prompt_ratio: float | None = None
     drop_empty_think_ratio: float | None = None
@@ -104,6 +105,15 @@ def defaults_for(mode: str, arch: str) -> dict[str, Any]:
         return dict(learning_rate=1e-5, hidden_size=768, max_seq_len=768, save_interval=1000,
                     data_path="dataset/sft_t2t_mini.jsonl")
     return {}
+
+
+def use_compilation_cache(directory: str | None) -> None:
+    """JAX's persistent compilation cache, so a resumed or repeated run skips the XLA compiles done before."""
+    if directory == "none" or (directory is None and os.environ.get("JAX_COMPILATION_CACHE_DIR")):
+        return
+    from minimind_jax.data import default_cache_dir
+
+    jax.config.update("jax_compilation_cache_dir", directory or str(default_cache_dir() / "xla"))
 
 
 def maybe_initialize_distributed() -> None:
@@ -192,6 +202,7 @@ class _Preemption:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Runs the whole training job; returns a summary (final losses, throughput, paths)."""
     maybe_initialize_distributed()
+    use_compilation_cache(cfg.compilation_cache_dir)
     is_main = jax.process_index() == 0
     mesh = sharding.make_mesh(cfg.mesh)
     split = sharding.batch_size_per_step(mesh)

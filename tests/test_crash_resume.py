@@ -7,8 +7,8 @@ interruption the next link must resume from the newest complete checkpoint; at t
 and the final parameters must equal the reference run's exactly (CPU, fp32).
 
 The model is tiny (hidden 32, 2 layers, seq 64) on a corpus from `minimind_jax.corpus` with a SentencePiece
-tokenizer trained here, so no ../shared is needed. A persistent XLA compilation cache makes every process
-after the first skip compilation.
+tokenizer trained here, so no ../shared is needed. The persistent XLA compilation cache
+(--compilation_cache_dir) makes every process after the first skip compilation.
 """
 import json
 import os
@@ -41,12 +41,13 @@ def setup(tmp_path_factory):
                           max_conversations=60, heldout_fraction=0.0)
     tokenizer = train_sentencepiece([corpus["pretrain"]], work / "tokenizer" / "sp", vocab_size=600)
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_COMPILATION_CACHE_DIR=str(work / "xla_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONUNBUFFERED="1")
     flags = ["--tokenizer_path", str(tokenizer), "--data_path", str(corpus["sft"]), "--from_weight", "none",
              "--hidden_size", "32", "--num_hidden_layers", "2", "--max_seq_len", "64", "--batch_size", "4",
              "--epochs", "2", "--learning_rate", "1e-3", "--log_interval", "1", "--save_interval", "1",
-             "--cache_dir", str(work / "data_cache"), "--mesh", "data=2", "--no_progress"]
+             "--cache_dir", str(work / "data_cache"), "--compilation_cache_dir", str(work / "xla_cache"),
+             "--mesh", "data=2", "--no_progress"]
     return {"work": work, "env": env, "flags": flags}
 
 
@@ -201,6 +202,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(setup):
               f"newest complete step {expected_start}")
 
     assert not steps_being_written(chain / "checkpoints" / RUN_NAME)  # half-written steps were cleaned up
+    assert any((setup["work"] / "xla_cache").iterdir())  # --compilation_cache_dir reached JAX
     assert reference.finish() == 0, reference.output()
     expected_records = read_metrics(reference.metrics)
     assert [r["update"] for r in expected_records] == list(range(1, len(expected_records) + 1))
