@@ -57,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "bench") -> No
                         help="lm_head + CE only at loss positions, this many at a time (default: full logits)")
     parser.add_argument("--attention_impl", default="xla", choices=ATTENTION_IMPLS)
     parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
+    parser.add_argument("--unroll_layers", action="store_true",
+                        help="run the layers unrolled instead of with lax.scan (ModelConfig.scan_layers=False)")
     parser.add_argument("--ablation", action="store_true",
                         help="also run each fast-path switch on its own and all together (one row each)")
     parser.add_argument("--decode", action="store_true", help="also run generate.benchmark_decode on the preset")
@@ -87,11 +89,12 @@ class Variant:
     loss_chunk_size: int | None = None
     attention_impl: str = "xla"
     remat: str = "none"
+    unroll_layers: bool = False
 
 
 def variants_for(args, platform: str) -> list[Variant]:
     """The variant the flags ask for, then (--ablation) each fast-path switch alone and all of them together."""
-    asked = Variant("", args.packing, args.loss_chunk_size, args.attention_impl, args.remat)
+    asked = Variant("", args.packing, args.loss_chunk_size, args.attention_impl, args.remat, args.unroll_layers)
     if not args.ablation:
         return [asked]
     chunk = args.loss_chunk_size or 512
@@ -101,9 +104,13 @@ def variants_for(args, platform: str) -> list[Variant]:
         Variant(f"loss positions only (chunk {chunk})", loss_chunk_size=chunk),
         Variant(f"attention {attention}", attention_impl=attention),
         Variant("remat dots", remat="dots"),
+        Variant("layers unrolled", unroll_layers=True),
         Variant("packing", packing=True),
-        Variant(f"all: packing + loss positions + {attention}", True, chunk, attention),
     ]
+    # Unrolling helps XLA:CPU (no stacked activation buffers); on accelerators scan keeps compiles short.
+    unroll = platform == "cpu"
+    rows.append(Variant(f"all: packing + loss positions + {attention}{' + unrolled' if unroll else ''}", True,
+                        chunk, attention, unroll_layers=unroll))
     settings = lambda v: dataclasses.astuple(v)[1:]
     return [asked] + [v for v in rows if settings(v) != settings(asked)]
 
@@ -117,6 +124,8 @@ def describe(variant: Variant) -> str:
     parts.append(f"{variant.attention_impl} attention")
     if variant.remat != "none":
         parts.append(f"remat {variant.remat}")
+    if variant.unroll_layers:
+        parts.append("unrolled")
     return "ours: " + ", ".join(parts)
 
 
@@ -228,7 +237,8 @@ class JaxSide:
         from minimind_jax.weights import model_from_params
 
         self.name, self.variant, self.watch = describe(variant), variant, watch
-        self.config = config.replace(remat=variant.remat, attention_impl=variant.attention_impl)
+        self.config = config.replace(remat=variant.remat, attention_impl=variant.attention_impl,
+                                     scan_layers=not variant.unroll_layers)
         optimizer = make_optimizer(args.learning_rate)
         graphdef, self.params, self.opt_state, param_shardings, opt_shardings = init_train_state(
             model_from_params(self.config, init_params), optimizer, mesh)

@@ -59,7 +59,7 @@ class ModelConfig:
     router_aux_loss_coef: float = 5e-4
     # ---- ours ----
     dtype: str = "float32"  # compute dtype; params stay fp32 and logits are returned in fp32
-    scan_layers: bool = True
+    scan_layers: bool = True  # False unrolls the layer loop (faster on CPU, compile time grows with depth)
     remat: str = "none"  # none | full | dots (jax.checkpoint policy for each scanned block)
     attention_impl: str = "xla"  # see ATTENTION_IMPLS; "xla" is the exact path the parity tests check
 

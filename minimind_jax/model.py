@@ -139,23 +139,26 @@ def grouped_attention(q_BTNHd, k_BSKHd, v_BSKHd, bias_B1TS, dropout=None):
     return jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKHd).reshape(q_BTNHd.shape)
 
 
-def causal_block_attention(q_BTNHd, k_BTKHd, v_BTKHd, bias_B1TT, block_size: int = CAUSAL_BLOCK):
+def causal_block_attention(q_BTNHd, k_BTKHd, v_BTKHd, bias_B1TT, block_size: int = CAUSAL_BLOCK,
+                           recompute: bool = False):
     """grouped_attention without a cache, one block of queries at a time against only the keys up to the
     block's end. The keys left out are all above the causal diagonal (bias -inf, probability exactly 0), so
-    the result is the same for about half the work. Each block's scores are recomputed in the backward pass
-    rather than kept, so no [T,T] probabilities are stored per layer. Queries, keys and values are laid out
-    head-major once ([B,K,G,T,Hd], [B,K,T,Hd]), so XLA:CPU does not transpose the blocks' probabilities."""
+    the result is the same for about half the work. With `recompute`, each block's scores are recomputed in
+    the backward pass rather than kept, so no [T,T] probabilities are stored per layer. Queries, keys and
+    values are laid out head-major once ([B,K,G,T,Hd], [B,K,T,Hd]), so XLA:CPU does not transpose the blocks'
+    probabilities."""
     b, t, num_heads, head_dim = q_BTNHd.shape
     num_kv_heads = k_BTKHd.shape[2]
     q_BKGTHd = q_BTNHd.reshape(b, t, num_kv_heads, num_heads // num_kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
     k_BKTHd, v_BKTHd = k_BTKHd.transpose(0, 2, 1, 3), v_BTKHd.transpose(0, 2, 1, 3)
 
-    @jax.checkpoint
     def attend(q_BKGtHd, k_BKsHd, v_BKsHd, bias_B1ts):
         scores = jnp.einsum("bkgth,bksh->bkgts", q_BKGtHd, k_BKsHd, preferred_element_type=jnp.float32)
         probs = jax.nn.softmax(scores / math.sqrt(head_dim) + bias_B1ts[:, :, None], axis=-1)
         return jnp.einsum("bkgts,bksh->bkgth", probs.astype(v_BKsHd.dtype), v_BKsHd)
 
+    if recompute:
+        attend = jax.checkpoint(attend)
     blocks = []
     for start in range(0, t, block_size):
         stop = min(start + block_size, t)
@@ -178,6 +181,7 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(hd, config.rms_norm_eps, multiply_in_fp32=True)
         self.dropout = nnx.Dropout(config.dropout)
         self.impl = config.attention_impl
+        self.recompute_scores = config.remat != "none"  # causal_blocks keeps its probabilities only without remat
 
     def __call__(self, x_BTD, cos, sin, bias_B1TS, kv_cache=None, cache_index=None, dropout_rngs=None):
         """Returns (out_BTD, (k_BSKHd, v_BSKHd)) where S is T without a cache, the cache size with one."""
@@ -200,7 +204,7 @@ class Attention(nnx.Module):
             dropout = functools.partial(self.dropout, rngs=dropout_rngs, deterministic=dropout_rngs is None)
             out = grouped_attention(q, k, v, bias_B1TS, dropout)
         elif self.impl == "causal_blocks":
-            out = causal_block_attention(q, k, v, bias_B1TS)
+            out = causal_block_attention(q, k, v, bias_B1TS, CAUSAL_BLOCK, recompute=self.recompute_scores)
         else:  # The bias already holds the causal mask; is_causal also lets cuDNN skip the blocks above it.
             cudnn = self.impl == "cudnn"
             out = jax.nn.dot_product_attention(q, k, v, bias_B1TS.astype(dtype) if cudnn else bias_B1TS,
@@ -373,7 +377,10 @@ class MiniMind(nnx.Module):
 
         if cfg.remat != "none":
             run_block = jax.checkpoint(run_block, policy=_REMAT_POLICIES[cfg.remat])
-        h, (aux_L, new_caches) = jax.lax.scan(run_block, h, (layer_state, layer_caches, layer_keys))
+        # Unrolled (scan_layers=False), compile time grows with depth, but XLA lays out each layer's saved
+        # activations freely instead of stacking them into [L, ...] buffers: faster on CPU.
+        h, (aux_L, new_caches) = jax.lax.scan(run_block, h, (layer_state, layer_caches, layer_keys),
+                                              unroll=1 if cfg.scan_layers else num_layers)
 
         hidden = self.norm(h)
         new_cache = None

@@ -46,6 +46,7 @@ OUR_FLAGS = {
     "keep_checkpoints": (int, "how many checkpoints to keep"),
     "max_steps": (int, "stop after N optimizer updates"),
     "remat": (str, "none | full | dots: recompute activations in the backward pass"),
+    "scan_layers": (int, "1 = run the layers with lax.scan (default); 0 = unrolled: faster on CPU, slower to compile"),
     "attention_impl": (str, "xla (exact, default) | causal_blocks | dot_product_attention | cudnn (GPU, bf16)"),
     "loss_chunk_size": (int, "compute lm_head + CE this many positions at a time"),
     "num_attention_heads": (int, "heads (2510 weights cannot tell; default 8)"),

@@ -64,6 +64,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_steps: int | None = None  # stop after this many optimizer updates (the schedule still spans all epochs)
     remat: str = "none"
+    scan_layers: bool = True
     attention_impl: str = "xla"  # ModelConfig.attention_impl: xla (exact) | causal_blocks | dot_product_attention | cudnn
     loss_chunk_size: int | None = None
     num_attention_heads: int | None = None
@@ -145,7 +146,7 @@ def resolve_weight(cfg: TrainConfig) -> pathlib.Path | None:
 def build_model(cfg: TrainConfig, dtype: str) -> MiniMind:
     from minimind_jax.weights import load
 
-    ours = dict(dtype=dtype, remat=cfg.remat, attention_impl=cfg.attention_impl)
+    ours = dict(dtype=dtype, remat=cfg.remat, scan_layers=bool(cfg.scan_layers), attention_impl=cfg.attention_impl)
     weight = resolve_weight(cfg)
     if weight is not None:
         overrides = dict(ours, **({"num_attention_heads": cfg.num_attention_heads} if cfg.num_attention_heads else {}))

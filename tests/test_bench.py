@@ -78,10 +78,11 @@ def test_chunked_ce_inside_shard_map_matches_full_logits():
         np.testing.assert_allclose(g, e, atol=1e-5)
 
 
-def attention_loss_and_grads(arch: str, attention_impl: str):
-    """Logits and parameter gradients of a 1-layer model on packed rows (segments, a padded tail) that also
+def attention_loss_and_grads(arch: str, attention_impl: str, **config_fields):
+    """Logits and parameter gradients of a 2-layer model on packed rows (segments, a padded tail) that also
     carry a padding mask, so every part of the attention bias is exercised."""
-    config = ModelConfig(arch=arch, hidden_size=64, num_hidden_layers=1, vocab_size=300, attention_impl=attention_impl)
+    config = ModelConfig(arch=arch, hidden_size=64, num_hidden_layers=2, vocab_size=300, attention_impl=attention_impl,
+                         **config_fields)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 300, (2, 29))
     segments = np.ones((2, 29), np.int32)
@@ -103,14 +104,15 @@ def exact_attention():
     return {arch: attention_loss_and_grads(arch, "xla") for arch in ("minimind2", "minimind3")}
 
 
-@pytest.mark.parametrize("impl", ["causal_blocks", "dot_product_attention"])
+@pytest.mark.parametrize("impl, fields", [("causal_blocks", {}), ("causal_blocks", {"remat": "dots"}),
+                                           ("dot_product_attention", {}), ("xla", {"scan_layers": False})])
 @pytest.mark.parametrize("arch", ["minimind2", "minimind3"])
-def test_attention_impls_match_the_exact_path(impl, arch, exact_attention, monkeypatch):
+def test_attention_impls_and_unrolled_layers_match_the_exact_path(impl, fields, arch, exact_attention, monkeypatch):
     import minimind_jax.model as model_module
 
     monkeypatch.setattr(model_module, "CAUSAL_BLOCK", 8)  # several blocks, the last one short
     expected_logits, expected_grads = exact_attention[arch]
-    logits, grads = attention_loss_and_grads(arch, impl)
+    logits, grads = attention_loss_and_grads(arch, impl, **fields)
     np.testing.assert_allclose(logits, expected_logits, atol=1e-5)
     for g, e in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
         np.testing.assert_allclose(g, e, atol=1e-5)
@@ -126,16 +128,17 @@ def test_cudnn_attention_needs_half_precision():
 
 def test_ablation_variants_cover_each_switch_once():
     args = argparse.Namespace(packing=False, loss_chunk_size=None, attention_impl="xla", remat="none",
-                              ablation=True, dtype=None)
+                              unroll_layers=False, ablation=True, dtype=None)
     variants = bench.variants_for(args, "cpu")
     settings = [v.__class__(**{**vars(v), "name": ""}) for v in variants]
     assert len(set(settings)) == len(settings), "a variant is measured twice"
     assert variants[0] == bench.Variant("", False, None, "xla", "none")
     assert {v.attention_impl for v in variants} == {"xla", "causal_blocks"}
-    assert any(v.packing and v.loss_chunk_size and v.attention_impl != "xla" for v in variants)
+    assert any(v.packing and v.loss_chunk_size and v.attention_impl != "xla" and v.unroll_layers for v in variants)
     assert bench.variants_for(argparse.Namespace(**{**vars(args), "ablation": False}), "cpu") == variants[:1]
     gpu = bench.variants_for(argparse.Namespace(**{**vars(args), "dtype": "bfloat16"}), "gpu")
     assert "cudnn" in {v.attention_impl for v in gpu}
+    assert not gpu[-1].unroll_layers  # the combined row keeps lax.scan on accelerators
 
 
 @pytest.fixture(scope="module")
