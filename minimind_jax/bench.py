@@ -40,6 +40,7 @@ SHARED_TOKENIZERS = {"minimind2": REPO_ROOT.parent / "shared" / "minimind" / "25
 DEFAULT_DATA_DIR = pathlib.Path.home() / ".cache" / "minimind_jax" / "bench"
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+MALLOC_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MINIMIND_JAX_SYSTEM_MALLOC")
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str = "bench") -> None:
@@ -445,6 +446,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"positions {setup['padded_loss_fraction']:.1%} of padded rows, {setup['packed_loss_fraction']:.1%} of packed",
         f"{setup['steps']} timed steps per side after {setup['warmup']} warm-up, sides taking turns; medians, and "
         f"the range of the per-turn ratios to torch; CPU-time ×: torch's process CPU seconds per token over ours",
+        f"malloc settings of this process (both sides): {setup['malloc_env'] or 'glibc defaults'}",
         "",
     ]
     lines += table_rows(result["rows"])
@@ -563,6 +565,8 @@ def run(args) -> int:
             "torch_threads": torch_side.torch.get_num_threads() if torch_side is not None else None,
             "torch_device": str(torch_side.device) if torch_side is not None else None,
             "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            # Both sides share this process's allocator settings (main.py sets them; see keep_freed_memory).
+            "malloc_env": {name: os.environ[name] for name in MALLOC_ENV if name in os.environ},
             "compilation_cache_dir": args.compilation_cache_dir,
         },
         "rows": rows,

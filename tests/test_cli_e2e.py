@@ -33,3 +33,27 @@ def test_command_line_flags_override_the_preset():
     cfg = parsed("sft", "--config", str(CONFIG_DIR / "sft_minimind2-small.yaml"), "--learning_rate", "1e-5",
                  "--packing", "0")
     assert cfg.learning_rate == 1e-5 and cfg.packing == 0 and cfg.batch_size == 16
+
+
+def test_cli_restarts_once_with_a_malloc_that_keeps_freed_memory(monkeypatch):
+    import os
+    import sys
+
+    import main
+
+    restarts = []
+    monkeypatch.setattr(main.os, "execv", lambda executable, argv: restarts.append((executable, argv)))
+    for name in [*main.KEEP_FREED_MEMORY_ENV, "MINIMIND_JAX_SYSTEM_MALLOC"]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(main.sys, "argv", ["main.py", "sft", "--epochs", "1"])
+    main.keep_freed_memory()
+    assert restarts == [(sys.executable, [sys.executable, "main.py", "sft", "--epochs", "1"])]
+    assert {name: os.environ[name] for name in main.KEEP_FREED_MEMORY_ENV} == main.KEEP_FREED_MEMORY_ENV
+    main.keep_freed_memory()  # the restarted process finds the variables set: no second restart
+    assert len(restarts) == 1
+
+    for name in main.KEEP_FREED_MEMORY_ENV:  # a user's own setting stands
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    main.keep_freed_memory()
+    assert len(restarts) == 1 and os.environ["MALLOC_ARENA_MAX"] == "4"
