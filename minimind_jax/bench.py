@@ -110,8 +110,9 @@ def variants_for(args, platform: str) -> list[Variant]:
     ]
     # Unrolling helps XLA:CPU (no stacked activation buffers); on accelerators scan keeps compiles short.
     unroll = platform == "cpu"
-    rows.append(Variant(f"all: packing + loss positions + {attention}{' + unrolled' if unroll else ''}", True,
-                        chunk, attention, unroll_layers=unroll))
+    switches = f"loss positions + {attention}{' + unrolled' if unroll else ''}"
+    rows.append(Variant(f"padded (MiniMind's rows): {switches}", False, chunk, attention, unroll_layers=unroll))
+    rows.append(Variant(f"all: packing + {switches}", True, chunk, attention, unroll_layers=unroll))
     settings = lambda v: dataclasses.astuple(v)[1:]
     return [asked] + [v for v in rows if settings(v) != settings(asked)]
 

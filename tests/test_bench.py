@@ -134,7 +134,9 @@ def test_ablation_variants_cover_each_switch_once():
     assert len(set(settings)) == len(settings), "a variant is measured twice"
     assert variants[0] == bench.Variant("", False, None, "xla", "none")
     assert {v.attention_impl for v in variants} == {"xla", "causal_blocks"}
-    assert any(v.packing and v.loss_chunk_size and v.attention_impl != "xla" and v.unroll_layers for v in variants)
+    for packing in (False, True):  # every switch but packing on MiniMind's padded rows, then with packing too
+        assert any(v.packing == packing and v.loss_chunk_size and v.attention_impl != "xla" and v.unroll_layers
+                   for v in variants)
     assert bench.variants_for(argparse.Namespace(**{**vars(args), "ablation": False}), "cpu") == variants[:1]
     gpu = bench.variants_for(argparse.Namespace(**{**vars(args), "dtype": "bfloat16"}), "gpu")
     assert "cudnn" in {v.attention_impl for v in gpu}
