@@ -1,7 +1,7 @@
 """Where the time of one train step goes: a jax.profiler trace of our step, summed per XLA op.
 
     python benchmarks/profile_step.py --preset minimind2-small --batch_size 2 [--loss_chunk_size 512]
-        [--attention_impl causal_blocks] [--remat dots] [--packing] [--top 30] [--hlo step.hlo]
+        [--attention_impl causal_blocks] [--remat dots] [--unroll_layers] [--top 30] [--hlo step.hlo]
 
 Runs the real `train.make_train_step` on random tokens (real batches change nothing per op), traces
 `--steps` steps after one warm-up, and prints each op's time per step (summed over the threads that ran
@@ -69,7 +69,8 @@ def profile_jax(args) -> None:
     from minimind_jax.model import MiniMind
     from minimind_jax.train import init_train_state, make_optimizer, make_train_step
 
-    config = load_preset(args.preset, remat=args.remat, attention_impl=args.attention_impl)
+    config = load_preset(args.preset, remat=args.remat, attention_impl=args.attention_impl,
+                         scan_layers=not args.unroll_layers)
     mesh = sharding.make_mesh(None)
     optimizer = make_optimizer(1e-4)
     graphdef, params, opt_state, param_shardings, opt_shardings = init_train_state(
@@ -139,6 +140,7 @@ def main(argv=None) -> int:
     parser.add_argument("--loss_chunk_size", type=int, default=None)
     parser.add_argument("--attention_impl", default="xla")
     parser.add_argument("--remat", default="none")
+    parser.add_argument("--unroll_layers", action="store_true", help="ModelConfig.scan_layers=False")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--hlo", default=None, help="write the optimized HLO here")

@@ -214,10 +214,45 @@ class Attention(nnx.Module):
         return self.dropout(out, rngs=dropout_rngs, deterministic=dropout_rngs is None), (k, v)
 
 
-def swiglu(x, gate_DF, up_DF, down_FD):
-    dtype = x.dtype
-    hidden = jax.nn.silu(x @ gate_DF.astype(dtype)) * (x @ up_DF.astype(dtype))
-    return hidden @ down_FD.astype(dtype)
+def swiglu(x_BTD, gate_DF, up_DF, down_FD, batch_axes: tuple[str, ...] = ()):
+    """silu(x·gate) * (x·up) · down, computed on [B·T, D] rows with a hand-written backward pass.
+
+    batch_axes: inside shard_map, the mesh axes the batch is split over. The backward pass gives each device's
+    own weight gradients, so the weights enter as device-varying values; autodiff sums them over those axes.
+    """
+    dtype = x_BTD.dtype
+    weights = [w.astype(dtype) for w in (gate_DF, up_DF, down_FD)]
+    if batch_axes:
+        weights = [jax.lax.pcast(w, batch_axes, to="varying") for w in weights]
+    b, t, d = x_BTD.shape
+    return _swiglu_rows(x_BTD.reshape(b * t, d), *weights).reshape(b, t, -1)
+
+
+@jax.custom_vjp
+def _swiglu_rows(x_ND, gate_DF, up_DF, down_FD):
+    return (jax.nn.silu(x_ND @ gate_DF) * (x_ND @ up_DF)) @ down_FD
+
+
+def _swiglu_rows_fwd(x_ND, gate_DF, up_DF, down_FD):
+    gate_NF, up_NF = x_ND @ gate_DF, x_ND @ up_DF
+    return (jax.nn.silu(gate_NF) * up_NF) @ down_FD, (x_ND, gate_NF, up_NF, gate_DF, up_DF, down_FD)
+
+
+def _swiglu_rows_bwd(residuals, dy_ND):
+    """The same gradients autodiff gives, from the saved pre-activations; the train step on XLA:CPU ran
+    1.27× faster with it (minimind2-small, 8 × 512, fp32), as autodiff's version made XLA transpose each
+    layer's [N, F] gradient to get the gate and up weight gradients."""
+    x_ND, gate_NF, up_NF, gate_DF, up_DF, down_FD = residuals
+    sigmoid_NF = jax.nn.sigmoid(gate_NF)
+    silu_NF = gate_NF * sigmoid_NF
+    d_hidden_NF = dy_ND @ down_FD.T
+    d_up_NF = d_hidden_NF * silu_NF
+    d_gate_NF = d_hidden_NF * up_NF * sigmoid_NF * (1 + gate_NF * (1 - sigmoid_NF))
+    dx_ND = d_gate_NF @ gate_DF.T + d_up_NF @ up_DF.T
+    return dx_ND, x_ND.T @ d_gate_NF, x_ND.T @ d_up_NF, (silu_NF * up_NF).T @ dy_ND
+
+
+_swiglu_rows.defvjp(_swiglu_rows_fwd, _swiglu_rows_bwd)
 
 
 class MLP(nnx.Module):
@@ -227,7 +262,7 @@ class MLP(nnx.Module):
         self.dropout = nnx.Dropout(config.dropout)
 
     def __call__(self, x_BTD, train: bool, dropout_rngs=None, batch_axes=()):
-        out = swiglu(x_BTD, self.gate_proj[...], self.up_proj[...], self.down_proj[...])
+        out = swiglu(x_BTD, self.gate_proj[...], self.up_proj[...], self.down_proj[...], batch_axes)
         return self.dropout(out, rngs=dropout_rngs, deterministic=dropout_rngs is None), jnp.zeros((), jnp.float32)
 
 
@@ -260,8 +295,8 @@ class MoE(nnx.Module):
         chosen_BTKE = jax.nn.one_hot(top_index_BTK, num_experts, dtype=jnp.float32)
         weight_BTE = jnp.einsum("btk,btke->bte", top_weight_BTK, chosen_BTKE)
 
-        expert_out_BTED = jax.vmap(swiglu, in_axes=(None, 0, 0, 0), out_axes=2)(
-            x_BTD, self.gate_proj[...], self.up_proj[...], self.down_proj[...])
+        expert_out_BTED = jax.vmap(functools.partial(swiglu, batch_axes=batch_axes), in_axes=(None, 0, 0, 0),
+                                   out_axes=2)(x_BTD, self.gate_proj[...], self.up_proj[...], self.down_proj[...])
         expert_out_BTED = expert_out_BTED.astype(jnp.float32)
         if train and not cfg.is_v3:
             # 2510's training path collects expert outputs in an fp16 buffer before weighting them.
@@ -269,7 +304,8 @@ class MoE(nnx.Module):
         y = jnp.einsum("bte,bted->btd", weight_BTE, expert_out_BTED)
         if cfg.num_shared_experts:
             for i in range(cfg.num_shared_experts):
-                shared = swiglu(x_BTD, self.shared_gate_proj[i], self.shared_up_proj[i], self.shared_down_proj[i])
+                shared = swiglu(x_BTD, self.shared_gate_proj[i], self.shared_up_proj[i], self.shared_down_proj[i],
+                                batch_axes)
                 y = y + shared.astype(jnp.float32)
 
         def global_mean(x, axis):
