@@ -14,7 +14,8 @@
 # `run` uses the jax/jaxlib (CUDA plugin), flax, optax and torch (CUDA build) already installed there, adds the
 # carried wheels with pip --no-index, and runs, each under its own time limit:
 #   1. minimind2-small, batch 16 × 512, bf16, --ablation: the padded baseline, loss positions only, cuDNN
-#      attention, remat dots, packing, and all together, each against the PyTorch step (about 3 minutes);
+#      attention, remat dots, layers unrolled, packing, the padded rows with every switch but packing, and
+#      all together, each against the PyTorch step (about 3 minutes);
 #   2. minimind2, batch 16 × 512, bf16: packing + loss positions + cuDNN attention against PyTorch, and the
 #      decode benchmark (about 1 minute); if cuDNN refuses the shapes, the same with causal_blocks attention.
 # It prints the versions and the device, then each bench's table (tokens/s, loss tokens/s, ratio to torch
