@@ -419,14 +419,15 @@ def test_cli_prints_one_error_line_and_no_traceback(tmp_path, small_tokenizer, p
            "--hidden_size", "32", "--num_hidden_layers", "2", "--max_seq_len", "48", "--batch_size", "8",
            "--num_workers", "0", "--no_progress", "--cache_dir", str(tmp_path / "cache"),
            "--save_dir", str(tmp_path / "out"), "--checkpoint_dir", str(tmp_path / "checkpoints")]
-    resume = damaged_run["cfg"]
+    resume = resumed_copy(damaged_run, tmp_path / "resume")
+    damage_all(pathlib.Path(resume.checkpoint_dir) / resume.run_name / "1" / "state", lambda b: b[: len(b) // 2])
     cases = {
         "refused to load: it holds objects other than tensors": [
             sys.executable, str(REPO_ROOT / "main.py"), "convert", str(pth_files["zip_payload"]), str(tmp_path / "o")],
         "legacy_payload.pth: refused to load": [*sft, "--data_path", str(chats), "--from_weight",
                                                 str(pth_files["legacy_payload"])],
         "binary.jsonl: no usable sft records": [*sft, "--data_path", str(binary), "--from_weight", "none"],
-        "/2/state: corrupt or incompatible checkpoint": [
+        "/2/state: corrupt or incompatible checkpoint": [  # no step restores
             *sft, "--data_path", resume.data_path, "--from_weight", "none", "--from_resume", "1",
             "--checkpoint_dir", resume.checkpoint_dir, "--cache_dir", resume.cache_dir, "--max_steps", "3"],
     }
