@@ -37,7 +37,7 @@ def keep_freed_memory() -> None:
     if any(name in os.environ for name in KEEP_FREED_MEMORY_ENV):
         return
     os.environ.update(KEEP_FREED_MEMORY_ENV)
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])  # the interpreter's own flags included
 
 
 def main(argv=None) -> int:

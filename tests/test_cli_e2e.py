@@ -45,9 +45,9 @@ def test_cli_restarts_once_with_a_malloc_that_keeps_freed_memory(monkeypatch):
     monkeypatch.setattr(main.os, "execv", lambda executable, argv: restarts.append((executable, argv)))
     for name in [*main.KEEP_FREED_MEMORY_ENV, "MINIMIND_JAX_SYSTEM_MALLOC"]:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(main.sys, "argv", ["main.py", "sft", "--epochs", "1"])
+    monkeypatch.setattr(main.sys, "orig_argv", ["python3", "-u", "main.py", "sft", "--epochs", "1"])
     main.keep_freed_memory()
-    assert restarts == [(sys.executable, [sys.executable, "main.py", "sft", "--epochs", "1"])]
+    assert restarts == [(sys.executable, [sys.executable, "-u", "main.py", "sft", "--epochs", "1"])]
     assert {name: os.environ[name] for name in main.KEEP_FREED_MEMORY_ENV} == main.KEEP_FREED_MEMORY_ENV
     main.keep_freed_memory()  # the restarted process finds the variables set: no second restart
     assert len(restarts) == 1
