@@ -5,10 +5,10 @@ Modules are imported only when their subcommand is chosen, so `main.py convert -
 """
 import argparse
 import importlib
-import os
 import sys
 
 from minimind_jax.errors import UserError
+from minimind_jax.malloc import keep_freed_memory
 
 SUBCOMMANDS = {
     "sft": ("minimind_jax.train_cli", "full-parameter SFT with the loss mask (MiniMind's train_full_sft.py flags)"),
@@ -21,23 +21,6 @@ SUBCOMMANDS = {
     "bench": ("minimind_jax.bench", "side-by-side SFT step benchmark against PyTorch"),
     "demo": ("minimind_jax.demo", "end-to-end: corpus, tokenizer, pretrain, SFT, export, chat"),
 }
-
-
-# glibc hands every freed block of 32 MB or more (and any large block freed by a worker thread) back to the
-# OS at once, so each XLA:CPU train step faults its multi-GB working set in again: about 700k page faults and
-# 2 s of kernel time per minimind2-small step at 8 x 512. One malloc arena that keeps what it frees avoids it.
-KEEP_FREED_MEMORY_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
-
-
-def keep_freed_memory() -> None:
-    """Restarts this process once with KEEP_FREED_MEMORY_ENV (glibc reads it only at start), unless the user
-    set any of those variables (then theirs stand) or MINIMIND_JAX_SYSTEM_MALLOC=1."""
-    if not sys.platform.startswith("linux") or os.environ.get("MINIMIND_JAX_SYSTEM_MALLOC") == "1":
-        return
-    if any(name in os.environ for name in KEEP_FREED_MEMORY_ENV):
-        return
-    os.environ.update(KEEP_FREED_MEMORY_ENV)
-    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])  # the interpreter's own flags included
 
 
 def main(argv=None) -> int:

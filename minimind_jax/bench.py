@@ -31,6 +31,7 @@ import sys
 import time
 from typing import Any
 
+from minimind_jax import malloc
 from minimind_jax.config import ATTENTION_IMPLS
 from minimind_jax.errors import UserError
 
@@ -40,7 +41,6 @@ SHARED_TOKENIZERS = {"minimind2": REPO_ROOT.parent / "shared" / "minimind" / "25
 DEFAULT_DATA_DIR = pathlib.Path.home() / ".cache" / "minimind_jax" / "bench"
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
-MALLOC_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MINIMIND_JAX_SYSTEM_MALLOC")
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str = "bench") -> None:
@@ -566,8 +566,8 @@ def run(args) -> int:
             "torch_threads": torch_side.torch.get_num_threads() if torch_side is not None else None,
             "torch_device": str(torch_side.device) if torch_side is not None else None,
             "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            # Both sides share this process's allocator settings (main.py sets them; see keep_freed_memory).
-            "malloc_env": {name: os.environ[name] for name in MALLOC_ENV if name in os.environ},
+            # Both sides share this process's allocator settings (main.py sets them; see minimind_jax.malloc).
+            "malloc_env": malloc.current_settings(),
             "compilation_cache_dir": args.compilation_cache_dir,
         },
         "rows": rows,

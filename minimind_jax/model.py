@@ -21,7 +21,7 @@ from flax import nnx
 from minimind_jax.config import ModelConfig
 
 MASKED_PAD = -1e9  # MiniMind adds (1 - mask) * -1e9 to padded keys (not -inf: fully padded rows stay finite)
-CAUSAL_BLOCK = 128  # queries per block of causal_block_attention
+CAUSAL_BLOCK = 128  # queries per block of causal_block_attention (read at call time: tests shrink it)
 
 
 class KVCache(NamedTuple):
@@ -139,8 +139,7 @@ def grouped_attention(q_BTNHd, k_BSKHd, v_BSKHd, bias_B1TS, dropout=None):
     return jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKHd).reshape(q_BTNHd.shape)
 
 
-def causal_block_attention(q_BTNHd, k_BTKHd, v_BTKHd, bias_B1TT, block_size: int = CAUSAL_BLOCK,
-                           recompute: bool = False):
+def causal_block_attention(q_BTNHd, k_BTKHd, v_BTKHd, bias_B1TT, block_size: int, recompute: bool = False):
     """grouped_attention without a cache, one block of queries at a time against only the keys up to the
     block's end. The keys left out are all above the causal diagonal (bias -inf, probability exactly 0), so
     the result is the same for about half the work. With `recompute`, each block's scores are recomputed in
@@ -228,14 +227,14 @@ def swiglu(x_BTD, gate_DF, up_DF, down_FD, batch_axes: tuple[str, ...] = ()):
     return _swiglu_rows(x_BTD.reshape(b * t, d), *weights).reshape(b, t, -1)
 
 
-@jax.custom_vjp
-def _swiglu_rows(x_ND, gate_DF, up_DF, down_FD):
-    return (jax.nn.silu(x_ND @ gate_DF) * (x_ND @ up_DF)) @ down_FD
-
-
 def _swiglu_rows_fwd(x_ND, gate_DF, up_DF, down_FD):
     gate_NF, up_NF = x_ND @ gate_DF, x_ND @ up_DF
     return (jax.nn.silu(gate_NF) * up_NF) @ down_FD, (x_ND, gate_NF, up_NF, gate_DF, up_DF, down_FD)
+
+
+@jax.custom_vjp
+def _swiglu_rows(x_ND, gate_DF, up_DF, down_FD):
+    return _swiglu_rows_fwd(x_ND, gate_DF, up_DF, down_FD)[0]
 
 
 def _swiglu_rows_bwd(residuals, dy_ND):

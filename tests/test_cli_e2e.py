@@ -39,21 +39,21 @@ def test_cli_restarts_once_with_a_malloc_that_keeps_freed_memory(monkeypatch):
     import os
     import sys
 
-    import main
+    from minimind_jax import malloc
 
     restarts = []
-    monkeypatch.setattr(main.os, "execv", lambda executable, argv: restarts.append((executable, argv)))
-    for name in [*main.KEEP_FREED_MEMORY_ENV, "MINIMIND_JAX_SYSTEM_MALLOC"]:
+    monkeypatch.setattr(malloc.os, "execv", lambda executable, argv: restarts.append((executable, argv)))
+    for name in [*malloc.KEEP_FREED_MEMORY_ENV, malloc.OPT_OUT_ENV]:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(main.sys, "orig_argv", ["python3", "-u", "main.py", "sft", "--epochs", "1"])
-    main.keep_freed_memory()
+    monkeypatch.setattr(malloc.sys, "orig_argv", ["python3", "-u", "main.py", "sft", "--epochs", "1"])
+    malloc.keep_freed_memory()
     assert restarts == [(sys.executable, [sys.executable, "-u", "main.py", "sft", "--epochs", "1"])]
-    assert {name: os.environ[name] for name in main.KEEP_FREED_MEMORY_ENV} == main.KEEP_FREED_MEMORY_ENV
-    main.keep_freed_memory()  # the restarted process finds the variables set: no second restart
+    assert {name: os.environ[name] for name in malloc.KEEP_FREED_MEMORY_ENV} == malloc.KEEP_FREED_MEMORY_ENV
+    malloc.keep_freed_memory()  # the restarted process finds the variables set: no second restart
     assert len(restarts) == 1
 
-    for name in main.KEEP_FREED_MEMORY_ENV:  # a user's own setting stands
+    for name in malloc.KEEP_FREED_MEMORY_ENV:  # a user's own setting stands
         monkeypatch.delenv(name)
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
-    main.keep_freed_memory()
+    malloc.keep_freed_memory()
     assert len(restarts) == 1 and os.environ["MALLOC_ARENA_MAX"] == "4"
