@@ -367,15 +367,17 @@ class MiniMind(nnx.Module):
         self.norm = RMSNorm(d, config.rms_norm_eps, config.is_v3)
         self.embed_dropout = nnx.Dropout(config.dropout)
 
-    def __call__(self, input_ids_BT, attention_mask_BT=None, **kwargs):
-        return self.forward(input_ids_BT, attention_mask_BT, **kwargs).logits
+    def __call__(self, input_ids, attention_mask=None, **kwargs):
+        """fp32 logits [B,T,V]; `input_ids` and `attention_mask` by position or by name, as in MiniMind and HF."""
+        return self.forward(input_ids, attention_mask, **kwargs).logits
 
-    def forward(self, input_ids_BT, attention_mask_BT=None, *, segment_ids_BT=None, positions_BT=None,
+    def forward(self, input_ids, attention_mask=None, *, segment_ids_BT=None, positions_BT=None,
                 cache: KVCache | None = None, train: bool = False, dropout_rngs: nnx.Rngs | None = None,
                 return_logits: bool = True, batch_axes: tuple[str, ...] = ()) -> ModelOutput:
         """Runs the model.
 
-        attention_mask_BT: 1 = real token, 0 = padding (over the cache's S positions when decoding).
+        input_ids: [B,T] token ids.
+        attention_mask: [B,T] (or [B,S] over the cache's S positions when decoding); 1 = real token, 0 = padding.
         segment_ids_BT: packed rows; a token attends only within its segment. positions_BT restart per segment.
         cache: decode with a fixed-size KV cache; the T new tokens are written at cache.length.
         train: MoE aux loss and 2510's fp16 expert buffer, as MiniMind's training mode.
@@ -384,7 +386,7 @@ class MiniMind(nnx.Module):
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
-        b, t = input_ids_BT.shape
+        b, t = input_ids.shape
         offset = jnp.zeros((), jnp.int32) if cache is None else cache.length
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(offset + jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -392,9 +394,9 @@ class MiniMind(nnx.Module):
         cos, sin = rope_cos_sin(rope_inv_freq(cfg), positions_BT, attention_factor)
         num_keys = t if cache is None else cache.k_LBSKHd.shape[2]
         bias = attention_bias(b, t, num_keys, offset, segment_ids_BT=segment_ids_BT,
-                              attention_mask_BS=attention_mask_BT)
+                              attention_mask_BS=attention_mask)
 
-        h = self.embed_tokens[...][input_ids_BT].astype(dtype)
+        h = self.embed_tokens[...][input_ids].astype(dtype)
         h = self.embed_dropout(h, rngs=dropout_rngs, deterministic=dropout_rngs is None)
 
         graphdef, layer_state = nnx.split(self.layers)
