@@ -20,6 +20,9 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 # half the work, no [T,T] scores beyond the diagonal); "dot_product_attention" jax.nn.dot_product_attention
 # (XLA); "cudnn" its cuDNN flash-attention kernel (GPU, bfloat16/float16).
 ATTENTION_IMPLS = ("xla", "causal_blocks", "dot_product_attention", "cudnn")
+REMATS = ("none", "full", "dots")  # activation recomputation in the backward pass (model._REMAT_POLICIES)
+DTYPES = ("float32", "bfloat16", "float16")  # compute dtypes; the parameters stay float32
+TRAIN_DTYPES = ("float32", "bfloat16")  # float16 would need loss scaling, which the trainer does not do
 PRESETS = ("minimind2-small", "minimind2", "minimind2-moe", "minimind3", "minimind3-moe")
 
 
@@ -82,13 +85,16 @@ class ModelConfig:
             self.num_experts_per_tok = 1 if v3 else 2
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
+        if self.head_dim < 2 or self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} (hidden_size={self.hidden_size} / num_attention_heads="
+                             f"{self.num_attention_heads}) must be even: RoPE rotates pairs of dimensions")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
-        if self.remat not in ("none", "full", "dots"):
-            raise ValueError(f"remat must be none, full or dots, got {self.remat!r}")
+        if self.remat not in REMATS:
+            raise ValueError(f"remat must be one of {REMATS}, got {self.remat!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "float16"):

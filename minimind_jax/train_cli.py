@@ -6,12 +6,14 @@ flags, at the top level or under `train:`) < flags given on the command line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import pathlib
 
 import yaml
 
+from minimind_jax.config import ARCHS, ATTENTION_IMPLS, REMATS, TRAIN_DTYPES
 from minimind_jax.errors import UserError
 
 MINIMIND_FLAGS = {  # name: (type, help); defaults come from trainer.TrainConfig / defaults_for
@@ -20,7 +22,7 @@ MINIMIND_FLAGS = {  # name: (type, help); defaults come from trainer.TrainConfig
     "epochs": (int, "training epochs"),
     "batch_size": (int, "global batch size (all devices)"),
     "learning_rate": (float, "peak learning rate of MiniMind's cosine schedule"),
-    "dtype": (str, "compute dtype: float32 | bfloat16 (default: float32 on CPU, bfloat16 on GPU/TPU)"),
+    "dtype": (str, "compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)"),
     "accumulation_steps": (int, "micro-batches per optimizer update"),
     "grad_clip": (float, "clip the global gradient norm to this"),
     "log_interval": (int, "log every N micro-steps"),
@@ -32,10 +34,10 @@ MINIMIND_FLAGS = {  # name: (type, help); defaults come from trainer.TrainConfig
     "data_path": (str, "training jsonl"),
     "from_weight": (str, "'none', a MiniMind weight name ({save_dir}/{name}_{hidden}{_moe}.pth), a .pth or our checkpoint"),
     "from_resume": (int, "1 = continue from the newest complete checkpoint"),
-    "num_workers": (int, "tokenizing processes"),
+    "num_workers": (int, "tokenizing processes (default: one per CPU; 0: in this process)"),
 }
 OUR_FLAGS = {
-    "arch": (str, "minimind2 (2510 era) | minimind3 (v3 era)"),
+    "arch": (str, "minimind2: the 2510 era; minimind3: v3"),
     "tokenizer_path": (str, "MiniMind tokenizer directory or SentencePiece .model"),
     "mesh": (str, "device mesh, e.g. data=8 or data=2,fsdp=2,tensor=2 (default: all devices on data)"),
     "seed": (int, "seed for init, shuffling and dropout"),
@@ -45,7 +47,7 @@ OUR_FLAGS = {
     "checkpoint_dir": (str, "Orbax checkpoints go to {checkpoint_dir}/{save_weight}_{hidden}{_moe}"),
     "keep_checkpoints": (int, "how many checkpoints to keep"),
     "max_steps": (int, "stop after N optimizer updates"),
-    "remat": (str, "none | full | dots: recompute activations in the backward pass"),
+    "remat": (str, "recompute activations in the backward pass: all (full) or all but matmul outputs (dots)"),
     "scan_layers": (int, "1 = run the layers with lax.scan (default); 0 = unrolled: faster on CPU, slower to compile"),
     "attention_impl": (str, "xla (exact, default) | causal_blocks | dot_product_attention | cudnn (GPU, bf16)"),
     "loss_chunk_size": (int, "compute lm_head + CE this many positions at a time"),
@@ -56,6 +58,9 @@ OUR_FLAGS = {
     "drop_empty_think_ratio": (float, "v3: chance of dropping an empty think block (MiniMind: 0.8)"),
     "max_consecutive_skips": (int, "stop after N consecutive non-finite updates"),
 }
+# Shown in --help; TrainConfig checks every value, so a bad one is a one-line error (exit 1) wherever it comes from.
+CHOICES_SHOWN = {"arch": ARCHS, "dtype": TRAIN_DTYPES, "remat": REMATS, "attention_impl": ATTENTION_IMPLS,
+                 **dict.fromkeys(("use_moe", "from_resume", "scan_layers", "packing"), (0, 1))}
 IGNORED_FLAGS = {"device": str, "use_wandb": None, "wandb_project": str, "use_compile": int}
 
 
@@ -64,8 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         __doc__.split("\n\n")[1].split())
     parser.add_argument("--config", help="YAML run preset (see configs/)")
     for name, (kind, help_text) in {**MINIMIND_FLAGS, **OUR_FLAGS}.items():
-        parser.add_argument(f"--{name}", type=kind, default=None, help=help_text)
-    parser.add_argument("--packing", type=int, choices=(0, 1), default=None, help="1 = pack several examples per row")
+        parser.add_argument(f"--{name}", type=kind, default=None, help=help_text, metavar=_choices_metavar(name))
+    parser.add_argument("--packing", type=int, default=None, help="1 = pack several examples per row",
+                        metavar=_choices_metavar("packing"))
     parser.add_argument("--strict", action="store_true", default=None, help="a bad jsonl line is an error, not a skip")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     for name, kind in IGNORED_FLAGS.items():  # accepted so MiniMind command lines run unchanged
@@ -73,6 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
             parser.add_argument(f"--{name}", action="store_true", help=argparse.SUPPRESS)
         else:
             parser.add_argument(f"--{name}", type=kind, help=argparse.SUPPRESS)
+
+
+def _choices_metavar(name: str) -> str | None:
+    return "{" + ",".join(map(str, CHOICES_SHOWN[name])) + "}" if name in CHOICES_SHOWN else None
 
 
 def config_from_args(args, command: str):
@@ -85,7 +95,13 @@ def config_from_args(args, command: str):
             loaded = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as error:
             raise UserError(f"{path}: cannot read run config ({str(error).splitlines()[0]})") from None
-        from_file = loaded.get("train", loaded)
+        from_file = loaded.get("train", loaded) if isinstance(loaded, dict) else loaded
+        if not isinstance(from_file, dict):
+            raise UserError(f"{path}: a run config is a mapping of settings, got {type(from_file).__name__}")
+        for name, value in from_file.items():
+            if isinstance(value, str) and {**MINIMIND_FLAGS, **OUR_FLAGS}.get(name, (str,))[0] is float:
+                with contextlib.suppress(ValueError):  # YAML reads 1e-5 (no dot) as a string; else TrainConfig says
+                    from_file[name] = float(value)
     given = {name: getattr(args, name) for name in {**MINIMIND_FLAGS, **OUR_FLAGS, "packing": 0, "strict": 0}
              if getattr(args, name) is not None}
     arch = given.get("arch", from_file.get("arch", "minimind2"))

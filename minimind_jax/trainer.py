@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 import pathlib
 import signal
@@ -20,13 +21,30 @@ from flax import nnx
 
 from minimind_jax import sharding
 from minimind_jax.checkpoint import TrainCheckpoints
-from minimind_jax.config import ModelConfig
+from minimind_jax.config import ARCHS, ATTENTION_IMPLS, REMATS, TRAIN_DTYPES, ModelConfig
 from minimind_jax.errors import UserError
 from minimind_jax.evaluation import evaluate, make_loss_sums
 from minimind_jax.model import MiniMind
 from minimind_jax.perf import total_peak_flops
 from minimind_jax.train import (LOSS_NORMS, attention_flops_per_token, init_train_state, make_optimizer,
                                 make_train_step, minimind_lr, model_flops_per_token, update_lr_schedule)
+
+
+CHOICES = {"mode": ("sft", "pretrain"), "arch": ARCHS, "dtype": TRAIN_DTYPES, "remat": REMATS,
+           "attention_impl": ATTENTION_IMPLS, "loss_norm": LOSS_NORMS,
+           **dict.fromkeys(("use_moe", "from_resume", "packing", "scan_layers", "strict", "shuffle", "progress"), (0, 1))}
+AT_LEAST = {"epochs": 1, "batch_size": 1, "accumulation_steps": 1, "log_interval": 1, "save_interval": 1,
+            "hidden_size": 1, "num_hidden_layers": 1, "max_seq_len": 1, "num_workers": 0, "seed": 0,
+            "warmup_steps": 0, "keep_checkpoints": 1, "max_steps": 1, "loss_chunk_size": 1, "num_attention_heads": 1,
+            "max_consecutive_skips": 1}
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass
@@ -78,13 +96,28 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if self.mode not in ("sft", "pretrain"):
-            raise UserError(f"mode must be sft or pretrain, got {self.mode!r}")
-        if self.loss_norm not in LOSS_NORMS:
-            raise UserError(f"--loss_norm must be one of {', '.join(LOSS_NORMS)}, got {self.loss_norm!r}")
-        for name in ("epochs", "batch_size", "accumulation_steps", "log_interval", "save_interval", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        """Every setting checked here, so flags, YAML run configs and the Python API share one set of rules.
+        A field whose default is None may be None."""
+        defaults = {field.name: field.default for field in dataclasses.fields(self)}
+        given = {name: value for name, value in vars(self).items() if not (value is None and defaults[name] is None)}
+        for name, allowed in CHOICES.items():
+            if name in given and given[name] not in allowed:
+                raise UserError(f"--{name} must be one of {', '.join(map(str, allowed))}, got {given[name]!r}")
+        for name, minimum in AT_LEAST.items():
+            if name in given and not (_is_integer(given[name]) and given[name] >= minimum):
+                raise UserError(f"--{name} must be an integer >= {minimum}, got {given[name]!r}")
+        for name in ("learning_rate", "grad_clip"):
+            if not (_is_number(given[name]) and given[name] > 0):
+                raise UserError(f"--{name} must be a number > 0, got {given[name]!r}")
+        for name in ("system_prompt_ratio", "drop_empty_think_ratio"):
+            if name in given and not (_is_number(given[name]) and 0 <= given[name] <= 1):
+                raise UserError(f"--{name} must be a number in [0, 1], got {given[name]!r}")
+        try:  # the model the flags describe (a loaded weight file must match it: build_model)
+            ModelConfig(arch=self.arch, hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
+                        use_moe=bool(self.use_moe), remat=self.remat, attention_impl=self.attention_impl,
+                        **{name: given[name] for name in ("dtype", "num_attention_heads") if name in given})
+        except ValueError as error:  # its message names the fields, which are the flags' names
+            raise UserError(str(error)) from None
 
     @property
     def run_name(self) -> str:
