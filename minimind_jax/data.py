@@ -39,9 +39,10 @@ log = logging.getLogger(__name__)
 
 KINDS = ("sft", "pretrain")
 ROLES = ("system", "user", "assistant", "tool")
+CONVERSATION_KEYS = ("conversations", "messages")  # a chat record's messages: MiniMind's key, then Hugging Face's
 IGNORE_INDEX = -100
 MAX_LINE_BYTES = 10 * 2**20
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: records that keep their chat under `messages` are read, not skipped
 CACHE_ARRAYS = ("tokens", "learned", "lengths", "num_learned", "lines")
 EMPTY_THINK = "<think>\n\n</think>\n\n"
 # MiniMind v3's pool of system prompts for its random system-prompt injection (dataset/lm_dataset.py).
@@ -219,20 +220,27 @@ def decode_line(line: bytes | None) -> dict[str, Any]:
     return record
 
 
+def conversations_key(record: dict[str, Any]) -> str | None:
+    """Where a record keeps its chat: MiniMind's `conversations`, else `messages` (the common Hugging Face
+    form, the same list of role/content messages); None when it has neither."""
+    return next((key for key in CONVERSATION_KEYS if key in record), None)
+
+
 def check_record(record: dict[str, Any], kind: str) -> None:
-    """Raise BadRecord unless the record has what its kind needs: a string `text`, or `conversations` that
-    MiniMind's chat template can render (known roles, string contents)."""
+    """Raise BadRecord unless the record has what its kind needs: a string `text`, or `conversations` (or
+    `messages`) that MiniMind's chat template can render (known roles, string contents)."""
     if kind == "pretrain":
         if "text" not in record:
             raise BadRecord("no 'text' key")
         if not isinstance(record["text"], str):
             raise BadRecord("'text' is not a string")
         return
-    if "conversations" not in record:
-        raise BadRecord("no 'conversations' key")
-    conversations = record["conversations"]
+    key = conversations_key(record)
+    if key is None:
+        raise BadRecord("no 'conversations' (or 'messages') key")
+    conversations = record[key]
     if not isinstance(conversations, list) or not conversations:
-        raise BadRecord("'conversations' is not a non-empty list")
+        raise BadRecord(f"'{key}' is not a non-empty list")
     for message in conversations:
         if not isinstance(message, dict):
             raise BadRecord("a message is not a JSON object")
@@ -269,12 +277,12 @@ def read_jsonl(path: str | os.PathLike, *, kind: str | None, strict: bool = Fals
 
 
 def record_kind(record: dict[str, Any]) -> str:
-    """'sft' for a record with `conversations`, 'pretrain' for one with `text`."""
-    if "conversations" in record:
+    """'sft' for a record with `conversations` (or `messages`), 'pretrain' for one with `text`."""
+    if conversations_key(record):
         return "sft"
     if "text" in record:
         return "pretrain"
-    raise BadRecord("neither 'conversations' nor 'text' key")
+    raise BadRecord("neither 'conversations' (or 'messages') nor 'text' key")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -477,7 +485,7 @@ class RecordEncoder:
         if config.kind == "pretrain":
             return record["text"]
         rng = np.random.default_rng([config.seed, line_no]) if config.augmented else None
-        return chat_prompt(self.tokenizer, record["conversations"], arch=config.arch, rng=rng,
+        return chat_prompt(self.tokenizer, record[conversations_key(record)], arch=config.arch, rng=rng,
                            system_prompt_ratio=config.system_prompt_ratio,
                            drop_empty_think_ratio=config.drop_empty_think_ratio)
 
@@ -507,7 +515,7 @@ class RecordEncoder:
     def encode(self, record: dict[str, Any], line_no: int) -> tuple[np.ndarray, np.ndarray]:
         """(tokens, learned) of a checked record; raises DroppedRecord when it has nothing to learn."""
         sft = self.config.kind == "sft"
-        if sft and not any(message["role"] == "assistant" for message in record["conversations"]):
+        if sft and not any(message["role"] == "assistant" for message in record[conversations_key(record)]):
             raise DroppedRecord("no assistant turn")
         prompt = self.prompt(record, line_no)
         try:

@@ -416,12 +416,15 @@ _MAX_SENTENCE_BYTES = 4 * _CHUNK_CHARS
 
 
 def _record_texts(record) -> list[str] | None:
-    """The text of a MiniMind pretrain (`text`) or SFT (`conversations`) record; None when it is neither."""
+    """The text of a MiniMind pretrain (`text`) or SFT (`conversations` or `messages`) record; None when it is
+    neither."""
+    from minimind_jax.data import conversations_key  # data imports this module
+
     if not isinstance(record, dict):
         return None
     if isinstance(record.get("text"), str):
         return [record["text"]]
-    turns = record.get("conversations")
+    turns = record.get(conversations_key(record))
     if not isinstance(turns, list) or not all(isinstance(turn, dict) for turn in turns):
         return None
     texts = []
@@ -449,7 +452,7 @@ def iter_jsonl_texts(paths: Iterable, skipped: list[str] | None = None) -> Itera
                         continue
                     try:
                         texts = _record_texts(json.loads(line))
-                        reason = "neither a {'text': ...} nor a {'conversations': [...]} record"
+                        reason = "neither a {'text': ...} nor a {'conversations' (or 'messages'): [...]} record"
                     except json.JSONDecodeError as error:
                         texts, reason = None, f"invalid JSON ({error.msg})"
                     if texts is None:

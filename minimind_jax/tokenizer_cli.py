@@ -1,10 +1,11 @@
 """`main.py tokenizer`: train a SentencePiece tokenizer on MiniMind jsonl files, or look at how text encodes.
 
     main.py tokenizer train --input corpus.jsonl [--input more.jsonl] --vocab_size 6400 --out DIR_OR_PREFIX
-    main.py tokenizer encode --tokenizer PATH --text "你好<|im_end|>"
+    main.py tokenizer encode --tokenizer_path PATH --text "你好<|im_end|>"
 """
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 
@@ -25,7 +26,9 @@ def add_arguments(parser, command):
     train.add_argument("--max_sentences", type=int, default=2_000_000, help="train on at most this many texts (each cut to 2048 characters)")
 
     encode = actions.add_parser("encode", help="print the token ids and pieces of a text")
-    encode.add_argument("--tokenizer", required=True, help="MiniMind tokenizer directory or SentencePiece .model")
+    encode.add_argument("--tokenizer_path", default="model",
+                        help="MiniMind tokenizer directory or SentencePiece .model (default: ./model, MiniMind's)")
+    encode.add_argument("--tokenizer", dest="tokenizer_path", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old name
     encode.add_argument("--text", required=True)
 
 
@@ -55,7 +58,7 @@ def run(args):
             f"skipped {trained_on['skipped_lines']} bad records"
         )
     elif args.action == "encode":
-        tokenizer = tokenizer_lib.load_tokenizer(args.tokenizer)
+        tokenizer = tokenizer_lib.load_tokenizer(args.tokenizer_path)
         ids = tokenizer.encode(args.text)
         print(f"{len(ids)} tokens: {ids}")
         print(" | ".join(repr(tokenizer.decode([i])) for i in ids))

@@ -5,6 +5,7 @@ import logging
 import os
 import pathlib
 import random
+import re
 
 import hypothesis
 import hypothesis.strategies as st
@@ -192,7 +193,7 @@ GOOD = {"conversations": [{"role": "user", "content": "hi cat"}, {"role": "assis
 BAD_SFT_LINES = {
     "malformed JSON": '{"conversations": [',
     "not a JSON object": "[1, 2]",
-    "no 'conversations' key": {"text": "a pretrain record"},
+    "no 'conversations' (or 'messages') key": {"text": "a pretrain record"},
     "unknown role": {"conversations": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},
     "non-string content": {"conversations": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]},
     "not UTF-8": b'{"conversations": "\xff\xfe"}',
@@ -248,7 +249,7 @@ def test_strict_mode_names_the_first_bad_line(tmp_path, small_tokenizer, reason)
                           strict=True, progress=False)
     assert str(error.value) == f"{path.resolve()}:3: {reason}"
     assert not list((tmp_path / "cache").iterdir())  # no cache, and no temporary left behind
-    with pytest.raises(UserError, match=f"one_bad.jsonl:3: {reason}"):
+    with pytest.raises(UserError, match=re.escape(f"one_bad.jsonl:3: {reason}")):
         list(data.read_jsonl(path, kind="sft", strict=True))
 
 
@@ -292,7 +293,25 @@ def test_read_jsonl_tells_kinds_apart(tmp_path):
     report = data.SkipReport(str(path))
     records = list(data.read_jsonl(path, kind=None, report=report))
     assert [data.record_kind(record) for _, record in records] == ["sft", "pretrain"]
-    assert report.skipped == {"neither 'conversations' nor 'text' key": 1}
+    assert report.skipped == {"neither 'conversations' (or 'messages') nor 'text' key": 1}
+
+
+@pytest.mark.parametrize("arch", ["minimind2", "minimind3"])
+def test_messages_records_are_the_same_as_conversations(tmp_path, small_tokenizer, arch):
+    """The common Hugging Face form keeps the chat under `messages`; it makes the same examples."""
+    chats = random_chats(40, seed=6)
+    as_messages = [{"messages": chat["conversations"]} for chat in chats]
+    config = data.ExampleConfig("sft", arch, 128)
+    datasets = [data.load_dataset(write_jsonl(tmp_path / f"{name}.jsonl", records), small_tokenizer, config,
+                                  cache_dir=tmp_path / name, num_workers=0, progress=False)
+                for name, records in (("conversations", chats), ("messages", as_messages))]
+    assert len(datasets[1]) == len(datasets[0]) > 30  # a few are too long to learn from
+    for name in ("lengths", "line_numbers", "num_learned", "_tokens", "_learned"):
+        np.testing.assert_array_equal(getattr(datasets[1], name), getattr(datasets[0], name))
+    report = data.SkipReport("x")
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"messages": []}, as_messages[0]])
+    assert [data.record_kind(record) for _, record in data.read_jsonl(path, kind=None, report=report)] == ["sft"]
+    assert report.skipped == {"'messages' is not a non-empty list": 1}
 
 
 def test_no_usable_record_is_an_error(tmp_path, small_tokenizer):

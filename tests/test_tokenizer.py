@@ -519,6 +519,13 @@ def test_sentencepiece_training_reports_skipped_lines(corpus, tmp_path, caplog):
     assert "sft.jsonl:22: neither" in caplog.text and "sft.jsonl:24: neither" in caplog.text
 
 
+def test_sentencepiece_trains_on_messages_records_as_on_conversations(corpus, tmp_path):
+    chats = [json.loads(line) for line in corpus[1].read_text("utf-8").splitlines()[:20]]
+    as_messages = write_jsonl(tmp_path / "messages.jsonl", [{"messages": chat["conversations"]} for chat in chats])
+    texts = list(tokenizer_lib.iter_jsonl_texts([as_messages]))
+    assert texts == [turn["content"] for chat in chats for turn in chat["conversations"]] and len(texts) == 40
+
+
 def test_sentencepiece_pickles(sp_tokenizer):
     clone = pickle.loads(pickle.dumps(sp_tokenizer))
     assert clone.encode("你好 world\u2581") == sp_tokenizer.encode("你好 world\u2581")
@@ -553,9 +560,15 @@ def test_cli_train_and_encode(corpus, tmp_path, capsys):
     assert f"wrote {out / 'tokenizer.model'}" in printed and f"vocab_size {vocab_size}" in printed
     assert "and tokenizer_config.json" in printed and "skipped 3 bad records" in printed
 
-    assert main.main(["tokenizer", "encode", "--tokenizer", str(out), "--text", "你好<|im_end|>"]) == 0
+    assert main.main(["tokenizer", "encode", "--tokenizer_path", str(out), "--text", "你好<|im_end|>"]) == 0
     printed = capsys.readouterr().out
     assert printed.splitlines()[0].endswith(", 2]")
+    assert main.main(["tokenizer", "encode", "--tokenizer", str(out), "--text", "你好<|im_end|>"]) == 0  # old name
+    assert capsys.readouterr().out == printed
+    with pytest.raises(SystemExit):
+        main.main(["tokenizer", "encode", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--tokenizer_path" in help_text and "--tokenizer" not in help_text.replace("--tokenizer_path", "")
 
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
