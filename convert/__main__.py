@@ -1,5 +1,5 @@
 import sys
 
-from convert.cli import main
+from minimind_jax.convert_cli import main
 
 sys.exit(main())

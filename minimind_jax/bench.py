@@ -292,7 +292,7 @@ class TorchSide:
         import numpy as np
         import torch
 
-        from convert.mapping import state_dict_from_params
+        from minimind_jax.weights.mapping import state_dict_from_params
         from minimind_jax.pipeline import make_batches
         from minimind_jax.torch_reference import MiniMindTorch, make_optimizer
 

@@ -9,6 +9,7 @@ Training checkpoints, a directory:  {step}/state (params + optimizer state + RNG
 """
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 
@@ -19,9 +20,27 @@ import orbax.checkpoint as ocp
 
 from minimind_jax.config import ModelConfig
 from minimind_jax.errors import UserError
-from minimind_jax.weights import CONFIG_FILE, PARAMS_DIR, abstract_model, params_of, read_config, write_config
+from minimind_jax.param_tree import abstract_model, params_of
 
 log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+
+
+def write_config(config: ModelConfig, directory) -> None:
+    pathlib.Path(directory, CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=1))
+
+
+def read_config(directory, **overrides) -> ModelConfig:
+    path = pathlib.Path(directory, CONFIG_FILE)
+    try:
+        fields = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{directory}: not a minimind-jax checkpoint (no {CONFIG_FILE})") from None
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}: corrupt config ({error})") from None
+    return ModelConfig.from_dict({**fields, **overrides})
 
 
 def _abstract_params(config: ModelConfig, sharding=None) -> dict:

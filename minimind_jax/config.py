@@ -1,4 +1,4 @@
-"""Model configuration for both MiniMind eras, and the named presets in configs/.
+"""Model configuration for both MiniMind eras, and the named presets (package data in minimind_jax/configs/).
 
 `arch="minimind2"` is the 2510 era (MiniMind2 family), `arch="minimind3"` is v3. Every field of MiniMind's
 own `MiniMindConfig` is here under its MiniMind name; fields left as None take the era's default, exactly as
@@ -7,6 +7,7 @@ MiniMind computes it. Fields after the divider are ours (dtype policy, scan, rem
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import math
 import pathlib
 from typing import Any
@@ -14,7 +15,8 @@ from typing import Any
 import yaml
 
 ARCHS = ("minimind2", "minimind3")
-CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+# The presets ship inside the package; the repository's top-level configs/ is a link to this folder.
+CONFIG_DIR = importlib.resources.files(__package__) / "configs"
 # How attention without a KV cache is computed (model.Attention): "xla" the explicit einsum/softmax path;
 # "causal_blocks" the same math per block of queries against only the keys at or before the block (about
 # half the work, no [T,T] scores beyond the diagonal); "dot_product_attention" jax.nn.dot_product_attention
@@ -152,7 +154,7 @@ def load_preset(name_or_path: str, **overrides) -> ModelConfig:
     path = pathlib.Path(name_or_path)
     if not path.suffix:
         path = CONFIG_DIR / f"{name_or_path}.yaml"
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(f"no preset {name_or_path!r} (looked for {path}); presets: {', '.join(PRESETS)}")
     fields = yaml.safe_load(path.read_text()) or {}
     fields = fields.get("model", fields)

@@ -193,7 +193,7 @@ def convert_stage(run: DemoRun) -> dict:
     import numpy as np
     import torch
 
-    from convert import cli as convert_cli
+    from minimind_jax import convert_cli
     from minimind_jax.tokenizer import load_tokenizer
     from minimind_jax.torch_reference import MiniMindTorch
     from minimind_jax.weights import load

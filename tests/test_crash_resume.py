@@ -139,7 +139,7 @@ def records_written(run: Run) -> int:
 def assert_pth_loads(path: pathlib.Path) -> None:
     """The exported weights are never half-written: if the file is there, it loads."""
     if path.exists():
-        from convert.pth import read_state_dict
+        from minimind_jax.weights.pth import read_state_dict
 
         assert "model.embed_tokens.weight" in read_state_dict(path)
 

@@ -196,7 +196,7 @@ def test_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(t
 
 
 def test_full_disk_while_exporting_a_pth_keeps_the_previous_file(tmp_path):
-    from convert.pth import read_state_dict, write_state_dict
+    from minimind_jax.weights.pth import read_state_dict, write_state_dict
 
     with small_tmpfs(tmp_path / "disk", "1m") as disk:
         path = write_state_dict({"w": np.ones((100, 100), np.float32)}, disk / "weights.pth")

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 import minimind_jax
-from convert.mapping import params_from_state_dict, state_dict_from_params
 from minimind_jax.config import ModelConfig
 from minimind_jax.sharding import batch_sharding, make_mesh
 from minimind_jax.torch_reference import (MiniMindTorch, batch_from_v3, make_optimizer as torch_adamw,
                                           reference_train_loop, sft_step)
 from minimind_jax.train import init_train_state, make_optimizer, make_train_step, minimind_lr
 from minimind_jax.weights import model_from_params
+from minimind_jax.weights.mapping import params_from_state_dict, state_dict_from_params
 from tests.conftest import require_shared
 from tests.test_convert import random_torch_model
 
@@ -115,7 +115,7 @@ def test_first_step_matches_minimind_golden(era, variant):
 
 
 def _read(path):
-    from convert.pth import read_state_dict
+    from minimind_jax.weights.pth import read_state_dict
 
     return read_state_dict(path)
 

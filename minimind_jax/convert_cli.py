@@ -1,4 +1,4 @@
-"""`python main.py convert IN OUT` (or `python -m convert IN OUT`).
+"""`minimind-jax convert IN OUT` (or, in the repository, `python main.py convert IN OUT` or `python -m convert IN OUT`).
 
   IN.pth  -> OUT/   MiniMind weights (plain fp16/fp32 state dict or resume dict) to our Orbax checkpoint;
                     era, sizes and MoE layout are read off the keys and shapes.
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "convert") -> 
 
 
 def run(args) -> int:
-    import minimind_jax
+    import minimind_jax  # JAX and Orbax load here, not for --help
     from minimind_jax.checkpoint import save_model_checkpoint
 
     overrides = {k: v for k in ("arch", "num_attention_heads", "num_experts_per_tok")
