@@ -3,6 +3,8 @@
 Without --prompt it is a REPL: one user turn per line of standard input (a terminal or a pipe), ended by an
 empty line or end of input. Each turn is rendered with the tokenizer's chat template, carrying the last
 --historys messages (MiniMind's default 0 carries none), and the reply is printed as it is generated.
+A turn whose prompt plus --max_new_tokens would run past the model's max_position_embeddings (where
+MiniMind's RoPE table ends) is refused with one line, before anything is generated.
 Weights named like MiniMind's pretrain ones (`pretrain_*`) get `<|im_start|>` + the text instead of a chat.
 
 The model and tokenizer helpers here are shared with `main.py eval`.
@@ -16,8 +18,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from minimind_jax.config import DTYPES
 from minimind_jax.errors import UserError
-from minimind_jax.generate import Decoder
+from minimind_jax.generate import Decoder, check_room
 from minimind_jax.model import MiniMind
 from minimind_jax.tokenizer import Tokenizer, load_tokenizer
 
@@ -42,7 +45,7 @@ def add_model_arguments(parser) -> None:
                         help="tokenizer directory or .model (default: beside the weights, else ./model)")
     parser.add_argument("--inference_rope_scaling", action="store_true",
                         help="YaRN RoPE extrapolation for long contexts (the era's MiniMind settings)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    parser.add_argument("--dtype", default="float32", choices=DTYPES,
                         help="compute dtype (weights stay fp32)")
 
 
@@ -93,7 +96,8 @@ def add_arguments(parser, command: str) -> None:
     add_model_arguments(parser)
     parser.add_argument("--prompt", action="append", default=None,
                         help="a user turn to answer instead of reading standard input (repeat for several turns)")
-    parser.add_argument("--max_new_tokens", default=8192, type=int, help="most tokens per reply")
+    parser.add_argument("--max_new_tokens", default=8192, type=int,
+                        help="most tokens per reply; with the prompt, at most the model's max_position_embeddings")
     parser.add_argument("--temperature", default=0.85, type=float)
     parser.add_argument("--top_p", default=None, type=float, help="nucleus threshold (default 0.85 for 2510, 0.95 v3)")
     parser.add_argument("--top_k", default=50, type=int, help="keep the k most likely tokens (0: off)")
@@ -110,30 +114,45 @@ def add_arguments(parser, command: str) -> None:
 
 
 class StreamPrinter:
-    """Prints a reply as tokens arrive; a character split over several byte tokens waits until it is whole."""
+    """Prints a reply as tokens arrive, decoding only the newest tokens each time.
+
+    New tokens are decoded after the piece printed before them, since a token's text can depend on what
+    precedes it (SentencePiece's word-initial space). A character split over several byte tokens is held
+    back until it is whole, for at most MAX_HELD_TOKENS tokens: bytes that no more tokens can complete are
+    printed as U+FFFD, so the output never stalls on them.
+    """
+
+    MAX_HELD_TOKENS = 3  # a UTF-8 character is at most 4 bytes, and every token adds at least one
 
     def __init__(self, tokenizer: Tokenizer, write: Callable[[str], None]):
         self.tokenizer, self.write = tokenizer, write
         self.ids: list[int] = []
-        self.printed = ""
+        self.context_start = 0  # ids[context_start:printed_end]: the piece printed last, decoded again as context
+        self.printed_end = 0
 
     def add(self, token: int) -> None:
         self.ids.append(token)
-        text = self.text()
-        if text.startswith(self.printed) and not text.endswith("\ufffd"):
-            self.write(text[len(self.printed):])
-            self.printed = text
-
-    def text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        end = len(self.ids)
+        for cut in range(end, max(end - self.MAX_HELD_TOKENS, self.printed_end), -1):
+            if not self._decode(cut).endswith("\ufffd"):  # ids[:cut] end on a whole character
+                self._print_to(cut)
+                return
+        if end - self.MAX_HELD_TOKENS > self.printed_end:
+            self._print_to(end - self.MAX_HELD_TOKENS)
 
     def finish(self) -> str:
         """Prints what is still held back (an unfinished character at the very end); returns the whole text."""
-        text = self.text()
-        if text.startswith(self.printed):
-            self.write(text[len(self.printed):])
-            self.printed = text
-        return text
+        self._print_to(len(self.ids))
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def _decode(self, end: int) -> str:
+        return self.tokenizer.decode(self.ids[self.context_start:end], skip_special_tokens=True)
+
+    def _print_to(self, end: int) -> None:
+        context, text = self._decode(self.printed_end), self._decode(end)
+        if len(text) > len(context):
+            self.write(text[len(context):])
+            self.context_start, self.printed_end = self.printed_end, end
 
 
 class ChatSession:
@@ -142,7 +161,7 @@ class ChatSession:
     def __init__(self, model: MiniMind, tokenizer: Tokenizer, *, historys: int = 0, open_thinking: bool = False,
                  raw: bool = False, max_new_tokens: int = 8192, seed: int = DEFAULT_SEED, do_sample: bool = True,
                  temperature: float = 0.85, top_k: int = 50, top_p: float = 0.85, repetition_penalty: float = 1.0):
-        self.tokenizer = tokenizer
+        self.tokenizer, self.model_config = tokenizer, model.config
         self.historys, self.open_thinking, self.raw = historys, open_thinking, raw
         self.max_new_tokens, self.seed = max_new_tokens, seed
         self.decoder = Decoder(model, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -162,6 +181,7 @@ class ChatSession:
     def reply(self, user_text: str, write: Callable[[str], None]) -> tuple[str, int, float]:
         """Generates and streams the reply; returns (reply text, tokens generated, seconds)."""
         ids = self.prompt_ids(user_text)
+        check_room(self.model_config, len(ids), self.max_new_tokens)
         printer = StreamPrinter(self.tokenizer, write)
         start = time.perf_counter()
         state = self.decoder.start(np.asarray([ids]), seed=self.seed,
@@ -208,7 +228,10 @@ def user_turns(prompts: Sequence[str] | None, write: Callable[[str], None]):
 def run(args) -> int:
     if args.historys < 0 or args.historys % 2:
         raise UserError(f"--historys must be an even number >= 0, got {args.historys}")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
     model = load_model(args)
+    check_room(model.config, 0, args.max_new_tokens)  # before a turn is read; each turn checks its prompt too
     tokenizer = load_tokenizer_for(args, model)
     if args.open_thinking and not model.config.is_v3:
         raise UserError("--open_thinking is for minimind3 (v3) models")

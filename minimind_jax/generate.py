@@ -32,6 +32,17 @@ from minimind_jax.model import KVCache, MiniMind
 MIN_BUCKET = 16  # the shortest prompt / new-token bucket
 
 
+def check_room(config: ModelConfig, prompt_len: int, max_new_tokens: int) -> None:
+    """Refuses a generation that would run past the model's positions: MiniMind's RoPE table ends at
+    max_position_embeddings, and it cannot go on from there."""
+    positions = config.max_position_embeddings
+    if prompt_len + max_new_tokens > positions:
+        after = f" after a {prompt_len}-token prompt" if prompt_len else ""
+        raise UserError(f"max_new_tokens {max_new_tokens} runs past the model's {positions} positions "
+                        f"(max_position_embeddings, where MiniMind's RoPE table ends){after}; at most "
+                        f"{max(positions - prompt_len, 0)} new tokens fit")
+
+
 def bucket_length(length: int) -> int:
     """The smallest power of two >= length (at least MIN_BUCKET): one compiled program per bucket."""
     return max(MIN_BUCKET, 1 << (max(length, 1) - 1).bit_length())
@@ -248,12 +259,16 @@ def generate(model: MiniMind, input_ids, max_new_tokens: int, do_sample: bool = 
     Returns:
       int32 array [B, T + n] with n <= max_new_tokens (n < max_new_tokens only when every row finished).
 
+    Raises:
+      UserError: bad prompts, or T + max_new_tokens beyond the model's max_position_embeddings (`check_room`).
+
     Decoding is compiled once per batch size and per power-of-two bucket of prompt length and of
     max_new_tokens; the sampling settings and the weights can change without recompiling.
     """
     ids_BT, mask_BT = _prompt_arrays(input_ids, attention_mask, model.config.vocab_size)
     if max_new_tokens <= 0:
         return ids_BT
+    check_room(model.config, ids_BT.shape[1], max_new_tokens)
     sampling = Sampling.create(do_sample, temperature, top_k, top_p, repetition_penalty)
     params, compiled = _compiled_for(model)
     num_slots = bucket_length(max_new_tokens)
@@ -308,6 +323,7 @@ def stream(model: MiniMind, input_ids, max_new_tokens: int, *, attention_mask=No
     `generate` (`sampling`: do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id)."""
     if max_new_tokens <= 0:
         return
+    check_room(model.config, np.shape(input_ids)[-1], max_new_tokens)
     decoder = Decoder(model, **sampling)
     state = decoder.start(input_ids, attention_mask, seed=seed, expected_new_tokens=min(max_new_tokens, 256))
     for step in range(max_new_tokens):

@@ -128,6 +128,59 @@ def test_chat_v3_history_carries_the_think_blocks(monkeypatch, capsys):
     assert prompts == [tokenizer.encode(first_text), tokenizer.encode(second_text)]
 
 
+def test_chat_refuses_replies_past_the_rope_table_in_one_line(workdir, monkeypatch, capsys):
+    pth = workdir / "weights" / "full_sft_minimind2.pth"
+    monkeypatch.setattr(Decoder, "start", lambda *args, **kwargs: pytest.fail("generation started"))
+    positions = weights.load(pth).config.max_position_embeddings
+    assert main.main(["chat", "--load_from", str(pth), "--max_new_tokens", "100000"]) == 1  # before a turn is read
+    err = capsys.readouterr().err
+    assert err == (f"error: max_new_tokens 100000 runs past the model's {positions} positions "
+                   f"(max_position_embeddings, where MiniMind's RoPE table ends); at most {positions} new tokens fit\n")
+    assert main.main(["chat", "--load_from", str(pth), "--prompt", "hello", "--max_new_tokens", str(positions)]) == 1
+    err = capsys.readouterr().err
+    prompt_len = int(re.search(r"after a (\d+)-token prompt", err)[1])
+    assert err.count("\n") == 1 and err.endswith(f"at most {positions - prompt_len} new tokens fit\n") and prompt_len > 1
+
+
+def test_chat_prints_each_piece_of_a_reply_as_it_is_generated(workdir, monkeypatch):
+    model = weights.load(workdir / "weights" / "full_sft_minimind2.pth")
+    tokenizer = load_tokenizer(workdir / "weights")
+    events = []
+    step = Decoder.step
+    monkeypatch.setattr(Decoder, "step", lambda self, state: (events.append(None), step(self, state))[1])
+    session = chat_cli.ChatSession(model, tokenizer, max_new_tokens=24, do_sample=False)
+    reply, _, _ = session.reply("tell me a joke", events.append)
+    pieces = [event for event in events if event is not None]
+    assert "".join(pieces) == reply == greedy_reply(model, tokenizer, session.prompt_ids("tell me a joke"), 24)
+    assert len(pieces) > 3 and events.index(pieces[0]) < len(events) - 3  # written between the steps
+
+
+@pytest.mark.parametrize("source", ["sentencepiece", "minimind"])
+def test_stream_printer_prints_whole_characters_as_they_complete(workdir, source):
+    tokenizer = load_tokenizer(workdir / "weights" if source == "sentencepiece" else require_shared("minimind", "2510"))
+    ids = tokenizer.encode("Cats 🐱 sleep 你好, a lot 𝄞. Cats sleep")
+    pieces = []
+    printer = chat_cli.StreamPrinter(tokenizer, pieces.append)
+    for token in ids:
+        printer.add(token)
+    assert printer.finish() == "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
+    assert "🐱" in pieces and "𝄞" in "".join(pieces) and not any("\ufffd" in piece for piece in pieces)
+    assert len(pieces) > 8  # one piece per word or character, not the whole reply at the end
+    unfinished = []  # a reply cut inside a character prints it as the replacement character, at the end
+    printer = chat_cli.StreamPrinter(tokenizer, unfinished.append)
+    for token in tokenizer.encode("a 🐱")[:-1]:
+        printer.add(token)
+    assert printer.finish() == "".join(unfinished) and unfinished[-1].endswith("\ufffd")
+    never_whole = []  # bytes no token can complete (a lone continuation byte) are printed, not held forever
+    printer = chat_cli.StreamPrinter(tokenizer, never_whole.append)
+    for token in tokenizer.encode("🐱")[1:2] * 10:
+        printer.add(token)
+    assert "".join(never_whole).count("\ufffd") >= 10 - chat_cli.StreamPrinter.MAX_HELD_TOKENS
+    for token in tokenizer.encode("你好"):
+        printer.add(token)
+    assert "".join(never_whole).endswith("\ufffd你好")
+
+
 def test_chat_rejects_a_tokenizer_of_the_other_era(workdir, capsys):
     pth = require_shared("golden", "v3", "dense.pth")
     tokenizer_dir = require_shared("minimind", "2510")

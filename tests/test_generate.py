@@ -228,3 +228,16 @@ def test_bad_prompts_are_one_line_errors(tiny_model):
     with pytest.raises(UserError, match="temperature"):
         generate(tiny_model, np.array([[5, 6]]), 4, do_sample=True, temperature=0.0)
     np.testing.assert_array_equal(generate(tiny_model, np.array([5, 6]), 0), [[5, 6]])
+
+
+def test_generation_past_the_rope_table_is_refused(tiny_model):
+    """MiniMind's RoPE table ends at max_position_embeddings: prompt + new tokens may fill it, not pass it."""
+    short = MiniMind(tiny_model.config.replace(max_position_embeddings=24), rngs=nnx.Rngs(7))
+    ids = np.array([[5, 6, 7]])
+    assert generate(short, ids, 21, eos_token_id=None).shape == (1, 24)
+    message = ("max_new_tokens 22 runs past the model's 24 positions (max_position_embeddings, where MiniMind's "
+               "RoPE table ends) after a 3-token prompt; at most 21 new tokens fit")
+    for run in (generate, lambda *args: list(stream(*args))):
+        with pytest.raises(UserError) as error:
+            run(short, ids, 22)
+        assert str(error.value) == message
