@@ -19,10 +19,16 @@ from minimind_jax.config import ModelConfig
 
 
 class ReferenceOutput(NamedTuple):
-    logits: torch.Tensor  # [B,T,V] fp32
+    logits: torch.Tensor  # [B,T,V] fp32 (float64 in a float64 model)
     hidden_states: torch.Tensor  # [B,T,D] after the final norm
     past_key_values: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer (k, v) [B,S,K,hd]
     aux_loss: torch.Tensor  # scalar, MoE load balancing summed over layers; 0 in eval mode
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """MiniMind's `.float()` upcast of half-precision activations, which leaves a float64 model in float64
+    (the parity tests run the reference in float64 as the exact answer)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 class RMSNorm(nn.Module):
@@ -33,8 +39,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        x_fp32 = x.float()
-        normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
+        x_wide = at_least_fp32(x)
+        normed = x_wide * torch.rsqrt(x_wide.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.cast_before_weight:
             return self.weight * normed.type_as(x)
         return (self.weight * normed).type_as(x)
@@ -140,7 +146,7 @@ class Attention(nn.Module):
             scores_BHTS[:, :, :, -T:] += causal_TT
             if attention_mask_BS is not None:
                 scores_BHTS = scores_BHTS + (1.0 - attention_mask_BS[:, None, None, :]) * -1e9
-            probs_BHTS = self.attn_dropout(F.softmax(scores_BHTS.float(), dim=-1).type_as(q_BHTd))
+            probs_BHTS = self.attn_dropout(F.softmax(at_least_fp32(scores_BHTS), dim=-1).type_as(q_BHTd))
             out_BHTd = probs_BHTS @ v_BHSd
         out_BTD = out_BHTd.transpose(1, 2).reshape(B, T, -1)
         return self.resid_dropout(self.o_proj(out_BTD)), present
@@ -282,12 +288,12 @@ class MiniMindTorch(nn.Module):
             h_BTD, present = layer(h_BTD, cos_Td, sin_Td, past_kv, use_cache, attention_mask_BT)
             presents.append(present)
         h_BTD = backbone.norm(h_BTD)
-        aux_loss = h_BTD.new_zeros((), dtype=torch.float32)
+        aux_loss = h_BTD.new_zeros((), dtype=at_least_fp32(h_BTD).dtype)
         for layer in backbone.layers:
             if isinstance(layer.mlp, MoEFeedForward):
                 aux_loss = aux_loss + layer.mlp.aux_loss
         return ReferenceOutput(
-            logits=self.lm_head(h_BTD).float(),
+            logits=at_least_fp32(self.lm_head(h_BTD)),
             hidden_states=h_BTD,
             past_key_values=presents if use_cache else None,
             aux_loss=aux_loss,
