@@ -217,7 +217,7 @@ def test_impossible_run_settings_fail_before_training(tmp_path, small_tokenizer)
     cases = {
         "--batch_size 12 is not divisible by the data-parallel size 8": dict(batch_size=12),
         "--max_seq_len 40000 exceeds the model's max_position_embeddings 32768": dict(max_seq_len=40000),
-        "--max_seq_len must be at least 1, got 0": dict(max_seq_len=0),
+        "--max_seq_len must be an integer >= 1, got 0": dict(max_seq_len=0),
     }
     for expected, overrides in cases.items():
         with pytest.raises(UserError) as error:
