@@ -97,6 +97,12 @@ def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
+def complete_steps(directory) -> list[int]:
+    """The committed steps of a training run's directory, oldest first (none when it does not exist); only reads."""
+    directory = pathlib.Path(directory)
+    return sorted(ocp.utils.checkpoint_steps(directory)) if directory.is_dir() else []
+
+
 class TrainCheckpoints:
     """The training run's CheckpointManager: state (params, optimizer state, RNG) + JSON meta per step."""
 

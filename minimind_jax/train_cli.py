@@ -34,6 +34,7 @@ MINIMIND_FLAGS = {  # name: (type, help); defaults come from trainer.TrainConfig
     "data_path": (str, "training jsonl"),
     "from_weight": (str, "'none', a MiniMind weight name ({save_dir}/{name}_{hidden}{_moe}.pth), a .pth or our checkpoint"),
     "from_resume": (int, "1 = continue from the newest complete checkpoint"),
+    "wandb_project": (str, "W&B project for --use_wandb (default: MiniMind-Full-SFT / MiniMind-Pretrain)"),
     "num_workers": (int, "tokenizing processes (default: one per CPU; 0: in this process)"),
 }
 OUR_FLAGS = {
@@ -44,9 +45,12 @@ OUR_FLAGS = {
     "loss_norm": (str, "tokens (global token-weighted) | minimind (per micro-batch mean / accumulation_steps)"),
     "eval_data_path": (str, "held-out jsonl: masked eval loss at the end"),
     "warmup_steps": (int, "linear warmup micro-steps (MiniMind: 0)"),
-    "checkpoint_dir": (str, "Orbax checkpoints go to {checkpoint_dir}/{save_weight}_{hidden}{_moe}"),
+    "checkpoint_dir": (str, "Orbax checkpoints go to {checkpoint_dir}/{save_weight}_{hidden}{_moe} "
+                            "(default: {save_dir}/checkpoints)"),
+    "overwrite": (int, "1 = start over where an earlier run left checkpoints: move them and its logs to a dated "
+                       "folder (without it, such a run stops: continue with --from_resume 1)"),
     "keep_checkpoints": (int, "how many checkpoints to keep"),
-    "max_steps": (int, "stop after N optimizer updates"),
+    "max_steps": (int, "stop at optimizer update N, counted from the run's start (a resumed run too)"),
     "remat": (str, "recompute activations in the backward pass: all (full) or all but matmul outputs (dots)"),
     "scan_layers": (int, "1 = run the layers with lax.scan (default); 0 = unrolled: faster on CPU, slower to compile"),
     "attention_impl": (str, "xla (exact, default) | causal_blocks | dot_product_attention | cudnn (GPU, bf16)"),
@@ -60,8 +64,8 @@ OUR_FLAGS = {
 }
 # Shown in --help; TrainConfig checks every value, so a bad one is a one-line error (exit 1) wherever it comes from.
 CHOICES_SHOWN = {"arch": ARCHS, "dtype": TRAIN_DTYPES, "remat": REMATS, "attention_impl": ATTENTION_IMPLS,
-                 **dict.fromkeys(("use_moe", "from_resume", "scan_layers", "packing"), (0, 1))}
-IGNORED_FLAGS = {"device": str, "use_wandb": None, "wandb_project": str, "use_compile": int}
+                 **dict.fromkeys(("use_moe", "from_resume", "overwrite", "scan_layers", "packing"), (0, 1))}
+IGNORED_FLAGS = {"device": str, "use_compile": int}
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -73,12 +77,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--packing", type=int, default=None, help="1 = pack several examples per row",
                         metavar=_choices_metavar("packing"))
     parser.add_argument("--strict", action="store_true", default=None, help="a bad jsonl line is an error, not a skip")
+    parser.add_argument("--use_wandb", action="store_true", default=None,
+                        help="log the metrics to Weights & Biases (pip install 'minimind-jax[wandb]')")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     for name, kind in IGNORED_FLAGS.items():  # accepted so MiniMind command lines run unchanged
-        if kind is None:
-            parser.add_argument(f"--{name}", action="store_true", help=argparse.SUPPRESS)
-        else:
-            parser.add_argument(f"--{name}", type=kind, help=argparse.SUPPRESS)
+        parser.add_argument(f"--{name}", type=kind, help=argparse.SUPPRESS)
 
 
 def _choices_metavar(name: str) -> str | None:
@@ -102,7 +105,8 @@ def config_from_args(args, command: str):
             if isinstance(value, str) and {**MINIMIND_FLAGS, **OUR_FLAGS}.get(name, (str,))[0] is float:
                 with contextlib.suppress(ValueError):  # YAML reads 1e-5 (no dot) as a string; else TrainConfig says
                     from_file[name] = float(value)
-    given = {name: getattr(args, name) for name in {**MINIMIND_FLAGS, **OUR_FLAGS, "packing": 0, "strict": 0}
+    given = {name: getattr(args, name)
+             for name in {**MINIMIND_FLAGS, **OUR_FLAGS, "packing": 0, "strict": 0, "use_wandb": 0}
              if getattr(args, name) is not None}
     arch = given.get("arch", from_file.get("arch", "minimind2"))
     fields = {**defaults_for(command, arch), **from_file, **given, "mode": command}

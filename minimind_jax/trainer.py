@@ -15,12 +15,13 @@ import time
 from typing import Any
 
 import jax
+import jax.experimental.multihost_utils
 import numpy as np
 import tqdm
 from flax import nnx
 
 from minimind_jax import sharding
-from minimind_jax.checkpoint import TrainCheckpoints
+from minimind_jax.checkpoint import TrainCheckpoints, complete_steps
 from minimind_jax.config import ARCHS, ATTENTION_IMPLS, REMATS, TRAIN_DTYPES, ModelConfig
 from minimind_jax.errors import UserError
 from minimind_jax.evaluation import evaluate, make_loss_sums
@@ -28,11 +29,13 @@ from minimind_jax.model import MiniMind
 from minimind_jax.perf import total_peak_flops
 from minimind_jax.train import (LOSS_NORMS, attention_flops_per_token, init_train_state, make_optimizer,
                                 make_train_step, minimind_lr, model_flops_per_token, update_lr_schedule)
+from minimind_jax.wandb_log import WandbRun, require_wandb
 
 
 CHOICES = {"mode": ("sft", "pretrain"), "arch": ARCHS, "dtype": TRAIN_DTYPES, "remat": REMATS,
            "attention_impl": ATTENTION_IMPLS, "loss_norm": LOSS_NORMS,
-           **dict.fromkeys(("use_moe", "from_resume", "packing", "scan_layers", "strict", "shuffle", "progress"), (0, 1))}
+           **dict.fromkeys(("use_moe", "from_resume", "overwrite", "use_wandb", "packing", "scan_layers", "strict",
+                            "shuffle", "progress"), (0, 1))}
 AT_LEAST = {"epochs": 1, "batch_size": 1, "accumulation_steps": 1, "log_interval": 1, "save_interval": 1,
             "hidden_size": 1, "num_hidden_layers": 1, "max_seq_len": 1, "num_workers": 0, "seed": 0,
             "warmup_steps": 0, "keep_checkpoints": 1, "max_steps": 1, "loss_chunk_size": 1, "num_attention_heads": 1,
@@ -68,6 +71,8 @@ class TrainConfig:
     data_path: str = "dataset/sft_mini_512.jsonl"
     from_weight: str = "pretrain"
     from_resume: int = 0
+    use_wandb: bool = False  # log to Weights & Biases (MiniMind: SwanLab with the W&B API)
+    wandb_project: str = "MiniMind-Full-SFT"
     num_workers: int | None = None  # tokenizing processes (MiniMind: data-loader workers)
     # ---- ours ----
     arch: str = "minimind2"
@@ -78,9 +83,10 @@ class TrainConfig:
     loss_norm: str = "tokens"
     eval_data_path: str | None = None
     warmup_steps: int = 0
-    checkpoint_dir: str = "checkpoints"
+    checkpoint_dir: str | None = None  # None: {save_dir}/checkpoints
+    overwrite: int = 0  # 1: a fresh run moves an earlier run's checkpoints and logs aside instead of refusing
     keep_checkpoints: int = 3
-    max_steps: int | None = None  # stop after this many optimizer updates (the schedule still spans all epochs)
+    max_steps: int | None = None  # stop at this optimizer update, counted from the run's start (a resumed one too)
     remat: str = "none"
     scan_layers: bool = True
     attention_impl: str = "xla"  # ModelConfig.attention_impl: xla (exact) | causal_blocks | dot_product_attention | cudnn
@@ -118,11 +124,23 @@ class TrainConfig:
                         **{name: given[name] for name in ("dtype", "num_attention_heads") if name in given})
         except ValueError as error:  # its message names the fields, which are the flags' names
             raise UserError(str(error)) from None
+        if self.from_resume and self.overwrite:
+            raise UserError("--from_resume 1 continues the earlier run and --overwrite 1 starts over; give one")
 
     @property
     def run_name(self) -> str:
         """MiniMind's weight file stem: {save_weight}_{hidden}{_moe}."""
         return f"{self.save_weight}_{self.hidden_size}{'_moe' if self.use_moe else ''}"
+
+    @property
+    def run_checkpoint_dir(self) -> pathlib.Path:
+        """{checkpoint_dir}/{run_name}; by default under the run's --save_dir, so runs with different save
+        dirs never share checkpoints."""
+        return pathlib.Path(self.checkpoint_dir or pathlib.Path(self.save_dir) / "checkpoints") / self.run_name
+
+    @property
+    def log_dir(self) -> pathlib.Path:
+        return pathlib.Path(self.save_dir) / "logs" / self.run_name
 
 
 def defaults_for(mode: str, arch: str) -> dict[str, Any]:
@@ -130,7 +148,7 @@ def defaults_for(mode: str, arch: str) -> dict[str, Any]:
     v3 = arch == "minimind3"
     if mode == "pretrain":
         fields = dict(save_weight="pretrain", epochs=1, batch_size=32, learning_rate=5e-4, accumulation_steps=8,
-                      data_path="dataset/pretrain_hq.jsonl", from_weight="none")
+                      data_path="dataset/pretrain_hq.jsonl", from_weight="none", wandb_project="MiniMind-Pretrain")
         if v3:
             fields.update(epochs=2, hidden_size=768, max_seq_len=340, save_interval=1000,
                           data_path="dataset/pretrain_t2t_mini.jsonl")
@@ -219,6 +237,44 @@ def load_run_data(cfg: TrainConfig, data_path: str, model_config: ModelConfig):
                         num_workers=cfg.num_workers, strict=cfg.strict, progress=cfg.progress and jax.process_index() == 0)
 
 
+def keep_earlier_run(cfg: TrainConfig, is_main: bool) -> None:
+    """Nothing of an earlier run with the same name is replaced silently; checked before any compute.
+
+    --from_resume 1 continues it (saying so when there is no checkpoint to continue). A fresh run refuses a
+    checkpoint directory that is not empty, unless --overwrite 1, which moves it to a dated sibling
+    `{run_name}.{YYYYmmdd-HHMMSS}`. The run's logs directory is moved the same way, with --overwrite 1 or
+    when there are no checkpoints (logs alone are nothing to continue).
+    """
+    checkpoint_dir, log_dir = cfg.run_checkpoint_dir, cfg.log_dir
+    if cfg.from_resume:
+        if is_main and not complete_steps(checkpoint_dir):
+            tqdm.tqdm.write(f"--from_resume 1: no checkpoint in {checkpoint_dir.resolve()}; starting from "
+                            f"--from_weight {cfg.from_weight}")
+        return
+    earlier = [directory for directory in (checkpoint_dir, log_dir) if directory.is_dir() and any(directory.iterdir())]
+    if checkpoint_dir in earlier and not cfg.overwrite:
+        steps = complete_steps(checkpoint_dir)
+        held = f"newest step {steps[-1]}" if steps else "no complete step"
+        raise UserError(f"{checkpoint_dir.resolve()} holds an earlier run's checkpoints ({held}): continue it with "
+                        f"--from_resume 1, or start over with --overwrite 1 (moves it and its logs to a dated folder)")
+    if jax.process_count() > 1:  # every process has looked before process 0 moves anything
+        jax.experimental.multihost_utils.sync_global_devices("trainer: earlier run found")
+    if earlier and is_main:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        moved = [f"{directory.resolve()} to {_move_aside(directory, stamp).resolve()}" for directory in earlier]
+        tqdm.tqdm.write(f"kept the earlier run: moved {' and '.join(moved)}")
+    if jax.process_count() > 1:
+        jax.experimental.multihost_utils.sync_global_devices("trainer: earlier run moved aside")
+
+
+def _move_aside(directory: pathlib.Path, stamp: str) -> pathlib.Path:
+    aside, number = directory.with_name(f"{directory.name}.{stamp}"), 0
+    while aside.exists():  # a second start within the same second
+        number += 1
+        aside = directory.with_name(f"{directory.name}.{stamp}-{number}")
+    return directory.rename(aside)
+
+
 class _Preemption:
     """SIGTERM (a preempted TPU or spot VM) asks the loop to checkpoint at the next step boundary and exit 0."""
 
@@ -238,6 +294,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     maybe_initialize_distributed()
     use_compilation_cache(cfg.compilation_cache_dir)
     is_main = jax.process_index() == 0
+    if cfg.use_wandb:
+        require_wandb()
+    keep_earlier_run(cfg, is_main)
     mesh = sharding.make_mesh(cfg.mesh)
     split = sharding.batch_size_per_step(mesh)
     if cfg.batch_size % split:
@@ -268,11 +327,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                               opt_shardings=opt_shardings)
 
     run_dir = pathlib.Path(cfg.save_dir)
-    log_dir = run_dir / "logs" / cfg.run_name
-    checkpoints = TrainCheckpoints(pathlib.Path(cfg.checkpoint_dir) / cfg.run_name, max_to_keep=cfg.keep_checkpoints)
+    log_dir = cfg.log_dir
+    checkpoints = TrainCheckpoints(cfg.run_checkpoint_dir, max_to_keep=cfg.keep_checkpoints)
     rng = jax.random.key_data(jax.random.key(cfg.seed))
     update = 0
     newest = None
+    wandb_id = None  # kept in every checkpoint, so that a resumed run logs to the same W&B run
     if cfg.from_resume:
         newest = checkpoints.restore_newest(
             model_config, param_shardings,
@@ -281,16 +341,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         update, meta, restored = newest
         params, opt_state, rng = restored["params"], restored["opt_state"], restored["rng"]
         batches.set_state(meta["data_state"])
+        wandb_id = meta.get("wandb_id")
         if is_main:
-            _drop_metrics_after(log_dir / "metrics.jsonl", update)
             tqdm.tqdm.write(f"resumed {checkpoints.directory} at update {update} (micro-step {update * acc})")
-    elif is_main:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        (log_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if is_main:  # the updates after the checkpoint are computed again (a fresh run has moved earlier logs aside)
+        _drop_metrics_after(log_dir / "metrics.jsonl", update)
+    wandb_run = WandbRun(cfg, resume_id=wandb_id) if cfg.use_wandb and is_main else None
+    if wandb_run is not None:
+        wandb_id = wandb_run.id
 
     peak_flops, peak_source = total_peak_flops(dtype)
     flops_per_token = model_flops_per_token(model_config) + attention_flops_per_token(model_config, dataset.seq_len)
-    last_update = total_updates if cfg.max_steps is None else min(total_updates, update + cfg.max_steps)
+    last_update = total_updates if cfg.max_steps is None else min(total_updates, cfg.max_steps)
+    if update >= last_update and is_main:
+        limit = f" (--max_steps {cfg.max_steps} counts every update of the run)" if cfg.max_steps else ""
+        tqdm.tqdm.write(f"nothing to train: the run is at update {update} and ends at update {last_update}{limit}")
     tokens_per_update = cfg.batch_size * dataset.seq_len * acc
     run_meta = {"model_config": model_config.to_dict(), "train_config": dataclasses.asdict(cfg)}
 
@@ -302,7 +367,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             host_rng = np.asarray(jax.device_get(rng))
             checkpoints.save(at_update, {"params": params, "opt_state": opt_state, "rng": host_rng},
                              {**run_meta, "update": at_update, "epoch": batches.epoch,
-                              "data_state": batches.get_state()}, force=True)
+                              "data_state": batches.get_state(), "wandb_id": wandb_id}, force=True)
             checkpointed = at_update
         if is_main:
             from minimind_jax.weights import save_pth
@@ -311,7 +376,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if wait:
             checkpoints.wait()
 
-    writer = _MetricsWriter(log_dir, enabled=is_main)
+    writer = _MetricsWriter(log_dir, enabled=is_main, wandb_run=wandb_run)
     if is_main:
         stats = batches.stats
         tqdm.tqdm.write(f"{cfg.mode}: {model_config.arch} hidden {model_config.hidden_size} × {model_config.num_hidden_layers} "
@@ -362,6 +427,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                             f"loss:{record['last_micro_loss']:.6f} lr:{lr:.12f} epoch_Time:{eta_min:.1f}min: "
                             f"tokens/s:{tokens_per_s:,.0f} loss_tokens/s:{record['loss_tokens_per_s']:,.0f} "
                             f"mfu:{record['mfu']:.1%}")
+            writer.at_log_interval(record, eta_min)
         if window_updates >= 20:
             window_start, window_updates, window_loss_tokens = time.perf_counter(), 0, 0.0
         if consecutive_skips >= cfg.max_consecutive_skips:
@@ -392,6 +458,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 save(update, wait=preempted)
             if preempted:
                 tqdm.tqdm.write(f"SIGTERM: saved update {update} to {checkpoints.directory}; resume with --from_resume 1")
+                writer.close()
                 return {"preempted": True, "update": update}
         if pending is not None:
             finish_step(pending)
@@ -451,10 +518,12 @@ class _TooManySkips(Exception):
 
 
 class _MetricsWriter:
-    """metrics.jsonl and TensorBoard event files in the run's log directory."""
+    """metrics.jsonl and TensorBoard event files in the run's log directory, every update; W&B (when on) at
+    MiniMind's log interval."""
 
-    def __init__(self, log_dir: pathlib.Path, enabled: bool):
+    def __init__(self, log_dir: pathlib.Path, enabled: bool, wandb_run: WandbRun | None = None):
         self.enabled = enabled
+        self.wandb_run = wandb_run
         if not enabled:
             return
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -471,6 +540,10 @@ class _MetricsWriter:
         for key, value in record.items():
             if key not in ("update", "micro_step", "epoch") and np.isfinite(value):
                 self.tensorboard.add_scalar(f"train/{key}", value, record["update"])
+
+    def at_log_interval(self, record: dict, eta_min: float) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.log(record, eta_min)
 
     @staticmethod
     def plot(history: list[dict], path: pathlib.Path, title: str) -> None:
@@ -493,3 +566,5 @@ class _MetricsWriter:
         if self.enabled:
             self.jsonl.close()
             self.tensorboard.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

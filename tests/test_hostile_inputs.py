@@ -384,7 +384,7 @@ def resumed_copy(damaged_run, tmp_path, **overrides) -> TrainConfig:
 
 def test_resume_moves_a_damaged_newest_checkpoint_aside_and_goes_on_from_the_one_before(damaged_run, tmp_path,
                                                                                          caplog):
-    cfg = resumed_copy(damaged_run, tmp_path, max_steps=2)
+    cfg = resumed_copy(damaged_run, tmp_path, max_steps=3)  # 3 updates in all
     run = pathlib.Path(cfg.checkpoint_dir) / cfg.run_name
     train(cfg)
     assert f"{run}/2/state: corrupt or incompatible checkpoint (" in caplog.text

@@ -86,7 +86,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, chat_data):
 def test_resume_on_another_mesh(tmp_path, chat_data):
     first = run_config(tmp_path, chat_data, from_weight="none", max_steps=2, save_interval=2, mesh="data=8")
     train(first)
-    resumed = run_config(tmp_path, chat_data, from_weight="none", max_steps=2, from_resume=1,
+    resumed = run_config(tmp_path, chat_data, from_weight="none", max_steps=4, from_resume=1,  # 4 in all
                          mesh="data=2,fsdp=2,tensor=2")
     train(resumed)
     reference = run_config(tmp_path / "reference", chat_data, from_weight="none", max_steps=4, save_interval=2,
