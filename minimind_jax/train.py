@@ -2,8 +2,9 @@
 
 One optimizer update consumes `accumulation_steps` micro-batches, each a dict of global [B,T] arrays
 (`inputs`, `targets`, `loss_mask`, `segment_ids`, `positions`) split over the mesh's batch axes (data×fsdp).
-The loss and its gradient are computed in a `shard_map` over those axes: each device sums ce·mask and the
-mask on its own rows, both sums are psum'd, and the division happens once, in the open:
+The loss and its gradient are computed in a `shard_map` over those of them with more than one device (see
+make_train_step): each device sums ce·mask and the mask on its own rows, both sums are psum'd, and the
+division happens once, in the open:
 
   loss_norm="tokens"   (default)  Σ ce·mask over all micro-batches and devices / Σ mask over the same
                                   + the mean of the micro-batches' MoE aux losses (token-weighted).
@@ -26,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
 from minimind_jax.loss import chunked_masked_ce_sums, masked_ce_sums, safe_divide
-from minimind_jax.sharding import BATCH_AXES, replicated, tree_shardings
+from minimind_jax.sharding import replicated, split_batch_axes, tree_shardings
 
 LOSS_NORMS = ("tokens", "minimind")
 
@@ -85,19 +86,20 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     if loss_norm not in LOSS_NORMS:
         raise ValueError(f"loss_norm must be one of {LOSS_NORMS}, got {loss_norm!r}")
     num_micro = accumulation_steps
+    batch_axes = split_batch_axes(mesh)
 
     def micro_objective(params, batch, rng, token_total, micro_token_total):
         model = nnx.merge(graphdef, params)
         dropout = nnx.Rngs(dropout=rng) if model.config.dropout > 0 else None
         out = model.forward(batch["inputs"], segment_ids_BT=batch["segment_ids"], positions_BT=batch["positions"],
                             train=True, dropout_rngs=dropout, return_logits=loss_chunk_size is None,
-                            batch_axes=BATCH_AXES)
+                            batch_axes=batch_axes)
         if loss_chunk_size is None:
             ce_sum, _ = masked_ce_sums(out.logits, batch["targets"], batch["loss_mask"])
         else:
             ce_sum, _ = chunked_masked_ce_sums(out.hidden_states, params["embed_tokens"][...], batch["targets"],
                                                batch["loss_mask"], loss_chunk_size)
-        ce_total = jax.lax.psum(ce_sum, BATCH_AXES)
+        ce_total = jax.lax.psum(ce_sum, batch_axes)
         logits_loss = safe_divide(ce_total, micro_token_total)
         if loss_norm == "tokens":
             objective = safe_divide(ce_total, token_total) + out.aux_loss / num_micro
@@ -108,9 +110,9 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     def local_loss_and_grads(params, micro_batches, rng):
         """Runs on each device's rows of every micro-batch; returns globally reduced values."""
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *micro_batches)  # [A, b, T]
-        micro_token_totals = jax.lax.psum(stacked["loss_mask"].astype(jnp.float32).sum((1, 2)), BATCH_AXES)
+        micro_token_totals = jax.lax.psum(stacked["loss_mask"].astype(jnp.float32).sum((1, 2)), batch_axes)
         token_total = micro_token_totals.sum()
-        device_rng = jax.random.fold_in(rng, jax.lax.axis_index(BATCH_AXES))
+        device_rng = jax.random.fold_in(rng, jax.lax.axis_index(batch_axes))
         grad_fn = jax.value_and_grad(micro_objective, has_aux=True)
 
         def accumulate(grads_sum, micro):
@@ -132,9 +134,13 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         }
         return grads, metrics
 
-    sharded_loss_and_grads = jax.shard_map(
-        local_loss_and_grads, mesh=mesh, in_specs=(P(), P(BATCH_AXES), P()), out_specs=(P(), P()),
-        axis_names=set(BATCH_AXES))
+    # Only the axes that split the batch are manual. A manual axis of size 1 is not merely idle: when every
+    # manual axis has size 1 and `tensor` does not, XLA's partitioner rejects the psums ("Cross-partition
+    # allreduce must be in (partial) manual partitioning mode"). With no split batch axis the local function
+    # runs as it is, its psums over no axes being the identity.
+    sharded_loss_and_grads = local_loss_and_grads if not batch_axes else jax.shard_map(
+        local_loss_and_grads, mesh=mesh, in_specs=(P(), P(batch_axes), P()), out_specs=(P(), P()),
+        axis_names=set(batch_axes))
 
     def step(params, opt_state, micro_batches, rng):
         grads, metrics = sharded_loss_and_grads(params, micro_batches, rng)
@@ -158,9 +164,9 @@ def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation,
     """
     graphdef, state = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(state)
-    param_shardings = tree_shardings(params, mesh)
+    param_shardings = tree_shardings(params, mesh, model.config)
     params = jax.device_put(params, param_shardings)
-    opt_shardings = tree_shardings(jax.eval_shape(optimizer.init, params), mesh)
+    opt_shardings = tree_shardings(jax.eval_shape(optimizer.init, params), mesh, model.config)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
     return graphdef, params, opt_state, param_shardings, opt_shardings
 
