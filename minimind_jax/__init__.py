@@ -11,7 +11,7 @@ _EXPORTS = {
     "MiniMind": "minimind_jax.model",
     "load": "minimind_jax.weights",
     "save_pth": "minimind_jax.weights",
-    "generate": "minimind_jax.generate",
+    "generate": "minimind_jax.generation",
 }
 
 __all__ = list(_EXPORTS)

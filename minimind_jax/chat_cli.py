@@ -20,7 +20,7 @@ import numpy as np
 
 from minimind_jax.config import DTYPES
 from minimind_jax.errors import UserError
-from minimind_jax.generate import Decoder, check_room
+from minimind_jax.generation import Decoder, check_room
 from minimind_jax.model import MiniMind
 from minimind_jax.tokenizer import Tokenizer, load_tokenizer
 

@@ -258,7 +258,7 @@ def chat_stage(run: DemoRun) -> dict:
     import numpy as np
     import tqdm
 
-    from minimind_jax.generate import generate
+    from minimind_jax.generation import generate
     from minimind_jax.tokenizer import load_tokenizer
     from minimind_jax.weights import load
 

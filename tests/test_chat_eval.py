@@ -14,7 +14,7 @@ from flax import nnx
 import main
 from minimind_jax import chat_cli, data, weights
 from minimind_jax.config import ModelConfig
-from minimind_jax.generate import Decoder, generate
+from minimind_jax.generation import Decoder, generate
 from minimind_jax.loss import masked_ce_sums, safe_divide
 from minimind_jax.model import MiniMind
 from minimind_jax.tokenizer import load_tokenizer, train_sentencepiece

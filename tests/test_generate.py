@@ -9,7 +9,7 @@ from flax import nnx
 from minimind_jax import weights
 from minimind_jax.config import ModelConfig
 from minimind_jax.errors import UserError
-from minimind_jax.generate import Decoder, bucket_length, filter_top_k_top_p, generate, stream
+from minimind_jax.generation import Decoder, bucket_length, filter_top_k_top_p, generate, stream
 from minimind_jax.model import MiniMind
 from tests.conftest import require_shared
 
