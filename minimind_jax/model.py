@@ -219,12 +219,17 @@ def swiglu(x_BTD, gate_DF, up_DF, down_FD, batch_axes: tuple[str, ...] = ()):
     batch_axes: inside shard_map, the mesh axes the batch is split over. The backward pass gives each device's
     own weight gradients, so the weights enter as device-varying values; autodiff sums them over those axes.
     """
-    dtype = x_BTD.dtype
-    weights = [w.astype(dtype) for w in (gate_DF, up_DF, down_FD)]
+    b, t, d = x_BTD.shape
+    weights = _local_weights(x_BTD.dtype, batch_axes, gate_DF, up_DF, down_FD)
+    return _swiglu_rows(x_BTD.reshape(b * t, d), *weights).reshape(b, t, -1)
+
+
+def _local_weights(dtype, batch_axes: tuple[str, ...], *weights):
+    """The weights in the activation dtype; inside shard_map, as device-varying values (see swiglu)."""
+    weights = [w.astype(dtype) for w in weights]
     if batch_axes:
         weights = [jax.lax.pcast(w, batch_axes, to="varying") for w in weights]
-    b, t, d = x_BTD.shape
-    return _swiglu_rows(x_BTD.reshape(b * t, d), *weights).reshape(b, t, -1)
+    return weights
 
 
 def _swiglu_rows_fwd(x_ND, gate_DF, up_DF, down_FD):
@@ -265,9 +270,89 @@ class MLP(nnx.Module):
         return self.dropout(out, rngs=dropout_rngs, deterministic=dropout_rngs is None), jnp.zeros((), jnp.float32)
 
 
+EXPERT_TILE = 128  # rows per expert matmul; each expert's rows are padded to whole tiles (XLA:CPU: 128 beat 32, 64)
+
+
+def routed_swiglu(x_ND, expert_index_NK, gate_EDF, up_EDF, down_EFD, batch_axes: tuple[str, ...] = ()):
+    """Each token's chosen experts' SwiGLU outputs [N, K, D] (K choices per token), each expert run only on the
+    tokens routed to it.
+
+    The N·K (token, choice) assignments are grouped by expert, in token order within a group (a stable sort by
+    expert id), into R rows where each group is padded with zero rows to whole tiles of EXPERT_TILE rows.
+    jax.lax.ragged_dot groups rows the same way, but XLA:CPU lowers it to a masked product with all E experts,
+    as slow as running every expert on every token. batch_axes: as in swiglu.
+    """
+    n, top_k = expert_index_NK.shape
+    num_experts = gate_EDF.shape[0]
+    num_assignments = n * top_k
+    tile = min(EXPERT_TILE, num_assignments)
+    num_rows = (num_assignments + num_experts * (tile - 1)) // tile * tile  # the most that any routing fills
+    expert_A = expert_index_NK.reshape(num_assignments)
+    chosen_AE = jax.nn.one_hot(expert_A, num_experts, dtype=jnp.int32)
+    rank_A = (jnp.cumsum(chosen_AE, axis=0) * chosen_AE).sum(1) - 1  # place among its expert's assignments
+    tiles_E = -(-chosen_AE.sum(0) // tile)
+    row_A = ((jnp.cumsum(tiles_E) - tiles_E) * tile)[expert_A] + rank_A
+    token_A = jnp.arange(num_assignments, dtype=jnp.int32) // top_k
+    token_R = jnp.full((num_rows,), n, jnp.int32).at[row_A].set(token_A)
+    x_RD = jnp.take(x_ND, token_R, axis=0, mode="fill", fill_value=0)  # padding rows (token n) are zeros
+    weights = _local_weights(x_ND.dtype, batch_axes, gate_EDF, up_EDF, down_EFD)
+    out_RD = _grouped_swiglu_rows(x_RD, tiles_E, *weights, tile)
+    return out_RD[row_A].reshape(n, top_k, -1)
+
+
+def _for_each_expert_tile(tiles_E, body, carry):
+    """carry = body(expert, tile_index, carry) over each expert's tiles in turn. The expert is a Python int, so
+    its weights are static slices, read in place."""
+    first = jnp.zeros((), jnp.int32)
+    for expert in range(tiles_E.shape[0]):
+        last = first + tiles_E[expert]
+        carry = jax.lax.fori_loop(first, last, functools.partial(body, expert), carry)
+        first = last
+    return carry
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _grouped_swiglu_rows(x_RD, tiles_E, gate_EDF, up_EDF, down_EFD, tile: int):
+    """_swiglu_rows on expert-grouped rows: the experts' tiles follow one another, tiles_E[e] of them for expert
+    e; rows after the last tile stay 0. Its backward pass loops over the same tiles with _swiglu_rows_bwd."""
+    return _grouped_swiglu_rows_fwd(x_RD, tiles_E, gate_EDF, up_EDF, down_EFD, tile)[0]
+
+
+def _grouped_swiglu_rows_fwd(x_RD, tiles_E, gate_EDF, up_EDF, down_EFD, tile):
+    def run_tile(expert, index, buffers):
+        x_tD = jax.lax.dynamic_slice_in_dim(x_RD, index * tile, tile)
+        out_tD, (_, gate_tF, up_tF, *_) = _swiglu_rows_fwd(x_tD, gate_EDF[expert], up_EDF[expert], down_EFD[expert])
+        return tuple(jax.lax.dynamic_update_slice_in_dim(buffer, rows, index * tile, 0)
+                     for buffer, rows in zip(buffers, (out_tD, gate_tF, up_tF)))
+
+    # zeros_like keeps x's shard_map type (device-varying), which a loop carry must keep.
+    hidden_RF = jnp.zeros_like(x_RD, shape=(x_RD.shape[0], gate_EDF.shape[-1]))
+    out_RD, gate_RF, up_RF = _for_each_expert_tile(tiles_E, run_tile, (jnp.zeros_like(x_RD), hidden_RF, hidden_RF))
+    return out_RD, (x_RD, tiles_E, gate_RF, up_RF, gate_EDF, up_EDF, down_EFD)
+
+
+def _grouped_swiglu_rows_bwd(tile, residuals, dy_RD):
+    x_RD, tiles_E, gate_RF, up_RF, gate_EDF, up_EDF, down_EFD = residuals
+
+    def run_tile(expert, index, grads):
+        dx_RD, *weight_grads = grads
+        rows = lambda a: jax.lax.dynamic_slice_in_dim(a, index * tile, tile)
+        tile_residuals = (rows(x_RD), rows(gate_RF), rows(up_RF), gate_EDF[expert], up_EDF[expert], down_EFD[expert])
+        dx_tD, *tile_weight_grads = _swiglu_rows_bwd(tile_residuals, rows(dy_RD))
+        dx_RD = jax.lax.dynamic_update_slice_in_dim(dx_RD, dx_tD, index * tile, 0)
+        return dx_RD, *(total.at[expert].add(part) for total, part in zip(weight_grads, tile_weight_grads))
+
+    dx_RD, *weight_grads = _for_each_expert_tile(
+        tiles_E, run_tile, tuple(map(jnp.zeros_like, (x_RD, gate_EDF, up_EDF, down_EFD))))
+    return dx_RD, None, *weight_grads
+
+
+_grouped_swiglu_rows.defvjp(_grouped_swiglu_rows_fwd, _grouped_swiglu_rows_bwd)
+
+
 class MoE(nnx.Module):
-    """Routed experts (+ 2510's shared experts). Every expert runs on every token and unselected ones get weight
-    0: exact, simple and shape-static; with 4 experts this costs E× the MLP FLOPs of a token-dispatching kernel."""
+    """Routed experts (+ 2510's shared experts, which run on every token). Each routed expert runs only on the
+    tokens routed to it (routed_swiglu), as MiniMind's training loop does; each device routes its own tokens."""
 
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
         d, f, e = config.hidden_size, config.expert_intermediate_size, config.num_routed_experts
@@ -292,15 +377,14 @@ class MoE(nnx.Module):
         if normalise:
             top_weight_BTK = top_weight_BTK / (top_weight_BTK.sum(-1, keepdims=True) + 1e-20)
         chosen_BTKE = jax.nn.one_hot(top_index_BTK, num_experts, dtype=jnp.float32)
-        weight_BTE = jnp.einsum("btk,btke->bte", top_weight_BTK, chosen_BTKE)
 
-        expert_out_BTED = jax.vmap(functools.partial(swiglu, batch_axes=batch_axes), in_axes=(None, 0, 0, 0),
-                                   out_axes=2)(x_BTD, self.gate_proj[...], self.up_proj[...], self.down_proj[...])
-        expert_out_BTED = expert_out_BTED.astype(jnp.float32)
+        expert_out_NKD = routed_swiglu(x_BTD.reshape(b * t, d), top_index_BTK.reshape(b * t, top_k),
+                                       self.gate_proj[...], self.up_proj[...], self.down_proj[...], batch_axes)
+        expert_out_NKD = expert_out_NKD.astype(jnp.float32)
         if train and not cfg.is_v3:
             # 2510's training path collects expert outputs in an fp16 buffer before weighting them.
-            expert_out_BTED = expert_out_BTED.astype(jnp.float16).astype(jnp.float32)
-        y = jnp.einsum("bte,bted->btd", weight_BTE, expert_out_BTED)
+            expert_out_NKD = expert_out_NKD.astype(jnp.float16).astype(jnp.float32)
+        y = jnp.einsum("nk,nkd->nd", top_weight_BTK.reshape(b * t, top_k), expert_out_NKD).reshape(b, t, d)
         if cfg.num_shared_experts:
             for i in range(cfg.num_shared_experts):
                 shared = swiglu(x_BTD, self.shared_gate_proj[i], self.shared_up_proj[i], self.shared_down_proj[i],
