@@ -13,11 +13,11 @@
 #
 # `run` uses the jax/jaxlib (CUDA plugin), flax, optax and torch (CUDA build) already installed there, adds the
 # carried wheels with pip --no-index, and runs, each under its own time limit:
-#   1. minimind2-small, batch 16 × 512, bf16, --ablation: the padded baseline, loss positions only, cuDNN
-#      attention, remat dots, layers unrolled, packing, the padded rows with every switch but packing, and
-#      all together, each against the PyTorch step (about 3 minutes);
-#   2. minimind2, batch 16 × 512, bf16: packing + loss positions + cuDNN attention against PyTorch, and the
-#      decode benchmark (about 1 minute); if cuDNN refuses the shapes, the same with causal_blocks attention.
+#   1. minimind2-small, batch 16 × 512, bf16, --ablation: the default step (the GPU's fast path), MiniMind's
+#      literal step, each fast-path switch alone on it, packing, and the fast path with packing, each against
+#      the PyTorch step in its own process (about 3 minutes);
+#   2. minimind2, batch 16 × 512, bf16: packing + the fast path with cuDNN attention against PyTorch, and the
+#      decode benchmark (about 1 minute); if cuDNN refuses the shapes, the same with the default attention.
 # It prints the versions and the device, then each bench's table (tokens/s, loss tokens/s, ratio to torch
 # with its spread, MFU against the H200's spec-sheet peak, compile time, recompilations, XLA memory and the
 # devices' peak memory, data-wait fraction); the JSON and logs go to $OUT (or ./gpu_check_out).
@@ -82,10 +82,10 @@ print(format_table(json.load(open(sys.argv[1]))))" "$out/$name.json"
     return $status
   }
   bench small_ablation 190 --preset minimind2-small --ablation "${common[@]}"
-  local fast=(--preset minimind2 --packing --loss_chunk_size 512 --decode "${common[@]}")
+  local fast=(--preset minimind2 --packing --decode "${common[@]}")
   if ! bench minimind2_fast $((290 - (SECONDS - start))) --attention_impl cudnn "${fast[@]}" \
-      && [ $((290 - (SECONDS - start))) -gt 60 ]; then  # cuDNN refused these shapes: XLA's attention instead
-    bench minimind2_fast_xla_attention $((290 - (SECONDS - start))) --attention_impl causal_blocks "${fast[@]}"
+      && [ $((290 - (SECONDS - start))) -gt 60 ]; then  # cuDNN refused these shapes: the default attention
+    bench minimind2_fast_default_attention $((290 - (SECONDS - start))) "${fast[@]}"
   fi
   echo "gpu_check: $((SECONDS - start)) s of benches"
 }

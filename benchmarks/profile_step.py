@@ -1,9 +1,11 @@
 """Where the time of one train step goes: a jax.profiler trace of our step, summed per XLA op.
 
-    python benchmarks/profile_step.py --preset minimind2-small --batch_size 2 [--loss_chunk_size 512]
-        [--attention_impl causal_blocks] [--remat dots] [--unroll_layers] [--top 30] [--hlo step.hlo]
+    python benchmarks/profile_step.py --preset minimind2-small --batch_size 2 [--fast_path 0]
+        [--loss_chunk_size 512] [--attention_impl causal_blocks] [--scan_layers 0] [--remat dots] [--top 30]
+        [--hlo step.hlo]
 
-Runs the real `train.make_train_step` on random tokens (real batches change nothing per op), traces
+Runs the real `train.make_train_step` (by default the step `main.py sft` runs: the backend's fast path) on
+random tokens (real batches change nothing per op), traces
 `--steps` steps after one warm-up, and prints each op's time per step (summed over the threads that ran
 it, so ops running side by side can add up to more than the step), with the JAX operation it came from
 (the HLO metadata) and the ops fused into it. `--hlo FILE` writes the optimized HLO for a closer look.
@@ -65,17 +67,20 @@ def profile_jax(args) -> None:
     from flax import nnx
 
     from minimind_jax import sharding
-    from minimind_jax.config import load_preset
+    from minimind_jax.config import load_preset, train_step_settings
     from minimind_jax.model import MiniMind
     from minimind_jax.train import init_train_state, make_optimizer, make_train_step
 
-    config = load_preset(args.preset, remat=args.remat, attention_impl=args.attention_impl,
-                         scan_layers=not args.unroll_layers)
+    settings = train_step_settings(bool(args.fast_path), jax.devices()[0].platform, "float32", args.seq_len,
+                                   attention_impl=args.attention_impl, loss_chunk_size=args.loss_chunk_size,
+                                   scan_layers=args.scan_layers)
+    config = load_preset(args.preset, remat=args.remat, attention_impl=settings["attention_impl"],
+                         scan_layers=settings["scan_layers"])
     mesh = sharding.make_mesh(None)
     optimizer = make_optimizer(1e-4)
     graphdef, params, opt_state, param_shardings, opt_shardings = init_train_state(
         MiniMind(config, rngs=nnx.Rngs(0)), optimizer, mesh)
-    step = make_train_step(graphdef, optimizer, mesh, loss_chunk_size=args.loss_chunk_size,
+    step = make_train_step(graphdef, optimizer, mesh, loss_chunk_size=settings["loss_chunk_size"],
                            param_shardings=param_shardings, opt_shardings=opt_shardings)
     batch = jax.device_put(random_batch(args.batch_size, args.seq_len, config.vocab_size, args.loss_fraction),
                            sharding.batch_sharding(mesh))
@@ -137,10 +142,11 @@ def main(argv=None) -> int:
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--seq_len", type=int, default=511)
     parser.add_argument("--loss_fraction", type=float, default=0.19, help="share of positions with loss")
-    parser.add_argument("--loss_chunk_size", type=int, default=None)
-    parser.add_argument("--attention_impl", default="xla")
+    parser.add_argument("--fast_path", type=int, choices=(0, 1), default=1, help="as main.py sft's")
+    parser.add_argument("--loss_chunk_size", type=int, default=None, help="default: per --fast_path; 0: full logits")
+    parser.add_argument("--attention_impl", default=None, help="default: per --fast_path")
+    parser.add_argument("--scan_layers", type=int, choices=(0, 1), default=None, help="default: per --fast_path")
     parser.add_argument("--remat", default="none")
-    parser.add_argument("--unroll_layers", action="store_true", help="ModelConfig.scan_layers=False")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--hlo", default=None, help="write the optimized HLO here")

@@ -1,21 +1,24 @@
 """`python main.py bench`: our SFT train step against PyTorch MiniMind's, side by side, in one run.
 
-Both sides train the same model (same preset and initial weights) on the same real chat batches
+Every side trains the same model (same preset and initial weights) on the same real chat batches
 (chatterbot-corpus + chitchat-dataset through MiniMind's tokenizer) with the same masked loss:
-- ours: `train.make_train_step` + `init_train_state` on a mesh of every present device, on MiniMind's padded
-  rows or on packed rows (--packing), with the fast-path switches below;
-- PyTorch: `torch_reference.sft_step`, MiniMind's train_full_sft step in eager mode (forward, masked CE,
-  backward, clip_grad_norm, AdamW), always on MiniMind's padded rows, with bf16 autocast under
-  --dtype bfloat16, on CUDA when there is a GPU.
+- ours, in this process: `train.make_train_step` + `init_train_state` on a mesh of every present device, on
+  MiniMind's padded rows or on packed rows (--packing): the step `main.py sft` runs by default (the backend's
+  fast path, config.fast_path_settings), the flags' step if they ask for another, and MiniMind's literal
+  computation (--fast_path 0);
+- PyTorch, each in a process of its own (minimind_jax/bench_torch.py, --torch_python, glibc's default malloc):
+  the project's `torch_reference.sft_step`, and with --minimind_dir MiniMind's own MiniMindForCausalLM with its
+  train_full_sft loss; eager mode (forward, masked CE, backward, clip_grad_norm, AdamW), always on MiniMind's
+  padded rows, with bf16 autocast under --dtype bfloat16, on CUDA when there is a GPU.
 
 The sides take turns step by step (and so do the variants of --ablation), so a machine that is busy with
 other work slows all of them alike; every figure is the median over the timed steps, after warm-up.
-Per side: tokens/s (all B·T positions), loss tokens/s (positions that carry loss), the ratio to PyTorch
-(with `noise`, the spread of the per-turn ratios), the ratio of CPU time per token (on CPU, less sensitive
-to other load), MFU (model FLOPs / the device's peak from `perf`), compile time (trace, lower and XLA compile,
-ahead of the first step), compiles during the steps (must be 0), the step's memory (XLA's account for ours,
-torch.cuda.max_memory_allocated for torch on GPU) and the fraction of the step spent waiting for the input
-iterator.
+Per side: tokens/s (all B·T positions), loss tokens/s (positions that carry loss), the ratio to the
+baseline (MiniMind's own model with --minimind_dir, else the torch reference; with `noise`, the spread of the
+per-turn ratios), the ratio of CPU time per token (on CPU, less sensitive to other load), MFU (model FLOPs /
+the device's peak from `perf`), compile time (trace, lower and XLA compile, ahead of the first step), compiles
+during the steps (must be 0), the step's memory (XLA's account for ours, torch.cuda.max_memory_allocated for
+torch on GPU) and the fraction of the step spent waiting for the input iterator.
 """
 from __future__ import annotations
 
@@ -26,13 +29,16 @@ import math
 import os
 import pathlib
 import resource
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
 from minimind_jax import malloc
-from minimind_jax.config import ATTENTION_IMPLS
+from minimind_jax.config import ATTENTION_IMPLS, LITERAL_STEP, REMATS, fast_path_settings, train_step_settings
 from minimind_jax.errors import UserError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -53,13 +59,25 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "bench") -> No
     parser.add_argument("--packing", action="store_true", help="our side trains on packed rows")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
-    parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch side")
+    parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch sides")
+    parser.add_argument("--minimind_dir", default=None,
+                        help="a MiniMind checkout of the preset's era (2510 for minimind2, v3 for minimind3): also "
+                             "time its own model/model_minimind.py, the baseline of the ratios")
+    parser.add_argument("--torch_reference", type=int, choices=(0, 1), default=1,
+                        help="1 = time the project's torch reference (0 with --minimind_dir: only MiniMind's own "
+                             "model, which saves a process's memory on the big MoE presets)")
+    parser.add_argument("--torch_python", default=sys.executable,
+                        help="interpreter of the PyTorch processes; with --minimind_dir it needs transformers "
+                             "(default: this one)")
+    parser.add_argument("--fast_path", type=int, choices=(0, 1), default=1,
+                        help="as main.py sft: 1 = the backend's fastest exact step, 0 = MiniMind's literal computation")
     parser.add_argument("--loss_chunk_size", type=int, default=None,
-                        help="lm_head + CE only at loss positions, this many at a time (default: full logits)")
-    parser.add_argument("--attention_impl", default="xla", choices=ATTENTION_IMPLS)
-    parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
-    parser.add_argument("--unroll_layers", action="store_true",
-                        help="run the layers unrolled instead of with lax.scan (ModelConfig.scan_layers=False)")
+                        help="lm_head + CE only at loss positions, this many at a time; 0 = full logits "
+                             "(default: per --fast_path)")
+    parser.add_argument("--attention_impl", default=None, choices=ATTENTION_IMPLS, help="default: per --fast_path")
+    parser.add_argument("--scan_layers", type=int, choices=(0, 1), default=None,
+                        help="1 = the layers in lax.scan, 0 = unrolled (default: per --fast_path)")
+    parser.add_argument("--remat", default="none", choices=REMATS)
     parser.add_argument("--ablation", action="store_true",
                         help="also run each fast-path switch on its own and all together (one row each)")
     parser.add_argument("--decode", action="store_true", help="also run generate.benchmark_decode on the preset")
@@ -83,52 +101,53 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "bench") -> No
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One configuration of our train step."""
+    """One configuration of our train step; `name` says what it is (empty: only its settings)."""
 
     name: str
     packing: bool = False
     loss_chunk_size: int | None = None
     attention_impl: str = "xla"
     remat: str = "none"
-    unroll_layers: bool = False
+    scan_layers: bool = True
 
 
-def variants_for(args, platform: str) -> list[Variant]:
-    """The variant the flags ask for, then (--ablation) each fast-path switch alone and all of them together."""
-    asked = Variant("", args.packing, args.loss_chunk_size, args.attention_impl, args.remat, args.unroll_layers)
-    if not args.ablation:
-        return [asked]
-    chunk = args.loss_chunk_size or 512
-    attention = "cudnn" if platform == "gpu" and (args.dtype or "bfloat16") != "float32" else "causal_blocks"
-    rows = [
-        Variant("baseline: padded, full logits, xla attention"),
-        Variant(f"loss positions only (chunk {chunk})", loss_chunk_size=chunk),
-        Variant(f"attention {attention}", attention_impl=attention),
-        Variant("remat dots", remat="dots"),
-        Variant("layers unrolled", unroll_layers=True),
-        Variant("packing", packing=True),
+def variants_for(args, platform: str, dtype: str, seq_len: int) -> list[Variant]:
+    """The step the flags ask for (by default the one `main.py sft` runs), MiniMind's literal computation, then
+    (--ablation) each fast-path switch alone on the literal step, and the fast path with and without packing."""
+    fast = fast_path_settings(platform, dtype, seq_len)
+    default = Variant("default (main.py sft)", **fast)
+    literal = Variant("--fast_path 0 (MiniMind's literal)", **LITERAL_STEP)
+    ablation = [
+        Variant(f"literal + loss chunks of {fast['loss_chunk_size']}", loss_chunk_size=fast["loss_chunk_size"]),
+        Variant(f"literal + {fast['attention_impl']} attention", attention_impl=fast["attention_impl"]),
+        Variant("literal + remat dots", remat="dots"),
+        Variant("literal + layers unrolled", scan_layers=False),
+        Variant("literal + packing", packing=True),
+        default,
+        Variant("default + packing", packing=True, **fast),
     ]
-    # Unrolling helps XLA:CPU (no stacked activation buffers); on accelerators scan keeps compiles short.
-    unroll = platform == "cpu"
-    switches = f"loss positions + {attention}{' + unrolled' if unroll else ''}"
-    rows.append(Variant(f"padded (MiniMind's rows): {switches}", False, chunk, attention, unroll_layers=unroll))
-    rows.append(Variant(f"all: packing + {switches}", True, chunk, attention, unroll_layers=unroll))
-    settings = lambda v: dataclasses.astuple(v)[1:]
-    return [asked] + [v for v in rows if settings(v) != settings(asked)]
+    given = {"attention_impl": args.attention_impl, "loss_chunk_size": args.loss_chunk_size,
+             "scan_layers": None if args.scan_layers is None else bool(args.scan_layers)}
+    asked = Variant("", args.packing, remat=args.remat,
+                    **train_step_settings(bool(args.fast_path), platform, dtype, seq_len, **given))
+    asked = next((v for v in [literal, *ablation] if settings_of(v) == settings_of(asked)), asked)
+    rows = [asked, literal, *(ablation if args.ablation else [])]
+    return [v for i, v in enumerate(rows) if settings_of(v) not in map(settings_of, rows[:i])]
+
+
+def settings_of(variant: Variant) -> tuple:
+    return dataclasses.astuple(variant)[1:]
 
 
 def describe(variant: Variant) -> str:
-    """A row label: the variant's own name, or its settings."""
-    if variant.name:
-        return variant.name
+    """A row label: the variant's name, if it has one, and its settings."""
     parts = ["packed" if variant.packing else "padded"]
-    parts.append(f"loss positions (chunk {variant.loss_chunk_size})" if variant.loss_chunk_size else "full logits")
-    parts.append(f"{variant.attention_impl} attention")
+    parts.append(f"loss chunks {variant.loss_chunk_size}" if variant.loss_chunk_size else "full logits")
+    parts.append(variant.attention_impl)
     if variant.remat != "none":
         parts.append(f"remat {variant.remat}")
-    if variant.unroll_layers:
-        parts.append("unrolled")
-    return "ours: " + ", ".join(parts)
+    parts.append("scanned" if variant.scan_layers else "unrolled")
+    return f"ours, {variant.name} ({', '.join(parts)})" if variant.name else f"ours ({', '.join(parts)})"
 
 
 @dataclasses.dataclass
@@ -240,7 +259,7 @@ class JaxSide:
 
         self.name, self.variant, self.watch = describe(variant), variant, watch
         self.config = config.replace(remat=variant.remat, attention_impl=variant.attention_impl,
-                                     scan_layers=not variant.unroll_layers)
+                                     scan_layers=variant.scan_layers)
         optimizer = make_optimizer(args.learning_rate)
         graphdef, self.params, self.opt_state, param_shardings, opt_shardings = init_train_state(
             model_from_params(self.config, init_params), optimizer, mesh)
@@ -283,50 +302,93 @@ class JaxSide:
         self.batches.close()
 
 
-class TorchSide:
-    """MiniMind's train_full_sft step in eager PyTorch on padded rows (same weights, batches and loss)."""
+class TorchProcess:
+    """A PyTorch side in its own process (minimind_jax/bench_torch.py): it builds the model, then takes one
+    step each time it is asked, so the turns still alternate with ours; its step times are its own."""
 
-    name = "pytorch (MiniMind eager)"
-
-    def __init__(self, config, dataset, init_params, args, dtype: str):
+    def __init__(self, model: str, config, init_params, torch_batches: dict, args, dtype: str, workdir: pathlib.Path):
         import numpy as np
-        import torch
 
         from minimind_jax.weights.mapping import state_dict_from_params
-        from minimind_jax.pipeline import make_batches
-        from minimind_jax.torch_reference import MiniMindTorch, make_optimizer
 
-        self.torch = torch
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = MiniMindTorch(config).to(self.device)
-        state = state_dict_from_params(init_params, config)
-        self.model.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()})
-        self.optimizer = make_optimizer(self.model, args.learning_rate)
-        self.learning_rate = args.learning_rate
-        self.autocast = torch.bfloat16 if dtype == "bfloat16" else None
-        self.batches = make_batches(dataset, batch_size=args.batch_size, seed=args.seed,
-                                    epochs=enough_epochs(dataset, args, False), packing=False)
+        self.name = ("PyTorch: MiniMind's model_minimind.py, own process" if model == "minimind"
+                     else "PyTorch: project torch reference, own process")
         self.compile_s, self.recompilations, self.memory_bytes, self.compile_cache_hits = 0.0, 0, None, 0
+        directory = workdir / model
+        directory.mkdir()
+        state = state_dict_from_params(init_params, config)
+        np.savez(directory / "init.npz", **{key: np.asarray(value, np.float32) for key, value in state.items()})
+        np.savez(directory / "batches.npz", **torch_batches)
+        spec = {"model": model, "arch": config.arch, "dtype": dtype, "learning_rate": args.learning_rate,
+                "model_config": config.to_dict(), "minimind_config": minimind_config_fields(config),
+                "minimind_dir": args.minimind_dir}
+        (directory / "spec.json").write_text(json.dumps(spec))
+        # MiniMind's scripts run with glibc's default malloc, so this process does too.
+        env = {name: value for name, value in os.environ.items() if name not in malloc.KEEP_FREED_MEMORY_ENV}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))  # this package
+        self.log_path = directory / "stderr.log"
+        command = [args.torch_python, "-m", "minimind_jax.bench_torch", str(directory / "spec.json")]
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                            env=env, text=True)
+        self.info = {**self._receive()["ready"], "python": args.torch_python}
+
+    def _receive(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            self.process.wait()
+            tail = self.log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise UserError(f"{self.name} ({self.process.args[0]}) exited with status "
+                            f"{self.process.returncode}: {tail[0]}")
+        return json.loads(line)
 
     def step(self) -> StepRecord:
-        from minimind_jax.torch_reference import sft_step
-
-        torch = self.torch
-        start, cpu_start = time.perf_counter(), process_cpu_seconds()
-        batch = next(self.batches)
-        inputs, targets, mask = (torch.from_numpy(batch[k]).to(self.device) for k in ("inputs", "targets", "loss_mask"))
-        got_batch = time.perf_counter()
-        out = sft_step(self.model, self.optimizer, inputs.long(), targets.long(), mask, self.learning_rate,
-                       autocast_dtype=self.autocast)
-        loss = float(out["loss"])  # waits for the device
-        done = time.perf_counter()
-        if self.device.type == "cuda":
-            self.memory_bytes = torch.cuda.max_memory_allocated(self.device)
-        return StepRecord(done - start, got_batch - start, process_cpu_seconds() - cpu_start, inputs.numel(),
-                          float(mask.sum()), loss)
+        try:
+            self.process.stdin.write("step\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:  # it has exited: _receive says why
+            pass
+        timing = self._receive()
+        self.memory_bytes = timing.pop("memory_bytes")
+        return StepRecord(**timing)
 
     def close(self) -> None:
-        self.batches.close()
+        if self.process.poll() is None:
+            self.process.stdin.close()  # end of input: the process exits
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def minimind_config_fields(config) -> dict[str, Any]:
+    """The ModelConfig fields that are MiniMind's own (those before `dtype`), for its MiniMindConfig."""
+    names = [field.name for field in dataclasses.fields(config)]
+    return {name: getattr(config, name) for name in names[:names.index("dtype")]}
+
+
+def minimind_checkout_arch(minimind_dir: str) -> str:
+    """The arch of a MiniMind checkout's model code: 2510's config has n_routed_experts, v3's num_experts."""
+    path = pathlib.Path(minimind_dir, "model", "model_minimind.py")
+    if not path.is_file():
+        raise UserError(f"--minimind_dir {minimind_dir}: no model/model_minimind.py there (a MiniMind checkout?)")
+    return "minimind2" if "n_routed_experts" in path.read_text(encoding="utf-8") else "minimind3"
+
+
+def padded_batches(dataset, args) -> dict:
+    """warmup + steps of MiniMind's padded batches, stacked [steps, B, T]: the same ones our padded side sees."""
+    import numpy as np
+
+    from minimind_jax.pipeline import make_batches
+
+    batches = make_batches(dataset, batch_size=args.batch_size, seed=args.seed,
+                           epochs=enough_epochs(dataset, args, False), packing=False)
+    try:
+        taken = [next(batches) for _ in range(args.warmup + args.steps)]
+    finally:
+        batches.close()
+    return {key: np.stack([np.asarray(batch[key]) for batch in taken]) for key in ("inputs", "targets", "loss_mask")}
 
 
 def take_turns(sides: list, warmup: int, steps: int, progress, after_turn=lambda: None) -> dict[str, list[StepRecord]]:
@@ -381,7 +443,7 @@ def side_figures(records: list[StepRecord], flops_per_token: float, peak_flops: 
 
 
 def ratio_figures(ours: list[StepRecord], theirs: list[StepRecord]) -> dict[str, float]:
-    """Speed ratios to PyTorch from steps taken in the same turn (paired, so shared-machine load cancels)."""
+    """Speed ratios to the baseline from steps taken in the same turn (paired, so shared-machine load cancels)."""
     tokens = [(o.tokens / o.seconds) / (t.tokens / t.seconds) for o, t in zip(ours, theirs)]
     loss_tokens = [(o.loss_tokens / o.seconds) / (t.loss_tokens / t.seconds) for o, t in zip(ours, theirs)]
     cpu = [(t.cpu_seconds / t.tokens) / (o.cpu_seconds / o.tokens) for o, t in zip(ours, theirs)]
@@ -412,13 +474,13 @@ def _ratio(row: dict, key: str, low: str, high: str) -> str:
 
 
 TABLE_COLUMNS = (  # header, width, cell
-    ("side", -52, lambda r: r["name"][:52]),
+    ("side", -78, lambda r: r["name"][:78]),
     ("step s", 7, lambda r: f"{r['step_s']:.2f}"),
     ("tokens/s", 9, lambda r: f"{r['tokens_per_s']:,.0f}"),
     ("loss tok/s", 10, lambda r: f"{r['loss_tokens_per_s']:,.0f}"),
-    ("× torch (min-max)", 17, lambda r: _ratio(r, "speedup", "speedup_min", "speedup_max")),
-    ("loss tok × torch", 17, lambda r: _ratio(r, "loss_tokens_speedup", "loss_tokens_speedup_min",
-                                               "loss_tokens_speedup_max")),
+    ("× baseline (min-max)", 20, lambda r: _ratio(r, "speedup", "speedup_min", "speedup_max")),
+    ("loss tok × baseline", 20, lambda r: _ratio(r, "loss_tokens_speedup", "loss_tokens_speedup_min",
+                                                  "loss_tokens_speedup_max")),
     ("CPU-time ×", 10, lambda r: f"{r['cpu_speedup']:.2f}" if "cpu_speedup" in r else "-"),
     ("MFU", 6, lambda r: f"{r['mfu']:.1%}"),
     ("compile s", 9, lambda r: f"{r['compile_s']:.1f}"),
@@ -446,8 +508,11 @@ def format_table(result: dict[str, Any]) -> str:
         f"data: {setup['records']} SFT records of the chat corpus, tokenizer {setup['tokenizer']}; loss-bearing "
         f"positions {setup['padded_loss_fraction']:.1%} of padded rows, {setup['packed_loss_fraction']:.1%} of packed",
         f"{setup['steps']} timed steps per side after {setup['warmup']} warm-up, sides taking turns; medians, and "
-        f"the range of the per-turn ratios to torch; CPU-time ×: torch's process CPU seconds per token over ours",
-        f"malloc settings of this process (both sides): {setup['malloc_env'] or 'glibc defaults'}",
+        f"the range of the per-turn ratios to the baseline ({result['baseline'] or 'none: --no_torch'}); "
+        f"CPU-time ×: the baseline's process CPU seconds per token over the row's",
+        f"ours: this process (pid {setup['pid']}), malloc {setup['malloc_env'] or 'glibc defaults'}",
+        *(f"{side['name']}: pid {side['pid']}, {side['model_class']}, torch {side['torch']} on {side['device']} with "
+          f"{side['threads']} threads, {side['python']}, glibc default malloc" for side in setup["torch_processes"]),
         "",
     ]
     lines += table_rows(result["rows"])
@@ -467,8 +532,12 @@ def format_table(result: dict[str, Any]) -> str:
 def run(args) -> int:
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
         raise UserError("--batch_size and --steps must be at least 1 and --warmup at least 0")
-    if args.loss_chunk_size is not None and args.loss_chunk_size < 1:
-        raise UserError(f"--loss_chunk_size must be at least 1, got {args.loss_chunk_size}")
+    if args.loss_chunk_size is not None and args.loss_chunk_size < 0:
+        raise UserError(f"--loss_chunk_size must be at least 0 (0: full logits), got {args.loss_chunk_size}")
+    if args.minimind_dir and args.no_torch:
+        raise UserError("--minimind_dir times a PyTorch side, which --no_torch leaves out")
+    if not args.no_torch and shutil.which(args.torch_python) is None:
+        raise UserError(f"--torch_python {args.torch_python}: not an executable")
     import jax
 
     if args.compilation_cache_dir:
@@ -490,6 +559,11 @@ def run(args) -> int:
         config = load_preset(args.preset, dtype=dtype)
     except (FileNotFoundError, ValueError) as error:
         raise UserError(f"--preset {args.preset}: {error}") from None
+    checkout_arch = minimind_checkout_arch(args.minimind_dir) if args.minimind_dir else config.arch
+    if checkout_arch != config.arch:
+        raise UserError(f"--minimind_dir {args.minimind_dir} holds MiniMind's {checkout_arch} model code but --preset "
+                        f"{args.preset} is {config.arch}; use a checkout of that era (minimind2: 2510, commit "
+                        f"6b86ea3; minimind3: v3)")
     mesh = sharding.make_mesh(args.mesh)
     if args.batch_size % sharding.batch_size_per_step(mesh):
         raise UserError(f"--batch_size {args.batch_size} is not divisible by the data-parallel size "
@@ -498,31 +572,37 @@ def run(args) -> int:
     init_params = jax.tree.map(np.asarray, params_of(MiniMind(config, rngs=nnx.Rngs(args.seed))))
     peak = PeakFlops(dtype, platform)
     flops_per_token = model_flops_per_token(config) + attention_flops_per_token(config, dataset.seq_len)
+    torch_models = [] if args.no_torch else (["reference"] * args.torch_reference
+                                             + ["minimind"] * bool(args.minimind_dir))
 
     watch = CompileWatch()
-    sides, failed = [], []
-    try:
-        for index, variant in enumerate(variants_for(args, platform)):
-            progress(f"building our step: {describe(variant)}")
-            try:
-                sides.append(JaxSide(variant, config, dataset, init_params, mesh, args, watch))
-            except Exception as error:  # an ablation variant this device cannot run is reported, not fatal
-                if index == 0:
-                    raise
-                message = " ".join(f"{type(error).__name__}: {error}".split())[:300]
-                failed.append({"name": describe(variant), "settings": dataclasses.asdict(variant), "error": message})
-                progress(f"  failed: {message}")
-        torch_side = None
-        if not args.no_torch:
-            progress("building the PyTorch step")
-            torch_side = TorchSide(config, dataset, init_params, args, dtype)
-            sides.append(torch_side)
-        records = take_turns(sides, args.warmup, args.steps, progress, after_turn=peak.update)
-    finally:
-        watch.close()
-        for side in sides:
-            side.close()
+    jax_sides, torch_sides, failed = [], [], []
+    with tempfile.TemporaryDirectory(prefix="minimind_jax_bench_") as workdir:
+        try:
+            torch_batches = padded_batches(dataset, args) if torch_models else None
+            for model in torch_models:  # first, so that a PyTorch environment that cannot run fails fast
+                progress(f"starting a PyTorch process: {model}")
+                torch_sides.append(TorchProcess(model, config, init_params, torch_batches, args, dtype,
+                                                pathlib.Path(workdir)))
+            for index, variant in enumerate(variants_for(args, platform, dtype, dataset.seq_len)):
+                progress(f"building our step: {describe(variant)}")
+                try:
+                    jax_sides.append(JaxSide(variant, config, dataset, init_params, mesh, args, watch))
+                except Exception as error:  # an ablation variant this device cannot run is reported, not fatal
+                    if index == 0:
+                        raise
+                    message = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+                    failed.append({"name": describe(variant), "settings": dataclasses.asdict(variant),
+                                   "error": message})
+                    progress(f"  failed: {message}")
+            sides = jax_sides + torch_sides
+            records = take_turns(sides, args.warmup, args.steps, progress, after_turn=peak.update)
+        finally:
+            watch.close()
+            for side in jax_sides + torch_sides:
+                side.close()
 
+    baseline = torch_sides[-1] if torch_sides else None  # MiniMind's own model when it runs
     rows = []
     for side in sides:
         row = {"name": side.name, **side_figures(records[side.name], flops_per_token, peak.flops),
@@ -530,20 +610,22 @@ def run(args) -> int:
                "recompilations": side.recompilations, "memory_bytes": side.memory_bytes}
         if isinstance(side, JaxSide):
             row["settings"] = dataclasses.asdict(side.variant)
-            if torch_side is not None:
-                row.update(ratio_figures(records[side.name], records[torch_side.name]))
+        if baseline is not None and side is not baseline:
+            row.update(ratio_figures(records[side.name], records[baseline.name]))
         rows.append(row)
-    padded = next((s.packing_stats for s in sides if isinstance(s, JaxSide) and not s.variant.packing), None)
-    packed = next((s.packing_stats for s in sides if isinstance(s, JaxSide) and s.variant.packing), None)
+    padded = next((s.packing_stats for s in jax_sides if not s.variant.packing), None)
+    packed = next((s.packing_stats for s in jax_sides if s.variant.packing), None)
     from minimind_jax.pipeline import packing_stats, plan_rows
 
     padded = padded or packing_stats(dataset, None)
     packed = packed or packing_stats(dataset, plan_rows(dataset, seed=args.seed, packing=True))
-    main_row, torch_row = rows[0], (rows[-1] if torch_side is not None else None)
+    main_row = rows[0]
+    torch_row = next(row for row in rows if row["name"] == baseline.name) if baseline else None
     platform_memory = "host RSS (getrusage)" if platform == "cpu" else "peak_bytes_in_use of the devices"
     result = {
         "tokens_per_s": main_row["tokens_per_s"],
         "loss_tokens_per_s": main_row["loss_tokens_per_s"],
+        "baseline": baseline.name if baseline else None,
         "torch_tokens_per_s": torch_row["tokens_per_s"] if torch_row else None,
         "torch_loss_tokens_per_s": torch_row["loss_tokens_per_s"] if torch_row else None,
         "speedup": main_row.get("speedup"),
@@ -563,10 +645,10 @@ def run(args) -> int:
             "flops_per_token": flops_per_token, "records": len(dataset), "tokenizer": tokenizer_label,
             "padded_loss_fraction": padded["loss_fraction"], "packed_loss_fraction": packed["loss_fraction"],
             "packed_token_fraction": packed["token_fraction"],
-            "torch_threads": torch_side.torch.get_num_threads() if torch_side is not None else None,
-            "torch_device": str(torch_side.device) if torch_side is not None else None,
-            "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            # Both sides share this process's allocator settings (main.py sets them; see minimind_jax.malloc).
+            "torch_processes": [{"name": side.name, **side.info} for side in torch_sides],
+            "minimind_dir": args.minimind_dir,
+            "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""), "pid": os.getpid(),
+            # Our side's allocator settings (main.py sets them; see minimind_jax.malloc).
             "malloc_env": malloc.current_settings(),
             "compilation_cache_dir": args.compilation_cache_dir,
         },
@@ -574,7 +656,7 @@ def run(args) -> int:
         "failed_variants": failed,
     }
     if args.decode:
-        from minimind_jax.generate import benchmark_decode
+        from minimind_jax.generation import benchmark_decode
 
         progress("decode benchmark")
         result["decode"] = benchmark_decode(args.preset, batch_sizes=(1, args.batch_size), new_tokens=64)

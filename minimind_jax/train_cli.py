@@ -52,9 +52,13 @@ OUR_FLAGS = {
     "keep_checkpoints": (int, "how many checkpoints to keep"),
     "max_steps": (int, "stop at optimizer update N, counted from the run's start (a resumed run too)"),
     "remat": (str, "recompute activations in the backward pass: all (full) or all but matmul outputs (dots)"),
-    "scan_layers": (int, "1 = run the layers with lax.scan (default); 0 = unrolled: faster on CPU, slower to compile"),
-    "attention_impl": (str, "xla (exact, default) | causal_blocks | dot_product_attention | cudnn (GPU, bf16)"),
-    "loss_chunk_size": (int, "compute lm_head + CE this many positions at a time"),
+    "fast_path": (int, "1 (default) = the backend's fastest exact step (CPU: causal_blocks attention, loss chunks "
+                       "of 512, unrolled layers; GPU: cuDNN attention in bf16); 0 = MiniMind's literal computation "
+                       "(full logits, xla attention, scanned layers). The three flags below override it"),
+    "scan_layers": (int, "1 = the layers in lax.scan; 0 = unrolled: faster on CPU, slower to compile"),
+    "attention_impl": (str, "xla is MiniMind's explicit softmax; causal_blocks skips keys above the diagonal; "
+                            "cudnn: GPU, bf16"),
+    "loss_chunk_size": (int, "lm_head + CE only at loss positions, this many at a time; 0 = the full logits"),
     "num_attention_heads": (int, "heads (2510 weights cannot tell; default 8)"),
     "cache_dir": (str, "tokenized-data cache directory"),
     "compilation_cache_dir": (str, "persistent XLA compilation cache (default ~/.cache/minimind_jax/xla; 'none': off)"),
@@ -64,7 +68,8 @@ OUR_FLAGS = {
 }
 # Shown in --help; TrainConfig checks every value, so a bad one is a one-line error (exit 1) wherever it comes from.
 CHOICES_SHOWN = {"arch": ARCHS, "dtype": TRAIN_DTYPES, "remat": REMATS, "attention_impl": ATTENTION_IMPLS,
-                 **dict.fromkeys(("use_moe", "from_resume", "overwrite", "scan_layers", "packing"), (0, 1))}
+                 **dict.fromkeys(("use_moe", "from_resume", "overwrite", "fast_path", "scan_layers", "packing"),
+                                 (0, 1))}
 IGNORED_FLAGS = {"device": str, "use_compile": int}
 
 

@@ -22,7 +22,8 @@ from flax import nnx
 
 from minimind_jax import sharding
 from minimind_jax.checkpoint import TrainCheckpoints, complete_steps
-from minimind_jax.config import ARCHS, ATTENTION_IMPLS, REMATS, TRAIN_DTYPES, ModelConfig
+from minimind_jax.config import (ARCHS, ATTENTION_IMPLS, LITERAL_STEP, REMATS, TRAIN_DTYPES, ModelConfig,
+                                 train_step_settings)
 from minimind_jax.errors import UserError
 from minimind_jax.evaluation import evaluate, make_loss_sums
 from minimind_jax.model import MiniMind
@@ -34,11 +35,11 @@ from minimind_jax.wandb_log import WandbRun, require_wandb
 
 CHOICES = {"mode": ("sft", "pretrain"), "arch": ARCHS, "dtype": TRAIN_DTYPES, "remat": REMATS,
            "attention_impl": ATTENTION_IMPLS, "loss_norm": LOSS_NORMS,
-           **dict.fromkeys(("use_moe", "from_resume", "overwrite", "use_wandb", "packing", "scan_layers", "strict",
-                            "shuffle", "progress"), (0, 1))}
+           **dict.fromkeys(("use_moe", "from_resume", "overwrite", "use_wandb", "packing", "fast_path", "scan_layers",
+                            "strict", "shuffle", "progress"), (0, 1))}
 AT_LEAST = {"epochs": 1, "batch_size": 1, "accumulation_steps": 1, "log_interval": 1, "save_interval": 1,
             "hidden_size": 1, "num_hidden_layers": 1, "max_seq_len": 1, "num_workers": 0, "seed": 0,
-            "warmup_steps": 0, "keep_checkpoints": 1, "max_steps": 1, "loss_chunk_size": 1, "num_attention_heads": 1,
+            "warmup_steps": 0, "keep_checkpoints": 1, "max_steps": 1, "loss_chunk_size": 0, "num_attention_heads": 1,
             "max_consecutive_skips": 1}
 
 
@@ -88,9 +89,12 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_steps: int | None = None  # stop at this optimizer update, counted from the run's start (a resumed one too)
     remat: str = "none"
-    scan_layers: bool = True
-    attention_impl: str = "xla"  # ModelConfig.attention_impl: xla (exact) | causal_blocks | dot_product_attention | cudnn
-    loss_chunk_size: int | None = None
+    # The train step: fast_path=True takes the backend's fastest exact settings (config.fast_path_settings),
+    # False MiniMind's literal computation (config.LITERAL_STEP); the three after it, when not None, win.
+    fast_path: bool = True
+    scan_layers: bool | None = None
+    attention_impl: str | None = None  # ModelConfig.attention_impl: xla | causal_blocks | dot_product_attention | cudnn
+    loss_chunk_size: int | None = None  # lm_head + CE this many loss positions at a time; 0: the full logits
     num_attention_heads: int | None = None
     cache_dir: str | None = None
     compilation_cache_dir: str | None = None  # None: $JAX_COMPILATION_CACHE_DIR if set, else {cache}/xla; "none": off
@@ -120,8 +124,9 @@ class TrainConfig:
                 raise UserError(f"--{name} must be a number in [0, 1], got {given[name]!r}")
         try:  # the model the flags describe (a loaded weight file must match it: build_model)
             ModelConfig(arch=self.arch, hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
-                        use_moe=bool(self.use_moe), remat=self.remat, attention_impl=self.attention_impl,
-                        **{name: given[name] for name in ("dtype", "num_attention_heads") if name in given})
+                        use_moe=bool(self.use_moe), remat=self.remat,
+                        **{name: given[name] for name in ("dtype", "num_attention_heads", "attention_impl")
+                           if name in given})
         except ValueError as error:  # its message names the fields, which are the flags' names
             raise UserError(str(error)) from None
         if self.from_resume and self.overwrite:
@@ -194,10 +199,21 @@ def resolve_weight(cfg: TrainConfig) -> pathlib.Path | None:
                     f"(use --from_weight none to start from random weights)")
 
 
+def step_settings(cfg: TrainConfig, dtype: str) -> dict[str, Any]:
+    """The run's attention_impl, loss_chunk_size and scan_layers on this backend (config.train_step_settings)."""
+    from minimind_jax.data import ExampleConfig
+
+    seq_len = ExampleConfig(kind=cfg.mode, arch=cfg.arch, max_seq_len=cfg.max_seq_len).seq_len
+    return train_step_settings(cfg.fast_path, jax.devices()[0].platform, dtype, seq_len,
+                               attention_impl=cfg.attention_impl, loss_chunk_size=cfg.loss_chunk_size,
+                               scan_layers=cfg.scan_layers)
+
+
 def build_model(cfg: TrainConfig, dtype: str) -> MiniMind:
     from minimind_jax.weights import load
 
-    ours = dict(dtype=dtype, remat=cfg.remat, scan_layers=bool(cfg.scan_layers), attention_impl=cfg.attention_impl)
+    step = step_settings(cfg, dtype)
+    ours = dict(dtype=dtype, remat=cfg.remat, scan_layers=step["scan_layers"], attention_impl=step["attention_impl"])
     weight = resolve_weight(cfg)
     if weight is not None:
         overrides = dict(ours, **({"num_attention_heads": cfg.num_attention_heads} if cfg.num_attention_heads else {}))
@@ -303,6 +319,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise UserError(f"--batch_size {cfg.batch_size} is not divisible by the data-parallel size {split} "
                         f"(mesh {dict(mesh.shape)})")
     dtype = cfg.dtype or default_dtype()
+    step = step_settings(cfg, dtype)
     model = build_model(cfg, dtype)
     model_config = model.config
 
@@ -323,7 +340,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     graphdef, params, opt_state, param_shardings, opt_shardings = init_train_state(model, optimizer, mesh)
     del model
     step_fn = make_train_step(graphdef, optimizer, mesh, accumulation_steps=acc, loss_norm=cfg.loss_norm,
-                              loss_chunk_size=cfg.loss_chunk_size, param_shardings=param_shardings,
+                              loss_chunk_size=step["loss_chunk_size"], param_shardings=param_shardings,
                               opt_shardings=opt_shardings)
 
     run_dir = pathlib.Path(cfg.save_dir)
@@ -357,7 +374,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         limit = f" (--max_steps {cfg.max_steps} counts every update of the run)" if cfg.max_steps else ""
         tqdm.tqdm.write(f"nothing to train: the run is at update {update} and ends at update {last_update}{limit}")
     tokens_per_update = cfg.batch_size * dataset.seq_len * acc
-    run_meta = {"model_config": model_config.to_dict(), "train_config": dataclasses.asdict(cfg)}
+    # How the step ran is in train_config; the model config keeps the literal settings, so that a checkpoint
+    # written with cuDNN attention on a GPU loads on any backend.
+    portable_config = model_config.replace(attention_impl=LITERAL_STEP["attention_impl"],
+                                           scan_layers=LITERAL_STEP["scan_layers"])
+    run_meta = {"model_config": portable_config.to_dict(), "train_config": dataclasses.asdict(cfg)}
 
     checkpointed = update or None  # the update of the newest checkpoint (resumed from), None before one
 
@@ -381,7 +402,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         stats = batches.stats
         tqdm.tqdm.write(f"{cfg.mode}: {model_config.arch} hidden {model_config.hidden_size} × {model_config.num_hidden_layers} "
                         f"layers, mesh {dict(mesh.shape)}, dtype {dtype}, {len(dataset)} examples, "
-                        f"{len(batches)} batches/epoch, {total_updates} updates; packing efficiency "
+                        f"{len(batches)} batches/epoch, {total_updates} updates; step: {step['attention_impl']} "
+                        f"attention, loss chunk {step['loss_chunk_size'] or 'none (full logits)'}, layers "
+                        f"{'scanned' if step['scan_layers'] else 'unrolled'}"
+                        f"{'' if cfg.fast_path else ' (--fast_path 0)'}; packing efficiency "
                         f"{stats.get('token_fraction', float('nan')):.1%}, loss tokens {stats.get('loss_fraction', float('nan')):.1%}")
     preemption = _Preemption()
     bar = tqdm.tqdm(total=last_update, initial=update, disable=not (cfg.progress and is_main), unit="step",

@@ -1,8 +1,12 @@
-"""The fast path (loss-position CE, attention implementations) against the exact path, and the bench's
-plumbing on a tiny model: same weights and batches on both sides, figures present, errors in one line."""
+"""The fast path (loss-position CE, attention implementations) against the exact path, the default step
+against MiniMind's literal one, and the bench's plumbing on a tiny model: same weights and batches on every
+side (PyTorch in processes of its own), figures present, errors in one line."""
 import argparse
 import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,11 +17,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import main
 from minimind_jax import bench
-from minimind_jax.config import ModelConfig
+from minimind_jax.config import LITERAL_STEP, ModelConfig, fast_path_settings, train_step_settings
 from minimind_jax.errors import UserError
 from minimind_jax.loss import chunked_masked_ce_sums, masked_ce_sums
 from minimind_jax.model import MiniMind
-from tests.conftest import SHARED
+from minimind_jax.sharding import batch_sharding, make_mesh
+from minimind_jax.train import init_train_state, make_optimizer, make_train_step
+from minimind_jax.trainer import TrainConfig, step_settings
+from tests.conftest import REPO_ROOT, SHARED
 
 TINY_PRESET = "arch: minimind2\nhidden_size: 64\nnum_hidden_layers: 2\n"
 
@@ -126,21 +133,88 @@ def test_cudnn_attention_needs_half_precision():
     assert ModelConfig(attention_impl="cudnn", dtype="bfloat16").attention_impl == "cudnn"
 
 
-def test_ablation_variants_cover_each_switch_once():
-    args = argparse.Namespace(packing=False, loss_chunk_size=None, attention_impl="xla", remat="none",
-                              unroll_layers=False, ablation=True, dtype=None)
-    variants = bench.variants_for(args, "cpu")
-    settings = [v.__class__(**{**vars(v), "name": ""}) for v in variants]
+def test_fast_path_settings_per_backend_and_what_the_trainer_takes():
+    assert fast_path_settings("cpu", "float32", 511) == {"attention_impl": "causal_blocks", "loss_chunk_size": 512,
+                                                         "scan_layers": False}
+    assert fast_path_settings("gpu", "bfloat16", 512)["attention_impl"] == "cudnn"
+    # cuDNN with a bias needs an even row length (MiniMind 2510's rows are max_seq_len - 1), and half precision
+    assert fast_path_settings("gpu", "bfloat16", 511)["attention_impl"] == "causal_blocks"
+    assert fast_path_settings("gpu", "float32", 512)["attention_impl"] == "causal_blocks"
+    assert fast_path_settings("tpu", "bfloat16", 512)["attention_impl"] == "causal_blocks"
+    assert train_step_settings(False, "gpu", "bfloat16", 512) == LITERAL_STEP
+    assert train_step_settings(True, "cpu", "float32", 511, scan_layers=True, loss_chunk_size=0) == {
+        "attention_impl": "causal_blocks", "loss_chunk_size": None, "scan_layers": True}  # given values win
+    assert step_settings(TrainConfig(), "float32") == fast_path_settings(jax.devices()[0].platform, "float32", 511)
+    assert step_settings(TrainConfig(fast_path=False, attention_impl="causal_blocks"), "float32") == {
+        **LITERAL_STEP, "attention_impl": "causal_blocks"}
+    with pytest.raises(UserError, match="--fast_path must be one of 0, 1"):
+        TrainConfig(fast_path=2)
+    with pytest.raises(UserError, match="--loss_chunk_size must be an integer >= 0"):
+        TrainConfig(loss_chunk_size=-1)
+
+
+def train_step_metrics(config: ModelConfig, settings: dict, batches: list[dict]) -> list[dict]:
+    """Loss and gradient norm of consecutive updates of a step built with `settings` (as the trainer builds it)."""
+    model = MiniMind(config.replace(attention_impl=settings["attention_impl"], scan_layers=settings["scan_layers"]),
+                     rngs=nnx.Rngs(0))
+    mesh = make_mesh(None, jax.devices()[:1])
+    optimizer = make_optimizer(1e-3)
+    graphdef, params, opt_state, param_shardings, opt_shardings = init_train_state(model, optimizer, mesh)
+    step = make_train_step(graphdef, optimizer, mesh, loss_chunk_size=settings["loss_chunk_size"],
+                           param_shardings=param_shardings, opt_shardings=opt_shardings)
+    history = []
+    for batch in batches:
+        params, opt_state, metrics = step(params, opt_state, [jax.device_put(batch, batch_sharding(mesh))],
+                                          jax.random.key_data(jax.random.key(0)))
+        history.append({key: float(metrics[key]) for key in ("loss", "grad_norm")})
+    return history
+
+
+@pytest.mark.parametrize("arch, use_moe", [("minimind2", False), ("minimind3", True)])
+def test_default_step_matches_minimind_literal_step(arch, use_moe):
+    """What `main.py sft` runs by default on this backend against `--fast_path 0`: same losses and gradient
+    norms over three updates, on rows longer than one causal block (128) with a padded tail."""
+    config = ModelConfig(arch=arch, hidden_size=64, num_hidden_layers=2, vocab_size=300, use_moe=use_moe)
+    rng = np.random.default_rng(1)
+    batches = []
+    for _ in range(3):
+        batch = {"inputs": rng.integers(1, 300, (2, 150)).astype(np.int32),
+                 "targets": rng.integers(1, 300, (2, 150)).astype(np.int32),
+                 "loss_mask": (rng.random((2, 150)) < 0.4).astype(np.float32),
+                 "segment_ids": np.ones((2, 150), np.int32),
+                 "positions": np.tile(np.arange(150, dtype=np.int32), (2, 1))}
+        batch["loss_mask"][1, 120:] = 0
+        batches.append(batch)
+    default = train_step_settings(True, jax.devices()[0].platform, "float32", 150)
+    assert default != LITERAL_STEP
+    got, expected = train_step_metrics(config, default, batches), train_step_metrics(config, LITERAL_STEP, batches)
+    for ours, literal in zip(got, expected):
+        np.testing.assert_allclose(ours["loss"], literal["loss"], rtol=2e-6)
+        np.testing.assert_allclose(ours["grad_norm"], literal["grad_norm"], rtol=2e-5)
+
+
+def bench_args(**changes):
+    fields = dict(packing=False, loss_chunk_size=None, attention_impl=None, remat="none", scan_layers=None,
+                  fast_path=1, ablation=False)
+    return argparse.Namespace(**{**fields, **changes})
+
+
+def test_bench_rows_default_literal_and_ablation():
+    variants = bench.variants_for(bench_args(), "cpu", "float32", 511)
+    assert [v.name for v in variants] == ["default (main.py sft)", "--fast_path 0 (MiniMind's literal)"]
+    assert bench.settings_of(variants[0]) == (False, 512, "causal_blocks", "none", False)
+    assert bench.settings_of(variants[1]) == (False, None, "xla", "none", True)
+    assert bench.variants_for(bench_args(fast_path=0), "cpu", "float32", 511) == variants[1:]
+    asked = bench.variants_for(bench_args(packing=True, loss_chunk_size=0), "cpu", "float32", 511)[0]
+    assert (asked.name, bench.settings_of(asked)) == ("", (True, None, "causal_blocks", "none", False))
+
+    ablation = bench.variants_for(bench_args(ablation=True), "cpu", "float32", 511)
+    settings = [bench.settings_of(v) for v in ablation]
     assert len(set(settings)) == len(settings), "a variant is measured twice"
-    assert variants[0] == bench.Variant("", False, None, "xla", "none")
-    assert {v.attention_impl for v in variants} == {"xla", "causal_blocks"}
-    for packing in (False, True):  # every switch but packing on MiniMind's padded rows, then with packing too
-        assert any(v.packing == packing and v.loss_chunk_size and v.attention_impl != "xla" and v.unroll_layers
-                   for v in variants)
-    assert bench.variants_for(argparse.Namespace(**{**vars(args), "ablation": False}), "cpu") == variants[:1]
-    gpu = bench.variants_for(argparse.Namespace(**{**vars(args), "dtype": "bfloat16"}), "gpu")
-    assert "cudnn" in {v.attention_impl for v in gpu}
-    assert not gpu[-1].unroll_layers  # the combined row keeps lax.scan on accelerators
+    assert ablation[:2] == variants and {v.attention_impl for v in ablation} == {"xla", "causal_blocks"}
+    assert any(v.packing and v.loss_chunk_size and v.attention_impl != "xla" and not v.scan_layers for v in ablation)
+    gpu = bench.variants_for(bench_args(ablation=True), "gpu", "bfloat16", 512)
+    assert gpu[0].attention_impl == "cudnn" and gpu[0].scan_layers  # accelerators keep lax.scan
 
 
 @pytest.fixture(scope="module")
@@ -160,9 +234,10 @@ def run_bench(capsys, *flags):
     return capsys.readouterr().out
 
 
-def test_bench_runs_both_sides_on_the_same_batches(capsys, data_dir, tiny_preset, monkeypatch):
-    """Tiny model, 8 simulated devices: the JSON has every figure, no step recompiles, and our padded step
-    and MiniMind's torch step, from the same weights on the same batches, log the same losses."""
+def test_bench_runs_every_side_on_the_same_batches(capsys, data_dir, tiny_preset, monkeypatch):
+    """Tiny model, 8 simulated devices: the JSON has every figure, no step recompiles, and our default and
+    literal steps and the torch reference's step (in its own process), from the same weights on the same
+    batches, log the same losses."""
     if not (SHARED / "minimind" / "2510").exists():  # no MiniMind tokenizer: the bench trains one
         monkeypatch.setitem(bench.SHARED_TOKENIZERS, "minimind2", data_dir / "absent")
     out = run_bench(capsys, "--preset", str(tiny_preset), "--batch_size", "8", "--max_seq_len", "128", "--steps", "2",
@@ -174,34 +249,108 @@ def test_bench_runs_both_sides_on_the_same_batches(capsys, data_dir, tiny_preset
         assert math.isfinite(result[key]) and result[key] > 0, key
     assert 0 <= result["data_wait_fraction"] < 1
     assert result["recompilations"] == 0
-    ours, torch_row = result["rows"]
-    assert ours["settings"]["loss_chunk_size"] == 64 and torch_row["name"].startswith("pytorch")
+    ours, literal, torch_row = result["rows"]
+    assert ours["settings"] == {"name": "", "packing": False, "loss_chunk_size": 64, "attention_impl": "causal_blocks",
+                                "remat": "none", "scan_layers": False}
+    assert literal["name"].startswith("ours, --fast_path 0") and literal["settings"]["attention_impl"] == "xla"
+    assert result["baseline"] == torch_row["name"] == "PyTorch: project torch reference, own process"
+    assert "speedup" in ours and "speedup" in literal and "speedup" not in torch_row
+    (process,) = result["setup"]["torch_processes"]
+    assert process["pid"] not in (os.getpid(), result["setup"]["pid"]) and process["python"] == sys.executable
     assert result["setup"]["devices"] == jax.device_count() and result["setup"]["seq_len"] == 127
     assert 0 < result["setup"]["padded_loss_fraction"] < result["setup"]["packed_loss_fraction"] < 1
     np.testing.assert_allclose(ours["losses"], torch_row["losses"], rtol=1e-4)
+    np.testing.assert_allclose(literal["losses"], torch_row["losses"], rtol=1e-4)
     assert ours["memory_bytes"] > 0
     assert bench.format_table(result).count("\n") > 5
+
+
+def minimind_checkout(era: str):
+    """A MiniMind checkout of the era next to the repository and an interpreter with transformers, or skip."""
+    directory = REPO_ROOT.parent / ("minimind-2510" if era == "2510" else "minimind")
+    if not (directory / "model" / "model_minimind.py").is_file():
+        pytest.skip(f"no MiniMind {era} checkout at {directory}")
+    python = os.environ.get("MINIMIND_TORCH_PYTHON", sys.executable)
+    if subprocess.run([python, "-c", "import transformers"], capture_output=True).returncode:
+        pytest.skip(f"{python} has no transformers (set MINIMIND_TORCH_PYTHON to an interpreter that has)")
+    if bench.minimind_checkout_arch(str(directory)) != {"2510": "minimind2", "v3": "minimind3"}[era]:
+        pytest.skip(f"{directory} is not MiniMind's {era} code")
+    return directory, python
+
+
+@pytest.mark.parametrize("era, arch", [("2510", "minimind2"), ("v3", "minimind3")])
+def test_bench_times_minimind_own_model_from_the_same_weights(era, arch, capsys, data_dir, tmp_path, monkeypatch):
+    """--minimind_dir: MiniMind's own MiniMindForCausalLM (MoE, so the expert and router mapping is used too)
+    with its train_full_sft loss, in its own process, from our initial weights: the same losses as ours."""
+    directory, python = minimind_checkout(era)
+    if not (SHARED / "minimind" / era).exists():
+        monkeypatch.setitem(bench.SHARED_TOKENIZERS, arch, data_dir / "absent")
+    preset = tmp_path / "tiny_moe.yaml"
+    preset.write_text(f"arch: {arch}\nhidden_size: 64\nnum_hidden_layers: 2\nuse_moe: true\n")
+    result = json.loads(run_bench(capsys, "--preset", str(preset), "--batch_size", "8", "--max_seq_len", "64",
+                                  "--steps", "1", "--warmup", "1", "--num_records", "80", "--data_dir", str(data_dir),
+                                  "--minimind_dir", str(directory), "--torch_python", python, "--json"))
+    names = [row["name"] for row in result["rows"]]
+    assert names[2:] == ["PyTorch: project torch reference, own process",
+                         "PyTorch: MiniMind's model_minimind.py, own process"]
+    assert result["baseline"] == names[3]
+    assert result["setup"]["torch_processes"][1]["model_class"].endswith("MiniMindForCausalLM")
+    for row in result["rows"][:3]:
+        np.testing.assert_allclose(row["losses"], result["rows"][3]["losses"], rtol=1e-4)
 
 
 def test_bench_table_without_torch_reports_variants_that_cannot_run(capsys, data_dir, tiny_preset, monkeypatch):
     asked = bench.variants_for
     unsupported = bench.Variant("cudnn attention in float32", attention_impl="cudnn")
-    monkeypatch.setattr(bench, "variants_for", lambda args, platform: asked(args, platform) + [unsupported])
+    monkeypatch.setattr(bench, "variants_for", lambda *args: asked(*args) + [unsupported])
     out = run_bench(capsys, "--preset", str(tiny_preset), "--batch_size", "8", "--max_seq_len", "64", "--steps", "1",
                     "--warmup", "0", "--num_records", "80", "--data_dir", str(data_dir), "--no_torch", "--packing",
-                    "--attention_impl", "causal_blocks")
-    assert "ours: packed, full logits, causal_blocks attention" in out
-    assert "pytorch" not in out and "tokens/s" in out
-    assert "cudnn attention in float32: could not run here (ValueError: attention_impl=cudnn needs dtype" in out
+                    "--fast_path", "0", "--attention_impl", "causal_blocks")
+    assert "ours (packed, full logits, causal_blocks, scanned)" in out
+    assert "ours, --fast_path 0 (MiniMind's literal) (padded, full logits, xla, scanned)" in out
+    assert "PyTorch" not in out and "tokens/s" in out
+    assert "cudnn attention in float32 (padded, full logits, cudnn, scanned): could not run here (ValueError: " \
+           "attention_impl=cudnn needs dtype" in out
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--batch_size", "3"], "--batch_size 3 is not divisible"),
     (["--num_records", "0"], "--num_records must be at least 1"),
     (["--preset", "no-such-preset"], "--preset no-such-preset"),
-    (["--loss_chunk_size", "0"], "--loss_chunk_size must be at least 1"),
+    (["--loss_chunk_size", "-1"], "--loss_chunk_size must be at least 0"),
+    (["--minimind_dir", "/nonexistent"], "--minimind_dir /nonexistent: no model/model_minimind.py there"),
+    (["--torch_python", "/nonexistent/python"], "--torch_python /nonexistent/python: not an executable"),
+    (["--minimind_dir", str(REPO_ROOT), "--no_torch"], "--minimind_dir times a PyTorch side"),
 ])
 def test_bench_bad_flags_are_one_line_errors(flags, message, capsys, data_dir):
     assert main.main(["bench", "--data_dir", str(data_dir), "--steps", "1", *flags]) == 1
     error = capsys.readouterr().err.strip()
     assert message in error and "\n" not in error
+
+
+def fake_minimind_checkout(directory, source: str):
+    (directory / "model").mkdir()
+    (directory / "model" / "model_minimind.py").write_text(source)
+    return directory
+
+
+def test_bench_refuses_a_minimind_checkout_of_the_other_era(capsys, data_dir, tmp_path):
+    v3_code = fake_minimind_checkout(tmp_path, "self.num_experts = kwargs.get('num_experts', 4)\n")
+    assert main.main(["bench", "--data_dir", str(data_dir), "--minimind_dir", str(v3_code)]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "holds MiniMind's minimind3 model code but --preset minimind2-small is minimind2" in error
+    assert "\n" not in error
+
+
+def test_bench_says_why_a_pytorch_process_failed(capsys, data_dir, tiny_preset, tmp_path, monkeypatch):
+    """A checkout whose model code cannot be imported (here: it raises): one line with the process's last
+    line of stderr, before any of our steps is compiled."""
+    if not (SHARED / "minimind" / "2510").exists():
+        monkeypatch.setitem(bench.SHARED_TOKENIZERS, "minimind2", data_dir / "absent")
+    broken = fake_minimind_checkout(tmp_path, "n_routed_experts = 4\nraise ImportError('no transformers here')\n")
+    monkeypatch.setattr(bench, "JaxSide", None)  # never reached
+    assert main.main(["bench", "--preset", str(tiny_preset), "--batch_size", "8", "--max_seq_len", "64",
+                      "--num_records", "80", "--data_dir", str(data_dir), "--minimind_dir", str(broken)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: PyTorch: MiniMind's model_minimind.py, own process")
+    assert "exited with status 1: ImportError: no transformers here" in error
