@@ -277,8 +277,8 @@ def routed_swiglu(x_ND, expert_index_NK, gate_EDF, up_EDF, down_EFD, batch_axes:
     """Each token's chosen experts' SwiGLU outputs [N, K, D] (K choices per token), each expert run only on the
     tokens routed to it.
 
-    The N·K (token, choice) assignments are grouped by expert, in token order within a group (a stable sort by
-    expert id), into R rows where each group is padded with zero rows to whole tiles of EXPERT_TILE rows.
+    The A = N·K (token, choice) assignments are grouped by expert, in token order within a group (a stable sort
+    by expert id), into R rows where each group is padded with zero rows to whole tiles of EXPERT_TILE rows.
     jax.lax.ragged_dot groups rows the same way, but XLA:CPU lowers it to a masked product with all E experts,
     as slow as running every expert on every token. batch_axes: as in swiglu.
     """
