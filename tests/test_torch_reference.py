@@ -235,6 +235,24 @@ def test_loop_without_accumulation_is_sft_step(arch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("arch", ERAS.values())
+def test_float64_twin_steps_in_float64(arch):
+    """The parity tests' truth: a float64 copy of the reference computes every activation, loss and update in
+    float64, and agrees with the fp32 model to fp32 rounding."""
+    config = ModelConfig(arch=arch, hidden_size=16, num_hidden_layers=1, vocab_size=32, use_moe=True)
+    torch.manual_seed(0)
+    model = MiniMindTorch(config)
+    twin = float64_twin(model)
+    [batch] = tiny_batches(1, 32)
+    assert twin.eval()(batch[0]).logits.dtype == torch.float64
+    exact = sft_step(twin, make_optimizer(twin, 1e-3), *batch, lr=1e-3)
+    fp32 = sft_step(model, make_optimizer(model, 1e-3), *batch, lr=1e-3)
+    for key in ("loss", "aux_loss", "grad_norm"):
+        assert exact[key].dtype == torch.float64, key
+        np.testing.assert_allclose(float(fp32[key]), float(exact[key]), rtol=1e-5, err_msg=key)
+    assert all(p.dtype == torch.float64 for p in twin.parameters())
+
+
 @pytest.mark.parametrize("arch,factor", [("minimind2", 4), ("minimind3", 16)])
 def test_yarn_keeps_fast_pairs_and_slows_the_slowest(arch, factor):
     config = ModelConfig(arch=arch, hidden_size=512, inference_rope_scaling=True)
