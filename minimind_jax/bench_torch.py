@@ -4,7 +4,7 @@ In the bench's process, XLA's and torch's thread pools disturb each other; here 
 itself, as MiniMind's train_full_sft.py does. The bench writes the spec, the initial state dict (init.npz) and
 the padded batches (batches.npz, stacked [steps, B, T]), then speaks a line protocol: this process prints one
 JSON line when the model is built ({"ready": ...}), then one per "step" line it reads (that step's timing), and
-exits on "quit" or end of input. Everything else it prints goes to stderr.
+exits at the end of its input. Everything else it prints goes to stderr.
 
 spec["model"] picks the model:
 - "reference": minimind_jax.torch_reference (MiniMindTorch + sft_step), the project's MiniMind in plain torch;
@@ -31,7 +31,7 @@ from minimind_jax.bench import process_cpu_seconds  # the bench's module level i
 GRAD_CLIP = 1.0  # train_full_sft.py's --grad_clip
 
 
-def minimind_model(minimind_dir: str, arch: str, fields: dict):
+def minimind_model(minimind_dir: str, fields: dict):
     """MiniMind's MiniMindForCausalLM from its checkout, configured with our ModelConfig's MiniMind fields."""
     path = pathlib.Path(minimind_dir, "model", "model_minimind.py")
     spec = importlib.util.spec_from_file_location("model_minimind", path)
@@ -56,13 +56,16 @@ def minimind_loss(model, arch: str):
 
 
 class Side:
+    """One PyTorch model, its AdamW and the bench's batches, stepped one batch at a time."""
+
     def __init__(self, spec: dict, directory: pathlib.Path):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.autocast = torch.bfloat16 if spec["dtype"] == "bfloat16" else None
         self.learning_rate = spec["learning_rate"]
-        state = {key: torch.from_numpy(value) for key, value in np.load(directory / "init.npz").items()}
+        with np.load(directory / "init.npz") as arrays:
+            state = {key: torch.from_numpy(value) for key, value in arrays.items()}
         if spec["model"] == "minimind":
-            self.model = minimind_model(spec["minimind_dir"], spec["arch"], spec["minimind_config"])
+            self.model = minimind_model(spec["minimind_dir"], spec["minimind_config"])
             self.loss_fn = minimind_loss(self.model, spec["arch"])
         else:
             from minimind_jax.config import ModelConfig
