@@ -118,10 +118,10 @@ def variants_for(args, platform: str, dtype: str, seq_len: int) -> list[Variant]
     default = Variant("default (main.py sft)", **fast)
     literal = Variant("--fast_path 0 (MiniMind's literal)", **LITERAL_STEP)
     ablation = [
-        Variant(f"literal + loss chunks of {fast['loss_chunk_size']}", loss_chunk_size=fast["loss_chunk_size"]),
-        Variant(f"literal + {fast['attention_impl']} attention", attention_impl=fast["attention_impl"]),
+        Variant("literal + loss chunks", loss_chunk_size=fast["loss_chunk_size"]),
+        Variant(f"literal + {fast['attention_impl']}", attention_impl=fast["attention_impl"]),
         Variant("literal + remat dots", remat="dots"),
-        Variant("literal + layers unrolled", scan_layers=False),
+        Variant("literal + unrolled", scan_layers=False),
         Variant("literal + packing", packing=True),
         default,
         Variant("default + packing", packing=True, **fast),
