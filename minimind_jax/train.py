@@ -56,14 +56,34 @@ def clip_by_global_norm_like_torch(max_norm: float) -> optax.GradientTransformat
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def scale_by_adam_like_torch(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """optax.scale_by_adam (same state) with torch's bias corrections. optax computes 1 - βᵗ in fp32, where
+    1 - 0.999 is 1.3e-5 off, so its first updates are 6.6e-6 (relative) smaller than torch.optim.AdamW's; torch
+    computes them in float64. -expm1(t·log β) in fp32 is within 1e-7 of that."""
+    adam = optax.scale_by_adam(b1, b2, eps)
+
+    def update(grads, state, params=None):
+        del params
+        mu = optax.tree.update_moment(grads, state.mu, b1, 1)
+        nu = optax.tree.update_moment_per_elem_norm(grads, state.nu, b2, 2)
+        count = optax.safe_increment(state.count)
+        correction1, correction2 = (-jnp.expm1(count * math.log(beta)) for beta in (b1, b2))
+        updates = jax.tree.map(lambda m, v: (m / correction1) / (jnp.sqrt(v / correction2) + eps), mu, nu)
+        return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(adam.init, update)
+
+
 def make_optimizer(learning_rate, grad_clip: float = 1.0, weight_decay: float = 0.01) -> optax.GradientTransformation:
-    """torch.optim.AdamW's defaults (β 0.9/0.999, ε 1e-8, weight decay on every parameter) after clipping.
+    """torch.optim.AdamW's defaults (β 0.9/0.999, ε 1e-8, weight decay on every parameter) after clipping;
+    the state has optax.adamw's structure.
 
     learning_rate: a float or an optax schedule of the update count.
     """
     return optax.chain(
         clip_by_global_norm_like_torch(grad_clip),
-        optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay),
+        optax.chain(scale_by_adam_like_torch(b1=0.9, b2=0.999, eps=1e-8), optax.add_decayed_weights(weight_decay),
+                    optax.scale_by_learning_rate(learning_rate)),
     )
 
 
