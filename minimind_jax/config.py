@@ -130,10 +130,6 @@ class ModelConfig:
         return {"beta_fast": 4, "beta_slow": 1, "factor": 4,
                 "original_max_position_embeddings": 2048, "type": "yarn"}
 
-    @property
-    def moe_suffix(self) -> str:
-        return "_moe" if self.use_moe else ""
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

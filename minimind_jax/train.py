@@ -211,10 +211,3 @@ def attention_flops_per_token(config, seq_len: int) -> float:
     per_layer = 2 * 2 * config.num_attention_heads * config.head_dim * seq_len / 2
     return 3 * config.num_hidden_layers * per_layer
 
-
-def total_updates(steps_per_epoch: int, epochs: int, accumulation_steps: int) -> int:
-    return epochs * (steps_per_epoch // accumulation_steps)
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b) if b else math.inf
