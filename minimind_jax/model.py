@@ -300,15 +300,14 @@ def routed_swiglu(x_ND, expert_index_NK, gate_EDF, up_EDF, down_EFD, batch_axes:
     return out_RD[row_A].reshape(n, top_k, -1)
 
 
-def _for_each_expert_tile(tiles_E, body, carry):
-    """carry = body(expert, tile_index, carry) over each expert's tiles in turn. The expert is a Python int, so
-    its weights are static slices, read in place."""
+def _expert_tile_ranges(tiles_E, weights):
+    """(that expert's slices of weights, its first tile, the tile after its last) for each expert in turn. The
+    expert is a Python int, so its weights are static slices, cut once outside its tile loop."""
     first = jnp.zeros((), jnp.int32)
     for expert in range(tiles_E.shape[0]):
         last = first + tiles_E[expert]
-        carry = jax.lax.fori_loop(first, last, functools.partial(body, expert), carry)
+        yield tuple(w[expert] for w in weights), first, last
         first = last
-    return carry
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -319,32 +318,40 @@ def _grouped_swiglu_rows(x_RD, tiles_E, gate_EDF, up_EDF, down_EFD, tile: int):
 
 
 def _grouped_swiglu_rows_fwd(x_RD, tiles_E, gate_EDF, up_EDF, down_EFD, tile):
-    def run_tile(expert, index, buffers):
+    def run_tile(expert_weights, index, buffers):
         x_tD = jax.lax.dynamic_slice_in_dim(x_RD, index * tile, tile)
-        out_tD, (_, gate_tF, up_tF, *_) = _swiglu_rows_fwd(x_tD, gate_EDF[expert], up_EDF[expert], down_EFD[expert])
+        out_tD, (_, gate_tF, up_tF, *_) = _swiglu_rows_fwd(x_tD, *expert_weights)
         return tuple(jax.lax.dynamic_update_slice_in_dim(buffer, rows, index * tile, 0)
                      for buffer, rows in zip(buffers, (out_tD, gate_tF, up_tF)))
 
     # zeros_like keeps x's shard_map type (device-varying), which a loop carry must keep.
     hidden_RF = jnp.zeros_like(x_RD, shape=(x_RD.shape[0], gate_EDF.shape[-1]))
-    out_RD, gate_RF, up_RF = _for_each_expert_tile(tiles_E, run_tile, (jnp.zeros_like(x_RD), hidden_RF, hidden_RF))
+    buffers = (jnp.zeros_like(x_RD), hidden_RF, hidden_RF)
+    for expert_weights, first, last in _expert_tile_ranges(tiles_E, (gate_EDF, up_EDF, down_EFD)):
+        buffers = jax.lax.fori_loop(first, last, functools.partial(run_tile, expert_weights), buffers)
+    out_RD, gate_RF, up_RF = buffers
     return out_RD, (x_RD, tiles_E, gate_RF, up_RF, gate_EDF, up_EDF, down_EFD)
 
 
 def _grouped_swiglu_rows_bwd(tile, residuals, dy_RD):
     x_RD, tiles_E, gate_RF, up_RF, gate_EDF, up_EDF, down_EFD = residuals
 
-    def run_tile(expert, index, grads):
+    def run_tile(expert_weights, index, grads):
         dx_RD, *weight_grads = grads
         rows = lambda a: jax.lax.dynamic_slice_in_dim(a, index * tile, tile)
-        tile_residuals = (rows(x_RD), rows(gate_RF), rows(up_RF), gate_EDF[expert], up_EDF[expert], down_EFD[expert])
+        tile_residuals = (rows(x_RD), rows(gate_RF), rows(up_RF), *expert_weights)
         dx_tD, *tile_weight_grads = _swiglu_rows_bwd(tile_residuals, rows(dy_RD))
         dx_RD = jax.lax.dynamic_update_slice_in_dim(dx_RD, dx_tD, index * tile, 0)
-        return dx_RD, *(total.at[expert].add(part) for total, part in zip(weight_grads, tile_weight_grads))
+        return dx_RD, *(total + part for total, part in zip(weight_grads, tile_weight_grads))
 
-    dx_RD, *weight_grads = _for_each_expert_tile(
-        tiles_E, run_tile, tuple(map(jnp.zeros_like, (x_RD, gate_EDF, up_EDF, down_EFD))))
-    return dx_RD, None, *weight_grads
+    # Each expert's weight gradients add up in a loop carry of their own: cheaper than .at[expert].add on
+    # the [E, ...] gradients every tile.
+    dx_RD, expert_grads = jnp.zeros_like(x_RD), []
+    for expert_weights, first, last in _expert_tile_ranges(tiles_E, (gate_EDF, up_EDF, down_EFD)):
+        dx_RD, *grads = jax.lax.fori_loop(first, last, functools.partial(run_tile, expert_weights),
+                                          (dx_RD, *map(jnp.zeros_like, expert_weights)))
+        expert_grads.append(grads)
+    return dx_RD, None, *(jnp.stack(grads) for grads in zip(*expert_grads))
 
 
 _grouped_swiglu_rows.defvjp(_grouped_swiglu_rows_fwd, _grouped_swiglu_rows_bwd)
