@@ -71,6 +71,10 @@ class ModelConfig:
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        # MiniMind's config carries these fields but its model knows one value of each; the model here too.
+        for name, only in (("hidden_act", "silu"), ("tie_word_embeddings", True), ("scoring_func", "softmax")):
+            if getattr(self, name) != only:
+                raise ValueError(f"{name} must be {only!r} (MiniMind's only value), got {getattr(self, name)!r}")
         v3 = self.arch == "minimind3"
         if self.num_key_value_heads is None:
             self.num_key_value_heads = 4 if v3 else 2

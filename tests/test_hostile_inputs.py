@@ -335,8 +335,19 @@ CHECKPOINT_DAMAGE = {
         json.dumps({**json.loads((d / "config.json").read_text()), "hidden_size": 64})), "params: corrupt or incomplete"),
     "config with unknown field": (lambda d: (d / "config.json").write_text(
         json.dumps({**json.loads((d / "config.json").read_text()), "bogus": 1})), "config.json: not a valid model config"),
+    "config with another activation": (lambda d: (d / "config.json").write_text(
+        json.dumps({**json.loads((d / "config.json").read_text()), "hidden_act": "gelu"})),
+        "config.json: not a valid model config (hidden_act must be 'silu'"),
     "no params": (lambda d: shutil.rmtree(d / "params"), "neither a model checkpoint (params/) nor a training run"),
 }
+
+
+@pytest.mark.parametrize("field, value", [("hidden_act", "gelu"), ("tie_word_embeddings", False),
+                                          ("scoring_func", "sigmoid")])
+def test_a_field_minimind_fixes_takes_only_its_value(field, value):
+    with pytest.raises(ValueError, match=f"^{field} must be .* got {value!r}$"):
+        ModelConfig(**{field: value})
+    assert ModelConfig.from_dict({field: getattr(ModelConfig(), field)})  # MiniMind's own value passes
 
 
 @pytest.mark.parametrize("damage", list(CHECKPOINT_DAMAGE))
