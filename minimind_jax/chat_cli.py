@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from minimind_jax.config import DTYPES
+from minimind_jax.config import DTYPES, weight_stem
 from minimind_jax.errors import UserError
 from minimind_jax.generation import Decoder, check_room
 from minimind_jax.model import MiniMind
@@ -52,8 +52,7 @@ def add_model_arguments(parser) -> None:
 def weights_path(args) -> pathlib.Path:
     if args.load_from and args.load_from != "model":  # MiniMind's --load_from model means "use --weight"
         return pathlib.Path(args.load_from)
-    moe = "_moe" if args.use_moe else ""
-    return pathlib.Path(args.save_dir) / f"{args.weight}_{args.hidden_size}{moe}.pth"
+    return pathlib.Path(args.save_dir) / f"{weight_stem(args.weight, args.hidden_size, args.use_moe)}.pth"
 
 
 def load_model(args) -> MiniMind:

@@ -161,6 +161,11 @@ def load_preset(name_or_path: str, **overrides) -> ModelConfig:
     return ModelConfig.from_dict({**fields, **overrides})
 
 
+def weight_stem(weight: str, hidden_size: int, use_moe) -> str:
+    """MiniMind's weight file stem, `{weight}_{hidden}{_moe}`: its `.pth` names and our run names."""
+    return f"{weight}_{hidden_size}{'_moe' if use_moe else ''}"
+
+
 def num_params(config: ModelConfig) -> int:
     """Parameter count as MiniMind counts it (the tied embedding once)."""
     h, d = config.hidden_size, config.head_dim

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import yaml
 
-from minimind_jax.config import CONFIG_DIR
+from minimind_jax.config import CONFIG_DIR, weight_stem
 from minimind_jax.errors import UserError
 
 DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
@@ -116,7 +116,8 @@ class DemoRun:
 
     def weights(self, mode: str) -> pathlib.Path:
         """MiniMind's {save_dir}/{weight}_{hidden}.pth."""
-        return self.weights_dir / f"{'pretrain' if mode == 'pretrain' else 'full_sft'}_{self.hidden_size}.pth"
+        weight = "pretrain" if mode == "pretrain" else "full_sft"
+        return self.weights_dir / f"{weight_stem(weight, self.hidden_size, use_moe=False)}.pth"
 
     def train_config(self, mode: str):
         from minimind_jax.trainer import TrainConfig

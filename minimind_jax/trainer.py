@@ -23,7 +23,7 @@ from flax import nnx
 from minimind_jax import sharding
 from minimind_jax.checkpoint import TrainCheckpoints, complete_steps
 from minimind_jax.config import (ARCHS, ATTENTION_IMPLS, LITERAL_STEP, REMATS, TRAIN_DTYPES, ModelConfig,
-                                 train_step_settings)
+                                 train_step_settings, weight_stem)
 from minimind_jax.errors import UserError
 from minimind_jax.evaluation import evaluate, make_loss_sums
 from minimind_jax.model import MiniMind
@@ -135,7 +135,7 @@ class TrainConfig:
     @property
     def run_name(self) -> str:
         """MiniMind's weight file stem: {save_weight}_{hidden}{_moe}."""
-        return f"{self.save_weight}_{self.hidden_size}{'_moe' if self.use_moe else ''}"
+        return weight_stem(self.save_weight, self.hidden_size, self.use_moe)
 
     @property
     def run_checkpoint_dir(self) -> pathlib.Path:
@@ -192,7 +192,7 @@ def resolve_weight(cfg: TrainConfig) -> pathlib.Path | None:
     direct = pathlib.Path(cfg.from_weight)
     if direct.exists():
         return direct
-    minimind_path = pathlib.Path(cfg.save_dir) / f"{cfg.from_weight}_{cfg.hidden_size}{'_moe' if cfg.use_moe else ''}.pth"
+    minimind_path = pathlib.Path(cfg.save_dir) / f"{weight_stem(cfg.from_weight, cfg.hidden_size, cfg.use_moe)}.pth"
     if minimind_path.exists():
         return minimind_path
     raise UserError(f"--from_weight {cfg.from_weight}: neither {direct} nor {minimind_path} exists "

@@ -9,7 +9,7 @@ import torch
 from minimind_jax.data import ExampleConfig, load_dataset
 from minimind_jax.pipeline import make_batches
 from minimind_jax.torch_reference import reference_train_loop
-from minimind_jax.trainer import TrainConfig, train
+from minimind_jax.trainer import TrainConfig, resolve_weight, train
 from tests.parity import assert_near_truth, assert_scalar_near_truth, float64_twin
 from tests.test_convert import random_torch_model
 from tests.test_train import tiny_config, torch_batch
@@ -42,6 +42,12 @@ def pretrained(tmp_path, chat_data):
     path.parent.mkdir(parents=True)
     torch.save({k: v.half() for k, v in reference.state_dict().items()}, path)
     return path
+
+
+def test_weight_files_are_named_as_minimind_names_them(tmp_path):
+    cfg = TrainConfig(save_dir=str(tmp_path), from_weight="pretrain", save_weight="full_sft", hidden_size=768, use_moe=1)
+    (tmp_path / "pretrain_768_moe.pth").write_bytes(b"")
+    assert resolve_weight(cfg) == tmp_path / "pretrain_768_moe.pth" and cfg.run_name == "full_sft_768_moe"
 
 
 def test_same_run_as_minimind(tmp_path, chat_data, pretrained):
