@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from minimind_jax.config import ModelConfig
-from minimind_jax.errors import UserError
+from minimind_jax.errors import UserError, first_line
 from minimind_jax.param_tree import abstract_model, params_of
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def restore_params(directory, sharding=None, **overrides) -> tuple[ModelConfig, 
             with ocp.StandardCheckpointer() as checkpointer:
                 params = checkpointer.restore(directory / PARAMS_DIR, _abstract_params(config, sharding))
         except Exception as error:  # Orbax raises many types for damaged files; all mean the same here
-            raise UserError(f"{directory / PARAMS_DIR}: corrupt or incomplete checkpoint ({_first_line(error)})") from None
+            raise UserError(f"{directory / PARAMS_DIR}: corrupt or incomplete checkpoint ({first_line(error)})") from None
         return config, params
     run = TrainCheckpoints(directory, create=False)
     step = run.latest_step()
@@ -90,11 +90,7 @@ def _checked_config(make_config, origin) -> ModelConfig:
     try:
         return make_config()
     except (KeyError, TypeError, ValueError) as error:  # unknown or missing fields, values of the wrong type
-        raise UserError(f"{origin}: not a valid model config ({_first_line(error)})") from None
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise UserError(f"{origin}: not a valid model config ({first_line(error)})") from None
 
 
 def complete_steps(directory) -> list[int]:
@@ -117,7 +113,7 @@ class TrainCheckpoints:
         try:
             self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "meta"), options=options)
         except Exception as error:
-            raise UserError(f"{self.directory}: cannot open checkpoints ({_first_line(error)})") from None
+            raise UserError(f"{self.directory}: cannot open checkpoints ({first_line(error)})") from None
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -140,7 +136,7 @@ class TrainCheckpoints:
         try:
             return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as error:
-            raise UserError(f"{self.directory}/{step}/meta: corrupt checkpoint ({_first_line(error)})") from None
+            raise UserError(f"{self.directory}/{step}/meta: corrupt checkpoint ({first_line(error)})") from None
 
     def restore_state(self, step: int, config: ModelConfig, params_sharding=None, opt_state_abstract=None) -> dict:
         """Restores onto the given shardings, so a run can resume on another mesh or device count.
@@ -158,7 +154,7 @@ class TrainCheckpoints:
             restored = self.manager.restore(step, args=ocp.args.Composite(state=state))
         except Exception as error:
             raise UserError(f"{self.directory}/{step}/state: corrupt or incompatible checkpoint "
-                            f"({_first_line(error)})") from None
+                            f"({first_line(error)})") from None
         return restored["state"]
 
     def restore_newest(self, config: ModelConfig, params_sharding, opt_state_abstract) -> tuple[int, dict, dict] | None:
@@ -197,7 +193,7 @@ class TrainCheckpoints:
             raise UserError(self._write_failure(error)) from None
 
     def _write_failure(self, error: Exception) -> str:
-        reason = "no space left on device" if "No space left on device" in str(error) else _first_line(error)
+        reason = "no space left on device" if "No space left on device" in str(error) else first_line(error)
         complete = [int(p.name) for p in self.directory.iterdir() if p.name.isdigit()]
         newest = f"step {max(complete)} is the newest complete checkpoint" if complete else "no checkpoint is complete"
         return f"{self.directory}: writing a checkpoint failed ({reason}); {newest}"

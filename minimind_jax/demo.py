@@ -30,7 +30,7 @@ from collections.abc import Callable
 import yaml
 
 from minimind_jax.config import CONFIG_DIR, weight_stem
-from minimind_jax.errors import UserError
+from minimind_jax.errors import UserError, first_line
 
 DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
 CORPUS_KEYS = {"sources", "languages", "heldout_fraction", "seed", "max_turns", "max_conversations"}
@@ -71,7 +71,7 @@ def load_settings(path, quick: bool = False) -> dict[str, dict]:
     try:
         raw = yaml.safe_load(path.read_text("utf-8")) or {}
     except (OSError, yaml.YAMLError) as error:
-        raise UserError(f"{path}: cannot read demo settings ({str(error).splitlines()[0]})") from None
+        raise UserError(f"{path}: cannot read demo settings ({first_line(error)})") from None
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)} - DEMO_TRAIN_FIELDS
     allowed = {"corpus": CORPUS_KEYS, "tokenizer": {"vocab_size", "character_coverage"}, "model": MODEL_KEYS, "pretrain": train_keys,
                "sft": train_keys, "eval": {"batch_size"}, "chat": CHAT_KEYS}

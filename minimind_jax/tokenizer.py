@@ -25,7 +25,7 @@ import jinja2.sandbox
 import sentencepiece
 import tokenizers
 
-from minimind_jax.errors import UserError
+from minimind_jax.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -262,8 +262,7 @@ class HFTokenizer(Tokenizer):
         try:
             self._tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_file))
         except Exception as error:  # tokenizers raises a bare Exception for unreadable files.
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise UserError(f"{tokenizer_file}: not a valid tokenizer.json ({reason})")
+            raise UserError(f"{tokenizer_file}: not a valid tokenizer.json ({first_line(error)})")
         config = _read_json(config_file)
         if not isinstance(config, dict):
             raise UserError(f"{config_file}: expected a JSON object")

@@ -29,7 +29,7 @@ import minimind_jax
 from minimind_jax import data
 from minimind_jax.checkpoint import TrainCheckpoints, save_model_checkpoint
 from minimind_jax.config import ModelConfig
-from minimind_jax.errors import UserError
+from minimind_jax.errors import UserError, first_line
 from minimind_jax.model import MiniMind
 from minimind_jax.tokenizer import load_tokenizer
 from minimind_jax.trainer import TrainConfig, load_run_data, train
@@ -340,6 +340,11 @@ CHECKPOINT_DAMAGE = {
         "config.json: not a valid model config (hidden_act must be 'silu'"),
     "no params": (lambda d: shutil.rmtree(d / "params"), "neither a model checkpoint (params/) nor a training run"),
 }
+
+
+def test_first_line_of_an_error_is_one_short_line():
+    assert first_line(ValueError("  bad header\n  at byte 12\n")) == "bad header"
+    assert first_line(KeyError()) == "KeyError" and len(first_line(OSError("x" * 500))) == 200
 
 
 @pytest.mark.parametrize("field, value", [("hidden_act", "gelu"), ("tie_word_embeddings", False),

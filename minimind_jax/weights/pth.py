@@ -9,7 +9,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from minimind_jax.errors import UserError
+from minimind_jax.errors import UserError, first_line
 
 DTYPES = ("float16", "float32", "bfloat16")
 
@@ -33,8 +33,7 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
         raise UserError(f"{path}: refused to load: it holds objects other than tensors ({_unsafe_detail(error)}); "
                         f"only plain state dicts are read (weights_only=True)") from None
     except Exception as error:  # torch raises many types for damaged files (a text file: KeyError)
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        raise UserError(f"{path}: not a readable .pth file (truncated or corrupt?): {reason}") from None
+        raise UserError(f"{path}: not a readable .pth file (truncated or corrupt?): {first_line(error)}") from None
     if isinstance(loaded, dict) and "model" in loaded and isinstance(loaded["model"], dict):
         loaded = loaded["model"]  # MiniMind's resume checkpoint {model, optimizer, epoch, step, ...}
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
