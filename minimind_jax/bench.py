@@ -540,21 +540,22 @@ def run(args) -> int:
         raise UserError(f"--torch_python {args.torch_python}: not an executable")
     import jax
 
-    if args.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if args.compilation_cache_dir:  # off by default, so compile_s is a cold compile
+        from minimind_jax.trainer import use_compilation_cache
+
+        use_compilation_cache(args.compilation_cache_dir, cache_every_compile=True)
     import numpy as np
     from flax import nnx
 
     from minimind_jax import sharding
-    from minimind_jax.config import load_preset, num_params
+    from minimind_jax.config import default_dtype, load_preset, num_params
     from minimind_jax.model import MiniMind
     from minimind_jax.train import attention_flops_per_token, model_flops_per_token
     from minimind_jax.weights import params_of
 
     progress = (lambda message: print(message, file=sys.stderr, flush=True))
     platform = jax.devices()[0].platform
-    dtype = args.dtype or ("float32" if platform == "cpu" else "bfloat16")
+    dtype = args.dtype or default_dtype(platform)
     try:
         config = load_preset(args.preset, dtype=dtype)
     except (FileNotFoundError, ValueError) as error:

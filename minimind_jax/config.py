@@ -180,6 +180,11 @@ def num_params(config: ModelConfig) -> int:
     return config.vocab_size * h + config.num_hidden_layers * per_layer + h
 
 
+def default_dtype(platform: str) -> str:
+    """The compute dtype when none is given: float32 on CPU, bfloat16 on a JAX platform with an accelerator."""
+    return "float32" if platform == "cpu" else "bfloat16"
+
+
 # MiniMind's literal train-step computation (`--fast_path 0`): full [B,T,V] logits, explicit softmax
 # attention, the layers in lax.scan.
 LITERAL_STEP = {"attention_impl": "xla", "loss_chunk_size": None, "scan_layers": True}

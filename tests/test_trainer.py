@@ -9,7 +9,7 @@ import torch
 from minimind_jax.data import ExampleConfig, load_dataset
 from minimind_jax.pipeline import make_batches
 from minimind_jax.torch_reference import reference_train_loop
-from minimind_jax.trainer import TrainConfig, resolve_weight, train
+from minimind_jax.trainer import TrainConfig, resolve_weight, train, use_compilation_cache
 from tests.parity import assert_near_truth, assert_scalar_near_truth, float64_twin
 from tests.test_convert import random_torch_model
 from tests.test_train import tiny_config, torch_batch
@@ -48,6 +48,15 @@ def test_weight_files_are_named_as_minimind_names_them(tmp_path):
     cfg = TrainConfig(save_dir=str(tmp_path), from_weight="pretrain", save_weight="full_sft", hidden_size=768, use_moe=1)
     (tmp_path / "pretrain_768_moe.pth").write_bytes(b"")
     assert resolve_weight(cfg) == tmp_path / "pretrain_768_moe.pth" and cfg.run_name == "full_sft_768_moe"
+
+
+def test_compilation_cache_is_set_as_asked(monkeypatch, tmp_path):
+    updates = {}
+    monkeypatch.setattr(jax.config, "update", lambda name, value: updates.update({name: value}))
+    use_compilation_cache("none")
+    assert updates == {}
+    use_compilation_cache(str(tmp_path), cache_every_compile=True)  # as the bench asks for it
+    assert updates == {"jax_compilation_cache_dir": str(tmp_path), "jax_persistent_cache_min_compile_time_secs": 0.0}
 
 
 def test_same_run_as_minimind(tmp_path, chat_data, pretrained):
