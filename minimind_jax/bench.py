@@ -168,7 +168,7 @@ def bench_dataset(args, arch: str):
     """(TokenizedDataset of the first --num_records SFT records of the real chat corpus, tokenizer label)."""
     from minimind_jax.corpus import build_corpus
     from minimind_jax.data import ExampleConfig, load_dataset
-    from minimind_jax.tokenizer import load_tokenizer, train_sentencepiece
+    from minimind_jax.tokenizer import check_fits, load_tokenizer, train_sentencepiece
 
     if args.num_records < 1:
         raise UserError(f"--num_records must be at least 1, got {args.num_records}")
@@ -195,9 +195,7 @@ def bench_dataset(args, arch: str):
     else:
         label = str(tokenizer_path)
     tokenizer = load_tokenizer(tokenizer_path)
-    if tokenizer.arch is not None and tokenizer.arch != arch:
-        raise UserError(f"--tokenizer_path {tokenizer_path} is the {tokenizer.arch} tokenizer but --preset "
-                        f"{args.preset} is {arch}")
+    check_fits(tokenizer, arch)
     examples = ExampleConfig(kind="sft", arch=arch, max_seq_len=args.max_seq_len)
     dataset = load_dataset(subset, tokenizer, examples, cache_dir=data_dir / "cache", progress=False)
     return dataset, label

@@ -22,7 +22,7 @@ from minimind_jax.config import DTYPES, weight_stem
 from minimind_jax.errors import UserError
 from minimind_jax.generation import Decoder, check_room
 from minimind_jax.model import MiniMind
-from minimind_jax.tokenizer import Tokenizer, load_tokenizer
+from minimind_jax.tokenizer import Tokenizer, check_fits, load_tokenizer
 
 DEFAULT_SEED = 2026  # MiniMind 2510's eval_llm.py seeds every turn with 2026
 DEFAULT_TOP_P = {"minimind2": 0.85, "minimind3": 0.95}  # eval_llm.py's default per era
@@ -78,12 +78,7 @@ def load_tokenizer_for(args, model: MiniMind) -> Tokenizer:
                 break
         else:
             raise UserError(f"no tokenizer in {beside} or ./model: pass --tokenizer_path")
-    config = model.config
-    if tokenizer.vocab_size > config.vocab_size:
-        raise UserError(f"{tokenizer.path}: {tokenizer.vocab_size} tokens, but the model has {config.vocab_size}")
-    if tokenizer.arch is not None and tokenizer.arch != config.arch:
-        raise UserError(f"{tokenizer.path}: a {tokenizer.arch} tokenizer for a {config.arch} model; the eras' "
-                        "token ids differ (pass the matching --tokenizer_path)")
+    check_fits(tokenizer, model.config.arch, model.config.vocab_size)
     return tokenizer
 
 

@@ -405,6 +405,16 @@ def load_tokenizer(path) -> Tokenizer:
     raise UserError(f"{path}: not a tokenizer (give a directory with tokenizer.json, or a .model file)")
 
 
+def check_fits(tokenizer: Tokenizer, arch: str, vocab_size: int | None = None) -> None:
+    """The tokenizer's ids are the model's: within its vocabulary (when `vocab_size` is given) and not the
+    other era's MiniMind tokenizer (the same size, other special-token ids)."""
+    if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+        raise UserError(f"{tokenizer.path}: vocab {tokenizer.vocab_size} exceeds the model's {vocab_size}")
+    if tokenizer.arch is not None and tokenizer.arch != arch:
+        raise UserError(f"{tokenizer.path} is the {tokenizer.arch} tokenizer but the model is {arch}; "
+                        f"their token ids differ")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Training a SentencePiece tokenizer
 

@@ -237,17 +237,12 @@ def build_model(cfg: TrainConfig, dtype: str) -> MiniMind:
 
 def load_run_data(cfg: TrainConfig, data_path: str, model_config: ModelConfig):
     from minimind_jax.data import ExampleConfig, load_dataset
-    from minimind_jax.tokenizer import load_tokenizer
+    from minimind_jax.tokenizer import check_fits, load_tokenizer
 
     if cfg.max_seq_len > model_config.max_position_embeddings:
         raise UserError(f"--max_seq_len {cfg.max_seq_len} exceeds the model's max_position_embeddings "
                         f"{model_config.max_position_embeddings} (the end of MiniMind's RoPE table)")
-    tokenizer = load_tokenizer(cfg.tokenizer_path)
-    if tokenizer.vocab_size > model_config.vocab_size:
-        raise UserError(f"{cfg.tokenizer_path}: vocab {tokenizer.vocab_size} exceeds the model's {model_config.vocab_size}")
-    if tokenizer.arch is not None and tokenizer.arch != model_config.arch:
-        raise UserError(f"{cfg.tokenizer_path} is the {tokenizer.arch} tokenizer but the model is {model_config.arch}; "
-                        f"their token ids differ")
+    check_fits(load_tokenizer(cfg.tokenizer_path), model_config.arch, model_config.vocab_size)
     examples = ExampleConfig(kind=cfg.mode, arch=model_config.arch, max_seq_len=cfg.max_seq_len,
                              system_prompt_ratio=cfg.system_prompt_ratio,
                              drop_empty_think_ratio=cfg.drop_empty_think_ratio, seed=cfg.seed)

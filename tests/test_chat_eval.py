@@ -185,7 +185,7 @@ def test_chat_rejects_a_tokenizer_of_the_other_era(workdir, capsys):
     pth = require_shared("golden", "v3", "dense.pth")
     tokenizer_dir = require_shared("minimind", "2510")
     assert main.main(["chat", "--load_from", str(pth), "--tokenizer_path", str(tokenizer_dir), "--prompt", "x"]) == 1
-    assert "minimind2 tokenizer for a minimind3 model" in capsys.readouterr().err
+    assert "is the minimind2 tokenizer but the model is minimind3" in capsys.readouterr().err
 
 
 def test_model_flags_follow_minimind(workdir):
