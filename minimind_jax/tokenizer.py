@@ -445,32 +445,23 @@ def _record_texts(record) -> list[str] | None:
 def iter_jsonl_texts(paths: Iterable, skipped: list[str] | None = None) -> Iterator[str]:
     """Texts of the records of MiniMind jsonl files, one string per text or conversation turn.
 
-    Blank lines are ignored. Lines that are not a pretrain or SFT record are skipped, and each one is
-    appended to `skipped` as "file:line: reason".
+    Blank lines are ignored. Lines that are not a pretrain or SFT record (malformed ones too, as the data
+    pipeline reads them) are skipped, and each one is appended to `skipped` as "file:line: reason".
     """
+    from minimind_jax.data import BadRecord, decode_line, iter_lines  # data imports this module
+
     for path in paths:
-        path = pathlib.Path(path)
-        try:
-            handle = path.open(encoding="utf-8")
-        except OSError as error:
-            raise UserError(f"{path}: cannot read ({error.strerror})")
-        with handle:
+        for line_number, line in iter_lines(path):
             try:
-                for line_number, line in enumerate(handle, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        texts = _record_texts(json.loads(line))
-                        reason = "neither a {'text': ...} nor a {'conversations' (or 'messages'): [...]} record"
-                    except json.JSONDecodeError as error:
-                        texts, reason = None, f"invalid JSON ({error.msg})"
-                    if texts is None:
-                        if skipped is not None:
-                            skipped.append(f"{path}:{line_number}: {reason}")
-                        continue
-                    yield from texts
-            except UnicodeDecodeError as error:
-                raise UserError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})")
+                texts = _record_texts(decode_line(line))
+                reason = "neither a {'text': ...} nor a {'conversations' (or 'messages'): [...]} record"
+            except BadRecord as error:
+                texts, reason = None, error.reason
+            if texts is None:
+                if skipped is not None:
+                    skipped.append(f"{path}:{line_number}: {reason}")
+                continue
+            yield from texts
 
 
 def _training_sentences(texts: Iterable[str]) -> Iterator[str]:

@@ -515,8 +515,18 @@ def test_sentencepiece_training_reports_skipped_lines(corpus, tmp_path, caplog):
     trained_on = json.loads(tokenizer_lib.sentencepiece_config_path(model).read_text("utf-8"))["trained_on"]
     assert trained_on["skipped_lines"] == 3
     assert trained_on["sentences"] == 20 + 20 * 2  # pretrain texts + SFT turns
-    assert "sft.jsonl:21: invalid JSON" in caplog.text
-    assert "sft.jsonl:22: neither" in caplog.text and "sft.jsonl:24: neither" in caplog.text
+    assert "sft.jsonl:21: malformed JSON" in caplog.text and "sft.jsonl:24: not a JSON object" in caplog.text
+    assert "sft.jsonl:22: neither" in caplog.text
+
+
+def test_sentencepiece_training_skips_a_line_over_the_data_pipelines_cap(tmp_path):
+    from minimind_jax.data import MAX_LINE_BYTES
+
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"text": "x" * MAX_LINE_BYTES}) + "\n" + json.dumps({"text": "short"}) + "\n")
+    skipped = []
+    assert list(tokenizer_lib.iter_jsonl_texts([path], skipped)) == ["short"]
+    assert skipped == [f"{path}:1: line over {MAX_LINE_BYTES // 2**20} MB"]
 
 
 def test_sentencepiece_trains_on_messages_records_as_on_conversations(corpus, tmp_path):
