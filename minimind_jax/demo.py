@@ -297,31 +297,20 @@ def chat_stage(run: DemoRun) -> dict:
 
 
 def figures_stage(run: DemoRun) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from minimind_jax.trainer import LossPanel, plot_loss_curves
 
     losses = run.results["evaluate"]
-    panels = (("pretrain", "pretrain_text", "pretraining (all text tokens)"),
-              ("sft", "sft_assistant_tokens", "SFT (assistant tokens only)"))
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for axis, (mode, eval_name, title) in zip(axes, panels):
-        records = [json.loads(line) for line in pathlib.Path(run.results[mode]["metrics"]).read_text().splitlines()]
-        updates = [r["update"] for r in records]
-        axis.plot(updates, [r["loss"] for r in records], label="training loss (per update)", linewidth=1)
-        heldout = losses[eval_name]
-        axis.scatter([0, updates[-1]], [heldout["before"]["loss"], heldout["after"]["loss"]], color="C3", zorder=3,
-                     label=f"held-out, before and after: {heldout['before']['loss']:.2f} → {heldout['after']['loss']:.2f}")
-        axis.set(title=title, xlabel="optimizer update", ylabel="masked cross-entropy")
-        axis.grid(alpha=0.3)
-        axis.legend()
-    figure.suptitle(f"minimind-jax demo: MiniMind hidden {run.hidden_size}, "
-                    f"{run.settings['model'].get('num_hidden_layers')} layers, on chatterbot-corpus + chitchat-dataset")
-    figure.tight_layout()
+    panels = []
+    for mode, eval_name, title in (("pretrain", "pretrain_text", "pretraining (all text tokens)"),
+                                   ("sft", "sft_assistant_tokens", "SFT (assistant tokens only)")):
+        metrics = pathlib.Path(run.results[mode]["metrics"])
+        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+        before, after = losses[eval_name]["before"]["loss"], losses[eval_name]["after"]["loss"]
+        label = f"held-out, before and after: {before:.2f} → {after:.2f}"
+        panels.append(LossPanel(title, records, heldout=(label, [0, records[-1]["update"]], [before, after])))
     path = run.out_dir / "loss_curves.png"
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    plot_loss_curves(path, panels, title=f"minimind-jax demo: MiniMind hidden {run.hidden_size}, "
+                     f"{run.settings['model'].get('num_hidden_layers')} layers, on chatterbot-corpus + chitchat-dataset")
     return {"figure": str(path), "outputs": [str(path)]}
 
 

@@ -509,7 +509,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             tqdm.tqdm.write(f"eval {cfg.eval_data_path}: masked loss {summary['eval']['loss']:.4f} "
                             f"(perplexity {summary['eval']['perplexity']:.2f}, {summary['eval']['loss_tokens']:.0f} tokens)")
     if is_main:
-        writer.plot(history, log_dir / "loss_curve.png", title=f"{cfg.mode} {cfg.run_name}")
+        plot_loss_curves(log_dir / "loss_curve.png", [LossPanel(f"{cfg.mode} {cfg.run_name}", history)])
         (log_dir / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))
     writer.close()
     return summary
@@ -536,6 +536,42 @@ def _drop_metrics_after(path: pathlib.Path, update: int) -> None:
 class _TooManySkips(Exception):
     def __init__(self, update: int):
         self.update = update
+
+
+@dataclasses.dataclass(frozen=True)
+class LossPanel:
+    """One panel of `plot_loss_curves`: the training loss per update, and held-out losses as points."""
+
+    title: str
+    history: list[dict]  # metrics records, each with `update` and `loss`
+    heldout: tuple[str, list[int], list[float]] | None = None  # (legend label, updates, losses)
+
+
+def plot_loss_curves(path: pathlib.Path, panels: list[LossPanel], title: str | None = None) -> None:
+    """The panels side by side in one PNG (nothing is written when no panel has a loss to draw)."""
+    if not any(panel.history for panel in panels):
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(7, 4) if len(panels) == 1 else (6 * len(panels), 4.2),
+                                squeeze=False)
+    for axis, panel in zip(axes[0], panels):
+        axis.plot([r["update"] for r in panel.history], [r["loss"] for r in panel.history],
+                  label="training loss (per update)", linewidth=1)
+        if panel.heldout is not None:
+            label, updates, losses = panel.heldout
+            axis.scatter(updates, losses, color="C3", zorder=3, label=label)
+            axis.legend()
+        axis.set(title=panel.title, xlabel="optimizer update", ylabel="masked loss")
+        axis.grid(alpha=0.3)
+    if title is not None:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 class _MetricsWriter:
@@ -565,23 +601,6 @@ class _MetricsWriter:
     def at_log_interval(self, record: dict, eta_min: float) -> None:
         if self.wandb_run is not None:
             self.wandb_run.log(record, eta_min)
-
-    @staticmethod
-    def plot(history: list[dict], path: pathlib.Path, title: str) -> None:
-        if not history:
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        figure, axis = plt.subplots(figsize=(7, 4))
-        axis.plot([r["update"] for r in history], [r["loss"] for r in history], label="loss")
-        axis.set(xlabel="optimizer update", ylabel="masked loss", title=title)
-        axis.grid(alpha=0.3)
-        figure.tight_layout()
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
 
     def close(self) -> None:
         if self.enabled:

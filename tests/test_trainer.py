@@ -9,7 +9,8 @@ import torch
 from minimind_jax.data import ExampleConfig, load_dataset
 from minimind_jax.pipeline import make_batches
 from minimind_jax.torch_reference import reference_train_loop
-from minimind_jax.trainer import TrainConfig, resolve_weight, train, use_compilation_cache
+from minimind_jax.trainer import (LossPanel, TrainConfig, plot_loss_curves, resolve_weight, train,
+                                  use_compilation_cache)
 from tests.parity import assert_near_truth, assert_scalar_near_truth, float64_twin
 from tests.test_convert import random_torch_model
 from tests.test_train import tiny_config, torch_batch
@@ -57,6 +58,16 @@ def test_compilation_cache_is_set_as_asked(monkeypatch, tmp_path):
     assert updates == {}
     use_compilation_cache(str(tmp_path), cache_every_compile=True)  # as the bench asks for it
     assert updates == {"jax_compilation_cache_dir": str(tmp_path), "jax_persistent_cache_min_compile_time_secs": 0.0}
+
+
+def test_loss_curves_are_drawn_only_when_there_is_a_loss(tmp_path):
+    history = [{"update": update, "loss": 5.0 / update} for update in (1, 2, 3)]
+    plot_loss_curves(tmp_path / "one.png", [LossPanel("sft", history)])
+    plot_loss_curves(tmp_path / "two.png", [LossPanel("pretrain", history, heldout=("held-out", [0, 3], [6.0, 2.0])),
+                                            LossPanel("sft", history)], title="both")
+    plot_loss_curves(tmp_path / "none.png", [LossPanel("sft", [])])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["one.png", "two.png"]
+    assert all((tmp_path / name).read_bytes().startswith(b"\x89PNG") for name in ("one.png", "two.png"))
 
 
 def test_same_run_as_minimind(tmp_path, chat_data, pretrained):
