@@ -1,18 +1,17 @@
 #!/usr/bin/env bash
 # GPU check: `main.py bench` on one CUDA GPU in bfloat16, our step against PyTorch MiniMind with bf16 autocast.
 #
-# The GPU machine has no network, so the check comes in two halves:
+# It runs on any CUDA machine without network access, so the wheels and data are prepared beforehand:
 #
-#   benchmarks/gpu_check.sh prepare    # on a machine with PyPI and ../shared: fills .cache/gpu_check/ with
-#                                      # the wheels the GPU image lacks (grain, array_record, portpicker),
-#                                      # the chat-corpus subset and MiniMind's 2510 tokenizer (.cache/ is
-#                                      # git-ignored: nothing of it is committed)
-#   benchmarks/gpu_check.sh run        # on the GPU machine, from the repository root, e.g. through the device
-#                                      # tool: command "bash benchmarks/gpu_check.sh run",
-#                                      # carry [".cache/gpu_check"], timeout_s 330
+#   benchmarks/gpu_check.sh prepare    # on a machine with PyPI (and ../shared for MiniMind's 2510 tokenizer):
+#                                      # fills .cache/gpu_check/ with the wheels a CUDA JAX image usually
+#                                      # lacks (grain, array_record, portpicker), the chat-corpus subset and
+#                                      # the tokenizer (.cache/ is git-ignored: nothing of it is committed)
+#   benchmarks/gpu_check.sh run        # on the CUDA machine, from a copy of the repository that includes
+#                                      # .cache/gpu_check/; needs no network
 #
-# `run` uses the jax/jaxlib (CUDA plugin), flax, optax and torch (CUDA build) already installed there, adds the
-# carried wheels with pip --no-index, and runs, each under its own time limit:
+# `run` uses the jax/jaxlib (CUDA plugin), flax, optax and torch (CUDA build) already installed on that machine,
+# adds the prepared wheels with pip --no-index, and runs, each under its own time limit:
 #   1. minimind2-small, batch 16 × 512, bf16, --ablation: the default step (the GPU's fast path), MiniMind's
 #      literal step, each fast-path switch alone on it, packing, and the fast path with packing, each against
 #      the PyTorch step in its own process (about 3 minutes);
