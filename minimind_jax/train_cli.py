@@ -14,7 +14,7 @@ import pathlib
 import yaml
 
 from minimind_jax.config import ARCHS, ATTENTION_IMPLS, REMATS, TRAIN_DTYPES
-from minimind_jax.errors import UserError
+from minimind_jax.errors import UserError, first_line
 
 MINIMIND_FLAGS = {  # name: (type, help); defaults come from trainer.TrainConfig / defaults_for
     "save_dir": (str, "where {save_weight}_{hidden}{_moe}.pth and logs go"),
@@ -102,7 +102,7 @@ def config_from_args(args, command: str):
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as error:
-            raise UserError(f"{path}: cannot read run config ({str(error).splitlines()[0]})") from None
+            raise UserError(f"{path}: cannot read run config ({first_line(error)})") from None
         from_file = loaded.get("train", loaded) if isinstance(loaded, dict) else loaded
         if not isinstance(from_file, dict):
             raise UserError(f"{path}: a run config is a mapping of settings, got {type(from_file).__name__}")

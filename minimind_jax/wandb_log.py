@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from minimind_jax.errors import UserError
+from minimind_jax.errors import UserError, first_line
 
 INSTALL = "pip install 'minimind-jax[wandb]'"
 
@@ -53,8 +53,8 @@ class WandbRun:
                                   resume="must" if resume_id else None, config=dataclasses.asdict(cfg),
                                   allow_val_change=True)
         except wandb.Error as error:  # no API key, an unknown run id, no network
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise UserError(f"--use_wandb: {reason} (WANDB_MODE=offline logs without an account or network)") from None
+            raise UserError(f"--use_wandb: {first_line(error)} (WANDB_MODE=offline logs without an account or "
+                            "network)") from None
 
     @property
     def id(self) -> str:
