@@ -21,7 +21,6 @@ from flax import nnx
 from minimind_jax.config import ModelConfig
 
 MASKED_PAD = -1e9  # MiniMind adds (1 - mask) * -1e9 to padded keys (not -inf: fully padded rows stay finite)
-CAUSAL_BLOCK = 128  # queries per block of causal_block_attention (read at call time: tests shrink it)
 
 
 class KVCache(NamedTuple):
@@ -179,7 +178,7 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(hd, config.rms_norm_eps, multiply_in_fp32=True)
             self.k_norm = RMSNorm(hd, config.rms_norm_eps, multiply_in_fp32=True)
         self.dropout = nnx.Dropout(config.dropout)
-        self.impl = config.attention_impl
+        self.impl, self.block_size = config.attention_impl, config.attention_block_size
         self.recompute_scores = config.remat != "none"  # causal_blocks keeps its probabilities only without remat
 
     def __call__(self, x_BTD, cos, sin, bias_B1TS, kv_cache=None, cache_index=None, dropout_rngs=None):
@@ -203,7 +202,7 @@ class Attention(nnx.Module):
             dropout = functools.partial(self.dropout, rngs=dropout_rngs, deterministic=dropout_rngs is None)
             out = grouped_attention(q, k, v, bias_B1TS, dropout)
         elif self.impl == "causal_blocks":
-            out = causal_block_attention(q, k, v, bias_B1TS, CAUSAL_BLOCK, recompute=self.recompute_scores)
+            out = causal_block_attention(q, k, v, bias_B1TS, self.block_size, recompute=self.recompute_scores)
         else:  # The bias already holds the causal mask; is_causal also lets cuDNN skip the blocks above it.
             cudnn = self.impl == "cudnn"
             out = jax.nn.dot_product_attention(q, k, v, bias_B1TS.astype(dtype) if cudnn else bias_B1TS,

@@ -114,12 +114,10 @@ def exact_attention():
 @pytest.mark.parametrize("impl, fields", [("causal_blocks", {}), ("causal_blocks", {"remat": "dots"}),
                                            ("dot_product_attention", {}), ("xla", {"scan_layers": False})])
 @pytest.mark.parametrize("arch", ["minimind2", "minimind3"])
-def test_attention_impls_and_unrolled_layers_match_the_exact_path(impl, fields, arch, exact_attention, monkeypatch):
-    import minimind_jax.model as model_module
-
-    monkeypatch.setattr(model_module, "CAUSAL_BLOCK", 8)  # several blocks, the last one short
+def test_attention_impls_and_unrolled_layers_match_the_exact_path(impl, fields, arch, exact_attention):
     expected_logits, expected_grads = exact_attention[arch]
-    logits, grads = attention_loss_and_grads(arch, impl, **fields)
+    # 8 queries per block: several blocks on 29 positions, the last one short
+    logits, grads = attention_loss_and_grads(arch, impl, attention_block_size=8, **fields)
     np.testing.assert_allclose(logits, expected_logits, atol=1e-5)
     for g, e in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
         np.testing.assert_allclose(g, e, atol=1e-5)
