@@ -198,7 +198,7 @@ def fast_path_settings(platform: str, dtype: str, seq_len: int) -> dict[str, Any
     gradients as LITERAL_STEP up to rounding, as keys of LITERAL_STEP.
 
     Everywhere, the tied lm_head and CE run only at loss positions, 512 at a time. CPU: causal_blocks attention
-    and unrolled layers (minimind2-small, 8 × 512, fp32: 1.14× MiniMind's own step, against 0.59× literally).
+    and unrolled layers (minimind2-small, 8 × 511, fp32: 1.13× MiniMind's own step, the literal step 0.93×; README).
     GPU: cuDNN's fused attention in bfloat16/float16 (Ampere or newer); with the attention bias it needs an even
     row length, so MiniMind 2510's rows of max_seq_len - 1 and float32 take causal_blocks. TPU: causal_blocks
     (jax.nn.dot_product_attention has no TPU kernel). Accelerators keep lax.scan: shorter compiles.
