@@ -19,9 +19,8 @@ import torch
 from minimind_jax.torch_reference import MiniMindTorch
 
 BULK_QUANTILES = (0.5, 0.75, 0.9)
-# Measured on the tests' runs: ours/reference at most 2.0 in the bulk (most of ours' bulk error is optax's
-# 1 - 0.999**t in fp32, which makes the first Adam update 6.6e-6 smaller than torch's); a wrong weight decay
-# (0.011) gives 9-22, a wrong eps (1e-6) or lr (x1.01) hundreds. Tail counts are small and Poisson-like: ours
+# Measured on the tests' runs: ours/reference at most 2.0 in the bulk; a wrong weight decay (0.011) gives
+# 9-22, a wrong eps (1e-6) or lr (x1.01) hundreds. Tail counts are small and Poisson-like: ours
 # exceeded twice the reference's by at most 2 entries; a wrong eps or lr puts 6-12% of all entries there.
 BULK_FACTOR = 3.0
 TAIL_FACTOR = 2.0
