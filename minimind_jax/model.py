@@ -269,22 +269,20 @@ class MLP(nnx.Module):
         return self.dropout(out, rngs=dropout_rngs, deterministic=dropout_rngs is None), jnp.zeros((), jnp.float32)
 
 
-EXPERT_TILE = 128  # rows per expert matmul; each expert's rows are padded to whole tiles (XLA:CPU: 128 beat 32, 64)
-
-
-def routed_swiglu(x_ND, expert_index_NK, gate_EDF, up_EDF, down_EFD, batch_axes: tuple[str, ...] = ()):
+def routed_swiglu(x_ND, expert_index_NK, gate_EDF, up_EDF, down_EFD, batch_axes: tuple[str, ...] = (), *,
+                  tile_size: int):
     """Each token's chosen experts' SwiGLU outputs [N, K, D] (K choices per token), each expert run only on the
     tokens routed to it.
 
     The A = N·K (token, choice) assignments are grouped by expert, in token order within a group (a stable sort
-    by expert id), into R rows where each group is padded with zero rows to whole tiles of EXPERT_TILE rows.
+    by expert id), into R rows where each group is padded with zero rows to whole tiles of tile_size rows.
     jax.lax.ragged_dot groups rows the same way, but XLA:CPU lowers it to a masked product with all E experts,
     as slow as running every expert on every token. batch_axes: as in swiglu.
     """
     n, top_k = expert_index_NK.shape
     num_experts = gate_EDF.shape[0]
     num_assignments = n * top_k
-    tile = min(EXPERT_TILE, num_assignments)
+    tile = min(tile_size, num_assignments)
     num_rows = (num_assignments + num_experts * (tile - 1)) // tile * tile  # the most that any routing fills
     expert_A = expert_index_NK.reshape(num_assignments)
     chosen_AE = jax.nn.one_hot(expert_A, num_experts, dtype=jnp.int32)
@@ -385,7 +383,8 @@ class MoE(nnx.Module):
         chosen_BTKE = jax.nn.one_hot(top_index_BTK, num_experts, dtype=jnp.float32)
 
         expert_out_NKD = routed_swiglu(x_BTD.reshape(b * t, d), top_index_BTK.reshape(b * t, top_k),
-                                       self.gate_proj[...], self.up_proj[...], self.down_proj[...], batch_axes)
+                                       self.gate_proj[...], self.up_proj[...], self.down_proj[...], batch_axes,
+                                       tile_size=cfg.expert_tile_size)
         expert_out_NKD = expert_out_NKD.astype(jnp.float32)
         if train and not cfg.is_v3:
             # 2510's training path collects expert outputs in an fp16 buffer before weighting them.

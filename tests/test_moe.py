@@ -10,17 +10,18 @@ from minimind_jax import model as model_lib
 from minimind_jax.config import ModelConfig
 
 
-def every_expert_swiglu(x_ND, expert_index_NK, gate_EDF, up_EDF, down_EFD, batch_axes=()):
-    """The dense formulation of routed_swiglu: all E experts' outputs [N, E, D], then the chosen ones."""
+def every_expert_swiglu(x_ND, expert_index_NK, gate_EDF, up_EDF, down_EFD, batch_axes=(), *, tile_size):
+    """The dense formulation of routed_swiglu: all E experts' outputs [N, E, D], then the chosen ones (no tiles)."""
     run_expert = lambda gate_DF, up_DF, down_FD: model_lib.swiglu(x_ND[None], gate_DF, up_DF, down_FD, batch_axes)[0]
     out_NED = jax.vmap(run_expert, out_axes=1)(gate_EDF, up_EDF, down_EFD)
     return jnp.take_along_axis(out_NED, expert_index_NK[:, :, None], axis=1)
 
 
-def _moe_and_inputs(arch, top_k, batch, seq_len, unused_expert):
+def _moe_and_inputs(arch, top_k, batch, seq_len, unused_expert, expert_tile_size=128):
     config = ModelConfig(arch=arch, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                          num_key_value_heads=2, intermediate_size=48, moe_intermediate_size=48, use_moe=True,
-                         num_experts=4, n_routed_experts=4, num_experts_per_tok=top_k)
+                         num_experts=4, n_routed_experts=4, num_experts_per_tok=top_k,
+                         expert_tile_size=expert_tile_size)
     moe = model_lib.MoE(config, nnx.Rngs(0))
     keys = jax.random.split(jax.random.key(1), 2)
     # Feature 0 is 1 for every token and adds -10 to one expert's router logit only: it gets no token.
@@ -44,8 +45,8 @@ def _outputs_and_grads(moe, x_BTD, cotangent_BTD, train):
 @pytest.mark.parametrize("arch,top_k,train", [("minimind2", 2, True), ("minimind2", 1, False),
                                               ("minimind3", 1, True), ("minimind3", 2, False)])
 def test_routed_moe_matches_every_expert_on_every_token(arch, top_k, train, monkeypatch):
-    monkeypatch.setattr(model_lib, "EXPERT_TILE", 16)  # several tiles per expert, and padded ones
-    moe, x_BTD, cotangent_BTD = _moe_and_inputs(arch, top_k, batch=2, seq_len=24, unused_expert=3)
+    # Tiles of 16 rows: several tiles per expert, and padded ones.
+    moe, x_BTD, cotangent_BTD = _moe_and_inputs(arch, top_k, batch=2, seq_len=24, unused_expert=3, expert_tile_size=16)
     chosen = jax.lax.top_k(x_BTD @ moe.router[...], top_k)[1]
     assert 3 not in np.asarray(chosen) and len(np.unique(chosen)) == 3, "expert 3 must receive no token"
     assert (moe.config.num_shared_experts == 1) == (arch == "minimind2")
