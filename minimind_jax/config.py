@@ -68,7 +68,7 @@ class ModelConfig:
     remat: str = "none"  # none | full | dots (jax.checkpoint policy for each scanned block)
     attention_impl: str = "xla"  # see ATTENTION_IMPLS; "xla" is the exact path the parity tests check
     attention_block_size: int = 128  # queries per block of attention_impl="causal_blocks"
-    expert_tile_size: int = 128  # MoE: rows per routed-expert matmul (XLA:CPU: 128 beat 32 and 64)
+    expert_tile_size: int = 128  # MoE: rows per routed-expert matmul, an expert's last ones in quarter tiles
 
     def __post_init__(self):
         if self.arch not in ARCHS:

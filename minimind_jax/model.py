@@ -275,78 +275,101 @@ def routed_swiglu(x_ND, expert_index_NK, gate_EDF, up_EDF, down_EFD, batch_axes:
     tokens routed to it.
 
     The A = N·K (token, choice) assignments are grouped by expert, in token order within a group (a stable sort
-    by expert id), into R rows where each group is padded with zero rows to whole tiles of tile_size rows.
-    jax.lax.ragged_dot groups rows the same way, but XLA:CPU lowers it to a masked product with all E experts,
-    as slow as running every expert on every token. batch_axes: as in swiglu.
+    by expert id), into R rows where each group is padded with zero rows to whole units of tile_size // 4 rows.
+    Each group runs as full tiles of tile_size rows, then its last few units one at a time: padding to whole
+    tiles cost 12% more rows on minimind2-moe. jax.lax.ragged_dot groups rows the same way, but XLA:CPU lowers
+    it to a masked product with all E experts, as slow as running every expert on every token.
+    batch_axes: as in swiglu.
     """
     n, top_k = expert_index_NK.shape
     num_experts = gate_EDF.shape[0]
     num_assignments = n * top_k
-    tile = min(tile_size, num_assignments)
-    num_rows = (num_assignments + num_experts * (tile - 1)) // tile * tile  # the most that any routing fills
+    tiling = _Tiling(min(tile_size, num_assignments))
+    unit = tiling.unit
+    num_rows = (num_assignments + num_experts * (unit - 1)) // unit * unit  # the most that any routing fills
     expert_A = expert_index_NK.reshape(num_assignments)
     chosen_AE = jax.nn.one_hot(expert_A, num_experts, dtype=jnp.int32)
     rank_A = (jnp.cumsum(chosen_AE, axis=0) * chosen_AE).sum(1) - 1  # place among its expert's assignments
-    tiles_E = -(-chosen_AE.sum(0) // tile)
-    row_A = ((jnp.cumsum(tiles_E) - tiles_E) * tile)[expert_A] + rank_A
+    units_E = -(-chosen_AE.sum(0) // unit)
+    row_A = ((jnp.cumsum(units_E) - units_E) * unit)[expert_A] + rank_A
     token_A = jnp.arange(num_assignments, dtype=jnp.int32) // top_k
     token_R = jnp.full((num_rows,), n, jnp.int32).at[row_A].set(token_A)
     x_RD = jnp.take(x_ND, token_R, axis=0, mode="fill", fill_value=0)  # padding rows (token n) are zeros
     weights = _local_weights(x_ND.dtype, batch_axes, gate_EDF, up_EDF, down_EFD)
-    out_RD = _grouped_swiglu_rows(x_RD, tiles_E, *weights, tile)
+    out_RD = _grouped_swiglu_rows(x_RD, units_E, *weights, tiling)
     return out_RD[row_A].reshape(n, top_k, -1)
 
 
-def _expert_tile_ranges(tiles_E, weights):
-    """(that expert's slices of weights, its first tile, the tile after its last) for each expert in turn. The
-    expert is a Python int, so its weights are static slices, cut once outside its tile loop."""
-    first = jnp.zeros((), jnp.int32)
-    for expert in range(tiles_E.shape[0]):
-        last = first + tiles_E[expert]
-        yield tuple(w[expert] for w in weights), first, last
-        first = last
+class _Tiling(NamedTuple):
+    """Rows per matmul in routed_swiglu: full tiles of `size` rows, and units of size // 4 rows for the rest."""
+    size: int
+
+    @property
+    def unit(self) -> int:
+        return max(1, self.size // 4)
+
+    def expert_loops(self, units_E, weights):
+        """(that expert's slices of weights, its tile loops) for each expert in turn. The expert is a Python int,
+        so its weights are static slices. Its loops are (rows per tile, first row, number of tiles): its full
+        tiles, then its remaining units."""
+        units_per_tile = self.size // self.unit
+        first_unit = jnp.zeros((), jnp.int32)
+        for expert in range(units_E.shape[0]):
+            full_tiles, rest = units_E[expert] // units_per_tile, units_E[expert] % units_per_tile
+            loops = ((self.size, first_unit * self.unit, full_tiles),
+                     (self.unit, (first_unit + full_tiles * units_per_tile) * self.unit, rest))
+            yield tuple(w[expert] for w in weights), loops
+            first_unit = first_unit + units_E[expert]
+
+
+def _over_tiles(run_tile, loops, carry):
+    """carry after run_tile(rows, start_row, carry) on each tile of loops (see _Tiling.expert_loops)."""
+    for rows, first_row, num_tiles in loops:
+        carry = jax.lax.fori_loop(0, num_tiles, lambda i, c, rows=rows, first_row=first_row:
+                                  run_tile(rows, first_row + i * rows, c), carry)
+    return carry
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _grouped_swiglu_rows(x_RD, tiles_E, gate_EDF, up_EDF, down_EFD, tile: int):
-    """_swiglu_rows on expert-grouped rows: the experts' tiles follow one another, tiles_E[e] of them for expert
-    e; rows after the last tile stay 0. Its backward pass loops over the same tiles with _swiglu_rows_bwd."""
-    return _grouped_swiglu_rows_fwd(x_RD, tiles_E, gate_EDF, up_EDF, down_EFD, tile)[0]
+def _grouped_swiglu_rows(x_RD, units_E, gate_EDF, up_EDF, down_EFD, tiling: _Tiling):
+    """_swiglu_rows on expert-grouped rows: the experts' units follow one another, units_E[e] of them for expert
+    e; rows after the last unit stay 0. Its backward pass loops over the same tiles with _swiglu_rows_bwd."""
+    return _grouped_swiglu_rows_fwd(x_RD, units_E, gate_EDF, up_EDF, down_EFD, tiling)[0]
 
 
-def _grouped_swiglu_rows_fwd(x_RD, tiles_E, gate_EDF, up_EDF, down_EFD, tile):
-    def run_tile(expert_weights, index, buffers):
-        x_tD = jax.lax.dynamic_slice_in_dim(x_RD, index * tile, tile)
+def _grouped_swiglu_rows_fwd(x_RD, units_E, gate_EDF, up_EDF, down_EFD, tiling):
+    def run_tile(expert_weights, rows, start, buffers):
+        x_tD = jax.lax.dynamic_slice_in_dim(x_RD, start, rows)
         out_tD, (_, gate_tF, up_tF, *_) = _swiglu_rows_fwd(x_tD, *expert_weights)
-        return tuple(jax.lax.dynamic_update_slice_in_dim(buffer, rows, index * tile, 0)
-                     for buffer, rows in zip(buffers, (out_tD, gate_tF, up_tF)))
+        return tuple(jax.lax.dynamic_update_slice_in_dim(buffer, tile_rows, start, 0)
+                     for buffer, tile_rows in zip(buffers, (out_tD, gate_tF, up_tF)))
 
     # zeros_like keeps x's shard_map type (device-varying), which a loop carry must keep.
     hidden_RF = jnp.zeros_like(x_RD, shape=(x_RD.shape[0], gate_EDF.shape[-1]))
     buffers = (jnp.zeros_like(x_RD), hidden_RF, hidden_RF)
-    for expert_weights, first, last in _expert_tile_ranges(tiles_E, (gate_EDF, up_EDF, down_EFD)):
-        buffers = jax.lax.fori_loop(first, last, functools.partial(run_tile, expert_weights), buffers)
+    for expert_weights, loops in tiling.expert_loops(units_E, (gate_EDF, up_EDF, down_EFD)):
+        buffers = _over_tiles(functools.partial(run_tile, expert_weights), loops, buffers)
     out_RD, gate_RF, up_RF = buffers
-    return out_RD, (x_RD, tiles_E, gate_RF, up_RF, gate_EDF, up_EDF, down_EFD)
+    return out_RD, (x_RD, units_E, gate_RF, up_RF, gate_EDF, up_EDF, down_EFD)
 
 
-def _grouped_swiglu_rows_bwd(tile, residuals, dy_RD):
-    x_RD, tiles_E, gate_RF, up_RF, gate_EDF, up_EDF, down_EFD = residuals
+def _grouped_swiglu_rows_bwd(tiling, residuals, dy_RD):
+    x_RD, units_E, gate_RF, up_RF, gate_EDF, up_EDF, down_EFD = residuals
 
-    def run_tile(expert_weights, index, grads):
+    def run_tile(expert_weights, rows, start, grads):
         dx_RD, *weight_grads = grads
-        rows = lambda a: jax.lax.dynamic_slice_in_dim(a, index * tile, tile)
-        tile_residuals = (rows(x_RD), rows(gate_RF), rows(up_RF), *expert_weights)
-        dx_tD, *tile_weight_grads = _swiglu_rows_bwd(tile_residuals, rows(dy_RD))
-        dx_RD = jax.lax.dynamic_update_slice_in_dim(dx_RD, dx_tD, index * tile, 0)
+        tile_rows = lambda a: jax.lax.dynamic_slice_in_dim(a, start, rows)
+        tile_residuals = (tile_rows(x_RD), tile_rows(gate_RF), tile_rows(up_RF), *expert_weights)
+        dx_tD, *tile_weight_grads = _swiglu_rows_bwd(tile_residuals, tile_rows(dy_RD))
+        dx_RD = jax.lax.dynamic_update_slice_in_dim(dx_RD, dx_tD, start, 0)
         return dx_RD, *(total + part for total, part in zip(weight_grads, tile_weight_grads))
 
     # Each expert's weight gradients add up in a loop carry of their own: cheaper than .at[expert].add on
     # the [E, ...] gradients every tile.
     dx_RD, expert_grads = jnp.zeros_like(x_RD), []
-    for expert_weights, first, last in _expert_tile_ranges(tiles_E, (gate_EDF, up_EDF, down_EFD)):
-        dx_RD, *grads = jax.lax.fori_loop(first, last, functools.partial(run_tile, expert_weights),
-                                          (dx_RD, *map(jnp.zeros_like, expert_weights)))
+    for expert_weights, loops in tiling.expert_loops(units_E, (gate_EDF, up_EDF, down_EFD)):
+        dx_RD, *grads = _over_tiles(functools.partial(run_tile, expert_weights), loops,
+                                    (dx_RD, *map(jnp.zeros_like, expert_weights)))
         expert_grads.append(grads)
     return dx_RD, None, *(jnp.stack(grads) for grads in zip(*expert_grads))
 
