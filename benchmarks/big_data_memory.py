@@ -113,7 +113,7 @@ def tokenizer_path(work_dir: pathlib.Path, corpus: dict) -> str:
     shared = REPO_ROOT.parent / "shared" / "minimind" / "2510"
     if shared.is_dir():
         return str(shared)
-    from minimind_jax.tokenizer import train_sentencepiece
+    from minimind_jax.data.tokenizer import train_sentencepiece
 
     return str(train_sentencepiece([corpus["pretrain"]], work_dir / "tokenizer" / "sp", vocab_size=6400))
 
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the generated files and caches")
     args = parser.parse_args(argv)
 
-    from minimind_jax.corpus import build_corpus
+    from minimind_jax.data.corpus import build_corpus
 
     work_dir = pathlib.Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)

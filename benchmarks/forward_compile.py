@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from minimind_jax.config import load_preset
+from minimind_jax.model.config import load_preset
 from minimind_jax.weights import abstract_model
 
 

@@ -66,10 +66,11 @@ def profile_jax(args) -> None:
     import jax
     from flax import nnx
 
-    from minimind_jax import sharding
-    from minimind_jax.config import load_preset, train_step_settings
-    from minimind_jax.model import MiniMind
-    from minimind_jax.train import init_train_state, make_optimizer, make_train_step
+    from minimind_jax.training import sharding
+    from minimind_jax.model.config import load_preset, train_step_settings
+    from minimind_jax.model.transformer import MiniMind
+    from minimind_jax.training.step import init_train_state, make_train_step
+    from minimind_jax.training.optimizer import make_optimizer
 
     settings = train_step_settings(bool(args.fast_path), jax.devices()[0].platform, "float32", args.seq_len,
                                    attention_impl=args.attention_impl, loss_chunk_size=args.loss_chunk_size,
@@ -120,8 +121,8 @@ def profile_jax(args) -> None:
 def profile_torch(args) -> None:
     import torch
 
-    from minimind_jax.config import load_preset
-    from minimind_jax.torch_reference import MiniMindTorch, make_optimizer, sft_step
+    from minimind_jax.model.config import load_preset
+    from minimind_jax.bench.torch_reference import MiniMindTorch, make_optimizer, sft_step
 
     config = load_preset(args.preset)
     model = MiniMindTorch(config)

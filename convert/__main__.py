@@ -1,5 +1,5 @@
 import sys
 
-from minimind_jax.convert_cli import main
+from minimind_jax.cli.convert import main
 
 sys.exit(main())

@@ -6,12 +6,12 @@ Submodules are imported on first use so that light tools (the CLI's --help, `con
 import importlib
 
 _EXPORTS = {
-    "ModelConfig": "minimind_jax.config",
-    "load_preset": "minimind_jax.config",
-    "MiniMind": "minimind_jax.model",
+    "ModelConfig": "minimind_jax.model.config",
+    "load_preset": "minimind_jax.model.config",
+    "MiniMind": "minimind_jax.model.transformer",
     "load": "minimind_jax.weights",
     "save_pth": "minimind_jax.weights",
-    "generate": "minimind_jax.generation",
+    "generate": "minimind_jax.inference.generation",
 }
 
 __all__ = list(_EXPORTS)

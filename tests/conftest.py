@@ -26,8 +26,8 @@ def require_shared(*parts: str) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def chat_data(tmp_path_factory):
     """Real chat data in MiniMind's jsonl formats and a SentencePiece tokenizer trained on it (no ../shared)."""
-    from minimind_jax.corpus import build_corpus
-    from minimind_jax.tokenizer import train_sentencepiece
+    from minimind_jax.data.corpus import build_corpus
+    from minimind_jax.data.tokenizer import train_sentencepiece
 
     out = tmp_path_factory.mktemp("chat_data")
     paths = build_corpus(out, max_conversations=150, heldout_fraction=0.1, seed=1)

@@ -16,7 +16,7 @@ arithmetic reaches. Ours must be about as close to the truth as the fp32 referen
 import numpy as np
 import torch
 
-from minimind_jax.torch_reference import MiniMindTorch
+from minimind_jax.bench.torch_reference import MiniMindTorch
 
 BULK_QUANTILES = (0.5, 0.75, 0.9)
 # Measured on the tests' runs: ours/reference at most 2.0 in the bulk; a wrong weight decay (0.011) gives

@@ -16,15 +16,17 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import main
-from minimind_jax import bench
-from minimind_jax.config import LITERAL_STEP, ModelConfig, fast_path_settings, train_step_settings
+from minimind_jax.bench import train_step as bench
+from minimind_jax.model.config import LITERAL_STEP, ModelConfig, fast_path_settings, train_step_settings
 from minimind_jax.errors import UserError
-from minimind_jax.loss import chunked_masked_ce_sums, masked_ce_sums
-from minimind_jax.model import MiniMind
-from minimind_jax.sharding import batch_sharding, make_mesh
-from minimind_jax.train import init_train_state, make_optimizer, make_train_step
-from minimind_jax.trainer import TrainConfig, step_settings
-from tests.conftest import REPO_ROOT, SHARED
+from minimind_jax.training.loss import chunked_masked_ce_sums, masked_ce_sums
+from minimind_jax.model.transformer import MiniMind
+from minimind_jax.training.sharding import batch_sharding, make_mesh
+from minimind_jax.training.step import init_train_state, make_train_step
+from minimind_jax.training.optimizer import make_optimizer
+from minimind_jax.training.config import TrainConfig
+from minimind_jax.training.loop import step_settings
+from tests.conftest import REPO_ROOT
 
 TINY_PRESET = "arch: minimind2\nhidden_size: 64\nnum_hidden_layers: 2\n"
 
@@ -232,12 +234,10 @@ def run_bench(capsys, *flags):
     return capsys.readouterr().out
 
 
-def test_bench_runs_every_side_on_the_same_batches(capsys, data_dir, tiny_preset, monkeypatch):
+def test_bench_runs_every_side_on_the_same_batches(capsys, data_dir, tiny_preset):
     """Tiny model, 8 simulated devices: the JSON has every figure, no step recompiles, and our default and
     literal steps and the torch reference's step (in its own process), from the same weights on the same
     batches, log the same losses."""
-    if not (SHARED / "minimind" / "2510").exists():  # no MiniMind tokenizer: the bench trains one
-        monkeypatch.setitem(bench.SHARED_TOKENIZERS, "minimind2", data_dir / "absent")
     out = run_bench(capsys, "--preset", str(tiny_preset), "--batch_size", "8", "--max_seq_len", "128", "--steps", "2",
                     "--warmup", "1", "--num_records", "80", "--data_dir", str(data_dir), "--loss_chunk_size", "64",
                     "--json")
@@ -277,12 +277,10 @@ def minimind_checkout(era: str):
 
 
 @pytest.mark.parametrize("era, arch", [("2510", "minimind2"), ("v3", "minimind3")])
-def test_bench_times_minimind_own_model_from_the_same_weights(era, arch, capsys, data_dir, tmp_path, monkeypatch):
+def test_bench_times_minimind_own_model_from_the_same_weights(era, arch, capsys, data_dir, tmp_path):
     """--minimind_dir: MiniMind's own MiniMindForCausalLM (MoE, so the expert and router mapping is used too)
     with its train_full_sft loss, in its own process, from our initial weights: the same losses as ours."""
     directory, python = minimind_checkout(era)
-    if not (SHARED / "minimind" / era).exists():
-        monkeypatch.setitem(bench.SHARED_TOKENIZERS, arch, data_dir / "absent")
     preset = tmp_path / "tiny_moe.yaml"
     preset.write_text(f"arch: {arch}\nhidden_size: 64\nnum_hidden_layers: 2\nuse_moe: true\n")
     result = json.loads(run_bench(capsys, "--preset", str(preset), "--batch_size", "8", "--max_seq_len", "64",
@@ -343,8 +341,6 @@ def test_bench_refuses_a_minimind_checkout_of_the_other_era(capsys, data_dir, tm
 def test_bench_says_why_a_pytorch_process_failed(capsys, data_dir, tiny_preset, tmp_path, monkeypatch):
     """A checkout whose model code cannot be imported (here: it raises): one line with the process's last
     line of stderr, before any of our steps is compiled."""
-    if not (SHARED / "minimind" / "2510").exists():
-        monkeypatch.setitem(bench.SHARED_TOKENIZERS, "minimind2", data_dir / "absent")
     broken = fake_minimind_checkout(tmp_path, "n_routed_experts = 4\nraise ImportError('no transformers here')\n")
     monkeypatch.setattr(bench, "JaxSide", None)  # never reached
     assert main.main(["bench", "--preset", str(tiny_preset), "--batch_size", "8", "--max_seq_len", "64",

@@ -12,12 +12,14 @@ import pytest
 from flax import nnx
 
 import main
-from minimind_jax import chat_cli, data, weights
-from minimind_jax.config import ModelConfig
-from minimind_jax.generation import Decoder, generate
-from minimind_jax.loss import masked_ce_sums, safe_divide
-from minimind_jax.model import MiniMind
-from minimind_jax.tokenizer import load_tokenizer, train_sentencepiece
+from minimind_jax.data import examples
+from minimind_jax import weights
+from minimind_jax.cli import chat as chat_cli
+from minimind_jax.model.config import ModelConfig
+from minimind_jax.inference.generation import Decoder, generate
+from minimind_jax.training.loss import masked_ce_sums, safe_divide
+from minimind_jax.model.transformer import MiniMind
+from minimind_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 from tests.conftest import require_shared
 
 CONVERSATIONS = [
@@ -211,10 +213,10 @@ def expected_loss(model, tokenizer, arch, kind, records, max_seq_len):
     ce_total, tokens, learning = 0.0, 0.0, 0
     for record in records:
         if kind == "sft":
-            prompt = data.chat_prompt(tokenizer, record["conversations"], arch=arch)
-            forms = (data.minimind2_sft if arch == "minimind2" else data.minimind3_sft)(tokenizer, prompt, max_seq_len)
+            prompt = examples.chat_prompt(tokenizer, record["conversations"], arch=arch)
+            forms = (examples.minimind2_sft if arch == "minimind2" else examples.minimind3_sft)(tokenizer, prompt, max_seq_len)
         else:
-            forms = (data.minimind2_pretrain if arch == "minimind2" else data.minimind3_pretrain)(
+            forms = (examples.minimind2_pretrain if arch == "minimind2" else examples.minimind3_pretrain)(
                 tokenizer, record["text"], max_seq_len)
         if arch == "minimind2":
             x, y, loss_mask = (np.asarray(f)[None] for f in forms)
@@ -222,7 +224,7 @@ def expected_loss(model, tokenizer, arch, kind, records, max_seq_len):
         else:  # v3 feeds all ids and shifts after the forward
             input_ids, labels = (np.asarray(f)[None] for f in forms)
             logits = model(jnp.asarray(input_ids))[:, :-1]
-            y, loss_mask = input_ids[:, 1:], labels[:, 1:] != data.IGNORE_INDEX
+            y, loss_mask = input_ids[:, 1:], labels[:, 1:] != examples.IGNORE_INDEX
         ce, count = masked_ce_sums(logits, jnp.asarray(y), jnp.asarray(loss_mask))
         ce_total, tokens, learning = ce_total + float(ce), tokens + float(count), learning + int(count > 0)
     return float(safe_divide(jnp.float32(ce_total), jnp.float32(tokens))), int(tokens), learning

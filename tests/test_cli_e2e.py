@@ -7,10 +7,10 @@ import pytest
 import yaml
 
 import main
-from minimind_jax.config import CONFIG_DIR
+from minimind_jax.model.config import CONFIG_DIR
 from minimind_jax.errors import UserError
-from minimind_jax.train_cli import add_arguments, config_from_args
-from minimind_jax.trainer import TrainConfig
+from minimind_jax.cli.train import add_arguments, config_from_args
+from minimind_jax.training.config import TrainConfig
 
 
 def parsed(command: str, *argv: str) -> TrainConfig:
@@ -43,7 +43,7 @@ def test_cli_restarts_once_with_a_malloc_that_keeps_freed_memory(monkeypatch):
     import os
     import sys
 
-    from minimind_jax import malloc
+    from minimind_jax import runtime as malloc
 
     restarts = []
     monkeypatch.setattr(malloc.os, "execv", lambda executable, argv: restarts.append((executable, argv)))

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import minimind_jax
-from minimind_jax.config import PRESETS, ModelConfig, load_preset, num_params
+from minimind_jax.model.config import PRESETS, ModelConfig, load_preset, num_params
 from minimind_jax.errors import UserError
-from minimind_jax.model import KVCache
-from minimind_jax.torch_reference import MiniMindTorch
+from minimind_jax.model.transformer import KVCache
+from minimind_jax.bench.torch_reference import MiniMindTorch
 from minimind_jax.weights import model_from_params
 from minimind_jax.weights.mapping import expected_shapes, infer_config, params_from_state_dict, state_dict_keys
 from minimind_jax.weights.pth import read_state_dict

@@ -4,9 +4,9 @@ import re
 
 import pytest
 
-from minimind_jax import corpus
+from minimind_jax.data import corpus
 from minimind_jax.errors import UserError
-from minimind_jax.tokenizer import load_tokenizer, train_sentencepiece
+from minimind_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
 

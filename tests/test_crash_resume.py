@@ -23,8 +23,8 @@ import time
 import numpy as np
 import pytest
 
-from minimind_jax.corpus import build_corpus
-from minimind_jax.tokenizer import train_sentencepiece
+from minimind_jax.data.corpus import build_corpus
+from minimind_jax.data.tokenizer import train_sentencepiece
 from tests.conftest import REPO_ROOT
 
 RUN_NAME = "full_sft_32"
@@ -215,7 +215,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(setup):
         for key in ("loss", "logits_loss", "grad_norm", "lr", "skipped"):
             assert got[key] == expected[key], (key, got["update"])
 
-    from minimind_jax.checkpoint import restore_params
+    from minimind_jax.weights.orbax import restore_params
 
     _, final = restore_params(chain / "checkpoints" / RUN_NAME)
     _, expected_final = restore_params(reference.checkpoints)

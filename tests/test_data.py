@@ -12,9 +12,9 @@ import hypothesis.strategies as st
 import numpy as np
 import pytest
 
-from minimind_jax import data
+from minimind_jax.data import examples, records
 from minimind_jax.errors import UserError
-from minimind_jax.tokenizer import load_tokenizer, train_sentencepiece
+from minimind_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 from tests.conftest import require_shared
 
 ERAS = {"2510": "minimind2", "v3": "minimind3"}
@@ -81,14 +81,14 @@ def test_sft_examples_equal_minimind_goldens(era):
     records = golden_records(era, "sft_masks.jsonl")
     assert len(records) == 40
     for record in records:
-        prompt = data.chat_prompt(tokenizer, record["conversations"], arch=arch)
+        prompt = examples.chat_prompt(tokenizer, record["conversations"], arch=arch)
         assert prompt == record["prompt"]
         if arch == "minimind2":
-            X, Y, loss_mask = data.minimind2_sft(tokenizer, prompt, GOLDEN_SFT_LEN)
+            X, Y, loss_mask = examples.minimind2_sft(tokenizer, prompt, GOLDEN_SFT_LEN)
             assert (X, Y, loss_mask) == (record["X"], record["Y"], record["loss_mask"])
             assert X + Y[-1:] == record["input_ids"]
         else:
-            input_ids, labels = data.minimind3_sft(tokenizer, prompt, GOLDEN_SFT_LEN)
+            input_ids, labels = examples.minimind3_sft(tokenizer, prompt, GOLDEN_SFT_LEN)
             assert (input_ids, labels) == (record["input_ids"], record["labels"])
     # The set covers a truncated chat and a system turn, as the goldens promise.
     assert any(record["input_ids"][-1] != 0 for record in records)
@@ -99,17 +99,17 @@ def test_pretrain_examples_equal_minimind_goldens(era):
     arch, tokenizer = ERAS[era], era_tokenizer(era)
     for record in golden_records(era, "pretrain_masks.jsonl"):
         if arch == "minimind2":
-            X, Y, loss_mask = data.minimind2_pretrain(tokenizer, record["text"], GOLDEN_PRETRAIN_LEN)
+            X, Y, loss_mask = examples.minimind2_pretrain(tokenizer, record["text"], GOLDEN_PRETRAIN_LEN)
             assert (X, Y, loss_mask) == (record["X"], record["Y"], record["loss_mask"])
         else:
-            input_ids, labels = data.minimind3_pretrain(tokenizer, record["text"], GOLDEN_PRETRAIN_LEN)
+            input_ids, labels = examples.minimind3_pretrain(tokenizer, record["text"], GOLDEN_PRETRAIN_LEN)
             assert (input_ids, labels) == (record["input_ids"], record["labels"])
 
 
 def golden_internal(record: dict, arch: str) -> dict:
     if arch == "minimind2":
-        return data.from_minimind2(record["X"], record["Y"], record["loss_mask"])
-    return data.from_minimind3(record["input_ids"], record["labels"])
+        return examples.from_minimind2(record["X"], record["Y"], record["loss_mask"])
+    return examples.from_minimind3(record["input_ids"], record["labels"])
 
 
 @pytest.mark.parametrize("kind", ["sft", "pretrain"])
@@ -118,8 +118,8 @@ def test_cached_examples_equal_goldens_in_internal_form(era, kind, tmp_path):
     arch = ERAS[era]
     name, max_len = ("sft_masks.jsonl", GOLDEN_SFT_LEN) if kind == "sft" else ("pretrain_masks.jsonl", GOLDEN_PRETRAIN_LEN)
     records = golden_records(era, name)
-    config = data.ExampleConfig(kind, arch, max_len, system_prompt_ratio=0, drop_empty_think_ratio=0)
-    dataset = data.load_dataset(require_shared("golden", era, name), require_shared("minimind", era), config,
+    config = examples.ExampleConfig(kind, arch, max_len, system_prompt_ratio=0, drop_empty_think_ratio=0)
+    dataset = examples.load_dataset(require_shared("golden", era, name), require_shared("minimind", era), config,
                                 cache_dir=tmp_path, num_workers=0, progress=False)
     assert len(dataset) == len(records)
     for index, record in enumerate(records):
@@ -134,15 +134,15 @@ def test_cached_examples_equal_goldens_in_internal_form(era, kind, tmp_path):
 def test_internal_form_of_each_era():
     # 2510 feeds X; v3 feeds every id and its last position predicts nothing.
     ids, learned = [1, 5, 6, 2, 0], [0, 0, 1, 1, 0]
-    v2 = data.example_from_tokens(np.array(ids), np.array(learned), "minimind2")
+    v2 = examples.example_from_tokens(np.array(ids), np.array(learned), "minimind2")
     assert v2["inputs"].tolist() == [1, 5, 6, 2] and v2["targets"].tolist() == [5, 6, 2, 0]
     assert v2["loss_mask"].tolist() == [0, 1, 1, 0]
-    v3 = data.example_from_tokens(np.array(ids), np.array(learned), "minimind3")
+    v3 = examples.example_from_tokens(np.array(ids), np.array(learned), "minimind3")
     assert v3["inputs"].tolist() == ids and v3["targets"].tolist() == [5, 6, 2, 0, 0]
     assert v3["loss_mask"].tolist() == [0, 1, 1, 0, 0]
     labels = [-100, -100, 6, 2, -100]
-    assert {k: v.tolist() for k, v in data.from_minimind3(ids, labels).items()} == {k: v.tolist() for k, v in v3.items()}
-    padded = data.example_from_tokens(np.array(ids[:4]), np.array(learned[:4]), "minimind3", max_seq_len=6)
+    assert {k: v.tolist() for k, v in examples.from_minimind3(ids, labels).items()} == {k: v.tolist() for k, v in v3.items()}
+    padded = examples.example_from_tokens(np.array(ids[:4]), np.array(learned[:4]), "minimind3", max_seq_len=6)
     assert padded["inputs"].tolist() == [1, 5, 6, 2, 0, 0] and padded["loss_mask"].tolist() == [0, 1, 1, 0, 0, 0]
 
 
@@ -153,37 +153,37 @@ def test_internal_form_of_each_era():
 def test_v3_augmentations_follow_minimind():
     tokenizer = era_tokenizer("v3")
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    plain = data.chat_prompt(tokenizer, chat, arch="minimind3")
-    assert data.EMPTY_THINK in plain and "<|im_start|>system" not in plain
+    plain = examples.chat_prompt(tokenizer, chat, arch="minimind3")
+    assert examples.EMPTY_THINK in plain and "<|im_start|>system" not in plain
     rng = np.random.default_rng(0)
-    both = data.chat_prompt(tokenizer, chat, arch="minimind3", rng=rng, system_prompt_ratio=1.0,
+    both = examples.chat_prompt(tokenizer, chat, arch="minimind3", rng=rng, system_prompt_ratio=1.0,
                             drop_empty_think_ratio=1.0)
     system = both.split("<|im_start|>system\n")[1].split("<|im_end|>")[0]
-    assert system in data.SYSTEM_PROMPTS
-    assert data.EMPTY_THINK not in both and both.endswith(plain.replace(data.EMPTY_THINK, ""))
+    assert system in examples.SYSTEM_PROMPTS
+    assert examples.EMPTY_THINK not in both and both.endswith(plain.replace(examples.EMPTY_THINK, ""))
     # A chat that already has a system turn, or uses tools, keeps its own.
     with_system = [{"role": "system", "content": "be brief"}] + chat
-    assert data.chat_prompt(tokenizer, with_system, arch="minimind3", rng=rng, system_prompt_ratio=1.0) == \
-        data.chat_prompt(tokenizer, with_system, arch="minimind3")
+    assert examples.chat_prompt(tokenizer, with_system, arch="minimind3", rng=rng, system_prompt_ratio=1.0) == \
+        examples.chat_prompt(tokenizer, with_system, arch="minimind3")
     tool_chat = [{"role": "user", "content": "weather?", "tools": json.dumps([{"name": "f"}])}] + chat[1:]
-    assert data.augment_conversations(tool_chat, rng, 1.0) == tool_chat
+    assert examples.augment_conversations(tool_chat, rng, 1.0) == tool_chat
     # The draws are a pure function of (seed, line).
-    config = data.ExampleConfig("sft", "minimind3", 64, system_prompt_ratio=0.5, drop_empty_think_ratio=0.5, seed=3)
-    encoder = data.RecordEncoder(tokenizer, config)
+    config = examples.ExampleConfig("sft", "minimind3", 64, system_prompt_ratio=0.5, drop_empty_think_ratio=0.5, seed=3)
+    encoder = examples.RecordEncoder(tokenizer, config)
     prompts = {line: encoder.prompt({"conversations": chat}, line) for line in range(40)}
     assert prompts == {line: encoder.prompt({"conversations": chat}, line) for line in range(40)}
     assert len(set(prompts.values())) > 2
 
 
 def test_era_defaults_and_options():
-    v3 = data.ExampleConfig("sft", "minimind3", 64)
+    v3 = examples.ExampleConfig("sft", "minimind3", 64)
     assert (v3.system_prompt_ratio, v3.drop_empty_think_ratio, v3.augmented, v3.seq_len) == (0.2, 0.8, True, 64)
-    v2 = data.ExampleConfig("sft", "minimind2", 64)
+    v2 = examples.ExampleConfig("sft", "minimind2", 64)
     assert (v2.system_prompt_ratio, v2.augmented, v2.seq_len) == (0.0, False, 63)
     with pytest.raises(UserError, match="minimind3 option"):
-        data.ExampleConfig("sft", "minimind2", 64, system_prompt_ratio=0.2)
+        examples.ExampleConfig("sft", "minimind2", 64, system_prompt_ratio=0.2)
     with pytest.raises(UserError, match="max_seq_len"):
-        data.ExampleConfig("sft", "minimind2", 2)
+        examples.ExampleConfig("sft", "minimind2", 2)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -197,7 +197,7 @@ BAD_SFT_LINES = {
     "unknown role": {"conversations": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},
     "non-string content": {"conversations": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]},
     "not UTF-8": b'{"conversations": "\xff\xfe"}',
-    "line over 10 MB": '{"conversations": "' + "x" * data.MAX_LINE_BYTES + '"}',
+    "line over 10 MB": '{"conversations": "' + "x" * records.MAX_LINE_BYTES + '"}',
 }
 
 
@@ -219,9 +219,9 @@ def bad_sft_file(tmp_path) -> tuple[pathlib.Path, dict[str, int]]:
 
 def test_bad_lines_are_skipped_counted_and_summed_up_once(tmp_path, small_tokenizer, caplog):
     path, where = bad_sft_file(tmp_path)
-    config = data.ExampleConfig("sft", "minimind2", 32)
+    config = examples.ExampleConfig("sft", "minimind2", 32)
     with caplog.at_level(logging.WARNING, logger="minimind_jax.data"):
-        dataset = data.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "cache", num_workers=0,
+        dataset = examples.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "cache", num_workers=0,
                                     progress=False)
     assert len(dataset) == len(BAD_SFT_LINES) + 1
     report = dataset.report
@@ -235,7 +235,7 @@ def test_bad_lines_are_skipped_counted_and_summed_up_once(tmp_path, small_tokeni
         assert f"{reason} (e.g. {path.resolve()}:{line})" in message
     # The cache remembers what it skipped: strict mode refuses it too.
     with pytest.raises(UserError, match=f"bad.jsonl:{where['malformed JSON']}: malformed JSON$"):
-        data.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "cache", strict=True, progress=False)
+        examples.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "cache", strict=True, progress=False)
     # Every kept example is a GOOD one, and the line numbers say where each came from.
     assert set(dataset.line_numbers.tolist()) == {1} | {line + 1 for reason, line in where.items() if reason in BAD_SFT_LINES}
 
@@ -243,14 +243,14 @@ def test_bad_lines_are_skipped_counted_and_summed_up_once(tmp_path, small_tokeni
 @pytest.mark.parametrize("reason", list(BAD_SFT_LINES))
 def test_strict_mode_names_the_first_bad_line(tmp_path, small_tokenizer, reason):
     path = write_jsonl(tmp_path / "one_bad.jsonl", [GOOD, GOOD, BAD_SFT_LINES[reason], GOOD])
-    config = data.ExampleConfig("sft", "minimind2", 32)
+    config = examples.ExampleConfig("sft", "minimind2", 32)
     with pytest.raises(UserError) as error:
-        data.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "cache", num_workers=0,
+        examples.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "cache", num_workers=0,
                           strict=True, progress=False)
     assert str(error.value) == f"{path.resolve()}:3: {reason}"
     assert not list((tmp_path / "cache").iterdir())  # no cache, and no temporary left behind
     with pytest.raises(UserError, match=re.escape(f"one_bad.jsonl:3: {reason}")):
-        list(data.read_jsonl(path, kind="sft", strict=True))
+        list(records.read_jsonl(path, kind="sft", strict=True))
 
 
 def test_bad_tool_calls_are_skipped(tmp_path, small_tokenizer):
@@ -258,29 +258,29 @@ def test_bad_tool_calls_are_skipped(tmp_path, small_tokenizer):
         {"role": "user", "content": "weather?"}, {"role": "assistant", "content": "", "tool_calls": tool_calls}]}
     good_call = call(json.dumps([{"name": "weather", "arguments": {"city": "x"}}]))
     path = write_jsonl(tmp_path / "tools.jsonl", [good_call, call("[not json"), call([1])])
-    config = data.ExampleConfig("sft", "minimind3", 128)
-    dataset = data.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "cache", num_workers=0,
+    config = examples.ExampleConfig("sft", "minimind3", 128)
+    dataset = examples.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "cache", num_workers=0,
                                 progress=False)
     assert dataset.line_numbers.tolist() == [1]
     assert dataset.report.skipped == {"'tool_calls' is not valid JSON": 1, "chat template failed to render": 1}
     with pytest.raises(UserError, match=r"tools.jsonl:2: 'tool_calls' is not valid JSON$"):
-        data.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "strict", num_workers=0, strict=True,
+        examples.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "strict", num_workers=0, strict=True,
                           progress=False)
     path = write_jsonl(tmp_path / "render.jsonl", [good_call, call([1])])
     with pytest.raises(UserError, match=r"render.jsonl:2: chat template failed to render \(.+\)$"):
-        data.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "strict", num_workers=0, strict=True,
+        examples.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "strict", num_workers=0, strict=True,
                           progress=False)
 
 
 def test_bad_pretrain_records(tmp_path, small_tokenizer):
     path = write_jsonl(tmp_path / "pretrain.jsonl", [
         {"text": "the cat"}, {"conversations": []}, {"text": ["not", "text"]}, {"text": ""}, {"text": "a mat"}])
-    report = data.SkipReport(str(path))
-    records = list(data.read_jsonl(path, kind="pretrain", report=report))
-    assert [line for line, _ in records] == [1, 4, 5]
+    report = records.SkipReport(str(path))
+    read = list(records.read_jsonl(path, kind="pretrain", report=report))
+    assert [line for line, _ in read] == [1, 4, 5]
     assert report.skipped == {"no 'text' key": 1, "'text' is not a string": 1}
     for arch in ERAS.values():
-        dataset = data.load_dataset(path, small_tokenizer, data.ExampleConfig("pretrain", arch, 16),
+        dataset = examples.load_dataset(path, small_tokenizer, examples.ExampleConfig("pretrain", arch, 16),
                                     cache_dir=tmp_path / arch, num_workers=0, progress=False)
         # 2510 learns nothing from an empty text; v3 still learns its EOS after the BOS.
         expected_lines = [1, 5] if arch == "minimind2" else [1, 4, 5]
@@ -290,9 +290,9 @@ def test_bad_pretrain_records(tmp_path, small_tokenizer):
 
 def test_read_jsonl_tells_kinds_apart(tmp_path):
     path = write_jsonl(tmp_path / "mixed.jsonl", [GOOD, {"text": "t"}, {"other": 1}])
-    report = data.SkipReport(str(path))
-    records = list(data.read_jsonl(path, kind=None, report=report))
-    assert [data.record_kind(record) for _, record in records] == ["sft", "pretrain"]
+    report = records.SkipReport(str(path))
+    read = list(records.read_jsonl(path, kind=None, report=report))
+    assert [records.record_kind(record) for _, record in read] == ["sft", "pretrain"]
     assert report.skipped == {"neither 'conversations' (or 'messages') nor 'text' key": 1}
 
 
@@ -301,23 +301,23 @@ def test_messages_records_are_the_same_as_conversations(tmp_path, small_tokenize
     """The common Hugging Face form keeps the chat under `messages`; it makes the same examples."""
     chats = random_chats(40, seed=6)
     as_messages = [{"messages": chat["conversations"]} for chat in chats]
-    config = data.ExampleConfig("sft", arch, 128)
-    datasets = [data.load_dataset(write_jsonl(tmp_path / f"{name}.jsonl", records), small_tokenizer, config,
+    config = examples.ExampleConfig("sft", arch, 128)
+    datasets = [examples.load_dataset(write_jsonl(tmp_path / f"{name}.jsonl", records), small_tokenizer, config,
                                   cache_dir=tmp_path / name, num_workers=0, progress=False)
                 for name, records in (("conversations", chats), ("messages", as_messages))]
     assert len(datasets[1]) == len(datasets[0]) > 30  # a few are too long to learn from
     for name in ("lengths", "line_numbers", "num_learned", "_tokens", "_learned"):
         np.testing.assert_array_equal(getattr(datasets[1], name), getattr(datasets[0], name))
-    report = data.SkipReport("x")
+    report = records.SkipReport("x")
     path = write_jsonl(tmp_path / "bad.jsonl", [{"messages": []}, as_messages[0]])
-    assert [data.record_kind(record) for _, record in data.read_jsonl(path, kind=None, report=report)] == ["sft"]
+    assert [records.record_kind(record) for _, record in records.read_jsonl(path, kind=None, report=report)] == ["sft"]
     assert report.skipped == {"'messages' is not a non-empty list": 1}
 
 
 def test_no_usable_record_is_an_error(tmp_path, small_tokenizer):
     path = write_jsonl(tmp_path / "empty.jsonl", ["{oops"])
     with pytest.raises(UserError, match="no usable sft records"):
-        data.load_dataset(path, small_tokenizer, data.ExampleConfig("sft", "minimind2", 32),
+        examples.load_dataset(path, small_tokenizer, examples.ExampleConfig("sft", "minimind2", 32),
                           cache_dir=tmp_path / "cache", num_workers=0, progress=False)
 
 
@@ -327,31 +327,31 @@ def test_no_usable_record_is_an_error(tmp_path, small_tokenizer):
 
 def test_second_load_reads_the_cache_without_tokenizing(tmp_path, small_tokenizer, monkeypatch):
     path = write_jsonl(tmp_path / "chats.jsonl", random_chats(30))
-    config = data.ExampleConfig("sft", "minimind3", 48)
+    config = examples.ExampleConfig("sft", "minimind3", 48)
     calls = []
-    encode = data.RecordEncoder.encode
-    monkeypatch.setattr(data.RecordEncoder, "encode", lambda self, *a: calls.append(1) or encode(self, *a))
-    first = data.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "cache", num_workers=0, progress=False)
+    encode = examples.RecordEncoder.encode
+    monkeypatch.setattr(examples.RecordEncoder, "encode", lambda self, *a: calls.append(1) or encode(self, *a))
+    first = examples.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "cache", num_workers=0, progress=False)
     assert not first.from_cache and len(calls) == 30
-    second = data.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "cache", num_workers=0, progress=False)
+    second = examples.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "cache", num_workers=0, progress=False)
     assert second.from_cache and len(calls) == 30 and second.directory == first.directory
     assert isinstance(second._tokens, np.memmap) and isinstance(second._learned, np.memmap)
     for index in range(len(first)):
         for key, value in first.example(index).items():
             np.testing.assert_array_equal(second.example(index)[key], value)
     # Another length, or a changed file, is another cache.
-    other = data.load_dataset(path, small_tokenizer, data.ExampleConfig("sft", "minimind3", 40),
+    other = examples.load_dataset(path, small_tokenizer, examples.ExampleConfig("sft", "minimind3", 40),
                               cache_dir=tmp_path / "cache", num_workers=0, progress=False)
     assert not other.from_cache and other.directory != first.directory
     os.utime(path, ns=(0, 0))
-    touched = data.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "cache", num_workers=0,
+    touched = examples.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "cache", num_workers=0,
                                 progress=False)
     assert not touched.from_cache and len(calls) == 30 + 30 + 30
     # So is another tokenizer.
     other_tokenizer = train_sentencepiece([write_jsonl(tmp_path / "corpus.jsonl", random_chats(50))], tmp_path / "t2",
                                           vocab_size=280)
-    assert data.cache_key(path, load_tokenizer(other_tokenizer), config) != \
-        data.cache_key(path, load_tokenizer(small_tokenizer), config)
+    assert examples.cache_key(path, load_tokenizer(other_tokenizer), config) != \
+        examples.cache_key(path, load_tokenizer(small_tokenizer), config)
 
 
 def test_parallel_build_equals_single_process(tmp_path, small_tokenizer):
@@ -359,11 +359,11 @@ def test_parallel_build_equals_single_process(tmp_path, small_tokenizer):
     lines[5] = "{broken"
     lines[50] = {"conversations": [{"role": "user", "content": "no answer"}]}
     path = write_jsonl(tmp_path / "many.jsonl", lines)
-    config = data.ExampleConfig("sft", "minimind3", 256, system_prompt_ratio=0.5, drop_empty_think_ratio=0.5, seed=1)
-    inline = data.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "a", num_workers=0, progress=False)
-    data.build_cache(path.resolve(), load_tokenizer(small_tokenizer), config, tmp_path / "b" / "x", num_workers=2,
+    config = examples.ExampleConfig("sft", "minimind3", 256, system_prompt_ratio=0.5, drop_empty_think_ratio=0.5, seed=1)
+    inline = examples.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "a", num_workers=0, progress=False)
+    examples.build_cache(path.resolve(), load_tokenizer(small_tokenizer), config, tmp_path / "b" / "x", num_workers=2,
                      strict=False, progress=False, lines_per_chunk=16)
-    parallel = data.TokenizedDataset(tmp_path / "b" / "x")
+    parallel = examples.TokenizedDataset(tmp_path / "b" / "x")
     assert len(parallel) == 198
     for name in ("lengths", "line_numbers", "num_learned", "_tokens", "_learned"):
         np.testing.assert_array_equal(getattr(parallel, name), getattr(inline, name))
@@ -372,7 +372,7 @@ def test_parallel_build_equals_single_process(tmp_path, small_tokenizer):
 
 def test_compact_form_keeps_learned_padding_and_drops_the_rest(small_tokenizer):
     tokenizer = load_tokenizer(small_tokenizer)
-    encoder = data.RecordEncoder(tokenizer, data.ExampleConfig("sft", "minimind2", 64))
+    encoder = examples.RecordEncoder(tokenizer, examples.ExampleConfig("sft", "minimind2", 64))
     prompt = encoder.prompt(GOOD, 1)
     tokens, learned = encoder.encode(GOOD, 1)
     ids = tokenizer.encode(prompt)
@@ -405,7 +405,7 @@ def scanned_mask(ids, bos, eos, learn_from, learn_to):
 @hypothesis.given(st.lists(st.integers(0, 3), max_size=40), st.lists(st.integers(0, 3), min_size=1, max_size=3),
                   st.lists(st.integers(0, 3), min_size=1, max_size=2))
 def test_mask_rules_equal_a_position_by_position_scan(ids, bos, eos):
-    assert data.minimind2_sft_mask(ids, bos, eos) == scanned_mask(ids, bos, eos, 1, 1)
-    labels = data.minimind3_sft_labels(ids, bos, eos)
-    assert [int(label != data.IGNORE_INDEX) for label in labels] == scanned_mask(ids, bos, eos, 0, 0)
-    assert all(label in (data.IGNORE_INDEX, token) for label, token in zip(labels, ids))
+    assert examples.minimind2_sft_mask(ids, bos, eos) == scanned_mask(ids, bos, eos, 1, 1)
+    labels = examples.minimind3_sft_labels(ids, bos, eos)
+    assert [int(label != examples.IGNORE_INDEX) for label in labels] == scanned_mask(ids, bos, eos, 0, 0)
+    assert all(label in (examples.IGNORE_INDEX, token) for label, token in zip(labels, ids))

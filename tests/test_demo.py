@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from minimind_jax.demo import DEFAULT_CONFIG, STAGES, load_settings
+from minimind_jax.cli.demo import DEFAULT_CONFIG, STAGES, load_settings
 from minimind_jax.errors import UserError
 from tests.conftest import REPO_ROOT
 
@@ -71,8 +71,8 @@ def test_training_lowers_the_heldout_losses(quick_demo):
 @pytest.mark.slow
 @pytest.mark.parametrize("weight", ["pretrain", "full_sft"])
 def test_exported_pth_loads_strictly_into_the_torch_reference_with_our_logits(quick_demo, weight):
-    from minimind_jax.tokenizer import load_tokenizer
-    from minimind_jax.torch_reference import MiniMindTorch
+    from minimind_jax.data.tokenizer import load_tokenizer
+    from minimind_jax.bench.torch_reference import MiniMindTorch
     from minimind_jax.weights import load
 
     out_dir, _, summary = quick_demo

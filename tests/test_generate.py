@@ -7,10 +7,10 @@ import torch
 from flax import nnx
 
 from minimind_jax import weights
-from minimind_jax.config import ModelConfig
+from minimind_jax.model.config import ModelConfig
 from minimind_jax.errors import UserError
-from minimind_jax.generation import Decoder, bucket_length, filter_top_k_top_p, generate, stream
-from minimind_jax.model import MiniMind
+from minimind_jax.inference.generation import Decoder, bucket_length, filter_top_k_top_p, generate, stream
+from minimind_jax.model.transformer import MiniMind
 from tests.conftest import require_shared
 
 VOCAB = 256

@@ -26,21 +26,23 @@ import torch
 from flax import nnx
 
 import minimind_jax
-from minimind_jax import data
-from minimind_jax.checkpoint import TrainCheckpoints, save_model_checkpoint
-from minimind_jax.config import ModelConfig
+from minimind_jax.data import examples, records
+from minimind_jax.weights.orbax import TrainCheckpoints
+from minimind_jax.weights.orbax import save_model_checkpoint
+from minimind_jax.model.config import ModelConfig
 from minimind_jax.errors import UserError, first_line
-from minimind_jax.model import MiniMind
-from minimind_jax.tokenizer import load_tokenizer
-from minimind_jax.trainer import TrainConfig, load_run_data, train
+from minimind_jax.model.transformer import MiniMind
+from minimind_jax.data.tokenizer import load_tokenizer
+from minimind_jax.training.config import TrainConfig
+from minimind_jax.training.loop import load_run_data, train
 from tests.conftest import REPO_ROOT, require_shared
 from tests.test_data import GOOD, random_chats, small_tokenizer, write_jsonl  # noqa: F401 (fixture)
 
-SFT_32 = data.ExampleConfig("sft", "minimind2", 32)
+SFT_32 = examples.ExampleConfig("sft", "minimind2", 32)
 
 
 def load(path, tokenizer, config=SFT_32, **kwargs):
-    return data.load_dataset(path, tokenizer, config, cache_dir=pathlib.Path(path).parent / "cache", num_workers=0,
+    return examples.load_dataset(path, tokenizer, config, cache_dir=pathlib.Path(path).parent / "cache", num_workers=0,
                              progress=False, **kwargs)
 
 
@@ -59,12 +61,12 @@ def hostile_lines() -> list[tuple[str, bytes]]:
         ("not UTF-8", bytes(rng.choice([b for b in range(256) if b != 0x0A]) for _ in range(300))),
         ("malformed JSON", b"\0" * 64),  # NUL bytes where a record was (a crash before a flush)
         ("JSON nested too deeply", b"[" * 100_000 + b"]" * 100_000),
-        ("line over 10 MB", b'{"conversations": "' + b"x" * data.MAX_LINE_BYTES + b'"}'),
+        ("line over 10 MB", b'{"conversations": "' + b"x" * records.MAX_LINE_BYTES + b'"}'),
         ("text is not valid Unicode (lone surrogate)", lone_surrogate),  # valid JSON, but no tokenizer takes it
     ]
 
 
-@pytest.mark.parametrize("kind", data.KINDS)
+@pytest.mark.parametrize("kind", records.KINDS)
 def test_damaged_lines_are_skipped_counted_and_the_good_ones_kept(tmp_path, small_tokenizer, kind):
     good = json.dumps(GOOD if kind == "sft" else {"text": "the cat sat on the mat"}).encode()
     lines = hostile_lines()
@@ -75,14 +77,14 @@ def test_damaged_lines_are_skipped_counted_and_the_good_ones_kept(tmp_path, smal
         for _, line in lines:
             f.write(good + b"\n" + line + b"\n")
         f.write(good[:-7])  # the last line truncated, without its newline
-    dataset = load(path, small_tokenizer, data.ExampleConfig(kind, "minimind2", 32))
+    dataset = load(path, small_tokenizer, examples.ExampleConfig(kind, "minimind2", 32))
     assert dataset.line_numbers.tolist() == list(range(1, 2 * len(lines), 2))
     expected = {}
     for reason in [reason for reason, _ in lines] + ["malformed JSON"]:
         expected[reason] = expected.get(reason, 0) + 1
     assert dataset.report.skipped == expected
     with pytest.raises(UserError, match=r"hostile.jsonl:2: malformed JSON$"):
-        load(path, small_tokenizer, data.ExampleConfig(kind, "minimind2", 32), strict=True)
+        load(path, small_tokenizer, examples.ExampleConfig(kind, "minimind2", 32), strict=True)
 
 
 @pytest.mark.parametrize("content", [os.urandom(4096).replace(b"\n", b" "), b"", b"\n\n  \n", b"\x1f\x8b\x08\x00"])
@@ -107,11 +109,11 @@ def test_a_directory_or_missing_file_as_data_is_one_error(tmp_path, small_tokeni
                                  st.builds(lambda c: json.dumps({"conversations": c}).encode(),
                                            st.lists(st.dictionaries(st.sampled_from(["role", "content", "x"]),
                                                                     st.one_of(st.text(), st.integers(), st.none()))))),
-                  kind=st.sampled_from(data.KINDS))
+                  kind=st.sampled_from(records.KINDS))
 def test_fuzzed_lines_parse_or_are_bad_records(line, kind):
     try:
-        record = data.parse_record(line, kind)
-    except data.BadRecord:
+        record = records.parse_record(line, kind)
+    except records.BadRecord:
         return
     assert isinstance(record, dict)
 
@@ -121,11 +123,11 @@ def test_fuzzed_lines_parse_or_are_bad_records(line, kind):
 def test_fuzzed_files_read_into_records_or_counted_skips(tmp_path_factory, content):
     path = tmp_path_factory.mktemp("fuzz") / "fuzz.jsonl"
     path.write_bytes(content)
-    report = data.SkipReport(str(path))
-    records = list(data.read_jsonl(path, kind=None, report=report))
+    report = records.SkipReport(str(path))
+    read = list(records.read_jsonl(path, kind=None, report=report))
     nonblank = sum(1 for line in content.split(b"\n") if line.strip())
-    assert len(records) + report.num_skipped == nonblank
-    assert all(isinstance(record, dict) for _, record in records)
+    assert len(read) + report.num_skipped == nonblank
+    assert all(isinstance(record, dict) for _, record in read)
 
 
 messages = st.lists(st.fixed_dictionaries(
@@ -140,12 +142,12 @@ messages = st.lists(st.fixed_dictionaries(
 def test_fuzzed_chats_render_encode_or_are_skipped(small_tokenizer, conversations, arch):
     """Whatever a well-formed record holds, turning it into an example gives an example, a counted skip or a
     counted drop, for both eras' rules."""
-    encoder = data.RecordEncoder(load_tokenizer(small_tokenizer), data.ExampleConfig("sft", arch, 64))
+    encoder = examples.RecordEncoder(load_tokenizer(small_tokenizer), examples.ExampleConfig("sft", arch, 64))
     record = {"conversations": conversations}
     try:
-        data.check_record(record, "sft")
+        records.check_record(record, "sft")
         tokens, learned = encoder.encode(record, line_no=1)
-    except (data.BadRecord, data.DroppedRecord):
+    except (records.BadRecord, records.DroppedRecord):
         return
     assert len(tokens) == len(learned) <= 64 and learned.any()
 
@@ -173,33 +175,33 @@ def test_fuzzed_chats_through_minimind_templates(minimind_tokenizers, conversati
 
 def short_chats_learn(tokenizer, arch: str, max_seq_len: int) -> list[bool]:
     """Whether each of the shortest chats (a reply, with or without an empty system turn) keeps a token to learn."""
-    encoder = data.RecordEncoder(tokenizer, data.ExampleConfig("sft", arch, max_seq_len))
+    encoder = examples.RecordEncoder(tokenizer, examples.ExampleConfig("sft", arch, max_seq_len))
     reply = {"role": "assistant", "content": "hi"}
     learns = []
     for turns in ([reply], [{"role": "system", "content": ""}, reply]):
         try:
             learns.append(bool(encoder.encode({"conversations": turns}, 1)[1].any()))
-        except data.DroppedRecord:
+        except records.DroppedRecord:
             learns.append(False)
     return learns
 
 
 def test_max_seq_len_that_leaves_no_room_for_a_reply_is_refused_before_tokenizing(tmp_path, small_tokenizer):
     tokenizer = load_tokenizer(small_tokenizer)
-    shortest = data.shortest_sft_prompt(tokenizer, "minimind2")
+    shortest = examples.shortest_sft_prompt(tokenizer, "minimind2")
     # The bound is exact: at it the shortest chats learn nothing, one position more and one of them does.
     assert not any(short_chats_learn(tokenizer, "minimind2", shortest))
     assert any(short_chats_learn(tokenizer, "minimind2", shortest + 1))
     path = write_jsonl(tmp_path / "chats.jsonl", random_chats(5))
     with pytest.raises(UserError, match=f"^--max_seq_len {shortest} leaves no room for a reply"):
-        load(path, tokenizer, data.ExampleConfig("sft", "minimind2", shortest))
+        load(path, tokenizer, examples.ExampleConfig("sft", "minimind2", shortest))
     assert not (tmp_path / "cache").exists()  # refused before anything was tokenized
 
 
 @pytest.mark.parametrize("era,arch", [("2510", "minimind2"), ("v3", "minimind3")])
 def test_shortest_prompt_of_minimind_templates(minimind_tokenizers, era, arch):
     tokenizer = minimind_tokenizers[era]
-    shortest = data.shortest_sft_prompt(tokenizer, arch)
+    shortest = examples.shortest_sft_prompt(tokenizer, arch)
     assert not any(short_chats_learn(tokenizer, arch, shortest))
     assert any(short_chats_learn(tokenizer, arch, shortest + 1))
 

@@ -5,8 +5,8 @@ import re
 import pytest
 
 import main
-from minimind_jax import inspect_cli
-from minimind_jax.tokenizer import load_tokenizer
+from minimind_jax.cli import inspect as inspect_cli
+from minimind_jax.data.tokenizer import load_tokenizer
 from tests.conftest import require_shared
 from tests.test_data import GOOD, golden_records, small_tokenizer, write_jsonl  # noqa: F401 (fixture)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import minimind_jax
-from minimind_jax.model import KVCache
+from minimind_jax.model.transformer import KVCache
 from tests.conftest import require_shared
 
 CASES = [(era, variant) for era in ("2510", "v3") for variant in ("dense", "moe")]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from minimind_jax import model as model_lib
-from minimind_jax.config import ModelConfig
+from minimind_jax.model import transformer as model_lib
+from minimind_jax.model.config import ModelConfig
 
 
 def every_expert_swiglu(x_ND, expert_index_NK, gate_EDF, up_EDF, down_EFD, batch_axes=(), *, tile_size):

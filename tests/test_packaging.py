@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from minimind_jax.model import MiniMind
+from minimind_jax.model.transformer import MiniMind
 from minimind_jax.weights import save_pth
 from minimind_jax.weights.pth import read_state_dict
 from tests.conftest import REPO_ROOT
@@ -77,14 +77,14 @@ def test_the_wheel_holds_only_the_minimind_jax_package(wheel):
     assert top_level == {"minimind_jax", wheel.name.split("-py3")[0] + ".dist-info"}
     presets = {name for name in names if name.startswith("minimind_jax/configs/")}
     assert {f"minimind_jax/configs/{p}.yaml" for p in ("minimind2-small", "minimind3-moe", "demo")} <= presets
-    assert {"minimind_jax/weights/mapping.py", "minimind_jax/weights/pth.py", "minimind_jax/convert_cli.py"} <= set(names)
+    assert {"minimind_jax/weights/mapping.py", "minimind_jax/weights/pth.py", "minimind_jax/cli/convert.py"} <= set(names)
 
 
 def test_the_installed_command_converts_from_outside_the_repository(installed, outside, tmp_path):
     bin_dir, starts_log = installed
     run = lambda *argv: subprocess.run([str(a) for a in argv], cwd=outside, capture_output=True, text=True)
 
-    where = run(bin_dir / "python", "-c", "import importlib.util, minimind_jax.weights, minimind_jax.config as c; "
+    where = run(bin_dir / "python", "-c", "import importlib.util, minimind_jax.weights, minimind_jax.model.config as c; "
                 "print(minimind_jax.__file__); print(importlib.util.find_spec('convert')); "
                 "print(c.load_preset('minimind3-moe').num_experts_per_tok)")
     assert where.returncode == 0, where.stderr

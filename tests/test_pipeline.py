@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from minimind_jax import data, pipeline
+from minimind_jax.data import examples
+from minimind_jax.data import pipeline
 from minimind_jax.errors import UserError
 from tests.test_data import random_chats, small_tokenizer, write_jsonl  # noqa: F401 (fixture)
 
@@ -22,8 +23,8 @@ def dataset(request, tmp_path_factory, small_tokenizer):  # noqa: F811
     directory = tmp_path_factory.mktemp("chats")
     chats = random_chats(60, seed=7, max_turns=3, max_words=8)
     path = write_jsonl(directory / "chats.jsonl", chats)
-    config = data.ExampleConfig("sft", request.param, MAX_LEN, system_prompt_ratio=0, drop_empty_think_ratio=0)
-    return data.load_dataset(path, small_tokenizer, config, cache_dir=directory / "cache", num_workers=0,
+    config = examples.ExampleConfig("sft", request.param, MAX_LEN, system_prompt_ratio=0, drop_empty_think_ratio=0)
+    return examples.load_dataset(path, small_tokenizer, config, cache_dir=directory / "cache", num_workers=0,
                              progress=False)
 
 
@@ -209,7 +210,7 @@ def test_sharded_global_batches(dataset, packing):
 
 def test_benchmark_reports_measured_figures(tmp_path, small_tokenizer):  # noqa: F811
     path = write_jsonl(tmp_path / "chats.jsonl", random_chats(40, seed=9))
-    config = data.ExampleConfig("sft", "minimind2", MAX_LEN)
+    config = examples.ExampleConfig("sft", "minimind2", MAX_LEN)
     figures = pipeline.benchmark(str(path), str(small_tokenizer), config, num_workers=0, batch_size=4,
                                  cache_dir=str(tmp_path))
     assert figures["records"] == 40 and figures["examples"] <= 40

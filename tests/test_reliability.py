@@ -19,12 +19,13 @@ import pytest
 
 import minimind_jax
 import minimind_jax.weights
-from minimind_jax import pipeline
-from minimind_jax.checkpoint import TrainCheckpoints
-from minimind_jax.config import ModelConfig
+from minimind_jax.data import pipeline
+from minimind_jax.weights.orbax import TrainCheckpoints
+from minimind_jax.model.config import ModelConfig
 from minimind_jax.errors import UserError
-from minimind_jax.model import MiniMind
-from minimind_jax.trainer import TrainConfig, train
+from minimind_jax.model.transformer import MiniMind
+from minimind_jax.training.config import TrainConfig
+from minimind_jax.training.loop import train
 from tests.test_data import random_chats, small_tokenizer, write_jsonl  # noqa: F401 (fixture)
 
 RUN_NAME = "full_sft_32"
@@ -207,10 +208,10 @@ def test_full_disk_while_exporting_a_pth_keeps_the_previous_file(tmp_path):
 
 
 def test_resuming_drops_the_metrics_a_killed_run_logged_after_its_checkpoint(tmp_path):
-    from minimind_jax.trainer import _drop_metrics_after
+    from minimind_jax.training.metrics import drop_metrics_after
 
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"update": u, "loss": float("nan") if u == 2 else 1.0 / u}) for u in range(1, 6)]
     path.write_text("\n".join(lines) + '\n{"update": 6, "lo')  # died in the middle of a line
-    _drop_metrics_after(path, 3)
+    drop_metrics_after(path, 3)
     assert path.read_text() == "\n".join(lines[:3]) + "\n"

@@ -5,12 +5,13 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from minimind_jax.cli import main
-from minimind_jax.config import PRESETS, load_preset
+from minimind_jax.cli.main import main
+from minimind_jax.model.config import PRESETS, load_preset
 from minimind_jax.errors import UserError
-from minimind_jax.model import MiniMind
-from minimind_jax.sharding import batch_sharding, make_mesh, tree_shardings
-from minimind_jax.train import init_train_state, make_optimizer, make_train_step
+from minimind_jax.model.transformer import MiniMind
+from minimind_jax.training.sharding import batch_sharding, make_mesh, tree_shardings
+from minimind_jax.training.step import init_train_state, make_train_step
+from minimind_jax.training.optimizer import make_optimizer
 
 RNG = jax.random.key_data(jax.random.key(0))
 

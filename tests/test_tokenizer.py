@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import main
-from minimind_jax import tokenizer as tokenizer_lib
+from minimind_jax.data import tokenizer as tokenizer_lib
 from minimind_jax.errors import UserError
-from minimind_jax.tokenizer import SPECIAL_TOKENS, assistant_markers, load_tokenizer, train_sentencepiece
+from minimind_jax.data.tokenizer import SPECIAL_TOKENS, assistant_markers, load_tokenizer, train_sentencepiece
 from tests.conftest import require_shared
 
 ERAS = ("2510", "v3")
@@ -520,7 +520,7 @@ def test_sentencepiece_training_reports_skipped_lines(corpus, tmp_path, caplog):
 
 
 def test_sentencepiece_training_skips_a_line_over_the_data_pipelines_cap(tmp_path):
-    from minimind_jax.data import MAX_LINE_BYTES
+    from minimind_jax.data.records import MAX_LINE_BYTES
 
     path = tmp_path / "long.jsonl"
     path.write_text(json.dumps({"text": "x" * MAX_LINE_BYTES}) + "\n" + json.dumps({"text": "short"}) + "\n")

@@ -7,10 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minimind_jax.config import PRESETS, ModelConfig, load_preset
-from minimind_jax.torch_reference import (
-    MiniMindTorch, batch_from_2510, batch_from_v3, greedy_decode, make_optimizer, minimind_lr,
-    reference_train_loop, rope_inv_freq, sft_step)
+from minimind_jax.model.config import PRESETS, ModelConfig, load_preset
+from minimind_jax.bench.torch_reference import MiniMindTorch, batch_from_2510, batch_from_v3, greedy_decode, make_optimizer, minimind_lr, reference_train_loop, rope_inv_freq, sft_step
 from tests.conftest import require_shared
 from tests.parity import assert_near_truth, float64_twin, state_of
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import minimind_jax
-from minimind_jax.config import ModelConfig
-from minimind_jax.sharding import batch_sharding, make_mesh
-from minimind_jax.torch_reference import (MiniMindTorch, batch_from_v3, make_optimizer as torch_adamw,
-                                          reference_train_loop, sft_step)
-from minimind_jax.train import init_train_state, make_optimizer, make_train_step, minimind_lr
+from minimind_jax.model.config import ModelConfig
+from minimind_jax.training.sharding import batch_sharding, make_mesh
+from minimind_jax.bench.torch_reference import MiniMindTorch, batch_from_v3, make_optimizer as torch_adamw, reference_train_loop, sft_step
+from minimind_jax.training.step import init_train_state, make_train_step
+from minimind_jax.training.optimizer import make_optimizer, minimind_lr
 from minimind_jax.weights import model_from_params
 from minimind_jax.weights.mapping import params_from_state_dict, state_dict_from_params
 from tests.conftest import require_shared

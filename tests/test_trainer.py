@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from minimind_jax.data import ExampleConfig, load_dataset
-from minimind_jax.pipeline import make_batches
-from minimind_jax.torch_reference import reference_train_loop
-from minimind_jax.trainer import (LossPanel, TrainConfig, plot_loss_curves, resolve_weight, train,
-                                  use_compilation_cache)
+from minimind_jax.data.examples import ExampleConfig, load_dataset
+from minimind_jax.data.pipeline import make_batches
+from minimind_jax.bench.torch_reference import reference_train_loop
+from minimind_jax.training.metrics import LossPanel, plot_loss_curves
+from minimind_jax.training.config import TrainConfig
+from minimind_jax.training.loop import resolve_weight, train
+from minimind_jax.runtime import use_compilation_cache
 from tests.parity import assert_near_truth, assert_scalar_near_truth, float64_twin
 from tests.test_convert import random_torch_model
 from tests.test_train import tiny_config, torch_batch

@@ -9,9 +9,9 @@ import pathlib
 import jax
 import numpy as np
 
-from minimind_jax.checkpoint import restore_params
-from minimind_jax.model import MiniMind
-from minimind_jax.param_tree import abstract_model, model_from_params, params_of
+from minimind_jax.weights.orbax import restore_params
+from minimind_jax.model.transformer import MiniMind
+from minimind_jax.model.params import abstract_model, model_from_params, params_of
 from minimind_jax.weights.mapping import infer_config, params_from_state_dict, state_dict_from_params
 from minimind_jax.weights.pth import read_state_dict, write_state_dict
 

@@ -11,7 +11,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from minimind_jax.config import ModelConfig
+from minimind_jax.model.config import ModelConfig
 from minimind_jax.errors import UserError
 
 EMBED, LM_HEAD, FINAL_NORM = "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"

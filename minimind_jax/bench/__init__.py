@@ -1,0 +1,1 @@
+"""Benchmarks against PyTorch MiniMind: our step and the PyTorch side in its own process."""

@@ -1,0 +1,1 @@
+"""The command line: `main.py COMMAND` / `minimind-jax COMMAND`, one module per command."""

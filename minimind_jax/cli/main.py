@@ -1,0 +1,50 @@
+"""minimind-jax command line: one subcommand per job.
+
+The `minimind-jax` command (pyproject's [project.scripts]) and, in a repository checkout, `python main.py`.
+Each subcommand lives in the module named below, which defines `add_arguments(parser, command)` and `run(args)`.
+Modules are imported only when their subcommand is chosen, so `minimind-jax convert --help` does not start JAX.
+"""
+import argparse
+import importlib
+import sys
+
+from minimind_jax.errors import UserError
+from minimind_jax.runtime import keep_freed_memory
+
+SUBCOMMANDS = {
+    "sft": ("minimind_jax.cli.train", "full-parameter SFT with the loss mask (MiniMind's train_full_sft.py flags)"),
+    "pretrain": ("minimind_jax.cli.train", "pretraining (MiniMind's train_pretrain.py flags)"),
+    "convert": ("minimind_jax.cli.convert", "convert MiniMind .pth <-> minimind-jax checkpoint"),
+    "inspect": ("minimind_jax.cli.inspect", "show which tokens of a jsonl record are learned"),
+    "tokenizer": ("minimind_jax.cli.tokenizer", "train a SentencePiece tokenizer for MiniMind"),
+    "chat": ("minimind_jax.cli.chat", "chat with a model (REPL or --prompt)"),
+    "eval": ("minimind_jax.cli.eval", "masked loss and perplexity on a jsonl"),
+    "bench": ("minimind_jax.bench.train_step", "side-by-side SFT step benchmark against PyTorch"),
+    "demo": ("minimind_jax.cli.demo", "end-to-end: corpus, tokenizer, pretrain, SFT, export, chat"),
+}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub = commands.add_parser(name, help=help_text)
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub, name)
+            sub.set_defaults(_run=module.run)
+    args = parser.parse_args(argv)
+    try:
+        return args._run(args) or 0
+    except UserError as error:
+        # Bad input is reported in one line that names the file, line or key; no traceback.
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def console_main() -> int:
+    """The process entry point: restart once with malloc settings for XLA:CPU, then run the command line."""
+    keep_freed_memory()
+    return main()

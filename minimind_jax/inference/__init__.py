@@ -1,0 +1,1 @@
+"""Using a trained model: jitted generation with a KV cache."""

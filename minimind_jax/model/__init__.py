@@ -1,0 +1,1 @@
+"""The MiniMind transformer: its config, the Flax NNX modules and the parameter tree."""
