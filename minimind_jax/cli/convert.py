@@ -26,16 +26,16 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "convert") -> 
 
 
 def run(args) -> int:
-    import minimind_jax  # JAX and Orbax load here, not for --help
+    from minimind_jax.weights import load, save_pth  # JAX and Orbax load here, not for --help
     from minimind_jax.weights.orbax import save_model_checkpoint
 
     overrides = {k: v for k in ("arch", "num_attention_heads", "num_experts_per_tok")
                  if (v := getattr(args, k)) is not None}
     source, target = pathlib.Path(args.input), pathlib.Path(args.output)
-    model = minimind_jax.load(source, **overrides)
+    model = load(source, **overrides)
     cfg = model.config
     if target.suffix == ".pth":
-        minimind_jax.save_pth(model, target, dtype=args.dtype)
+        save_pth(model, target, dtype=args.dtype)
     else:
         save_model_checkpoint(model, target)
     print(f"{source} -> {target}: {cfg.arch}, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
