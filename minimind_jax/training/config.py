@@ -1,5 +1,6 @@
 """The run's settings: every flag of MiniMind's train_full_sft.py / train_pretrain.py has a field of the
-same name and meaning here, checked in one place."""
+same name and meaning here, checked in one place. A field declared with `flag` is a command-line flag too, its
+help text next to it (cli/train.py builds the parser from the fields)."""
 from __future__ import annotations
 
 import dataclasses
@@ -32,57 +33,83 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def flag(default, help_text: str, *, minimind: bool = False, switch: bool = False):
+    """A TrainConfig field that is also the flag --{name} (cli/train.py builds the parser from these fields).
+
+    help_text: its --help line. minimind: one of MiniMind's own trainer flags (listed first in --help).
+    switch: given without a value (store_true); otherwise a bool field is given as 0/1, as MiniMind's are.
+    """
+    return dataclasses.field(default=default, metadata={"help": help_text, "minimind": minimind, "switch": switch})
+
+
 @dataclasses.dataclass
 class TrainConfig:
-    mode: str = "sft"  # sft | pretrain
+    mode: str = "sft"  # sft | pretrain: the subcommand, not a flag
     # ---- MiniMind's flags (train_full_sft.py defaults; pretrain's differ, see defaults_for) ----
-    save_dir: str = "out"
-    save_weight: str = "full_sft"
-    epochs: int = 2
-    batch_size: int = 16
-    learning_rate: float = 5e-7
-    dtype: str | None = None  # None: float32 on CPU, bfloat16 on GPU/TPU
-    accumulation_steps: int = 1
-    grad_clip: float = 1.0
-    log_interval: int = 100
-    save_interval: int = 100
-    hidden_size: int = 512
-    num_hidden_layers: int = 8
-    max_seq_len: int = 512
-    use_moe: int = 0
-    data_path: str = "dataset/sft_mini_512.jsonl"
-    from_weight: str = "pretrain"
-    from_resume: int = 0
-    use_wandb: bool = False  # log to Weights & Biases (MiniMind: SwanLab with the W&B API)
-    wandb_project: str = "MiniMind-Full-SFT"
-    num_workers: int | None = None  # tokenizing processes (MiniMind: data-loader workers)
+    save_dir: str = flag("out", "where {save_weight}_{hidden}{_moe}.pth and logs go", minimind=True)
+    save_weight: str = flag("full_sft", "weight file prefix (full_sft / pretrain)", minimind=True)
+    epochs: int = flag(2, "training epochs", minimind=True)
+    batch_size: int = flag(16, "global batch size (all devices)", minimind=True)
+    learning_rate: float = flag(5e-7, "peak learning rate of MiniMind's cosine schedule", minimind=True)
+    dtype: str | None = flag(None, "compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)", minimind=True)
+    accumulation_steps: int = flag(1, "micro-batches per optimizer update", minimind=True)
+    grad_clip: float = flag(1.0, "clip the global gradient norm to this", minimind=True)
+    log_interval: int = flag(100, "log every N micro-steps", minimind=True)
+    save_interval: int = flag(100, "checkpoint and write the .pth every N micro-steps", minimind=True)
+    hidden_size: int = flag(512, "hidden size", minimind=True)
+    num_hidden_layers: int = flag(8, "number of layers", minimind=True)
+    max_seq_len: int = flag(512, "truncation length", minimind=True)
+    use_moe: int = flag(0, "1 = MoE model", minimind=True)
+    data_path: str = flag("dataset/sft_mini_512.jsonl", "training jsonl", minimind=True)
+    from_weight: str = flag("pretrain", "'none', a MiniMind weight name ({save_dir}/{name}_{hidden}{_moe}.pth), "
+                                        "a .pth or our checkpoint", minimind=True)
+    from_resume: int = flag(0, "1 = continue from the newest complete checkpoint", minimind=True)
+    # MiniMind: SwanLab with the W&B API
+    use_wandb: bool = flag(False, "log the metrics to Weights & Biases (pip install 'minimind-jax[wandb]')",
+                           minimind=True, switch=True)
+    wandb_project: str = flag("MiniMind-Full-SFT", "W&B project for --use_wandb "
+                                                   "(default: MiniMind-Full-SFT / MiniMind-Pretrain)", minimind=True)
+    num_workers: int | None = flag(None, "tokenizing processes (default: one per CPU; 0: in this process)",
+                                   minimind=True)  # MiniMind: data-loader workers
     # ---- ours ----
-    arch: str = "minimind2"
-    tokenizer_path: str = "model"
-    packing: bool = False
-    mesh: str | None = None
-    seed: int = 42
-    loss_norm: str = "tokens"
-    eval_data_path: str | None = None
-    warmup_steps: int = 0
-    checkpoint_dir: str | None = None  # None: {save_dir}/checkpoints
-    overwrite: int = 0  # 1: a fresh run moves an earlier run's checkpoints and logs aside instead of refusing
-    keep_checkpoints: int = 3
-    max_steps: int | None = None  # stop at this optimizer update, counted from the run's start (a resumed one too)
-    remat: str = "none"
+    arch: str = flag("minimind2", "minimind2: the 2510 era; minimind3: v3")
+    tokenizer_path: str = flag("model", "MiniMind tokenizer directory or SentencePiece .model")
+    mesh: str | None = flag(None, "device mesh, e.g. data=8 or data=2,fsdp=2,tensor=2 (default: all devices on data)")
+    seed: int = flag(42, "seed for init, shuffling and dropout")
+    loss_norm: str = flag("tokens", "tokens (global token-weighted) | minimind (per micro-batch mean / "
+                                    "accumulation_steps)")
+    eval_data_path: str | None = flag(None, "held-out jsonl: masked eval loss at the end")
+    warmup_steps: int = flag(0, "linear warmup micro-steps (MiniMind: 0)")
+    checkpoint_dir: str | None = flag(None, "Orbax checkpoints go to {checkpoint_dir}/{save_weight}_{hidden}{_moe} "
+                                            "(default: {save_dir}/checkpoints)")
+    overwrite: int = flag(0, "1 = start over where an earlier run left checkpoints: move them and its logs to a "
+                             "dated folder (without it, such a run stops: continue with --from_resume 1)")
+    keep_checkpoints: int = flag(3, "how many checkpoints to keep")
+    max_steps: int | None = flag(None, "stop at optimizer update N, counted from the run's start (a resumed run too)")
+    remat: str = flag("none", "recompute activations in the backward pass: all (full) or all but matmul outputs "
+                              "(dots)")
     # The train step: fast_path=True takes the backend's fastest exact settings (config.fast_path_settings),
     # False MiniMind's literal computation (config.LITERAL_STEP); the three after it, when not None, win.
-    fast_path: bool = True
-    scan_layers: bool | None = None
-    attention_impl: str | None = None  # ModelConfig.attention_impl: xla | causal_blocks | dot_product_attention | cudnn
-    loss_chunk_size: int | None = None  # lm_head + CE this many loss positions at a time; 0: the full logits
-    num_attention_heads: int | None = None
-    cache_dir: str | None = None
-    compilation_cache_dir: str | None = None  # None: $JAX_COMPILATION_CACHE_DIR if set, else {cache}/xla; "none": off
-    strict: bool = False
-    system_prompt_ratio: float | None = None
-    drop_empty_think_ratio: float | None = None
-    max_consecutive_skips: int = 10
+    fast_path: bool = flag(True, "1 (default) = the backend's fastest exact step (CPU: causal_blocks attention, loss "
+                                 "chunks of 512, unrolled layers; GPU: cuDNN attention in bf16); 0 = MiniMind's "
+                                 "literal computation (full logits, xla attention, scanned layers). The three flags "
+                                 "below override it")
+    scan_layers: bool | None = flag(None, "1 = the layers in lax.scan; 0 = unrolled: faster on CPU, slower to compile")
+    attention_impl: str | None = flag(None, "xla is MiniMind's explicit softmax; causal_blocks skips keys above the "
+                                            "diagonal; cudnn: GPU, bf16")
+    loss_chunk_size: int | None = flag(None, "lm_head + CE only at loss positions, this many at a time; 0 = the full "
+                                             "logits")
+    num_attention_heads: int | None = flag(None, "heads (2510 weights cannot tell; default 8)")
+    cache_dir: str | None = flag(None, "tokenized-data cache directory")
+    # None: $JAX_COMPILATION_CACHE_DIR if set, else {cache}/xla.
+    compilation_cache_dir: str | None = flag(None, "persistent XLA compilation cache "
+                                                   "(default ~/.cache/minimind_jax/xla; 'none': off)")
+    system_prompt_ratio: float | None = flag(None, "v3: chance of adding a random system prompt (MiniMind: 0.2)")
+    drop_empty_think_ratio: float | None = flag(None, "v3: chance of dropping an empty think block (MiniMind: 0.8)")
+    max_consecutive_skips: int = flag(10, "stop after N consecutive non-finite updates")
+    packing: bool = flag(False, "1 = pack several examples per row")
+    strict: bool = flag(False, "a bad jsonl line is an error, not a skip", switch=True)
+    # ---- not flags (the Python API's; --no_progress sets progress) ----
     shuffle: bool = True
     progress: bool = True
 

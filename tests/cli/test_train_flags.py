@@ -1,0 +1,72 @@
+"""The sft/pretrain flags are TrainConfig's fields: each declared once with its help text, read as the field's type,
+MiniMind's own listed first."""
+import argparse
+import dataclasses
+import re
+
+import pytest
+
+from minimind_jax.cli.main import main
+from minimind_jax.cli.train import add_arguments, config_from_args, train_flags
+from minimind_jax.training.config import TrainConfig
+
+FLAG_FIELDS = [field for field in dataclasses.fields(TrainConfig) if "help" in field.metadata]
+
+
+def listed_flags(capsys, command: str) -> tuple[list[str], str]:
+    """The flags `main.py COMMAND --help` lists, in order, and its help text without whitespace (argparse wraps
+    lines at spaces and hyphens)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    options = text[text.index("options:"):]
+    return re.findall(r"^\s+--(\w+)", options, flags=re.MULTILINE), "".join(options.split())
+
+
+def parsed(*argv: str) -> TrainConfig:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, "sft")
+    return config_from_args(parser.parse_args(list(argv)), "sft")
+
+
+def test_only_the_subcommand_and_python_api_settings_are_not_flags():
+    assert {field.name for field in dataclasses.fields(TrainConfig)} - {field.name for field in FLAG_FIELDS} == {
+        "mode", "shuffle", "progress"}
+
+
+@pytest.mark.parametrize("command", ["sft", "pretrain"])
+def test_every_flag_field_is_listed_in_help_with_its_help_text(capsys, command):
+    listed, help_text = listed_flags(capsys, command)
+    for field in FLAG_FIELDS:
+        assert field.metadata["help"].strip(), field.name
+        assert field.name in listed, field.name
+        assert "".join(field.metadata["help"].split()) in help_text, field.name
+    # Besides the fields: the run config, and --no_progress for TrainConfig.progress.
+    assert set(listed) == {field.name for field in FLAG_FIELDS} | {"config", "no_progress"}
+
+
+def test_help_lists_minimind_flags_before_ours(capsys):
+    listed, _ = listed_flags(capsys, "sft")
+    minimind = [listed.index(field.name) for field in FLAG_FIELDS if field.metadata["minimind"]]
+    ours = [listed.index(field.name) for field in FLAG_FIELDS if not field.metadata["minimind"]]
+    assert {"save_dir", "learning_rate", "from_resume", "use_wandb"} <= {
+        field.name for field in FLAG_FIELDS if field.metadata["minimind"]}
+    assert minimind and ours and max(minimind) < min(ours)
+
+
+def test_flag_values_reach_the_config_as_the_field_types():
+    kinds = {field.name: kind for field, kind in train_flags()}
+    assert (kinds["packing"], kinds["max_steps"], kinds["dtype"]) == (int, int, str)  # a bool is given as 0/1
+    cfg = parsed("--epochs", "3", "--learning_rate", "2e-5", "--save_dir", "runs", "--max_steps", "7",
+                 "--packing", "1", "--fast_path", "0")
+    assert (cfg.epochs, cfg.learning_rate, cfg.save_dir, cfg.max_steps) == (3, 2e-5, "runs", 7)
+    assert type(cfg.epochs) is int and type(cfg.learning_rate) is float and type(cfg.max_steps) is int
+    assert cfg.packing == 1 and cfg.fast_path == 0
+    assert parsed().max_steps is None and parsed().packing == 0  # not given: the dataclass default
+
+
+def test_switches_take_no_value_and_minimind_device_flags_are_ignored():
+    cfg = parsed("--strict", "--use_wandb", "--no_progress", "--device", "cuda:0", "--use_compile", "1")
+    assert cfg.strict is True and cfg.use_wandb is True and cfg.progress is False
+    assert parsed().strict is False and parsed().use_wandb is False and parsed().progress is True
