@@ -163,7 +163,7 @@ def tokenizer_stage(run: DemoRun) -> dict:
 
 
 def _train_stage(run: DemoRun, mode: str) -> dict:
-    from minimind_jax.training.loop import train
+    from minimind_jax.training.run import train
 
     cfg = run.train_config(mode)
     shutil.rmtree(pathlib.Path(cfg.checkpoint_dir) / cfg.run_name, ignore_errors=True)  # a fresh run, not a resume
@@ -225,11 +225,12 @@ def evaluate_stage(run: DemoRun) -> dict:
 
     from minimind_jax.data.pipeline import make_batches
     from minimind_jax.training.evaluation import evaluate, make_loss_sums
-    from minimind_jax.training.loop import build_model, load_run_data
+    from minimind_jax.training.run import build_model, load_run_data, step_settings
     from minimind_jax.weights import load, params_of
 
     pretrain_cfg, sft_cfg = run.train_config("pretrain"), run.train_config("sft")
-    random_init = build_model(pretrain_cfg, "float32")  # the exact initial weights of the pretrain run
+    # the exact initial weights of the pretrain run
+    random_init = build_model(pretrain_cfg, "float32", step_settings(pretrain_cfg, "float32"))
     pretrained, finetuned = load(run.weights("pretrain")), load(run.weights("sft"))
     graphdef, _ = nnx.split(random_init, nnx.Param)
     eval_sums = make_loss_sums(graphdef)  # one compiled program per batch shape, shared by the three models

@@ -11,10 +11,10 @@ from typing import Any
 
 from minimind_jax.model.config import ARCHS, ATTENTION_IMPLS, REMATS, TRAIN_DTYPES, ModelConfig, weight_stem
 from minimind_jax.errors import UserError
-from minimind_jax.training.step import LOSS_NORMS
 
 
 
+LOSS_NORMS = ("tokens", "minimind")  # see training/step.py
 CHOICES = {"mode": ("sft", "pretrain"), "arch": ARCHS, "dtype": TRAIN_DTYPES, "remat": REMATS,
            "attention_impl": ATTENTION_IMPLS, "loss_norm": LOSS_NORMS,
            **dict.fromkeys(("use_moe", "from_resume", "overwrite", "use_wandb", "packing", "fast_path", "scan_layers",

@@ -1,14 +1,20 @@
-"""Where the metrics go: metrics.jsonl, TensorBoard, W&B and the loss-curve plot."""
+"""The run's metrics: one record per update, to metrics.jsonl, TensorBoard, W&B, the progress bar and
+MiniMind's own log line; and the loss-curve plot."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import pathlib
+import time
 
+import jax
 import numpy as np
+import tqdm
 
+from minimind_jax.training.optimizer import minimind_lr
 from minimind_jax.training.wandb_log import WandbRun
 
+THROUGHPUT_WINDOW = 20  # updates per tokens/s window
 
 
 def drop_metrics_after(path: pathlib.Path, update: int) -> None:
@@ -99,3 +105,104 @@ class MetricsWriter:
             self.tensorboard.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+class TooManySkips(Exception):
+    def __init__(self, update: int, limit: int):
+        super().__init__(f"{limit} consecutive non-finite updates (last: update {update})")
+
+
+class MetricLogger:
+    """The hook that turns each update's metrics into a record and writes it everywhere.
+
+    An update's metrics are read one update late, after the next step is dispatched, so the device never
+    waits for the host; `flush()` reads the newest now (before a checkpoint, so that no checkpoint is newer
+    than the logged metrics, and at the end).
+    """
+
+    def __init__(self, cfg, *, steps_per_epoch: int, total_micro_steps: int, last_update: int, start_update: int,
+                 tokens_per_update: int, flops_per_token: float, peak_flops: float, writer: MetricsWriter,
+                 is_main: bool):
+        self.cfg, self.steps_per_epoch, self.total_micro_steps = cfg, steps_per_epoch, total_micro_steps
+        self.last_update, self.start_update, self.is_main = last_update, start_update, is_main
+        self.tokens_per_update, self.flops_per_token, self.peak_flops = tokens_per_update, flops_per_token, peak_flops
+        self.writer = writer
+        self.bar = tqdm.tqdm(total=last_update, initial=start_update, disable=not (cfg.progress and is_main),
+                             unit="step", dynamic_ncols=True)
+        self.history: list[dict] = []
+        self.pending = None  # (update, metrics on the device, its data batches)
+        self.compile_seconds = None
+        self.consecutive_skips = self.total_skips = 0
+        self.train_start = time.perf_counter()
+        self._reset_window()
+
+    def _reset_window(self) -> None:
+        self.window_start, self.window_updates, self.window_loss_tokens = time.perf_counter(), 0, 0.0
+
+    def __call__(self, state) -> None:
+        if self.compile_seconds is None:  # the first update compiled the step
+            jax.block_until_ready(state.metrics)
+            self.compile_seconds = time.perf_counter() - state.dispatched_at
+            self._reset_window()
+        self.flush()
+        self.pending = (state.update, state.metrics, state.data_batches)
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self._finish(*pending)
+
+    def _finish(self, update: int, device_metrics: dict, data_batches: range) -> None:
+        cfg = self.cfg
+        metrics = jax.device_get(device_metrics)
+        micro_step = update * cfg.accumulation_steps  # MiniMind counts micro-steps (1-based within the epoch)
+        epoch, step_in_epoch = divmod(micro_step - 1, self.steps_per_epoch)
+        lr = float(minimind_lr(cfg.arch, micro_step, self.total_micro_steps, cfg.learning_rate, cfg.warmup_steps))
+        if metrics["skipped"]:
+            self.consecutive_skips += 1
+            self.total_skips += 1
+            tqdm.tqdm.write(f"update {update}: non-finite loss or gradient (loss {float(metrics['loss'])}, grad norm "
+                            f"{float(metrics['grad_norm'])}) at data batches {list(data_batches)}; update skipped")
+        else:
+            self.consecutive_skips = 0
+        self.window_updates += 1
+        self.window_loss_tokens += float(metrics["loss_tokens"])
+        elapsed = time.perf_counter() - self.window_start
+        tokens_per_s = self.window_updates * self.tokens_per_update / elapsed if elapsed > 0 else float("nan")
+        record = {"update": update, "micro_step": micro_step, "epoch": epoch + 1, "loss": float(metrics["loss"]),
+                  "logits_loss": float(metrics["logits_loss"]), "aux_loss": float(metrics["aux_loss"]),
+                  "last_micro_loss": float(metrics["micro_losses"][-1]), "grad_norm": float(metrics["grad_norm"]),
+                  "lr": lr, "tokens_per_s": tokens_per_s, "loss_tokens_per_s": self.window_loss_tokens / elapsed,
+                  "mfu": tokens_per_s * self.flops_per_token / self.peak_flops, "skipped": int(metrics["skipped"])}
+        self.history.append(record)
+        self.writer.write(record)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        self.bar.update(1)
+        crossed_log = (micro_step // cfg.log_interval) > ((micro_step - cfg.accumulation_steps) // cfg.log_interval)
+        if self.is_main and (crossed_log or update == self.last_update):
+            done = max(update - self.start_update, 1)
+            eta_min = (time.perf_counter() - self.train_start) / done * (self.last_update - update) / 60
+            # MiniMind's own log line, so its log parsers keep working.
+            tqdm.tqdm.write(f"Epoch:[{epoch + 1}/{cfg.epochs}]({step_in_epoch + 1}/{self.steps_per_epoch}) "
+                            f"loss:{record['last_micro_loss']:.6f} lr:{lr:.12f} epoch_Time:{eta_min:.1f}min: "
+                            f"tokens/s:{tokens_per_s:,.0f} loss_tokens/s:{record['loss_tokens_per_s']:,.0f} "
+                            f"mfu:{record['mfu']:.1%}")
+            self.writer.at_log_interval(record, eta_min)
+        if self.window_updates >= THROUGHPUT_WINDOW:
+            self._reset_window()
+        if self.consecutive_skips >= cfg.max_consecutive_skips:
+            raise TooManySkips(update, cfg.max_consecutive_skips)
+
+    def summary(self) -> dict:
+        """compile_s, skipped_updates, and over the last window: final_loss, tokens_per_s, mfu."""
+        summary = {"compile_s": self.compile_seconds, "skipped_updates": self.total_skips, "history": self.history}
+        if self.history:
+            recent = self.history[-min(len(self.history), THROUGHPUT_WINDOW):]
+            summary.update(final_loss=self.history[-1]["loss"],
+                           tokens_per_s=float(np.median([r["tokens_per_s"] for r in recent])),
+                           mfu=float(np.median([r["mfu"] for r in recent])))
+        return summary
+
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.close()

@@ -1,19 +1,20 @@
-"""The sharded train step and MiniMind's training recipe.
+"""The one sharded train step, for every objective (training/objectives.py).
 
-One optimizer update consumes `accumulation_steps` micro-batches, each a dict of global [B,T] arrays
-(`inputs`, `targets`, `loss_mask`, `segment_ids`, `positions`) split over the mesh's batch axes (data×fsdp).
-The loss and its gradient are computed in a `shard_map` over those of them with more than one device (see
-make_train_step): each device sums ce·mask and the mask on its own rows, both sums are psum'd, and the
-division happens once, in the open:
+One optimizer update consumes `accumulation_steps` micro-batches, each a dict of the objective's batch fields,
+global [B, ...] arrays split over the mesh's batch axes (data×fsdp). The loss and its gradient are computed
+in a `shard_map` over those of them with more than one device (see make_train_step): each device sums the
+objective's weighted loss and weight on its own rows, both sums are psum'd, and the division happens once,
+in the open:
 
-  loss_norm="tokens"   (default)  Σ ce·mask over all micro-batches and devices / Σ mask over the same
+  loss_norm="tokens"   (default)  Σ loss over all micro-batches and devices / Σ weight over the same
                                   + the mean of the micro-batches' MoE aux losses (token-weighted).
-  loss_norm="minimind"            Σ_micro (ce_mean(micro) + aux(micro)) / accumulation_steps, exactly
-                                  what MiniMind's train_full_sft.py optimizes.
+  loss_norm="minimind"            Σ_micro (loss(micro) / weight(micro) + aux(micro)) / accumulation_steps,
+                                  exactly what MiniMind's train_full_sft.py optimizes.
 
 Parameters enter the shard_map replicated over the batch axes (XLA gathers fsdp shards for the forward
 and backward) and stay automatically sharded over `tensor`; the optimizer update runs on the sharded
-parameters outside it. The result is the same on any mesh."""
+parameters outside it. The result is the same on any mesh.
+"""
 from __future__ import annotations
 
 import functools
@@ -24,72 +25,75 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
-from minimind_jax.training.loss import chunked_masked_ce_sums, masked_ce_sums, safe_divide
+from minimind_jax.training.config import LOSS_NORMS
+from minimind_jax.training.loss import safe_divide
+from minimind_jax.training.objectives import NextTokenLoss, Objective, merge_params, split_trainable
 from minimind_jax.training.sharding import replicated, split_batch_axes, tree_shardings
 
 
-
-LOSS_NORMS = ("tokens", "minimind")
-
-
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, mesh: Mesh, *,
+                    objective: Objective | None = None, frozen_graphdefs: dict[str, nnx.GraphDef] | None = None,
                     accumulation_steps: int = 1, loss_norm: str = "tokens", loss_chunk_size: int | None = None,
                     param_shardings=None, opt_shardings=None):
-    """A jitted `step(params, opt_state, micro_batches, rng) -> (params, opt_state, metrics)`.
+    """A jitted `step(params, opt_state, micro_batches, rng, frozen_params={}) -> (params, opt_state, metrics)`.
 
-    micro_batches: a list of `accumulation_steps` batch dicts. params/opt_state are donated.
-    loss_chunk_size: compute the tied lm_head and CE that many positions at a time (never materialising the
-    whole [B,T,V] logits); None computes them in one piece.
+    objective: default NextTokenLoss(loss_chunk_size). params: the whole parameter dict; only the objective's
+    trainable ones move, and opt_state is theirs (init_train_state). micro_batches: a list of
+    `accumulation_steps` batch dicts. frozen_params: the parameters of the objective's frozen models, whose
+    structures frozen_graphdefs gives. params/opt_state are donated.
     A step whose loss or gradient is not finite leaves params and opt_state unchanged (metrics["skipped"]=1).
     """
     if loss_norm not in LOSS_NORMS:
         raise ValueError(f"loss_norm must be one of {LOSS_NORMS}, got {loss_norm!r}")
+    objective = objective or NextTokenLoss(loss_chunk_size)
+    frozen_graphdefs = frozen_graphdefs or {}
+    if set(frozen_graphdefs) != set(objective.frozen_models):
+        raise ValueError(f"the objective reads frozen models {objective.frozen_models}, given {tuple(frozen_graphdefs)}")
     num_micro = accumulation_steps
     batch_axes = split_batch_axes(mesh)
 
-    def micro_objective(params, batch, rng, token_total, micro_token_total):
-        model = nnx.merge(graphdef, params)
-        dropout = nnx.Rngs(dropout=rng) if model.config.dropout > 0 else None
-        out = model.forward(batch["inputs"], segment_ids_BT=batch["segment_ids"], positions_BT=batch["positions"],
-                            train=True, dropout_rngs=dropout, return_logits=loss_chunk_size is None,
-                            batch_axes=batch_axes)
-        if loss_chunk_size is None:
-            ce_sum, _ = masked_ce_sums(out.logits, batch["targets"], batch["loss_mask"])
-        else:
-            ce_sum, _ = chunked_masked_ce_sums(out.hidden_states, params["embed_tokens"][...], batch["targets"],
-                                               batch["loss_mask"], loss_chunk_size)
-        ce_total = jax.lax.psum(ce_sum, batch_axes)
-        logits_loss = safe_divide(ce_total, micro_token_total)
+    def micro_objective(trainable, fixed, frozen, batch, rng, weight_total, micro_weight_total):
+        model = nnx.merge(graphdef, merge_params(trainable, fixed))
+        sums = objective.loss_sums(model, batch, frozen, rng=rng, batch_axes=batch_axes)
+        loss_total = jax.lax.psum(sums.loss, batch_axes)
+        micro_loss = safe_divide(loss_total, micro_weight_total)
         if loss_norm == "tokens":
-            objective = safe_divide(ce_total, token_total) + out.aux_loss / num_micro
+            value = safe_divide(loss_total, weight_total) + sums.aux_loss / num_micro
         else:
-            objective = (logits_loss + out.aux_loss) / num_micro
-        return objective, (logits_loss, out.aux_loss)
+            value = (micro_loss + sums.aux_loss) / num_micro
+        metric_totals = {name: jax.lax.psum(total, batch_axes) for name, total in sums.metrics.items()}
+        return value, (micro_loss, sums.aux_loss, metric_totals)
 
-    def local_loss_and_grads(params, micro_batches, rng):
+    def local_loss_and_grads(trainable, fixed, frozen_params, micro_batches, rng):
         """Runs on each device's rows of every micro-batch; returns globally reduced values."""
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *micro_batches)  # [A, b, T]
-        micro_token_totals = jax.lax.psum(stacked["loss_mask"].astype(jnp.float32).sum((1, 2)), batch_axes)
-        token_total = micro_token_totals.sum()
+        missing = [name for name in objective.batch_fields if name not in micro_batches[0]]
+        if missing:
+            raise ValueError(f"{type(objective).__name__} needs batch fields {missing}")
+        frozen = {name: nnx.merge(frozen_graphdefs[name], jax.lax.stop_gradient(params))
+                  for name, params in frozen_params.items()}
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *micro_batches)  # [A, b, ...]
+        micro_weight_totals = jax.lax.psum(jax.vmap(objective.weight_sum)(stacked), batch_axes)
+        weight_total = micro_weight_totals.sum()
         device_rng = jax.random.fold_in(rng, jax.lax.axis_index(batch_axes))
         grad_fn = jax.value_and_grad(micro_objective, has_aux=True)
 
         def accumulate(grads_sum, micro):
             batch, micro_total, index = micro
-            (objective, (logits_loss, aux)), grads = grad_fn(params, batch, jax.random.fold_in(device_rng, index),
-                                                              token_total, micro_total)
-            return jax.tree.map(jnp.add, grads_sum, grads), (objective, logits_loss, aux)
+            (value, (micro_loss, aux, metric_totals)), grads = grad_fn(
+                trainable, fixed, frozen, batch, jax.random.fold_in(device_rng, index), weight_total, micro_total)
+            return jax.tree.map(jnp.add, grads_sum, grads), (value, micro_loss, aux, metric_totals)
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, (objectives, logits_losses, aux_losses) = jax.lax.scan(
-            accumulate, zeros, (stacked, micro_token_totals, jnp.arange(num_micro)))
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        grads, (values, micro_losses, aux_losses, metric_totals) = jax.lax.scan(
+            accumulate, zeros, (stacked, micro_weight_totals, jnp.arange(num_micro)))
         metrics = {
-            "loss": objectives.sum(),
-            "logits_loss": safe_divide((logits_losses * micro_token_totals).sum(), token_total)
-            if loss_norm == "tokens" else logits_losses.mean(),
+            "loss": values.sum(),
+            "logits_loss": safe_divide((micro_losses * micro_weight_totals).sum(), weight_total)
+            if loss_norm == "tokens" else micro_losses.mean(),
             "aux_loss": aux_losses.mean(),
-            "micro_losses": logits_losses + aux_losses,  # what MiniMind logs for each micro-step
-            "loss_tokens": token_total,
+            "micro_losses": micro_losses + aux_losses,  # what MiniMind logs for each micro-step
+            "loss_tokens": weight_total,
+            **{name: safe_divide(totals.sum(), weight_total) for name, totals in metric_totals.items()},
         }
         return grads, metrics
 
@@ -98,14 +102,15 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     # allreduce must be in (partial) manual partitioning mode"). With no split batch axis the local function
     # runs as it is, its psums over no axes being the identity.
     sharded_loss_and_grads = local_loss_and_grads if not batch_axes else jax.shard_map(
-        local_loss_and_grads, mesh=mesh, in_specs=(P(), P(batch_axes), P()), out_specs=(P(), P()),
+        local_loss_and_grads, mesh=mesh, in_specs=(P(), P(), P(), P(batch_axes), P()), out_specs=(P(), P()),
         axis_names=set(batch_axes))
 
-    def step(params, opt_state, micro_batches, rng):
-        grads, metrics = sharded_loss_and_grads(params, micro_batches, rng)
+    def step(params, opt_state, micro_batches, rng, frozen_params=None):
+        trainable, fixed = split_trainable(objective, params)
+        grads, metrics = sharded_loss_and_grads(trainable, fixed, frozen_params or {}, micro_batches, rng)
         grad_norm = optax.tree.norm(grads)
-        updates, new_opt_state = optimizer.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
+        updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
+        new_params = merge_params(optax.apply_updates(trainable, updates), fixed)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
         metrics.update(grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32))
@@ -115,16 +120,19 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     return jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
 
 
-def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation, mesh: Mesh):
+def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation, mesh: Mesh,
+                     objective: Objective | None = None):
     """(graphdef, params, opt_state, param_shardings, opt_shardings), placed on the mesh by the sharding rules.
 
     params is a plain nested dict of arrays (`nnx.merge(graphdef, params)` rebuilds the model), so the train
-    state checkpoints and restores as an ordinary pytree.
+    state checkpoints and restores as an ordinary pytree. opt_state covers the objective's trainable
+    parameters (all of them by default).
     """
     graphdef, state = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(state)
     param_shardings = tree_shardings(params, mesh, model.config)
     params = jax.device_put(params, param_shardings)
-    opt_shardings = tree_shardings(jax.eval_shape(optimizer.init, params), mesh, model.config)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    init = lambda params: optimizer.init(split_trainable(objective or NextTokenLoss(), params)[0])
+    opt_shardings = tree_shardings(jax.eval_shape(init, params), mesh, model.config)
+    opt_state = jax.jit(init, out_shardings=opt_shardings)(params)
     return graphdef, params, opt_state, param_shardings, opt_shardings

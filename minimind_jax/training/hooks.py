@@ -1,0 +1,67 @@
+"""The hooks of a training run (Trainer.add_hook): checkpoints with the `.pth`, preemption, and eval."""
+from __future__ import annotations
+
+import pathlib
+import signal
+
+import jax
+import numpy as np
+import tqdm
+from flax import nnx
+
+from minimind_jax.training.loop import RunState, StopRun
+from minimind_jax.training.metrics import MetricLogger
+from minimind_jax.weights import save_pth
+from minimind_jax.weights.orbax import TrainCheckpoints
+
+
+class Checkpointer:
+    """Saves the train state as an Orbax checkpoint and the model as MiniMind's `.pth` (process 0 writes it).
+
+    A checkpoint is written only after its update's metrics (so a resumed run never lacks them) and once per
+    update (SIGTERM or the end can follow a periodic save of the same update).
+    """
+
+    def __init__(self, checkpoints: TrainCheckpoints, logger: MetricLogger, graphdef: nnx.GraphDef,
+                 pth_path: pathlib.Path, run_meta: dict, resumed_update: int, is_main: bool):
+        self.checkpoints, self.logger, self.graphdef = checkpoints, logger, graphdef
+        self.pth_path, self.run_meta, self.is_main = pth_path, run_meta, is_main
+        self.checkpointed = resumed_update or None  # the update of the newest checkpoint, None before one
+
+    def __call__(self, state: RunState) -> None:
+        self.save(state)
+
+    def save(self, state: RunState, wait: bool = False) -> None:
+        self.logger.flush()
+        if state.update != self.checkpointed:
+            host_rng = np.asarray(jax.device_get(state.rng))
+            self.checkpoints.save(state.update, {"params": state.params, "opt_state": state.opt_state, "rng": host_rng},
+                                  {**self.run_meta, "update": state.update, "epoch": state.batches.epoch,
+                                   "data_state": state.batches.get_state()}, force=True)
+            self.checkpointed = state.update
+        if self.is_main:
+            save_pth(nnx.merge(self.graphdef, state.params), self.pth_path)
+        if wait:
+            self.checkpoints.wait()
+
+
+class Preemption:
+    """SIGTERM (a preempted TPU or spot VM): checkpoint at the next update boundary and stop the run."""
+
+    def __init__(self, checkpointer: Checkpointer):
+        self.checkpointer = checkpointer
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __call__(self, state: RunState) -> None:
+        if self.requested:
+            self.checkpointer.save(state, wait=True)
+            tqdm.tqdm.write(f"SIGTERM: saved update {state.update} to {self.checkpointer.checkpoints.directory}; "
+                            "resume with --from_resume 1")
+            raise StopRun
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)

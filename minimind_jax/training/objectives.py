@@ -1,0 +1,114 @@
+"""What a trainer optimizes. Every trainer runs the one sharded step (training/step.py) with an objective.
+
+An objective declares
+- `batch_fields`: the arrays each micro-batch holds, each [B, ...] and split over the mesh's batch axes;
+- `trainable(path)`: which parameters train (every one, or adapters only); the others keep their values and
+  have no optimizer state;
+- `frozen_models`: the names of frozen models it reads (a DPO reference, a distillation teacher); the step
+  takes their parameters separately and never differentiates them;
+
+and computes, on one device's rows of a micro-batch, `weight_sum` (Σ weight: loss tokens, pairs) from the
+batch alone and `loss_sums` (Σ weighted loss, the model's aux loss, Σ of each metric) from the models. The
+step psums the sums over the devices and divides once, by the weight of every device and micro-batch of
+the update, so the loss stays token-weighted across devices and accumulation. The weight comes from the
+batch because the step needs every micro-batch's before it differentiates the first.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from minimind_jax.training.loss import chunked_masked_ce_sums, masked_ce_sums
+
+ParamPath = tuple[str, ...]
+
+
+class LossSums(NamedTuple):
+    """One device's sums over its rows of a micro-batch."""
+
+    loss: jax.Array  # Σ weighted loss, divided by the global Σ weight for the objective
+    aux_loss: jax.Array  # a scalar the model already averaged globally (MoE load balance), added as it is
+    metrics: Mapping[str, jax.Array]  # Σ of each extra metric, reported divided by the global Σ weight
+
+
+class Objective(abc.ABC):
+    batch_fields: tuple[str, ...]
+    frozen_models: tuple[str, ...] = ()
+
+    def trainable(self, path: ParamPath) -> bool:
+        """Whether the parameter at `path` (e.g. ("layers", "0", "self_attn", "q_proj")) trains."""
+        return True
+
+    @abc.abstractmethod
+    def weight_sum(self, batch: Mapping[str, jax.Array]) -> jax.Array:
+        """Σ weight of these rows, from the batch alone."""
+
+    @abc.abstractmethod
+    def loss_sums(self, model: nnx.Module, batch: Mapping[str, jax.Array], frozen: Mapping[str, nnx.Module], *,
+                  rng: jax.Array, batch_axes: tuple[str, ...]) -> LossSums:
+        """The sums on these rows. model: in training mode; frozen: the models named by frozen_models;
+        rng: this device's key for the micro-batch (dropout); batch_axes: as in the model's forward."""
+
+
+@dataclasses.dataclass(frozen=True)
+class NextTokenLoss(Objective):
+    """Pretraining and SFT: Σ cross-entropy · loss_mask over the targets, weighted by Σ loss_mask.
+
+    loss_chunk_size: compute the tied lm_head and CE that many loss positions at a time, never holding the
+    [B, T, V] logits; None computes them in one piece, as MiniMind does.
+    """
+
+    loss_chunk_size: int | None = None
+    batch_fields = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+
+    def weight_sum(self, batch):
+        return batch["loss_mask"].astype(jnp.float32).sum()
+
+    def loss_sums(self, model, batch, frozen, *, rng, batch_axes):
+        dropout = nnx.Rngs(dropout=rng) if model.config.dropout > 0 else None
+        out = model.forward(batch["inputs"], segment_ids_BT=batch["segment_ids"], positions_BT=batch["positions"],
+                            train=True, dropout_rngs=dropout, return_logits=self.loss_chunk_size is None,
+                            batch_axes=batch_axes)
+        if self.loss_chunk_size is None:
+            ce_sum, _ = masked_ce_sums(out.logits, batch["targets"], batch["loss_mask"])
+        else:
+            ce_sum, _ = chunked_masked_ce_sums(out.hidden_states, model.embed_tokens[...], batch["targets"],
+                                               batch["loss_mask"], self.loss_chunk_size)
+        return LossSums(ce_sum, out.aux_loss, {})
+
+
+def split_trainable(objective: Objective, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(trainable, fixed): the nested parameter dict's leaves as the objective trains them, in two dicts of the
+    same nesting. When every parameter trains, `params` itself and {}."""
+    trainable, fixed = {}, {}
+    for path, leaf in _leaves(params):
+        into = trainable if objective.trainable(tuple(map(str, path))) else fixed
+        for key in path[:-1]:
+            into = into.setdefault(key, {})
+        into[path[-1]] = leaf
+    return (params, {}) if not fixed else (trainable, fixed)
+
+
+def merge_params(trainable: dict[str, Any], fixed: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of split_trainable."""
+    if not fixed:
+        return trainable
+    merged = dict(trainable)
+    for key, value in fixed.items():
+        merged[key] = merge_params(merged[key], value) if key in merged else value
+    return merged
+
+
+def _leaves(tree: dict, prefix: tuple = ()):
+    """(path of keys, leaf) for each leaf; keys as they are (nnx gives layer indices as ints)."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, (*prefix, key))
+        else:
+            yield (*prefix, key), value
