@@ -33,3 +33,15 @@ def chat_data(tmp_path_factory):
     paths = build_corpus(out, max_conversations=150, heldout_fraction=0.1, seed=1)
     tokenizer = train_sentencepiece([paths["pretrain"], paths["sft"]], out / "tokenizer", vocab_size=2000)
     return {**paths, "tokenizer": tokenizer}
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(tmp_path_factory) -> pathlib.Path:
+    """A 300-piece SentencePiece tokenizer (ChatML template) trained on random chats, so tests need no ../shared."""
+    from minimind_jax.data.tokenizer import train_sentencepiece
+    from tests.support.data import random_chats, write_jsonl
+
+    directory = tmp_path_factory.mktemp("tokenizer")
+    texts = [{"text": " ".join(chat["content"] for chat in record["conversations"]) + " user assistant system"}
+             for record in random_chats(300, seed=1)]
+    return train_sentencepiece([write_jsonl(directory / "corpus.jsonl", texts)], directory / "tok", vocab_size=300)

@@ -19,7 +19,7 @@ from minimind_jax.model.transformer import MiniMind
 from minimind_jax.weights import save_pth
 from minimind_jax.weights.pth import read_state_dict
 from tests.conftest import REPO_ROOT
-from tests.test_convert import tiny
+from tests.support.models import tiny
 
 pytestmark = pytest.mark.slow
 

@@ -39,30 +39,6 @@ def test_command_line_flags_override_the_preset():
     assert cfg.learning_rate == 1e-5 and cfg.packing == 0 and cfg.batch_size == 16
 
 
-def test_cli_restarts_once_with_a_malloc_that_keeps_freed_memory(monkeypatch):
-    import os
-    import sys
-
-    from minimind_jax import runtime as malloc
-
-    restarts = []
-    monkeypatch.setattr(malloc.os, "execv", lambda executable, argv: restarts.append((executable, argv)))
-    for name in [*malloc.KEEP_FREED_MEMORY_ENV, malloc.OPT_OUT_ENV]:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(malloc.sys, "orig_argv", ["python3", "-u", "main.py", "sft", "--epochs", "1"])
-    malloc.keep_freed_memory()
-    assert restarts == [(sys.executable, [sys.executable, "-u", "main.py", "sft", "--epochs", "1"])]
-    assert {name: os.environ[name] for name in malloc.KEEP_FREED_MEMORY_ENV} == malloc.KEEP_FREED_MEMORY_ENV
-    malloc.keep_freed_memory()  # the restarted process finds the variables set: no second restart
-    assert len(restarts) == 1
-
-    for name in malloc.KEEP_FREED_MEMORY_ENV:  # a user's own setting stands
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
-    malloc.keep_freed_memory()
-    assert len(restarts) == 1 and os.environ["MALLOC_ARENA_MAX"] == "4"
-
-
 BAD_TRAINER_SETTINGS = [  # (flag, value): every choice and range TrainConfig checks
     ("--dtype", "fp16"), ("--dtype", "float16"), ("--arch", "minimind4"), ("--remat", "yes"),
     ("--attention_impl", "flash"), ("--loss_norm", "mean"), ("--use_moe", "2"), ("--from_resume", "-1"),

@@ -26,7 +26,7 @@ from minimind_jax.errors import UserError
 from minimind_jax.model.transformer import MiniMind
 from minimind_jax.training.config import TrainConfig
 from minimind_jax.training.loop import train
-from tests.test_data import random_chats, small_tokenizer, write_jsonl  # noqa: F401 (fixture)
+from tests.support.data import random_chats, write_jsonl
 
 RUN_NAME = "full_sft_32"
 

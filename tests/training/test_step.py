@@ -1,12 +1,15 @@
-"""The sharded train step: parity with MiniMind's step, mesh invariance, accumulation and loss normalization."""
+"""The sharded train step: parity with MiniMind's step, mesh invariance, accumulation and loss normalization,
+and the default (fast-path) step against MiniMind's literal one."""
 import jax
 import numpy as np
 import optax
 import pytest
 import torch
+from flax import nnx
 
 import minimind_jax
-from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.config import LITERAL_STEP, ModelConfig, train_step_settings
+from minimind_jax.model.transformer import MiniMind
 from minimind_jax.training.sharding import batch_sharding, make_mesh
 from minimind_jax.bench.torch_reference import MiniMindTorch, batch_from_v3, make_optimizer as torch_adamw, reference_train_loop, sft_step
 from minimind_jax.training.step import init_train_state, make_train_step
@@ -14,8 +17,8 @@ from minimind_jax.training.optimizer import make_optimizer, minimind_lr
 from minimind_jax.weights import model_from_params
 from minimind_jax.weights.mapping import params_from_state_dict, state_dict_from_params
 from tests.conftest import require_shared
-from tests.parity import assert_near_truth, assert_scalar_near_truth, float64_twin, state_of
-from tests.test_convert import random_torch_model
+from tests.support.models import random_torch_model, tiny_config, torch_batch
+from tests.support.parity import assert_near_truth, assert_scalar_near_truth, float64_twin, state_of
 
 RNG = jax.random.key_data(jax.random.key(0))
 
@@ -153,15 +156,6 @@ def _read(path):
 
 # ---- against our torch reference, on any machine ----
 
-def tiny_config(arch, use_moe):
-    return ModelConfig(arch=arch, hidden_size=64, num_hidden_layers=2, use_moe=use_moe, vocab_size=512)
-
-
-def torch_batch(batch):
-    return (torch.from_numpy(batch["inputs"]).long(), torch.from_numpy(batch["targets"]).long(),
-            torch.from_numpy(batch["loss_mask"]))
-
-
 def random_batches(config, count, batch=4, length=16, seed=0, empty_row=False):
     rng = np.random.default_rng(seed)
     batches = []
@@ -264,3 +258,45 @@ def test_mesh_invariance(arch, use_moe, accumulation, packed):
     for (history, params_after), (spec, _) in zip(results, MESHES):
         for step, (metrics, params, run) in enumerate(zip(history, params_after, runs)):
             assert_update_near_truth(metrics, params, config, run, f"{spec} step {step}")
+
+
+# ---- the default step against MiniMind's literal one ----
+
+def train_step_metrics(config: ModelConfig, settings: dict, batches: list[dict]) -> list[dict]:
+    """Loss and gradient norm of consecutive updates of a step built with `settings` (as the trainer builds it)."""
+    model = MiniMind(config.replace(attention_impl=settings["attention_impl"], scan_layers=settings["scan_layers"]),
+                     rngs=nnx.Rngs(0))
+    mesh = make_mesh(None, jax.devices()[:1])
+    optimizer = make_optimizer(1e-3)
+    graphdef, params, opt_state, param_shardings, opt_shardings = init_train_state(model, optimizer, mesh)
+    step = make_train_step(graphdef, optimizer, mesh, loss_chunk_size=settings["loss_chunk_size"],
+                           param_shardings=param_shardings, opt_shardings=opt_shardings)
+    history = []
+    for batch in batches:
+        params, opt_state, metrics = step(params, opt_state, [jax.device_put(batch, batch_sharding(mesh))],
+                                          jax.random.key_data(jax.random.key(0)))
+        history.append({key: float(metrics[key]) for key in ("loss", "grad_norm")})
+    return history
+
+
+@pytest.mark.parametrize("arch, use_moe", [("minimind2", False), ("minimind3", True)])
+def test_default_step_matches_minimind_literal_step(arch, use_moe):
+    """What `main.py sft` runs by default on this backend against `--fast_path 0`: same losses and gradient
+    norms over three updates, on rows longer than one causal block (128) with a padded tail."""
+    config = ModelConfig(arch=arch, hidden_size=64, num_hidden_layers=2, vocab_size=300, use_moe=use_moe)
+    rng = np.random.default_rng(1)
+    batches = []
+    for _ in range(3):
+        batch = {"inputs": rng.integers(1, 300, (2, 150)).astype(np.int32),
+                 "targets": rng.integers(1, 300, (2, 150)).astype(np.int32),
+                 "loss_mask": (rng.random((2, 150)) < 0.4).astype(np.float32),
+                 "segment_ids": np.ones((2, 150), np.int32),
+                 "positions": np.tile(np.arange(150, dtype=np.int32), (2, 1))}
+        batch["loss_mask"][1, 120:] = 0
+        batches.append(batch)
+    default = train_step_settings(True, jax.devices()[0].platform, "float32", 150)
+    assert default != LITERAL_STEP
+    got, expected = train_step_metrics(config, default, batches), train_step_metrics(config, LITERAL_STEP, batches)
+    for ours, literal in zip(got, expected):
+        np.testing.assert_allclose(ours["loss"], literal["loss"], rtol=2e-6)
+        np.testing.assert_allclose(ours["grad_norm"], literal["grad_norm"], rtol=2e-5)

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from minimind_jax.model.config import PRESETS, ModelConfig, load_preset
 from minimind_jax.bench.torch_reference import MiniMindTorch, batch_from_2510, batch_from_v3, greedy_decode, make_optimizer, minimind_lr, reference_train_loop, rope_inv_freq, sft_step
 from tests.conftest import require_shared
-from tests.parity import assert_near_truth, float64_twin, state_of
+from tests.support.parity import assert_near_truth, float64_twin, state_of
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "torch_reference"
+FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures" / "torch_reference"
 ERAS = {"2510": "minimind2", "v3": "minimind3"}
 GOLDEN_MODELS = [(era, variant) for era in ERAS for variant in ("dense", "moe")]
 
@@ -164,7 +164,7 @@ def test_golden_sft_step(era, variant):
 
     after = load_pth(require_shared("golden", era, f"sft_step_{variant}_after.pth"))
     assert list(model.state_dict()) == list(after)
-    # Both fp32 steps, the reference's and MiniMind's, are held to the float64 step (see tests/parity.py).
+    # Both fp32 steps, the reference's and MiniMind's, are held to the float64 step (see tests/support/parity.py).
     sft_step(truth, make_optimizer(truth, lr), inputs, targets, loss_mask, lr=lr, grad_clip=1.0)
     assert_near_truth(state_of(model), {k: v.numpy() for k, v in after.items()}, state_of(truth),
                       label=f"{era} {variant}")

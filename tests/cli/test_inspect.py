@@ -8,7 +8,7 @@ import main
 from minimind_jax.cli import inspect as inspect_cli
 from minimind_jax.data.tokenizer import load_tokenizer
 from tests.conftest import require_shared
-from tests.test_data import GOOD, golden_records, small_tokenizer, write_jsonl  # noqa: F401 (fixture)
+from tests.support.data import GOOD, golden_records, write_jsonl
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -40,7 +40,7 @@ def test_json_matches_minimind_goldens(capsys, era, arch):
         assert view["loss_mask"] == target_mask[:n] and not any(target_mask[n:])
 
 
-def test_tells_sft_and_pretrain_apart(capsys, tmp_path, small_tokenizer):  # noqa: F811
+def test_tells_sft_and_pretrain_apart(capsys, tmp_path, small_tokenizer):
     path = write_jsonl(tmp_path / "mixed.jsonl", [GOOD, {"text": "the cat sat"}])
     code, out, _ = inspect(capsys, "--data_path", path, "--tokenizer_path", small_tokenizer, "--max_seq_len", 64,
                            "--arch", "minimind2", "--json")
@@ -54,7 +54,7 @@ def test_tells_sft_and_pretrain_apart(capsys, tmp_path, small_tokenizer):  # noq
     assert pretrain["loss_mask"] == [0] + [1] * (len(pretrain["input_ids"]) - 1)
 
 
-def test_colours_mark_the_learned_tokens(capsys, tmp_path, small_tokenizer):  # noqa: F811
+def test_colours_mark_the_learned_tokens(capsys, tmp_path, small_tokenizer):
     path = write_jsonl(tmp_path / "chat.jsonl", [GOOD, {"conversations": [{"role": "user", "content": "hi"}]}])
     code, out, _ = inspect(capsys, "--data_path", path, "--tokenizer_path", small_tokenizer, "--max_seq_len", 64,
                            "--arch", "minimind3")
@@ -67,7 +67,7 @@ def test_colours_mark_the_learned_tokens(capsys, tmp_path, small_tokenizer):  # 
     assert "dropped in training: no assistant turn" in plain
 
 
-def test_index_and_errors(capsys, caplog, tmp_path, small_tokenizer):  # noqa: F811
+def test_index_and_errors(capsys, caplog, tmp_path, small_tokenizer):
     path = write_jsonl(tmp_path / "chat.jsonl", ["{broken", GOOD, {"text": "the cat"}])
     code, out, err = inspect(capsys, "--data_path", path, "--tokenizer_path", small_tokenizer, "--arch", "minimind2",
                              "--index", 1, "--json")

@@ -4,7 +4,6 @@ import json
 import logging
 import os
 import pathlib
-import random
 import re
 
 import hypothesis
@@ -16,55 +15,11 @@ from minimind_jax.data import examples, records
 from minimind_jax.errors import UserError
 from minimind_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 from tests.conftest import require_shared
+from tests.support.data import GOOD, golden_records, random_chats, write_jsonl
 
 ERAS = {"2510": "minimind2", "v3": "minimind3"}
 GOLDEN_SFT_LEN = 128  # max length the goldens were recorded with
 GOLDEN_PRETRAIN_LEN = 64
-WORDS = ("the cat sat on a mat and we talk about small models that learn to chat in many words "
-         "hello how are you today fine thanks what is your name i am a tiny model").split()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Helpers shared with test_pipeline.py and test_inspect.py
-
-
-def write_jsonl(path: pathlib.Path, records) -> pathlib.Path:
-    """Records (dicts, or raw str/bytes lines written as they are) to a jsonl file."""
-    with open(path, "wb") as f:
-        for record in records:
-            if isinstance(record, dict):
-                record = json.dumps(record, ensure_ascii=False)
-            if isinstance(record, str):
-                record = record.encode("utf-8")
-            f.write(record + b"\n")
-    return path
-
-
-def random_chats(count: int, seed: int = 0, max_turns: int = 3, max_words: int = 12) -> list[dict]:
-    """Chats of random words with 1..max_turns user/assistant exchanges; some have a system turn."""
-    rng = random.Random(seed)
-    say = lambda: " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, max_words)))
-    chats = []
-    for _ in range(count):
-        turns = [{"role": "system", "content": say()}] if rng.random() < 0.3 else []
-        for _ in range(rng.randint(1, max_turns)):
-            turns += [{"role": "user", "content": say()}, {"role": "assistant", "content": say()}]
-        chats.append({"conversations": turns})
-    return chats
-
-
-@pytest.fixture(scope="session")
-def small_tokenizer(tmp_path_factory) -> pathlib.Path:
-    """A 300-piece SentencePiece tokenizer (ChatML template), so these tests need no ../shared."""
-    directory = tmp_path_factory.mktemp("tokenizer")
-    texts = [{"text": " ".join(chat["content"] for chat in record["conversations"]) + " user assistant system"}
-             for record in random_chats(300, seed=1)]
-    return train_sentencepiece([write_jsonl(directory / "corpus.jsonl", texts)], directory / "tok", vocab_size=300)
-
-
-def golden_records(era: str, name: str) -> list[dict]:
-    path = require_shared("golden", era, name)
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def era_tokenizer(era: str):
@@ -189,7 +144,6 @@ def test_era_defaults_and_options():
 # ---------------------------------------------------------------------------------------------------------
 # Bad input
 
-GOOD = {"conversations": [{"role": "user", "content": "hi cat"}, {"role": "assistant", "content": "the mat"}]}
 BAD_SFT_LINES = {
     "malformed JSON": '{"conversations": [',
     "not a JSON object": "[1, 2]",

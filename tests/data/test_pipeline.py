@@ -12,13 +12,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from minimind_jax.data import examples
 from minimind_jax.data import pipeline
 from minimind_jax.errors import UserError
-from tests.test_data import random_chats, small_tokenizer, write_jsonl  # noqa: F401 (fixture)
+from tests.support.data import random_chats, write_jsonl
 
 MAX_LEN = 96
 
 
 @pytest.fixture(scope="module", params=["minimind2", "minimind3"])
-def dataset(request, tmp_path_factory, small_tokenizer):  # noqa: F811
+def dataset(request, tmp_path_factory, small_tokenizer):
     """~60 chats of varied length, some truncated at MAX_LEN, in the cache of the era under test."""
     directory = tmp_path_factory.mktemp("chats")
     chats = random_chats(60, seed=7, max_turns=3, max_words=8)
@@ -208,7 +208,7 @@ def test_sharded_global_batches(dataset, packing):
     assert len(sharded) == len(host)
 
 
-def test_benchmark_reports_measured_figures(tmp_path, small_tokenizer):  # noqa: F811
+def test_benchmark_reports_measured_figures(tmp_path, small_tokenizer):
     path = write_jsonl(tmp_path / "chats.jsonl", random_chats(40, seed=9))
     config = examples.ExampleConfig("sft", "minimind2", MAX_LEN)
     figures = pipeline.benchmark(str(path), str(small_tokenizer), config, num_workers=0, batch_size=4,

@@ -16,7 +16,7 @@ from minimind_jax.errors import UserError
 from minimind_jax.cli.train import add_arguments, config_from_args
 from minimind_jax.training.config import TrainConfig
 from minimind_jax.training.loop import train
-from tests.test_trainer import metrics_of, run_config
+from tests.support.runs import metrics_of, run_config
 
 RUN_NAME = "full_sft_64"
 

@@ -36,7 +36,7 @@ from minimind_jax.data.tokenizer import load_tokenizer
 from minimind_jax.training.config import TrainConfig
 from minimind_jax.training.loop import load_run_data, train
 from tests.conftest import REPO_ROOT, require_shared
-from tests.test_data import GOOD, random_chats, small_tokenizer, write_jsonl  # noqa: F401 (fixture)
+from tests.support.data import GOOD, random_chats, write_jsonl
 
 SFT_32 = examples.ExampleConfig("sft", "minimind2", 32)
 

@@ -1,6 +1,4 @@
 """The whole training run: MiniMind's per-step losses and LRs, its weight file, and exact resume."""
-import json
-
 import jax
 import numpy as np
 import pytest
@@ -12,29 +10,12 @@ from minimind_jax.bench.torch_reference import reference_train_loop
 from minimind_jax.training.metrics import LossPanel, plot_loss_curves
 from minimind_jax.training.config import TrainConfig
 from minimind_jax.training.loop import resolve_weight, train
-from minimind_jax.runtime import use_compilation_cache
-from tests.parity import assert_near_truth, assert_scalar_near_truth, float64_twin
-from tests.test_convert import random_torch_model
-from tests.test_train import tiny_config, torch_batch
+from tests.support.models import random_torch_model, tiny_config, torch_batch
+from tests.support.parity import assert_near_truth, assert_scalar_near_truth, float64_twin
+from tests.support.runs import metrics_of, run_config
 
 pytestmark = pytest.mark.slow
 RUN_MODEL = tiny_config("minimind2", False).replace(vocab_size=6400)  # what hidden 64, 2 layers builds
-
-
-def run_config(tmp_path, chat_data, **changes) -> TrainConfig:
-    fields = dict(mode="sft", save_dir=str(tmp_path / "out"), checkpoint_dir=str(tmp_path / "checkpoints"),
-                  cache_dir=str(tmp_path.parent / "cache"), data_path=str(chat_data["sft"]),
-                  tokenizer_path=str(chat_data["tokenizer"]), hidden_size=64, num_hidden_layers=2, max_seq_len=48,
-                  batch_size=8, epochs=1, learning_rate=1e-3, log_interval=1, save_interval=1000, num_workers=0,
-                  progress=False, mesh=None)
-    fields.update(changes)
-    return TrainConfig(**fields)
-
-
-def metrics_of(cfg: TrainConfig):
-    path = f"{cfg.save_dir}/logs/{cfg.run_name}/metrics.jsonl"
-    with open(path) as lines:
-        return [json.loads(line) for line in lines]
 
 
 @pytest.fixture
@@ -51,15 +32,6 @@ def test_weight_files_are_named_as_minimind_names_them(tmp_path):
     cfg = TrainConfig(save_dir=str(tmp_path), from_weight="pretrain", save_weight="full_sft", hidden_size=768, use_moe=1)
     (tmp_path / "pretrain_768_moe.pth").write_bytes(b"")
     assert resolve_weight(cfg) == tmp_path / "pretrain_768_moe.pth" and cfg.run_name == "full_sft_768_moe"
-
-
-def test_compilation_cache_is_set_as_asked(monkeypatch, tmp_path):
-    updates = {}
-    monkeypatch.setattr(jax.config, "update", lambda name, value: updates.update({name: value}))
-    use_compilation_cache("none")
-    assert updates == {}
-    use_compilation_cache(str(tmp_path), cache_every_compile=True)  # as the bench asks for it
-    assert updates == {"jax_compilation_cache_dir": str(tmp_path), "jax_persistent_cache_min_compile_time_secs": 0.0}
 
 
 def test_loss_curves_are_drawn_only_when_there_is_a_loss(tmp_path):

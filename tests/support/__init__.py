@@ -1,0 +1,1 @@
+"""Helpers shared by test modules (plain functions and constants); shared fixtures live in tests/conftest.py."""
