@@ -34,7 +34,7 @@ from minimind_jax.errors import UserError, first_line
 from minimind_jax.model.transformer import MiniMind
 from minimind_jax.data.tokenizer import load_tokenizer
 from minimind_jax.training.config import TrainConfig
-from minimind_jax.training.loop import load_run_data, train
+from minimind_jax.training.run import load_run_data, train
 from tests.conftest import REPO_ROOT, require_shared
 from tests.support.data import GOOD, random_chats, write_jsonl
 

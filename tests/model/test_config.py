@@ -6,7 +6,7 @@ import pytest
 from minimind_jax.errors import UserError
 from minimind_jax.model.config import LITERAL_STEP, fast_path_settings, train_step_settings
 from minimind_jax.training.config import TrainConfig
-from minimind_jax.training.loop import step_settings
+from minimind_jax.training.run import step_settings
 
 
 def test_fast_path_settings_per_backend_and_what_the_trainer_takes():

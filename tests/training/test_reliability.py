@@ -2,7 +2,7 @@
 too many in a row stop the run with a checkpoint of the last good state, a full disk is a one-line error that
 leaves the previous checkpoint intact, and a checkpoint never exists without its update's metrics.
 
-These call `trainer.train` in this process (tiny model, 8 simulated devices); the process-level crash tests
+These call `training.run.train` in this process (tiny model, 8 simulated devices); the process-level crash tests
 are in test_crash_resume.py.
 """
 import contextlib
@@ -19,13 +19,13 @@ import pytest
 
 import minimind_jax
 import minimind_jax.weights
-from minimind_jax.data import pipeline
 from minimind_jax.weights.orbax import TrainCheckpoints
 from minimind_jax.model.config import ModelConfig
 from minimind_jax.errors import UserError
 from minimind_jax.model.transformer import MiniMind
 from minimind_jax.training.config import TrainConfig
-from minimind_jax.training.loop import train
+from minimind_jax.training import run
+from minimind_jax.training.run import train
 from tests.support.data import random_chats, write_jsonl
 
 RUN_NAME = "full_sft_32"
@@ -91,8 +91,8 @@ class PoisonedBatches:
 
 
 def poison_steps(monkeypatch, poisoned: set[int]) -> None:
-    real = pipeline.make_batches
-    monkeypatch.setattr(pipeline, "make_batches", lambda *args, **kwargs: PoisonedBatches(real(*args, **kwargs), poisoned))
+    real = run.make_batches
+    monkeypatch.setattr(run, "make_batches", lambda *args, **kwargs: PoisonedBatches(real(*args, **kwargs), poisoned))
 
 
 def test_non_finite_updates_are_skipped_counted_logged_and_stop_the_run(tmp_path, chats, small_tokenizer,

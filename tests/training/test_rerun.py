@@ -10,12 +10,12 @@ import sys
 
 import pytest
 
-from minimind_jax.training import loop
+from minimind_jax.training import run
 from minimind_jax.weights.orbax import TrainCheckpoints, complete_steps
 from minimind_jax.errors import UserError
 from minimind_jax.cli.train import add_arguments, config_from_args
 from minimind_jax.training.config import TrainConfig
-from minimind_jax.training.loop import train
+from minimind_jax.training.run import train
 from tests.support.runs import metrics_of, run_config
 
 RUN_NAME = "full_sft_64"
@@ -30,8 +30,8 @@ def refuse_compute(monkeypatch) -> None:
     def compute(*args, **kwargs):
         raise AssertionError("the run went on to compute")
 
-    monkeypatch.setattr(loop, "build_model", compute)
-    monkeypatch.setattr(loop, "load_run_data", compute)
+    monkeypatch.setattr(run, "build_model", compute)
+    monkeypatch.setattr(run, "load_run_data", compute)
 
 
 def die_after_checkpoint(monkeypatch, step: int) -> None:

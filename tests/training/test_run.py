@@ -1,0 +1,102 @@
+"""The whole training run: MiniMind's per-step losses and LRs, its weight file, and exact resume."""
+import jax
+import numpy as np
+import pytest
+import torch
+
+from minimind_jax.data.examples import ExampleConfig, load_dataset
+from minimind_jax.data.pipeline import make_batches
+from minimind_jax.bench.torch_reference import reference_train_loop
+from minimind_jax.training.metrics import LossPanel, plot_loss_curves
+from minimind_jax.training.config import TrainConfig
+from minimind_jax.training.run import resolve_weight, train
+from tests.support.models import random_torch_model, tiny_config, torch_batch
+from tests.support.parity import assert_near_truth, assert_scalar_near_truth, float64_twin
+from tests.support.runs import metrics_of, run_config
+
+pytestmark = pytest.mark.slow
+RUN_MODEL = tiny_config("minimind2", False).replace(vocab_size=6400)  # what hidden 64, 2 layers builds
+
+
+@pytest.fixture
+def pretrained(tmp_path, chat_data):
+    """A MiniMind-format weight file out/pretrain_64.pth, as a user of MiniMind has."""
+    reference = random_torch_model(RUN_MODEL, seed=12)
+    path = tmp_path / "out" / "pretrain_64.pth"
+    path.parent.mkdir(parents=True)
+    torch.save({k: v.half() for k, v in reference.state_dict().items()}, path)
+    return path
+
+
+def test_weight_files_are_named_as_minimind_names_them(tmp_path):
+    cfg = TrainConfig(save_dir=str(tmp_path), from_weight="pretrain", save_weight="full_sft", hidden_size=768, use_moe=1)
+    (tmp_path / "pretrain_768_moe.pth").write_bytes(b"")
+    assert resolve_weight(cfg) == tmp_path / "pretrain_768_moe.pth" and cfg.run_name == "full_sft_768_moe"
+
+
+def test_loss_curves_are_drawn_only_when_there_is_a_loss(tmp_path):
+    history = [{"update": update, "loss": 5.0 / update} for update in (1, 2, 3)]
+    plot_loss_curves(tmp_path / "one.png", [LossPanel("sft", history)])
+    plot_loss_curves(tmp_path / "two.png", [LossPanel("pretrain", history, heldout=("held-out", [0, 3], [6.0, 2.0])),
+                                            LossPanel("sft", history)], title="both")
+    plot_loss_curves(tmp_path / "none.png", [LossPanel("sft", [])])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["one.png", "two.png"]
+    assert all((tmp_path / name).read_bytes().startswith(b"\x89PNG") for name in ("one.png", "two.png"))
+
+
+def test_same_run_as_minimind(tmp_path, chat_data, pretrained):
+    """main.py sft on MiniMind's weight file, data in a fixed order: MiniMind's losses, LRs and full_sft .pth."""
+    cfg = run_config(tmp_path, chat_data, from_weight="pretrain", shuffle=False, max_steps=6)
+    summary = train(cfg)
+    ours = metrics_of(cfg)
+
+    dataset = load_dataset(cfg.data_path, cfg.tokenizer_path, ExampleConfig("sft", "minimind2", cfg.max_seq_len),
+                           cache_dir=cfg.cache_dir, num_workers=0, progress=False)
+    order = make_batches(dataset, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=False, drop_remainder=False)
+    batches = [torch_batch(next(order)) for _ in range(6)]
+    reference = random_torch_model(RUN_MODEL)
+    reference.load_state_dict({k: v.float() for k, v in torch.load(pretrained, weights_only=True).items()})
+    truth = float64_twin(reference)
+    loop = dict(arch="minimind2", lr=cfg.learning_rate, total_steps=len(order), accumulation_steps=1, grad_clip=1.0)
+    expected = reference_train_loop(reference, batches, **loop)
+    exact = reference_train_loop(truth, batches, **loop)
+
+    for step, losses in enumerate(zip([r["last_micro_loss"] for r in ours], expected["loss"], exact["loss"])):
+        assert_scalar_near_truth(f"step {step} loss", *losses)
+    np.testing.assert_allclose([r["lr"] for r in ours], expected["lr"], rtol=1e-6)
+    written = torch.load(summary["weights"], weights_only=True)
+    assert summary["weights"].endswith("full_sft_64.pth") and all(v.dtype == torch.float16 for v in written.values())
+    final = reference.state_dict()
+    assert list(written) == list(final)
+    # Compared as MiniMind saves them: ours as written; the fp32 reference and the float64 run rounded to fp16.
+    as_saved = lambda state: {k: v.half().float().numpy() for k, v in state.items()}
+    assert_near_truth(as_saved(written), as_saved(final), as_saved(truth.state_dict()))
+
+
+def test_interrupted_run_resumes_exactly(tmp_path, chat_data):
+    whole = run_config(tmp_path / "whole", chat_data, from_weight="none", epochs=2, save_interval=3, packing=True)
+    train(whole)
+    expected = [r["loss"] for r in metrics_of(whole)]
+    assert len(expected) >= 8
+
+    part = run_config(tmp_path / "part", chat_data, from_weight="none", epochs=2, save_interval=3, packing=True,
+                      max_steps=5)
+    train(part)
+    resumed = run_config(tmp_path / "part", chat_data, from_weight="none", epochs=2, save_interval=3, packing=True,
+                         from_resume=1)
+    train(resumed)
+    assert [r["loss"] for r in metrics_of(resumed)] == expected
+
+
+def test_resume_on_another_mesh(tmp_path, chat_data):
+    first = run_config(tmp_path, chat_data, from_weight="none", max_steps=2, save_interval=2, mesh="data=8")
+    train(first)
+    resumed = run_config(tmp_path, chat_data, from_weight="none", max_steps=4, from_resume=1,  # 4 in all
+                         mesh="data=2,fsdp=2,tensor=2")
+    train(resumed)
+    reference = run_config(tmp_path / "reference", chat_data, from_weight="none", max_steps=4, save_interval=2,
+                           mesh="data=8")
+    train(reference)
+    np.testing.assert_allclose([r["loss"] for r in metrics_of(resumed)], [r["loss"] for r in metrics_of(reference)],
+                               rtol=1e-5)
+    assert len(jax.devices()) == 8
