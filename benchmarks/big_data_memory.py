@@ -16,6 +16,7 @@ not on the data file.
 
 Tokenizer: MiniMind's 2510 tokenizer from ../shared when present, else a SentencePiece one trained here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,11 @@ sys.path.insert(0, str(REPO_ROOT))
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 # Runs a command and writes the ru_maxrss (KiB) of its process tree to a file: a fresh process per size, as
 # RUSAGE_CHILDREN keeps the maximum over every child ever waited for.
-MAXRSS_WRAPPER = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[2:]); "
-                  "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); "
-                  "sys.exit(code)")
+MAXRSS_WRAPPER = (
+    "import resource, subprocess, sys; code = subprocess.call(sys.argv[2:]); "
+    "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); "
+    "sys.exit(code)"
+)
 
 
 def write_big_sft(path: pathlib.Path, size_bytes: int, conversations: list[list[dict]], seed: int = 0) -> int:
@@ -82,8 +85,12 @@ def measure(command: list[str], log_path: pathlib.Path, maxrss_path: pathlib.Pat
     data_seconds = None
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, "-c", MAXRSS_WRAPPER, str(maxrss_path), *command],
-                                   stdout=log, stderr=subprocess.STDOUT, cwd=log_path.parent)
+        process = subprocess.Popen(
+            [sys.executable, "-c", MAXRSS_WRAPPER, str(maxrss_path), *command],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=log_path.parent,
+        )
         stopped = threading.Event()
 
         def sample():
@@ -103,10 +110,13 @@ def measure(command: list[str], log_path: pathlib.Path, maxrss_path: pathlib.Pat
         sampler.join()
     if code:
         raise SystemExit(f"{' '.join(command)} failed (exit {code}); see {log_path}")
-    return {"seconds": round(time.perf_counter() - start, 1), "data_ready_seconds": round(data_seconds, 1),
-            "largest_process_peak_rss_mb": round(int(maxrss_path.read_text()) / 1024, 1),
-            "process_tree_peak_rss_mb": round(peak / 2**20, 1),
-            "process_tree_peak_rss_mb_until_data_ready": round(data_peak / 2**20, 1)}
+    return {
+        "seconds": round(time.perf_counter() - start, 1),
+        "data_ready_seconds": round(data_seconds, 1),
+        "largest_process_peak_rss_mb": round(int(maxrss_path.read_text()) / 1024, 1),
+        "process_tree_peak_rss_mb": round(peak / 2**20, 1),
+        "process_tree_peak_rss_mb_until_data_ready": round(data_peak / 2**20, 1),
+    }
 
 
 def tokenizer_path(work_dir: pathlib.Path, corpus: dict) -> str:
@@ -143,17 +153,49 @@ def main(argv=None) -> int:
         run_dir.mkdir(exist_ok=True)
         data_path = run_dir / "sft.jsonl"
         records = write_big_sft(data_path, int(size_mb * 2**20), conversations)
-        command = [sys.executable, str(REPO_ROOT / "main.py"), "sft", "--data_path", str(data_path),
-                   "--tokenizer_path", tokenizer, "--from_weight", "none", "--hidden_size", "64",
-                   "--num_hidden_layers", "2", "--max_seq_len", str(args.max_seq_len), "--batch_size",
-                   str(args.batch_size), "--max_steps", str(args.max_steps), "--log_interval", "1",
-                   "--save_interval", "1000000", "--loss_chunk_size", str(args.loss_chunk_size), "--cache_dir", str(run_dir / "cache"), "--save_dir",
-                   str(run_dir / "out"), "--checkpoint_dir", str(run_dir / "checkpoints"), "--no_progress"]
+        command = [
+            sys.executable,
+            str(REPO_ROOT / "main.py"),
+            "sft",
+            "--data_path",
+            str(data_path),
+            "--tokenizer_path",
+            tokenizer,
+            "--from_weight",
+            "none",
+            "--hidden_size",
+            "64",
+            "--num_hidden_layers",
+            "2",
+            "--max_seq_len",
+            str(args.max_seq_len),
+            "--batch_size",
+            str(args.batch_size),
+            "--max_steps",
+            str(args.max_steps),
+            "--log_interval",
+            "1",
+            "--save_interval",
+            "1000000",
+            "--loss_chunk_size",
+            str(args.loss_chunk_size),
+            "--cache_dir",
+            str(run_dir / "cache"),
+            "--save_dir",
+            str(run_dir / "out"),
+            "--checkpoint_dir",
+            str(run_dir / "checkpoints"),
+            "--no_progress",
+        ]
         if args.num_workers is not None:
             command += ["--num_workers", str(args.num_workers)]
         figures = measure(command, run_dir / "train.log", run_dir / "maxrss_kib")
-        run = {"file_mb": round(data_path.stat().st_size / 2**20, 1), "records": records, **figures,
-               "records_per_s_until_data_ready": round(records / figures["data_ready_seconds"], 1)}
+        run = {
+            "file_mb": round(data_path.stat().st_size / 2**20, 1),
+            "records": records,
+            **figures,
+            "records_per_s_until_data_ready": round(records / figures["data_ready_seconds"], 1),
+        }
         results["runs"].append(run)
         print(json.dumps(run), file=sys.stderr, flush=True)
         if not args.keep:

@@ -1,7 +1,8 @@
 """Compile time of the jitted forward pass vs depth: the scanned layers keep it flat.
 
-    python benchmarks/forward_compile.py [--preset minimind2] [--layers 4 16] [--seq_len 512]
+python benchmarks/forward_compile.py [--preset minimind2] [--layers 4 16] [--seq_len 512]
 """
+
 import argparse
 import json
 import time
@@ -34,8 +35,17 @@ def main():
     for layers in args.layers:
         config = load_preset(args.preset, num_hidden_layers=layers)
         times = [compile_seconds(config, args.batch, args.seq_len) for _ in range(args.repeats)]
-        print(json.dumps({"preset": args.preset, "layers": layers, "compile_s_min": round(min(times), 3),
-                          "compile_s_all": [round(t, 3) for t in times], "device": jax.devices()[0].device_kind}))
+        print(
+            json.dumps(
+                {
+                    "preset": args.preset,
+                    "layers": layers,
+                    "compile_s_min": round(min(times), 3),
+                    "compile_s_all": [round(t, 3) for t in times],
+                    "device": jax.devices()[0].device_kind,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ it, so ops running side by side can add up to more than the step), with the JAX 
 (the HLO metadata) and the ops fused into it. `--hlo FILE` writes the optimized HLO for a closer look.
 `--torch` profiles PyTorch MiniMind's step (torch.profiler) on the same shapes instead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,11 +29,13 @@ def random_batch(batch: int, seq_len: int, vocab: int, loss_fraction: float, see
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    return {"inputs": rng.integers(3, vocab, (batch, seq_len)).astype(np.int32),
-            "targets": rng.integers(3, vocab, (batch, seq_len)).astype(np.int32),
-            "loss_mask": (rng.random((batch, seq_len)) < loss_fraction).astype(np.float32),
-            "segment_ids": np.ones((batch, seq_len), np.int32),
-            "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy()}
+    return {
+        "inputs": rng.integers(3, vocab, (batch, seq_len)).astype(np.int32),
+        "targets": rng.integers(3, vocab, (batch, seq_len)).astype(np.int32),
+        "loss_mask": (rng.random((batch, seq_len)) < loss_fraction).astype(np.float32),
+        "segment_ids": np.ones((batch, seq_len), np.int32),
+        "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy(),
+    }
 
 
 def hlo_index(hlo: str) -> tuple[dict[str, str], dict[str, list[str]]]:
@@ -66,25 +69,42 @@ def profile_jax(args) -> None:
     import jax
     from flax import nnx
 
-    from minimind_jax.training import sharding
     from minimind_jax.model.config import load_preset, train_step_settings
     from minimind_jax.model.transformer import MiniMind
-    from minimind_jax.training.step import init_train_state, make_train_step
+    from minimind_jax.training import sharding
+    from minimind_jax.training.objectives import NextTokenLoss
     from minimind_jax.training.optimizer import make_optimizer
+    from minimind_jax.training.step import init_train_state, make_train_step
 
-    settings = train_step_settings(bool(args.fast_path), jax.devices()[0].platform, "float32", args.seq_len,
-                                   attention_impl=args.attention_impl, loss_chunk_size=args.loss_chunk_size,
-                                   scan_layers=args.scan_layers)
-    config = load_preset(args.preset, remat=args.remat, attention_impl=settings["attention_impl"],
-                         scan_layers=settings["scan_layers"])
+    settings = train_step_settings(
+        bool(args.fast_path),
+        jax.devices()[0].platform,
+        "float32",
+        args.seq_len,
+        attention_impl=args.attention_impl,
+        loss_chunk_size=args.loss_chunk_size,
+        scan_layers=args.scan_layers,
+    )
+    config = load_preset(
+        args.preset, remat=args.remat, attention_impl=settings["attention_impl"], scan_layers=settings["scan_layers"]
+    )
     mesh = sharding.make_mesh(None)
     optimizer = make_optimizer(1e-4)
     graphdef, params, opt_state, param_shardings, opt_shardings = init_train_state(
-        MiniMind(config, rngs=nnx.Rngs(0)), optimizer, mesh)
-    step = make_train_step(graphdef, optimizer, mesh, loss_chunk_size=settings["loss_chunk_size"],
-                           param_shardings=param_shardings, opt_shardings=opt_shardings)
-    batch = jax.device_put(random_batch(args.batch_size, args.seq_len, config.vocab_size, args.loss_fraction),
-                           sharding.batch_sharding(mesh))
+        MiniMind(config, rngs=nnx.Rngs(0)), optimizer, mesh
+    )
+    step = make_train_step(
+        graphdef,
+        optimizer,
+        mesh,
+        objective=NextTokenLoss(settings["loss_chunk_size"]),
+        param_shardings=param_shardings,
+        opt_shardings=opt_shardings,
+    )
+    batch = jax.device_put(
+        random_batch(args.batch_size, args.seq_len, config.vocab_size, args.loss_fraction),
+        sharding.batch_sharding(mesh),
+    )
     key = jax.random.key_data(jax.random.key(0))
     hlo = step.lower(params, opt_state, [batch], key).compile().as_text()
     if args.hlo:
@@ -114,21 +134,25 @@ def profile_jax(args) -> None:
     total = sum(per_op.values())
     print(f"wall {wall:.3f} s/step; op time {total:.3f} s/step (summed over threads)")
     for name, seconds in per_op.most_common(args.top):
-        print(f"{seconds * 1e3:9.1f} ms {seconds / total:6.1%} ×{calls[name] // args.steps:<3d} {name[:30]:30s} "
-              f"{describe_op(name, definitions, computations)}")
+        print(
+            f"{seconds * 1e3:9.1f} ms {seconds / total:6.1%} ×{calls[name] // args.steps:<3d} {name[:30]:30s} "
+            f"{describe_op(name, definitions, computations)}"
+        )
 
 
 def profile_torch(args) -> None:
     import torch
 
-    from minimind_jax.model.config import load_preset
     from minimind_jax.bench.torch_reference import MiniMindTorch, make_optimizer, sft_step
+    from minimind_jax.model.config import load_preset
 
     config = load_preset(args.preset)
     model = MiniMindTorch(config)
     optimizer = make_optimizer(model, 1e-4)
-    batch = {k: torch.from_numpy(v) for k, v in random_batch(args.batch_size, args.seq_len, config.vocab_size,
-                                                            args.loss_fraction).items()}
+    batch = {
+        k: torch.from_numpy(v)
+        for k, v in random_batch(args.batch_size, args.seq_len, config.vocab_size, args.loss_fraction).items()
+    }
     run = lambda: sft_step(model, optimizer, batch["inputs"].long(), batch["targets"].long(), batch["loss_mask"], 1e-4)
     run()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:

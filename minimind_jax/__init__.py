@@ -3,6 +3,7 @@
 Public API (stable): `load`, `save_pth`, `generate`, `ModelConfig`, `MiniMind`, `load_preset`.
 Submodules are imported on first use so that light tools (the CLI's --help, `convert`) start quickly.
 """
+
 import importlib
 
 _EXPORTS = {

@@ -8,6 +8,7 @@ glibc reads the settings only at start, so `keep_freed_memory` restarts the proc
 imports nothing heavy at its top (JAX only inside the functions that use it): `main.py` calls it before
 anything else.
 """
+
 from __future__ import annotations
 
 import os
@@ -53,10 +54,14 @@ def maybe_initialize_distributed() -> None:
     """jax.distributed for multi-process launches (TPU pod slices, SLURM, or explicit coordinator env)."""
     import jax
 
-    multi_process = (os.environ.get("JAX_COORDINATOR_ADDRESS") or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-                     or len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1)
+    multi_process = (
+        os.environ.get("JAX_COORDINATOR_ADDRESS")
+        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+        or len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
+    )
     if multi_process and not jax.distributed.is_initialized():
         jax.distributed.initialize()
+
 
 def default_cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "minimind_jax"

@@ -1,9 +1,8 @@
 """Test setup: 8 simulated CPU devices, set before jax is imported anywhere."""
+
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib
@@ -42,6 +41,8 @@ def small_tokenizer(tmp_path_factory) -> pathlib.Path:
     from tests.support.data import random_chats, write_jsonl
 
     directory = tmp_path_factory.mktemp("tokenizer")
-    texts = [{"text": " ".join(chat["content"] for chat in record["conversations"]) + " user assistant system"}
-             for record in random_chats(300, seed=1)]
+    texts = [
+        {"text": " ".join(chat["content"] for chat in record["conversations"]) + " user assistant system"}
+        for record in random_chats(300, seed=1)
+    ]
     return train_sentencepiece([write_jsonl(directory / "corpus.jsonl", texts)], directory / "tok", vocab_size=300)

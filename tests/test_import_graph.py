@@ -3,6 +3,7 @@
 Every import statement counts, at any depth (inside functions too), since a deferred import is still a
 dependency.
 """
+
 import ast
 import pathlib
 
@@ -58,7 +59,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
                 stack.pop()
                 path.pop()
             elif state.get(child) == "open":
-                return path[path.index(child):] + [child]
+                return path[path.index(child) :] + [child]
             elif child not in state:
                 state[child] = "open"
                 path.append(child)

@@ -4,6 +4,7 @@ The wheel goes into a fresh virtual environment that borrows this environment's 
 network, nothing downloaded); the commands run from a directory outside the repository, so only the installed
 package can answer.
 """
+
 import os
 import shutil
 import subprocess
@@ -24,8 +25,19 @@ from tests.support.models import tiny
 pytestmark = pytest.mark.slow
 
 # What a checkout has beyond its tracked files: none of it belongs in a build.
-UNTRACKED = (".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".cache", "out", "checkpoints",
-             "runs", "demo_out")
+UNTRACKED = (
+    ".git",
+    ".venv",
+    "build",
+    "*.egg-info",
+    "__pycache__",
+    ".pytest_cache",
+    ".cache",
+    "out",
+    "checkpoints",
+    "runs",
+    "demo_out",
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +46,24 @@ def wheel(tmp_path_factory):
     source = tmp_path_factory.mktemp("source") / "minimind-jax"
     shutil.copytree(REPO_ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(*UNTRACKED))
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-                    "-w", str(out), str(source)], check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(out),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     [path] = out.glob("minimind_jax-*.whl")
     return path
 
@@ -46,25 +74,40 @@ def installed(wheel, tmp_path_factory):
     venv = tmp_path_factory.mktemp("venv")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    site_packages = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                   check=True, capture_output=True, text=True).stdout.strip()
+    site_packages = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     # A plain path line does not run the .pth files in that folder, so the repository's editable install stays off.
     dependency_dirs = dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))
     with open(os.path.join(site_packages, "project_dependencies.pth"), "w") as pth:
         pth.writelines(f"{path}\n" for path in dependency_dirs)
     starts_log = venv / "starts.log"
     with open(os.path.join(site_packages, "sitecustomize.py"), "w") as startup:  # runs once per interpreter start
-        startup.write(f"import os\nopen({str(starts_log)!r}, 'a').write(os.environ.get('MALLOC_ARENA_MAX', '-') + ' ')\n")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q",
-                    str(wheel)], check=True, capture_output=True, text=True)
+        startup.write(
+            f"import os\nopen({str(starts_log)!r}, 'a').write(os.environ.get('MALLOC_ARENA_MAX', '-') + ' ')\n"
+        )
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return venv / "bin", starts_log
 
 
 @pytest.fixture
 def outside(tmp_path, monkeypatch):
     """Environment for a command run outside the repository: no PYTHONPATH, no malloc settings of the caller."""
-    for name in ("PYTHONPATH", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_",
-                 "MINIMIND_JAX_SYSTEM_MALLOC"):
+    for name in (
+        "PYTHONPATH",
+        "MALLOC_ARENA_MAX",
+        "MALLOC_MMAP_MAX_",
+        "MALLOC_TRIM_THRESHOLD_",
+        "MINIMIND_JAX_SYSTEM_MALLOC",
+    ):
         monkeypatch.delenv(name, raising=False)
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
@@ -77,16 +120,22 @@ def test_the_wheel_holds_only_the_minimind_jax_package(wheel):
     assert top_level == {"minimind_jax", wheel.name.split("-py3")[0] + ".dist-info"}
     presets = {name for name in names if name.startswith("minimind_jax/configs/")}
     assert {f"minimind_jax/configs/{p}.yaml" for p in ("minimind2-small", "minimind3-moe", "demo")} <= presets
-    assert {"minimind_jax/weights/mapping.py", "minimind_jax/weights/pth.py", "minimind_jax/cli/convert.py"} <= set(names)
+    assert {"minimind_jax/weights/mapping.py", "minimind_jax/weights/pth.py", "minimind_jax/cli/convert.py"} <= set(
+        names
+    )
 
 
 def test_the_installed_command_converts_from_outside_the_repository(installed, outside, tmp_path):
     bin_dir, starts_log = installed
     run = lambda *argv: subprocess.run([str(a) for a in argv], cwd=outside, capture_output=True, text=True)
 
-    where = run(bin_dir / "python", "-c", "import importlib.util, minimind_jax.weights, minimind_jax.model.config as c; "
-                "print(minimind_jax.__file__); print(importlib.util.find_spec('convert')); "
-                "print(c.load_preset('minimind3-moe').num_experts_per_tok)")
+    where = run(
+        bin_dir / "python",
+        "-c",
+        "import importlib.util, minimind_jax.weights, minimind_jax.model.config as c; "
+        "print(minimind_jax.__file__); print(importlib.util.find_spec('convert')); "
+        "print(c.load_preset('minimind3-moe').num_experts_per_tok)",
+    )
     assert where.returncode == 0, where.stderr
     package_file, convert_spec, top_k = where.stdout.split()
     assert package_file.startswith(str(bin_dir.parent)), package_file  # the wheel's copy, not the checkout

@@ -1,4 +1,5 @@
 """The public API is what the README says, on every access and with MiniMind's / HF's keyword names."""
+
 import importlib
 import pkgutil
 

@@ -1,4 +1,5 @@
 """Process set-up: the malloc that keeps freed memory (one restart), and the compilation cache as asked."""
+
 import jax
 
 from minimind_jax.runtime import use_compilation_cache

@@ -6,6 +6,7 @@ same SFT step as its `train_full_sft.py`. Nothing here imports jax or transforme
 Shape suffixes: B batch, T query length, S key length (cache + T), D hidden, H query heads, K kv heads,
 E routed experts, N = B*T tokens, V vocab.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,8 +59,10 @@ def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
     beta_fast, beta_slow = scaling["beta_fast"], scaling["beta_slow"]
     index = torch.arange(dim // 2, device="cpu")
     if config.is_v3:
+
         def correction_dim(beta):
             return dim * math.log(orig_max / (beta * 2 * math.pi)) / (2 * math.log(base))
+
         low = max(math.floor(correction_dim(beta_fast)), 0)
         high = min(math.ceil(correction_dim(beta_slow)), dim // 2 - 1)
         ramp = torch.clamp((index.float() - low) / max(high - low, 0.001), 0, 1)
@@ -138,7 +141,8 @@ class Attention(nn.Module):
         no_padding = attention_mask_BS is None or bool(torch.all(attention_mask_BS == 1))
         if self.flash and T > 1 and past_kv is None and no_padding:
             out_BHTd = F.scaled_dot_product_attention(
-                q_BHTd, k_BHSd, v_BHSd, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+                q_BHTd, k_BHSd, v_BHSd, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            )
         else:
             scores_BHTS = (q_BHTd @ k_BHSd.transpose(-2, -1)) / math.sqrt(self.head_dim)
             # Causal over the new queries; cached keys (the first S-T) are all visible.
@@ -182,7 +186,8 @@ class MoEFeedForward(nn.Module):
             self.gate = nn.Linear(D, E, bias=False)
             if config.num_shared_experts > 0:
                 self.shared_experts = nn.ModuleList(
-                    [FeedForward(config, width) for _ in range(config.num_shared_experts)])
+                    [FeedForward(config, width) for _ in range(config.num_shared_experts)]
+                )
         self.aux_loss = None  # set by every forward
 
     def forward(self, x_BTD):
@@ -212,8 +217,9 @@ class MoEFeedForward(nn.Module):
         y_BTD = y_ND.view(B, T, D)
         for expert in getattr(self, "shared_experts", ()):
             y_BTD = y_BTD + expert(x_BTD)
-        self.aux_loss = self._load_balancing_loss(scores_NE, expert_Nk, B, T) if self.training else \
-            scores_NE.new_zeros(())
+        self.aux_loss = (
+            self._load_balancing_loss(scores_NE, expert_Nk, B, T) if self.training else scores_NE.new_zeros(())
+        )
         return y_BTD
 
     def _load_balancing_loss(self, scores_NE, expert_Nk, B, T):
@@ -246,7 +252,8 @@ class Block(nn.Module):
 
     def forward(self, h_BTD, cos_Td, sin_Td, past_kv, use_cache, attention_mask_BS):
         attn_out, present = self.self_attn(
-            self.input_layernorm(h_BTD), cos_Td, sin_Td, past_kv, use_cache, attention_mask_BS)
+            self.input_layernorm(h_BTD), cos_Td, sin_Td, past_kv, use_cache, attention_mask_BS
+        )
         h_BTD = h_BTD + attn_out
         return h_BTD + self.mlp(self.post_attention_layernorm(h_BTD)), present
 
@@ -280,8 +287,8 @@ class MiniMindTorch(nn.Module):
         T = input_ids_BT.shape[1]
         past_key_values = past_key_values or [None] * len(backbone.layers)
         start = past_key_values[0][0].shape[1] if past_key_values[0] is not None else 0
-        cos_Td = backbone.freqs_cos[start:start + T]
-        sin_Td = backbone.freqs_sin[start:start + T]
+        cos_Td = backbone.freqs_cos[start : start + T]
+        sin_Td = backbone.freqs_sin[start : start + T]
         h_BTD = backbone.dropout(backbone.embed_tokens(input_ids_BT))
         presents = []
         for layer, past_kv in zip(backbone.layers, past_key_values):
@@ -323,6 +330,7 @@ def greedy_decode(model: MiniMindTorch, prompt_ids_1T, max_new_tokens: int):
 
 
 # ---- training: MiniMind's train_full_sft step ----
+
 
 def minimind_lr(arch: str, step: int, total_steps: int, lr: float) -> float:
     """MiniMind's per-micro-step cosine LR; `step` is 1-based, counted across epochs, out of `total_steps`."""
@@ -385,8 +393,9 @@ def sft_step(model, optimizer, inputs_BT, targets_BT, loss_mask_BT, lr, grad_cli
     return dict(loss=loss, logits_loss=logits_loss, aux_loss=aux_loss, grad_norm=grad_norm)
 
 
-def reference_train_loop(model, batches, *, arch, lr, total_steps, accumulation_steps, grad_clip,
-                         optimizer=None, epoch=0):
+def reference_train_loop(
+    model, batches, *, arch, lr, total_steps, accumulation_steps, grad_clip, optimizer=None, epoch=0
+):
     """One epoch of train_full_sft with MiniMind's gradient accumulation, per era.
 
     `batches` are (inputs, targets, loss_mask) micro-batches; micro-step s is 1-based and the LR uses

@@ -13,6 +13,7 @@ spec["model"] picks the model:
   v3 the model's own labels loss (-100 ignored) + aux_loss; clip_grad_norm 1.0 and AdamW either way.
 Needs numpy, torch and pyyaml (and transformers for MiniMind's model), never JAX.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -43,15 +44,18 @@ def minimind_model(minimind_dir: str, fields: dict):
 def minimind_loss(model, arch: str):
     """train_full_sft's forward and loss for the era, on our (inputs, targets, loss_mask) padded rows."""
     if arch == "minimind2":
+
         def loss_fn(inputs, targets, mask):
             out = model(inputs)
             ce = F.cross_entropy(out.logits.view(-1, out.logits.size(-1)), targets.view(-1), reduction="none")
             return (ce.view(targets.size()) * mask).sum() / mask.sum() + out.aux_loss
     else:  # v3 feeds every id and scores logits[t] against labels[t + 1]; our last position carries no loss
+
         def loss_fn(inputs, targets, mask):
             shifted = targets[:, :-1].masked_fill(mask[:, :-1] == 0, -100)
             out = model(inputs, labels=torch.cat([torch.full_like(targets[:, :1], -100), shifted], dim=1))
             return out.loss + out.aux_loss
+
     return loss_fn
 
 
@@ -68,8 +72,8 @@ class Side:
             self.model = minimind_model(spec["minimind_dir"], spec["minimind_config"])
             self.loss_fn = minimind_loss(self.model, spec["arch"])
         else:
-            from minimind_jax.model.config import ModelConfig
             from minimind_jax.bench.torch_reference import MiniMindTorch
+            from minimind_jax.model.config import ModelConfig
 
             self.model, self.loss_fn = MiniMindTorch(ModelConfig.from_dict(spec["model_config"])), None
         self.model.load_state_dict(state, strict=True)
@@ -80,15 +84,28 @@ class Side:
         self.turn = 0
 
     def ready(self) -> dict:
-        return {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(self.device),
-                "model_class": f"{type(self.model).__module__}.{type(self.model).__name__}", "pid": os.getpid()}
+        return {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": str(self.device),
+            "model_class": f"{type(self.model).__module__}.{type(self.model).__name__}",
+            "pid": os.getpid(),
+        }
 
     def train_step(self, inputs, targets, mask) -> torch.Tensor:
         if self.loss_fn is None:  # the project's reference step
             from minimind_jax.bench.torch_reference import sft_step
 
-            return sft_step(self.model, self.optimizer, inputs, targets, mask, self.learning_rate, GRAD_CLIP,
-                            autocast_dtype=self.autocast)["loss"]
+            return sft_step(
+                self.model,
+                self.optimizer,
+                inputs,
+                targets,
+                mask,
+                self.learning_rate,
+                GRAD_CLIP,
+                autocast_dtype=self.autocast,
+            )["loss"]
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             loss = self.loss_fn(inputs, targets, mask)
         loss.backward()
@@ -99,16 +116,23 @@ class Side:
 
     def step(self) -> dict:
         start, cpu_start = time.perf_counter(), process_cpu_seconds()
-        inputs, targets, mask = (torch.from_numpy(self.batches[key][self.turn]).to(self.device)
-                                 for key in ("inputs", "targets", "loss_mask"))
+        inputs, targets, mask = (
+            torch.from_numpy(self.batches[key][self.turn]).to(self.device) for key in ("inputs", "targets", "loss_mask")
+        )
         self.turn += 1
         got_batch = time.perf_counter()
         loss = float(self.train_step(inputs.long(), targets.long(), mask))  # waits for the device
         done = time.perf_counter()
         memory = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
-        return {"seconds": done - start, "data_wait": got_batch - start,
-                "cpu_seconds": process_cpu_seconds() - cpu_start, "tokens": inputs.numel(),
-                "loss_tokens": float(mask.sum()), "loss": loss, "memory_bytes": memory}
+        return {
+            "seconds": done - start,
+            "data_wait": got_batch - start,
+            "cpu_seconds": process_cpu_seconds() - cpu_start,
+            "tokens": inputs.numel(),
+            "loss_tokens": float(mask.sum()),
+            "loss": loss,
+            "memory_bytes": memory,
+        }
 
 
 def main(spec_path: str) -> None:

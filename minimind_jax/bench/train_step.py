@@ -20,6 +20,7 @@ the device's peak from `perf`), compile time (trace, lower and XLA compile, ahea
 during the steps (must be 0), the step's memory (XLA's account for ours, torch.cuda.max_memory_allocated for
 torch on GPU) and the fraction of the step spent waiting for the input iterator.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,8 @@ import time
 from typing import Any
 
 from minimind_jax import runtime
-from minimind_jax.model.config import ATTENTION_IMPLS, LITERAL_STEP, REMATS, fast_path_settings, train_step_settings
 from minimind_jax.errors import UserError
+from minimind_jax.model.config import ATTENTION_IMPLS, LITERAL_STEP, REMATS, fast_path_settings, train_step_settings
 
 PACKAGE_PARENT = pathlib.Path(__file__).resolve().parents[2]  # the directory that holds minimind_jax/
 DEFAULT_DATA_DIR = pathlib.Path.home() / ".cache" / "minimind_jax" / "bench"
@@ -51,44 +52,85 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "bench") -> No
     parser.description = __doc__.split("\n\n")[1].replace("\n", " ")
     parser.add_argument("--preset", default="minimind2-small", help="model preset name or YAML file")
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--max_seq_len", type=int, default=512, help="MiniMind's max_seq_len (2510 rows are one shorter)")
+    parser.add_argument(
+        "--max_seq_len", type=int, default=512, help="MiniMind's max_seq_len (2510 rows are one shorter)"
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side first (the first compiles)")
     parser.add_argument("--packing", action="store_true", help="our side trains on packed rows")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                        help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)",
+    )
     parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch sides")
-    parser.add_argument("--minimind_dir", default=None,
-                        help="a MiniMind checkout of the preset's era (2510 for minimind2, v3 for minimind3): also "
-                             "time its own model/model_minimind.py, the baseline of the ratios")
-    parser.add_argument("--torch_reference", type=int, choices=(0, 1), default=1,
-                        help="1 = time the project's torch reference (0 with --minimind_dir: only MiniMind's own "
-                             "model, which saves a process's memory on the big MoE presets)")
-    parser.add_argument("--torch_python", default=sys.executable,
-                        help="interpreter of the PyTorch processes; with --minimind_dir it needs transformers "
-                             "(default: this one)")
-    parser.add_argument("--fast_path", type=int, choices=(0, 1), default=1,
-                        help="as main.py sft: 1 = the backend's fastest exact step, 0 = MiniMind's literal computation")
-    parser.add_argument("--loss_chunk_size", type=int, default=None,
-                        help="lm_head + CE only at loss positions, this many at a time; 0 = full logits "
-                             "(default: per --fast_path)")
+    parser.add_argument(
+        "--minimind_dir",
+        default=None,
+        help="a MiniMind checkout of the preset's era (2510 for minimind2, v3 for minimind3): also "
+        "time its own model/model_minimind.py, the baseline of the ratios",
+    )
+    parser.add_argument(
+        "--torch_reference",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="1 = time the project's torch reference (0 with --minimind_dir: only MiniMind's own "
+        "model, which saves a process's memory on the big MoE presets)",
+    )
+    parser.add_argument(
+        "--torch_python",
+        default=sys.executable,
+        help="interpreter of the PyTorch processes; with --minimind_dir it needs transformers (default: this one)",
+    )
+    parser.add_argument(
+        "--fast_path",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="as main.py sft: 1 = the backend's fastest exact step, 0 = MiniMind's literal computation",
+    )
+    parser.add_argument(
+        "--loss_chunk_size",
+        type=int,
+        default=None,
+        help="lm_head + CE only at loss positions, this many at a time; 0 = full logits (default: per --fast_path)",
+    )
     parser.add_argument("--attention_impl", default=None, choices=ATTENTION_IMPLS, help="default: per --fast_path")
-    parser.add_argument("--scan_layers", type=int, choices=(0, 1), default=None,
-                        help="1 = the layers in lax.scan, 0 = unrolled (default: per --fast_path)")
+    parser.add_argument(
+        "--scan_layers",
+        type=int,
+        choices=(0, 1),
+        default=None,
+        help="1 = the layers in lax.scan, 0 = unrolled (default: per --fast_path)",
+    )
     parser.add_argument("--remat", default="none", choices=REMATS)
-    parser.add_argument("--ablation", action="store_true",
-                        help="also run each fast-path switch on its own and all together (one row each)")
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="also run each fast-path switch on its own and all together (one row each)",
+    )
     parser.add_argument("--decode", action="store_true", help="also run generate.benchmark_decode on the preset")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=2,tensor=2 (default: all devices on data)")
-    parser.add_argument("--tokenizer_path", default=None,
-                        help="default: MiniMind's own (model/ of --minimind_dir) when there, else a SentencePiece "
-                             "tokenizer trained on the corpus")
-    parser.add_argument("--data_dir", default=str(DEFAULT_DATA_DIR),
-                        help="corpus, tokenizer and tokenized cache are kept here between runs")
+    parser.add_argument(
+        "--tokenizer_path",
+        default=None,
+        help="default: MiniMind's own (model/ of --minimind_dir) when there, else a SentencePiece "
+        "tokenizer trained on the corpus",
+    )
+    parser.add_argument(
+        "--data_dir",
+        default=str(DEFAULT_DATA_DIR),
+        help="corpus, tokenizer and tokenized cache are kept here between runs",
+    )
     parser.add_argument("--num_records", type=int, default=2000, help="SFT records of the corpus to use")
-    parser.add_argument("--compilation_cache_dir", default=None,
-                        help="persistent XLA compilation cache (default: off, so compile_s is a cold compile)")
+    parser.add_argument(
+        "--compilation_cache_dir",
+        default=None,
+        help="persistent XLA compilation cache (default: off, so compile_s is a cold compile)",
+    )
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
 
@@ -124,10 +166,17 @@ def variants_for(args, platform: str, dtype: str, seq_len: int) -> list[Variant]
         default,
         Variant("default + packing", packing=True, **fast),
     ]
-    given = {"attention_impl": args.attention_impl, "loss_chunk_size": args.loss_chunk_size,
-             "scan_layers": None if args.scan_layers is None else bool(args.scan_layers)}
-    asked = Variant("", args.packing, remat=args.remat,
-                    **train_step_settings(bool(args.fast_path), platform, dtype, seq_len, **given))
+    given = {
+        "attention_impl": args.attention_impl,
+        "loss_chunk_size": args.loss_chunk_size,
+        "scan_layers": None if args.scan_layers is None else bool(args.scan_layers),
+    }
+    asked = Variant(
+        "",
+        args.packing,
+        remat=args.remat,
+        **train_step_settings(bool(args.fast_path), platform, dtype, seq_len, **given),
+    )
     asked = next((v for v in [literal, *ablation] if settings_of(v) == settings_of(asked)), asked)
     rows = [asked, literal, *(ablation if args.ablation else [])]
     return [v for i, v in enumerate(rows) if settings_of(v) not in map(settings_of, rows[:i])]
@@ -249,37 +298,57 @@ class JaxSide:
     def __init__(self, variant: Variant, config, dataset, init_params, mesh, args, watch: CompileWatch):
         import jax
 
-        from minimind_jax.training import sharding
         from minimind_jax.data.pipeline import BATCH_KEYS, make_batches
-        from minimind_jax.training.step import init_train_state, make_train_step
+        from minimind_jax.training import sharding
+        from minimind_jax.training.objectives import NextTokenLoss
         from minimind_jax.training.optimizer import make_optimizer
+        from minimind_jax.training.step import init_train_state, make_train_step
         from minimind_jax.weights import model_from_params
 
         self.name, self.variant, self.watch = describe(variant), variant, watch
-        self.config = config.replace(remat=variant.remat, attention_impl=variant.attention_impl,
-                                     scan_layers=variant.scan_layers)
+        self.config = config.replace(
+            remat=variant.remat, attention_impl=variant.attention_impl, scan_layers=variant.scan_layers
+        )
         optimizer = make_optimizer(args.learning_rate)
         graphdef, self.params, self.opt_state, param_shardings, opt_shardings = init_train_state(
-            model_from_params(self.config, init_params), optimizer, mesh)
-        self.step_fn = make_train_step(graphdef, optimizer, mesh, loss_chunk_size=variant.loss_chunk_size,
-                                       param_shardings=param_shardings, opt_shardings=opt_shardings)
+            model_from_params(self.config, init_params), optimizer, mesh
+        )
+        self.step_fn = make_train_step(
+            graphdef,
+            optimizer,
+            mesh,
+            objective=NextTokenLoss(variant.loss_chunk_size),
+            param_shardings=param_shardings,
+            opt_shardings=opt_shardings,
+        )
         batch_sharding = sharding.batch_sharding(mesh)
-        self.batches = make_batches(dataset, batch_size=args.batch_size, seed=args.seed,
-                                    epochs=enough_epochs(dataset, args, variant.packing), packing=variant.packing,
-                                    sharding=batch_sharding)
+        self.batches = make_batches(
+            dataset,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            epochs=enough_epochs(dataset, args, variant.packing),
+            packing=variant.packing,
+            sharding=batch_sharding,
+        )
         self.packing_stats = self.batches.stats
         self.key = jax.random.key_data(jax.random.key(args.seed))
         # Compiled ahead of the first step (which then reuses the executable): the compile time, and XLA's
         # own account of the step's memory (arguments + outputs + temporaries, donated buffers once).
         shape = (args.batch_size, dataset.seq_len)
-        batch = {key: jax.ShapeDtypeStruct(shape, "float32" if key == "loss_mask" else "int32", sharding=batch_sharding)
-                 for key in BATCH_KEYS}
+        batch = {
+            key: jax.ShapeDtypeStruct(shape, "float32" if key == "loss_mask" else "int32", sharding=batch_sharding)
+            for key in BATCH_KEYS
+        }
         watch.reset()
         start = time.perf_counter()
         stats = self.step_fn.lower(self.params, self.opt_state, [batch], self.key).compile().memory_analysis()
         self.compile_s, self.compile_cache_hits = time.perf_counter() - start, watch.cache_hits
-        self.memory_bytes = (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
-                             - stats.alias_size_in_bytes)
+        self.memory_bytes = (
+            stats.argument_size_in_bytes
+            + stats.output_size_in_bytes
+            + stats.temp_size_in_bytes
+            - stats.alias_size_in_bytes
+        )
         self.recompilations = 0
 
     def step(self) -> StepRecord:
@@ -293,8 +362,14 @@ class JaxSide:
         metrics = jax.device_get(jax.block_until_ready((self.params, metrics))[1])
         done = time.perf_counter()
         self.recompilations += self.watch.compiles
-        return StepRecord(done - start, got_batch - start, process_cpu_seconds() - cpu_start, batch["inputs"].size,
-                          float(metrics["loss_tokens"]), float(metrics["loss"]))
+        return StepRecord(
+            done - start,
+            got_batch - start,
+            process_cpu_seconds() - cpu_start,
+            batch["inputs"].size,
+            float(metrics["loss_tokens"]),
+            float(metrics["loss"]),
+        )
 
     def close(self) -> None:
         self.batches.close()
@@ -309,17 +384,26 @@ class TorchProcess:
 
         from minimind_jax.weights.mapping import state_dict_from_params
 
-        self.name = ("PyTorch: MiniMind's model_minimind.py, own process" if model == "minimind"
-                     else "PyTorch: project torch reference, own process")
+        self.name = (
+            "PyTorch: MiniMind's model_minimind.py, own process"
+            if model == "minimind"
+            else "PyTorch: project torch reference, own process"
+        )
         self.compile_s, self.recompilations, self.memory_bytes, self.compile_cache_hits = 0.0, 0, None, 0
         directory = workdir / model
         directory.mkdir()
         state = state_dict_from_params(init_params, config)
         np.savez(directory / "init.npz", **{key: np.asarray(value, np.float32) for key, value in state.items()})
         np.savez(directory / "batches.npz", **torch_batches)
-        spec = {"model": model, "arch": config.arch, "dtype": dtype, "learning_rate": args.learning_rate,
-                "model_config": config.to_dict(), "minimind_config": minimind_config_fields(config),
-                "minimind_dir": args.minimind_dir}
+        spec = {
+            "model": model,
+            "arch": config.arch,
+            "dtype": dtype,
+            "learning_rate": args.learning_rate,
+            "model_config": config.to_dict(),
+            "minimind_config": minimind_config_fields(config),
+            "minimind_dir": args.minimind_dir,
+        }
         (directory / "spec.json").write_text(json.dumps(spec))
         # MiniMind's scripts run with glibc's default malloc, so this process does too.
         env = {name: value for name, value in os.environ.items() if name not in runtime.KEEP_FREED_MEMORY_ENV}
@@ -327,8 +411,9 @@ class TorchProcess:
         self.log_path = directory / "stderr.log"
         command = [args.torch_python, "-m", "minimind_jax.bench.torch_side", str(directory / "spec.json")]
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                                            env=env, text=True)
+            self.process = subprocess.Popen(
+                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env, text=True
+            )
         self.info = {**self._receive()["ready"], "python": args.torch_python}
 
     def _receive(self) -> dict:
@@ -336,8 +421,9 @@ class TorchProcess:
         if not line:
             self.process.wait()
             tail = self.log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-            raise UserError(f"{self.name} ({self.process.args[0]}) exited with status "
-                            f"{self.process.returncode}: {tail[0]}")
+            raise UserError(
+                f"{self.name} ({self.process.args[0]}) exited with status {self.process.returncode}: {tail[0]}"
+            )
         return json.loads(line)
 
     def step(self) -> StepRecord:
@@ -363,7 +449,7 @@ class TorchProcess:
 def minimind_config_fields(config) -> dict[str, Any]:
     """The ModelConfig fields that are MiniMind's own (those before `dtype`), for its MiniMindConfig."""
     names = [field.name for field in dataclasses.fields(config)]
-    return {name: getattr(config, name) for name in names[:names.index("dtype")]}
+    return {name: getattr(config, name) for name in names[: names.index("dtype")]}
 
 
 def minimind_checkout_arch(minimind_dir: str) -> str:
@@ -380,8 +466,9 @@ def padded_batches(dataset, args) -> dict:
 
     from minimind_jax.data.pipeline import make_batches
 
-    batches = make_batches(dataset, batch_size=args.batch_size, seed=args.seed,
-                           epochs=enough_epochs(dataset, args, False), packing=False)
+    batches = make_batches(
+        dataset, batch_size=args.batch_size, seed=args.seed, epochs=enough_epochs(dataset, args, False), packing=False
+    )
     try:
         taken = [next(batches) for _ in range(args.warmup + args.steps)]
     finally:
@@ -445,10 +532,17 @@ def ratio_figures(ours: list[StepRecord], theirs: list[StepRecord]) -> dict[str,
     tokens = [(o.tokens / o.seconds) / (t.tokens / t.seconds) for o, t in zip(ours, theirs)]
     loss_tokens = [(o.loss_tokens / o.seconds) / (t.loss_tokens / t.seconds) for o, t in zip(ours, theirs)]
     cpu = [(t.cpu_seconds / t.tokens) / (o.cpu_seconds / o.tokens) for o, t in zip(ours, theirs)]
-    return {"speedup": statistics.median(tokens), "loss_tokens_speedup": statistics.median(loss_tokens),
-            "cpu_speedup": statistics.median(cpu),
-            "noise": {"speedup_min": min(tokens), "speedup_max": max(tokens),
-                      "loss_tokens_speedup_min": min(loss_tokens), "loss_tokens_speedup_max": max(loss_tokens)}}
+    return {
+        "speedup": statistics.median(tokens),
+        "loss_tokens_speedup": statistics.median(loss_tokens),
+        "cpu_speedup": statistics.median(cpu),
+        "noise": {
+            "speedup_min": min(tokens),
+            "speedup_max": max(tokens),
+            "loss_tokens_speedup_min": min(loss_tokens),
+            "loss_tokens_speedup_max": max(loss_tokens),
+        },
+    }
 
 
 def process_cpu_seconds() -> float:
@@ -477,8 +571,11 @@ TABLE_COLUMNS = (  # header, width, cell
     ("tokens/s", 9, lambda r: f"{r['tokens_per_s']:,.0f}"),
     ("loss tok/s", 10, lambda r: f"{r['loss_tokens_per_s']:,.0f}"),
     ("× baseline (min-max)", 20, lambda r: _ratio(r, "speedup", "speedup_min", "speedup_max")),
-    ("loss tok × baseline", 20, lambda r: _ratio(r, "loss_tokens_speedup", "loss_tokens_speedup_min",
-                                                  "loss_tokens_speedup_max")),
+    (
+        "loss tok × baseline",
+        20,
+        lambda r: _ratio(r, "loss_tokens_speedup", "loss_tokens_speedup_min", "loss_tokens_speedup_max"),
+    ),
     ("CPU-time ×", 10, lambda r: f"{r['cpu_speedup']:.2f}" if "cpu_speedup" in r else "-"),
     ("MFU", 6, lambda r: f"{r['mfu']:.1%}"),
     ("compile s", 9, lambda r: f"{r['compile_s']:.1f}"),
@@ -490,8 +587,10 @@ TABLE_COLUMNS = (  # header, width, cell
 
 def table_rows(rows: list[dict]) -> list[str]:
     def line(cells):
-        return " ".join(f"{cell:<{-width}}" if width < 0 else f"{cell:>{width}}"
-                        for cell, (_, width, _) in zip(cells, TABLE_COLUMNS))
+        return " ".join(
+            f"{cell:<{-width}}" if width < 0 else f"{cell:>{width}}"
+            for cell, (_, width, _) in zip(cells, TABLE_COLUMNS)
+        )
 
     header = line([name for name, _, _ in TABLE_COLUMNS])
     return [header, "-" * len(header)] + [line([cell(row) for _, _, cell in TABLE_COLUMNS]) for row in rows]
@@ -509,17 +608,22 @@ def format_table(result: dict[str, Any]) -> str:
         f"the range of the per-turn ratios to the baseline ({result['baseline'] or 'none: --no_torch'}); "
         f"CPU-time ×: the baseline's process CPU seconds per token over the row's",
         f"ours: this process (pid {setup['pid']}), malloc {setup['malloc_env'] or 'glibc defaults'}",
-        *(f"{side['name']}: pid {side['pid']}, {side['model_class']}, torch {side['torch']} on {side['device']} with "
-          f"{side['threads']} threads, {side['python']}, glibc default malloc" for side in setup["torch_processes"]),
+        *(
+            f"{side['name']}: pid {side['pid']}, {side['model_class']}, torch {side['torch']} on {side['device']} with "
+            f"{side['threads']} threads, {side['python']}, glibc default malloc"
+            for side in setup["torch_processes"]
+        ),
         "",
     ]
     lines += table_rows(result["rows"])
     lines += [f"{row['name']}: could not run here ({row['error']})" for row in result.get("failed_variants", [])]
     lines.append(f"process peak memory {result['peak_memory_bytes'] / 2**20:,.0f} MB ({result['peak_memory_source']})")
     for row in result.get("decode", []):
-        lines.append(f"decode batch {row['batch']}: {row['tokens_per_s']:,.1f} tokens/s "
-                     f"(decode loop {row['decode_tokens_per_s']:,.1f}), prefill {row['prefill_s']:.3f}s, "
-                     f"compile {row['compile_s']:.1f}s")
+        lines.append(
+            f"decode batch {row['batch']}: {row['tokens_per_s']:,.1f} tokens/s "
+            f"(decode loop {row['decode_tokens_per_s']:,.1f}), prefill {row['prefill_s']:.3f}s, "
+            f"compile {row['compile_s']:.1f}s"
+        )
     return "\n".join(lines)
 
 
@@ -545,13 +649,13 @@ def run(args) -> int:
     import numpy as np
     from flax import nnx
 
-    from minimind_jax.training import sharding
     from minimind_jax.model.config import default_dtype, load_preset, num_params
     from minimind_jax.model.transformer import MiniMind
+    from minimind_jax.training import sharding
     from minimind_jax.training.perf import attention_flops_per_token, model_flops_per_token
     from minimind_jax.weights import params_of
 
-    progress = (lambda message: print(message, file=sys.stderr, flush=True))
+    progress = lambda message: print(message, file=sys.stderr, flush=True)
     platform = jax.devices()[0].platform
     dtype = args.dtype or default_dtype(platform)
     try:
@@ -560,19 +664,24 @@ def run(args) -> int:
         raise UserError(f"--preset {args.preset}: {error}") from None
     checkout_arch = minimind_checkout_arch(args.minimind_dir) if args.minimind_dir else config.arch
     if checkout_arch != config.arch:
-        raise UserError(f"--minimind_dir {args.minimind_dir} holds MiniMind's {checkout_arch} model code but --preset "
-                        f"{args.preset} is {config.arch}; use a checkout of that era (minimind2: 2510, commit "
-                        f"6b86ea3; minimind3: v3)")
+        raise UserError(
+            f"--minimind_dir {args.minimind_dir} holds MiniMind's {checkout_arch} model code but --preset "
+            f"{args.preset} is {config.arch}; use a checkout of that era (minimind2: 2510, commit "
+            f"6b86ea3; minimind3: v3)"
+        )
     mesh = sharding.make_mesh(args.mesh)
     if args.batch_size % sharding.batch_size_per_step(mesh):
-        raise UserError(f"--batch_size {args.batch_size} is not divisible by the data-parallel size "
-                        f"{sharding.batch_size_per_step(mesh)} of mesh {dict(mesh.shape)}")
+        raise UserError(
+            f"--batch_size {args.batch_size} is not divisible by the data-parallel size "
+            f"{sharding.batch_size_per_step(mesh)} of mesh {dict(mesh.shape)}"
+        )
     dataset, tokenizer_label = bench_dataset(args, config.arch)
     init_params = jax.tree.map(np.asarray, params_of(MiniMind(config, rngs=nnx.Rngs(args.seed))))
     peak = PeakFlops(dtype, platform)
     flops_per_token = model_flops_per_token(config) + attention_flops_per_token(config, dataset.seq_len)
-    torch_models = [] if args.no_torch else (["reference"] * args.torch_reference
-                                             + ["minimind"] * bool(args.minimind_dir))
+    torch_models = (
+        [] if args.no_torch else (["reference"] * args.torch_reference + ["minimind"] * bool(args.minimind_dir))
+    )
 
     watch = CompileWatch()
     jax_sides, torch_sides, failed = [], [], []
@@ -581,8 +690,9 @@ def run(args) -> int:
             torch_batches = padded_batches(dataset, args) if torch_models else None
             for model in torch_models:  # first, so that a PyTorch environment that cannot run fails fast
                 progress(f"starting a PyTorch process: {model}")
-                torch_sides.append(TorchProcess(model, config, init_params, torch_batches, args, dtype,
-                                                pathlib.Path(workdir)))
+                torch_sides.append(
+                    TorchProcess(model, config, init_params, torch_batches, args, dtype, pathlib.Path(workdir))
+                )
             for index, variant in enumerate(variants_for(args, platform, dtype, dataset.seq_len)):
                 progress(f"building our step: {describe(variant)}")
                 try:
@@ -591,8 +701,9 @@ def run(args) -> int:
                     if index == 0:
                         raise
                     message = " ".join(f"{type(error).__name__}: {error}".split())[:300]
-                    failed.append({"name": describe(variant), "settings": dataclasses.asdict(variant),
-                                   "error": message})
+                    failed.append(
+                        {"name": describe(variant), "settings": dataclasses.asdict(variant), "error": message}
+                    )
                     progress(f"  failed: {message}")
             sides = jax_sides + torch_sides
             records = take_turns(sides, args.warmup, args.steps, progress, after_turn=peak.update)
@@ -604,9 +715,14 @@ def run(args) -> int:
     baseline = torch_sides[-1] if torch_sides else None  # MiniMind's own model when it runs
     rows = []
     for side in sides:
-        row = {"name": side.name, **side_figures(records[side.name], flops_per_token, peak.flops),
-               "compile_s": side.compile_s, "compile_cache_hits": side.compile_cache_hits,
-               "recompilations": side.recompilations, "memory_bytes": side.memory_bytes}
+        row = {
+            "name": side.name,
+            **side_figures(records[side.name], flops_per_token, peak.flops),
+            "compile_s": side.compile_s,
+            "compile_cache_hits": side.compile_cache_hits,
+            "recompilations": side.recompilations,
+            "memory_bytes": side.memory_bytes,
+        }
         if isinstance(side, JaxSide):
             row["settings"] = dataclasses.asdict(side.variant)
         if baseline is not None and side is not baseline:
@@ -637,16 +753,31 @@ def run(args) -> int:
         "torch_mfu": torch_row["mfu"] if torch_row else None,
         "data_wait_fraction": main_row["data_wait_fraction"],
         "setup": {
-            "preset": args.preset, "arch": config.arch, "params": num_params(config), "dtype": dtype,
-            "batch_size": args.batch_size, "seq_len": dataset.seq_len, "steps": args.steps, "warmup": args.warmup,
-            "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind, "platform": platform,
-            "mesh": dict(mesh.shape), "peak_flops": peak.flops, "peak_flops_source": peak.source,
-            "flops_per_token": flops_per_token, "records": len(dataset), "tokenizer": tokenizer_label,
-            "padded_loss_fraction": padded["loss_fraction"], "packed_loss_fraction": packed["loss_fraction"],
+            "preset": args.preset,
+            "arch": config.arch,
+            "params": num_params(config),
+            "dtype": dtype,
+            "batch_size": args.batch_size,
+            "seq_len": dataset.seq_len,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "devices": jax.device_count(),
+            "device_kind": jax.devices()[0].device_kind,
+            "platform": platform,
+            "mesh": dict(mesh.shape),
+            "peak_flops": peak.flops,
+            "peak_flops_source": peak.source,
+            "flops_per_token": flops_per_token,
+            "records": len(dataset),
+            "tokenizer": tokenizer_label,
+            "padded_loss_fraction": padded["loss_fraction"],
+            "packed_loss_fraction": packed["loss_fraction"],
             "packed_token_fraction": packed["token_fraction"],
             "torch_processes": [{"name": side.name, **side.info} for side in torch_sides],
             "minimind_dir": args.minimind_dir,
-            "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""), "pid": os.getpid(),
+            "cpu_count": os.cpu_count(),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "pid": os.getpid(),
             # Our side's allocator settings (main.py sets them; see minimind_jax.malloc).
             "malloc_env": runtime.current_settings(),
             "compilation_cache_dir": args.compilation_cache_dir,

@@ -9,6 +9,7 @@ Weights named like MiniMind's pretrain ones (`pretrain_*`) get `<|im_start|>` + 
 
 The model and tokenizer helpers here are shared with `main.py eval`.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -18,11 +19,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from minimind_jax.model.config import DTYPES, weight_stem
+from minimind_jax.data.tokenizer import Tokenizer, check_fits, load_tokenizer
 from minimind_jax.errors import UserError
 from minimind_jax.inference.generation import Decoder, check_room
+from minimind_jax.model.config import DTYPES, weight_stem
 from minimind_jax.model.transformer import MiniMind
-from minimind_jax.data.tokenizer import Tokenizer, check_fits, load_tokenizer
 
 DEFAULT_SEED = 2026  # MiniMind 2510's eval_llm.py seeds every turn with 2026
 DEFAULT_TOP_P = {"minimind2": 0.85, "minimind3": 0.95}  # eval_llm.py's default per era
@@ -34,19 +35,29 @@ DEFAULT_TOP_P = {"minimind2": 0.85, "minimind3": 0.95}  # eval_llm.py's default 
 
 def add_model_arguments(parser) -> None:
     """Where the weights and tokenizer come from: --load_from, or MiniMind's {save_dir}/{weight}_{hidden}.pth."""
-    parser.add_argument("--load_from", "--from_weight", dest="load_from", default=None,
-                        help="a MiniMind .pth or a minimind-jax checkpoint directory "
-                             "(default: MiniMind's {save_dir}/{weight}_{hidden_size}{_moe}.pth)")
+    parser.add_argument(
+        "--load_from",
+        "--from_weight",
+        dest="load_from",
+        default=None,
+        help="a MiniMind .pth or a minimind-jax checkpoint directory "
+        "(default: MiniMind's {save_dir}/{weight}_{hidden_size}{_moe}.pth)",
+    )
     parser.add_argument("--save_dir", default="out", help="MiniMind's weight directory (without --load_from)")
     parser.add_argument("--weight", default="full_sft", help="MiniMind's weight name prefix (without --load_from)")
     parser.add_argument("--hidden_size", default=512, type=int, help="names MiniMind's weight file")
     parser.add_argument("--use_moe", default=0, type=int, choices=(0, 1), help="names MiniMind's weight file")
-    parser.add_argument("--tokenizer_path", default=None,
-                        help="tokenizer directory or .model (default: beside the weights, else ./model)")
-    parser.add_argument("--inference_rope_scaling", action="store_true",
-                        help="YaRN RoPE extrapolation for long contexts (the era's MiniMind settings)")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES,
-                        help="compute dtype (weights stay fp32)")
+    parser.add_argument(
+        "--tokenizer_path",
+        default=None,
+        help="tokenizer directory or .model (default: beside the weights, else ./model)",
+    )
+    parser.add_argument(
+        "--inference_rope_scaling",
+        action="store_true",
+        help="YaRN RoPE extrapolation for long contexts (the era's MiniMind settings)",
+    )
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (weights stay fp32)")
 
 
 def weights_path(args) -> pathlib.Path:
@@ -88,22 +99,41 @@ def load_tokenizer_for(args, model: MiniMind) -> Tokenizer:
 
 def add_arguments(parser, command: str) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--prompt", action="append", default=None,
-                        help="a user turn to answer instead of reading standard input (repeat for several turns)")
-    parser.add_argument("--max_new_tokens", default=8192, type=int,
-                        help="most tokens per reply; with the prompt, at most the model's max_position_embeddings")
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        help="a user turn to answer instead of reading standard input (repeat for several turns)",
+    )
+    parser.add_argument(
+        "--max_new_tokens",
+        default=8192,
+        type=int,
+        help="most tokens per reply; with the prompt, at most the model's max_position_embeddings",
+    )
     parser.add_argument("--temperature", default=0.85, type=float)
     parser.add_argument("--top_p", default=None, type=float, help="nucleus threshold (default 0.85 for 2510, 0.95 v3)")
     parser.add_argument("--top_k", default=50, type=int, help="keep the k most likely tokens (0: off)")
     parser.add_argument("--repetition_penalty", default=1.0, type=float)
     parser.add_argument("--do_sample", default=1, type=int, choices=(0, 1), help="0: greedy decoding")
-    parser.add_argument("--open_thinking", default=0, type=int, choices=(0, 1),
-                        help="v3: let the model think first (the template opens a <think> block)")
-    parser.add_argument("--historys", default=0, type=int,
-                        help="earlier messages to carry into each turn (even; 0: none, as MiniMind)")
-    parser.add_argument("--show_speed", default=1, type=int, choices=(0, 1),
-                        help="print each reply's tokens/s (wall clock from the prompt on, so the first prompt "
-                             "of a new length bucket includes compiling)")
+    parser.add_argument(
+        "--open_thinking",
+        default=0,
+        type=int,
+        choices=(0, 1),
+        help="v3: let the model think first (the template opens a <think> block)",
+    )
+    parser.add_argument(
+        "--historys", default=0, type=int, help="earlier messages to carry into each turn (even; 0: none, as MiniMind)"
+    )
+    parser.add_argument(
+        "--show_speed",
+        default=1,
+        type=int,
+        choices=(0, 1),
+        help="print each reply's tokens/s (wall clock from the prompt on, so the first prompt "
+        "of a new length bucket includes compiling)",
+    )
     parser.add_argument("--seed", default=DEFAULT_SEED, type=int, help="sampling seed of every turn")
 
 
@@ -140,31 +170,51 @@ class StreamPrinter:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
     def _decode(self, end: int) -> str:
-        return self.tokenizer.decode(self.ids[self.context_start:end], skip_special_tokens=True)
+        return self.tokenizer.decode(self.ids[self.context_start : end], skip_special_tokens=True)
 
     def _print_to(self, end: int) -> None:
         context, text = self._decode(self.printed_end), self._decode(end)
         if len(text) > len(context):
-            self.write(text[len(context):])
+            self.write(text[len(context) :])
             self.context_start, self.printed_end = self.printed_end, end
 
 
 class ChatSession:
     """MiniMind's eval_llm loop: a conversation, the template, and one streamed reply per user turn."""
 
-    def __init__(self, model: MiniMind, tokenizer: Tokenizer, *, historys: int = 0, open_thinking: bool = False,
-                 raw: bool = False, max_new_tokens: int = 8192, seed: int = DEFAULT_SEED, do_sample: bool = True,
-                 temperature: float = 0.85, top_k: int = 50, top_p: float = 0.85, repetition_penalty: float = 1.0):
+    def __init__(
+        self,
+        model: MiniMind,
+        tokenizer: Tokenizer,
+        *,
+        historys: int = 0,
+        open_thinking: bool = False,
+        raw: bool = False,
+        max_new_tokens: int = 8192,
+        seed: int = DEFAULT_SEED,
+        do_sample: bool = True,
+        temperature: float = 0.85,
+        top_k: int = 50,
+        top_p: float = 0.85,
+        repetition_penalty: float = 1.0,
+    ):
         self.tokenizer, self.model_config = tokenizer, model.config
         self.historys, self.open_thinking, self.raw = historys, open_thinking, raw
         self.max_new_tokens, self.seed = max_new_tokens, seed
-        self.decoder = Decoder(model, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                               repetition_penalty=repetition_penalty, eos_token_id=tokenizer.eos_id)
+        self.decoder = Decoder(
+            model,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            eos_token_id=tokenizer.eos_id,
+        )
         self.conversation: list[dict] = []
 
     def prompt_ids(self, user_text: str) -> list[int]:
         """Starts a turn: keeps the last `historys` messages, adds the user's, and renders them."""
-        self.conversation = self.conversation[-self.historys:] if self.historys else []
+        self.conversation = self.conversation[-self.historys :] if self.historys else []
         self.conversation.append({"role": "user", "content": user_text})
         if self.raw:
             return [self.tokenizer.bos_id] + self.tokenizer.encode(user_text)
@@ -178,8 +228,7 @@ class ChatSession:
         check_room(self.model_config, len(ids), self.max_new_tokens)
         printer = StreamPrinter(self.tokenizer, write)
         start = time.perf_counter()
-        state = self.decoder.start(np.asarray([ids]), seed=self.seed,
-                                   expected_new_tokens=min(self.max_new_tokens, 256))
+        state = self.decoder.start(np.asarray([ids]), seed=self.seed, expected_new_tokens=min(self.max_new_tokens, 256))
         num_tokens = 0
         while num_tokens < self.max_new_tokens:
             if num_tokens:
@@ -231,11 +280,19 @@ def run(args) -> int:
         raise UserError("--open_thinking is for minimind3 (v3) models")
     raw = "pretrain" in (args.weight if args.load_from in (None, "model") else weights_path(args).name)
     session = ChatSession(
-        model, tokenizer, historys=args.historys, open_thinking=bool(args.open_thinking), raw=raw,
-        max_new_tokens=args.max_new_tokens, seed=args.seed, do_sample=bool(args.do_sample),
-        temperature=args.temperature, top_k=args.top_k,
+        model,
+        tokenizer,
+        historys=args.historys,
+        open_thinking=bool(args.open_thinking),
+        raw=raw,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        do_sample=bool(args.do_sample),
+        temperature=args.temperature,
+        top_k=args.top_k,
         top_p=DEFAULT_TOP_P[model.config.arch] if args.top_p is None else args.top_p,
-        repetition_penalty=args.repetition_penalty)
+        repetition_penalty=args.repetition_penalty,
+    )
 
     def write(text: str) -> None:
         sys.stdout.write(text)

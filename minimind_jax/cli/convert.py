@@ -1,9 +1,10 @@
 """`minimind-jax convert IN OUT` (or, in the repository, `python main.py convert IN OUT` or `python -m convert IN OUT`).
 
-  IN.pth  -> OUT/   MiniMind weights (plain fp16/fp32 state dict or resume dict) to our Orbax checkpoint;
-                    era, sizes and MoE layout are read off the keys and shapes.
-  IN/     -> OUT.pth  our checkpoint (or a training run's newest step) to MiniMind's .pth, fp16 by default.
+IN.pth  -> OUT/   MiniMind weights (plain fp16/fp32 state dict or resume dict) to our Orbax checkpoint;
+                  era, sizes and MoE layout are read off the keys and shapes.
+IN/     -> OUT.pth  our checkpoint (or a training run's newest step) to MiniMind's .pth, fp16 by default.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,16 +22,21 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "convert") -> 
     parser.add_argument("--arch", choices=("minimind2", "minimind3"), help="override the inferred era")
     parser.add_argument("--num_attention_heads", type=int, help="2510 shapes cannot tell the head count (default 8)")
     parser.add_argument("--num_experts_per_tok", type=int, help="MoE top-k (default: the era's)")
-    parser.add_argument("--dtype", default="float16", choices=("float16", "float32", "bfloat16"),
-                        help="dtype of an exported .pth (MiniMind saves float16)")
+    parser.add_argument(
+        "--dtype",
+        default="float16",
+        choices=("float16", "float32", "bfloat16"),
+        help="dtype of an exported .pth (MiniMind saves float16)",
+    )
 
 
 def run(args) -> int:
     from minimind_jax.weights import load, save_pth  # JAX and Orbax load here, not for --help
     from minimind_jax.weights.orbax import save_model_checkpoint
 
-    overrides = {k: v for k in ("arch", "num_attention_heads", "num_experts_per_tok")
-                 if (v := getattr(args, k)) is not None}
+    overrides = {
+        k: v for k in ("arch", "num_attention_heads", "num_experts_per_tok") if (v := getattr(args, k)) is not None
+    }
     source, target = pathlib.Path(args.input), pathlib.Path(args.output)
     model = load(source, **overrides)
     cfg = model.config
@@ -38,8 +44,10 @@ def run(args) -> int:
         save_pth(model, target, dtype=args.dtype)
     else:
         save_model_checkpoint(model, target)
-    print(f"{source} -> {target}: {cfg.arch}, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
-          f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads{', MoE' if cfg.use_moe else ''}")
+    print(
+        f"{source} -> {target}: {cfg.arch}, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
+        f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads{', MoE' if cfg.use_moe else ''}"
+    )
     return 0
 
 

@@ -16,6 +16,7 @@ Everything goes under --out_dir. Each finished stage records its settings and re
 {out_dir}/stages/{name}.json; a later run reuses a stage whose settings and outputs are unchanged, and
 redoes it and every stage after it otherwise. `--force` redoes them all.
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,24 +30,41 @@ from collections.abc import Callable
 
 import yaml
 
-from minimind_jax.model.config import CONFIG_DIR, weight_stem
 from minimind_jax.errors import UserError, first_line
+from minimind_jax.model.config import CONFIG_DIR, weight_stem
 
 DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
 CORPUS_KEYS = {"sources", "languages", "heldout_fraction", "seed", "max_turns", "max_conversations"}
 MODEL_KEYS = {"arch", "hidden_size", "num_hidden_layers"}
 CHAT_KEYS = {"prompts", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed"}
 # TrainConfig fields the demo sets itself: paths, the model (from `model:`) and the starting weights.
-DEMO_TRAIN_FIELDS = {"mode", "save_dir", "save_weight", "data_path", "from_weight", "from_resume", "tokenizer_path",
-                     "checkpoint_dir", "cache_dir", "mesh", "progress", "arch", "hidden_size", "num_hidden_layers",
-                     "use_moe", "eval_data_path"}
+DEMO_TRAIN_FIELDS = {
+    "mode",
+    "save_dir",
+    "save_weight",
+    "data_path",
+    "from_weight",
+    "from_resume",
+    "tokenizer_path",
+    "checkpoint_dir",
+    "cache_dir",
+    "mesh",
+    "progress",
+    "arch",
+    "hidden_size",
+    "num_hidden_layers",
+    "use_moe",
+    "eval_data_path",
+}
 
 
 def add_arguments(parser, command: str) -> None:
     parser.description = __doc__.splitlines()[0].split(": ", 1)[1]
     parser.add_argument("--out_dir", default="demo_out", help="where every output goes (default: demo_out/)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="demo settings (default: configs/demo.yaml)")
-    parser.add_argument("--quick", action="store_true", help="the short version (a couple of minutes): the config's quick: overrides")
+    parser.add_argument(
+        "--quick", action="store_true", help="the short version (a couple of minutes): the config's quick: overrides"
+    )
     parser.add_argument("--force", action="store_true", help="redo every stage, even those finished earlier")
     parser.add_argument("--mesh", default=None, help="device mesh for training, e.g. data=2,fsdp=2,tensor=2")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
@@ -73,8 +91,15 @@ def load_settings(path, quick: bool = False) -> dict[str, dict]:
     except (OSError, yaml.YAMLError) as error:
         raise UserError(f"{path}: cannot read demo settings ({first_line(error)})") from None
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)} - DEMO_TRAIN_FIELDS
-    allowed = {"corpus": CORPUS_KEYS, "tokenizer": {"vocab_size", "character_coverage"}, "model": MODEL_KEYS, "pretrain": train_keys,
-               "sft": train_keys, "eval": {"batch_size"}, "chat": CHAT_KEYS}
+    allowed = {
+        "corpus": CORPUS_KEYS,
+        "tokenizer": {"vocab_size", "character_coverage"},
+        "model": MODEL_KEYS,
+        "pretrain": train_keys,
+        "sft": train_keys,
+        "eval": {"batch_size"},
+        "chat": CHAT_KEYS,
+    }
     quick_overrides = raw.pop("quick", None) or {}
     for where, sections in (("", raw), ("quick.", quick_overrides)):
         for section, values in sections.items():
@@ -123,12 +148,19 @@ class DemoRun:
         from minimind_jax.training.config import TrainConfig
 
         return TrainConfig(
-            mode=mode, save_dir=str(self.weights_dir), save_weight="pretrain" if mode == "pretrain" else "full_sft",
+            mode=mode,
+            save_dir=str(self.weights_dir),
+            save_weight="pretrain" if mode == "pretrain" else "full_sft",
             data_path=str(self.corpus_dir / ("pretrain.jsonl" if mode == "pretrain" else "sft.jsonl")),
             from_weight="none" if mode == "pretrain" else "pretrain",  # MiniMind's {save_dir}/pretrain_{hidden}.pth
-            tokenizer_path=str(self.tokenizer_file), checkpoint_dir=str(self.checkpoint_dir),
-            cache_dir=str(self.cache_dir), mesh=self.mesh, progress=self.progress,
-            **self.settings["model"], **self.settings[mode])
+            tokenizer_path=str(self.tokenizer_file),
+            checkpoint_dir=str(self.checkpoint_dir),
+            cache_dir=str(self.cache_dir),
+            mesh=self.mesh,
+            progress=self.progress,
+            **self.settings["model"],
+            **self.settings[mode],
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -147,8 +179,12 @@ def corpus_stage(run: DemoRun) -> dict:
             target.write(json.dumps({"text": "\n".join(t["content"] for t in turns)}, ensure_ascii=False) + "\n")
     stats = json.loads(paths["stats"].read_text("utf-8"))
     files = {name: str(path) for name, path in paths.items()} | {"pretrain_heldout": str(heldout_text)}
-    return {"files": files, "records": {name: info["records"] for name, info in stats["files"].items()},
-            "sources": stats["sources"], "outputs": list(files.values())}
+    return {
+        "files": files,
+        "records": {name: info["records"] for name, info in stats["files"].items()},
+        "sources": stats["sources"],
+        "outputs": list(files.values()),
+    }
 
 
 def tokenizer_stage(run: DemoRun) -> dict:
@@ -158,8 +194,12 @@ def tokenizer_stage(run: DemoRun) -> dict:
     model_file = train_sentencepiece([run.corpus_dir / "pretrain.jsonl"], prefix, **run.settings["tokenizer"])
     tokenizer = load_tokenizer(model_file)
     sample = "你好吗? How are you?"
-    return {"model_file": str(model_file), "vocab_size": tokenizer.vocab_size,
-            "sample": {"text": sample, "tokens": len(tokenizer.encode(sample))}, "outputs": [str(model_file)]}
+    return {
+        "model_file": str(model_file),
+        "vocab_size": tokenizer.vocab_size,
+        "sample": {"text": sample, "tokens": len(tokenizer.encode(sample))},
+        "outputs": [str(model_file)],
+    }
 
 
 def _train_stage(run: DemoRun, mode: str) -> dict:
@@ -169,10 +209,16 @@ def _train_stage(run: DemoRun, mode: str) -> dict:
     shutil.rmtree(pathlib.Path(cfg.checkpoint_dir) / cfg.run_name, ignore_errors=True)  # a fresh run, not a resume
     summary = train(cfg)
     log_dir = run.weights_dir / "logs" / cfg.run_name
-    return {"weights": summary["weights"], "updates": summary["updates"], "final_loss": summary.get("final_loss"),
-            "tokens_per_s": summary.get("tokens_per_s"), "compile_s": summary["compile_s"],
-            "metrics": str(log_dir / "metrics.jsonl"), "loss_curve": str(log_dir / "loss_curve.png"),
-            "outputs": [summary["weights"], str(log_dir / "metrics.jsonl")]}
+    return {
+        "weights": summary["weights"],
+        "updates": summary["updates"],
+        "final_loss": summary.get("final_loss"),
+        "tokens_per_s": summary.get("tokens_per_s"),
+        "compile_s": summary["compile_s"],
+        "metrics": str(log_dir / "metrics.jsonl"),
+        "loss_curve": str(log_dir / "loss_curve.png"),
+        "outputs": [summary["weights"], str(log_dir / "metrics.jsonl")],
+    }
 
 
 def pretrain_stage(run: DemoRun) -> dict:
@@ -194,9 +240,9 @@ def convert_stage(run: DemoRun) -> dict:
     import numpy as np
     import torch
 
+    from minimind_jax.bench.torch_reference import MiniMindTorch
     from minimind_jax.cli import convert as convert_cli
     from minimind_jax.data.tokenizer import load_tokenizer
-    from minimind_jax.bench.torch_reference import MiniMindTorch
     from minimind_jax.weights import load
 
     pth = run.weights("pretrain")
@@ -214,9 +260,13 @@ def convert_stage(run: DemoRun) -> dict:
     reference.load_state_dict(state_dict, strict=True)  # every key of MiniMind's layout, nothing missing or extra
     with torch.no_grad():
         logits_torch = reference(torch.from_numpy(ids_1T).long()).logits.numpy()
-    return {"checkpoint": str(checkpoint), "state_dict_keys": len(state_dict),
-            "max_abs_diff_checkpoint_vs_pth": _max_abs_diff(np.asarray(from_checkpoint(ids_1T)), logits_pth),
-            "max_abs_diff_torch_vs_jax": _max_abs_diff(logits_torch, logits_pth), "outputs": [str(checkpoint)]}
+    return {
+        "checkpoint": str(checkpoint),
+        "state_dict_keys": len(state_dict),
+        "max_abs_diff_checkpoint_vs_pth": _max_abs_diff(np.asarray(from_checkpoint(ids_1T)), logits_pth),
+        "max_abs_diff_torch_vs_jax": _max_abs_diff(logits_torch, logits_pth),
+        "outputs": [str(checkpoint)],
+    }
 
 
 def evaluate_stage(run: DemoRun) -> dict:
@@ -238,8 +288,9 @@ def evaluate_stage(run: DemoRun) -> dict:
 
     def heldout_loss(cfg, data_path, model) -> dict:
         dataset = load_run_data(cfg, str(data_path), model.config)
-        batches = make_batches(dataset, batch_size=batch_size, seed=0, packing=True, shuffle=False,
-                               drop_remainder=False)
+        batches = make_batches(
+            dataset, batch_size=batch_size, seed=0, packing=True, shuffle=False, drop_remainder=False
+        )
         try:
             return evaluate(eval_sums, params_of(model), batches)
         finally:
@@ -247,10 +298,16 @@ def evaluate_stage(run: DemoRun) -> dict:
 
     text, chats = run.corpus_dir / "pretrain_heldout.jsonl", run.corpus_dir / "sft_heldout.jsonl"
     return {
-        "pretrain_text": {"data": str(text), "before": heldout_loss(pretrain_cfg, text, random_init),
-                          "after": heldout_loss(pretrain_cfg, text, pretrained)},
-        "sft_assistant_tokens": {"data": str(chats), "before": heldout_loss(sft_cfg, chats, pretrained),
-                                 "after": heldout_loss(sft_cfg, chats, finetuned)},
+        "pretrain_text": {
+            "data": str(text),
+            "before": heldout_loss(pretrain_cfg, text, random_init),
+            "after": heldout_loss(pretrain_cfg, text, pretrained),
+        },
+        "sft_assistant_tokens": {
+            "data": str(chats),
+            "before": heldout_loss(sft_cfg, chats, pretrained),
+            "after": heldout_loss(sft_cfg, chats, finetuned),
+        },
         "outputs": [],
     }
 
@@ -260,39 +317,51 @@ def chat_stage(run: DemoRun) -> dict:
     import numpy as np
     import tqdm
 
-    from minimind_jax.inference.generation import generate
     from minimind_jax.data.tokenizer import load_tokenizer
+    from minimind_jax.inference.generation import generate
     from minimind_jax.weights import load
 
     chat = dict(run.settings["chat"])
     prompts = chat.pop("prompts")
     max_new_tokens = chat.pop("max_new_tokens", 64)
     tokenizer = load_tokenizer(run.tokenizer_file)
-    encoded = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p}],
-                                                              add_generation_prompt=True)) for p in prompts]
+    encoded = [
+        tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True))
+        for p in prompts
+    ]
     length = max(len(ids) for ids in encoded)
     ids_BT = np.full((len(encoded), length), tokenizer.pad_id, np.int32)  # left-padded, as MiniMind batches
     mask_BT = np.zeros_like(ids_BT)
     for row, ids in enumerate(encoded):
-        ids_BT[row, length - len(ids):] = ids
-        mask_BT[row, length - len(ids):] = 1
+        ids_BT[row, length - len(ids) :] = ids
+        mask_BT[row, length - len(ids) :] = 1
 
     replies = {}
     for mode in tqdm.tqdm(("pretrain", "sft"), desc="chat", unit="model", disable=not run.progress):
-        out_BN = generate(load(run.weights(mode)), ids_BT, max_new_tokens, attention_mask=mask_BT,
-                          eos_token_id=tokenizer.eos_id, **chat)[:, length:]
+        out_BN = generate(
+            load(run.weights(mode)),
+            ids_BT,
+            max_new_tokens,
+            attention_mask=mask_BT,
+            eos_token_id=tokenizer.eos_id,
+            **chat,
+        )[:, length:]
         texts = []
         for new_ids in out_BN.tolist():
             if tokenizer.eos_id in new_ids:
-                new_ids = new_ids[:new_ids.index(tokenizer.eos_id)]
+                new_ids = new_ids[: new_ids.index(tokenizer.eos_id)]
             texts.append(tokenizer.decode(new_ids, skip_special_tokens=True))
         replies[mode] = texts
     chats = [{"prompt": p, "pretrain": replies["pretrain"][i], "sft": replies["sft"][i]} for i, p in enumerate(prompts)]
     transcript = run.out_dir / "chats.md"
     lines = [f"# Chats (max {max_new_tokens} new tokens, sampling {chat})", ""]
     for turn in chats:
-        lines += [f"💬 {turn['prompt']}", f"- pretrain_{run.hidden_size}: {turn['pretrain']!r}",
-                  f"- full_sft_{run.hidden_size}: {turn['sft']!r}", ""]
+        lines += [
+            f"💬 {turn['prompt']}",
+            f"- pretrain_{run.hidden_size}: {turn['pretrain']!r}",
+            f"- full_sft_{run.hidden_size}: {turn['sft']!r}",
+            "",
+        ]
     transcript.write_text("\n".join(lines), "utf-8")
     return {"chats": chats, "transcript": str(transcript), "outputs": [str(transcript)]}
 
@@ -302,16 +371,22 @@ def figures_stage(run: DemoRun) -> dict:
 
     losses = run.results["evaluate"]
     panels = []
-    for mode, eval_name, title in (("pretrain", "pretrain_text", "pretraining (all text tokens)"),
-                                   ("sft", "sft_assistant_tokens", "SFT (assistant tokens only)")):
+    for mode, eval_name, title in (
+        ("pretrain", "pretrain_text", "pretraining (all text tokens)"),
+        ("sft", "sft_assistant_tokens", "SFT (assistant tokens only)"),
+    ):
         metrics = pathlib.Path(run.results[mode]["metrics"])
         records = [json.loads(line) for line in metrics.read_text().splitlines()]
         before, after = losses[eval_name]["before"]["loss"], losses[eval_name]["after"]["loss"]
         label = f"held-out, before and after: {before:.2f} → {after:.2f}"
         panels.append(LossPanel(title, records, heldout=(label, [0, records[-1]["update"]], [before, after])))
     path = run.out_dir / "loss_curves.png"
-    plot_loss_curves(path, panels, title=f"minimind-jax demo: MiniMind hidden {run.hidden_size}, "
-                     f"{run.settings['model'].get('num_hidden_layers')} layers, on chatterbot-corpus + chitchat-dataset")
+    plot_loss_curves(
+        path,
+        panels,
+        title=f"minimind-jax demo: MiniMind hidden {run.hidden_size}, "
+        f"{run.settings['model'].get('num_hidden_layers')} layers, on chatterbot-corpus + chitchat-dataset",
+    )
     return {"figure": str(path), "outputs": [str(path)]}
 
 
@@ -356,13 +431,19 @@ def run_stages(run: DemoRun, force: bool = False, log: Callable[[str], None] = p
         record_path = run.stage_dir / f"{stage.name}.json"
         settings = _stage_settings(run, stage)
         previous = json.loads(record_path.read_text("utf-8")) if record_path.exists() else None
-        reusable = (not redo and previous is not None and previous["settings"] == settings
-                    and all(pathlib.Path(p).exists() for p in previous["result"]["outputs"]))
+        reusable = (
+            not redo
+            and previous is not None
+            and previous["settings"] == settings
+            and all(pathlib.Path(p).exists() for p in previous["result"]["outputs"])
+        )
         if reusable:
             run.results[stage.name] = previous["result"]
             records[stage.name] = {**previous, "reused": True}
-            tqdm.tqdm.write(f"[{number}/{len(STAGES)}] {stage.title}: reused (took {previous['seconds']:.0f} s "
-                            f"when it ran; --force redoes it)")
+            tqdm.tqdm.write(
+                f"[{number}/{len(STAGES)}] {stage.title}: reused (took {previous['seconds']:.0f} s "
+                f"when it ran; --force redoes it)"
+            )
         else:
             redo = True  # every later stage depends on this one's outputs
             record_path.unlink(missing_ok=True)
@@ -385,30 +466,43 @@ def report(run: DemoRun, records: dict[str, dict], wall_seconds: float) -> str:
     results = run.results
     lines = ["", "=" * 80, "minimind-jax demo"]
     corpus = results["corpus"]["records"]
-    lines.append(f"corpus: {corpus['sft']} SFT / pretrain records, {corpus['sft_heldout']} held out; "
-                 f"tokenizer: {results['tokenizer']['vocab_size']} tokens")
+    lines.append(
+        f"corpus: {corpus['sft']} SFT / pretrain records, {corpus['sft_heldout']} held out; "
+        f"tokenizer: {results['tokenizer']['vocab_size']} tokens"
+    )
     for mode in ("pretrain", "sft"):
         r = results[mode]
-        lines.append(f"{mode}: {r['updates']} updates, final training loss {r['final_loss']:.3f}, "
-                     f"{r['tokens_per_s']:,.0f} tokens/s, compile {r['compile_s']:.0f} s -> {r['weights']}")
+        lines.append(
+            f"{mode}: {r['updates']} updates, final training loss {r['final_loss']:.3f}, "
+            f"{r['tokens_per_s']:,.0f} tokens/s, compile {r['compile_s']:.0f} s -> {r['weights']}"
+        )
     convert = results["convert"]
-    lines.append(f"convert: {convert['checkpoint']}; logits max |Δ| checkpoint vs .pth "
-                 f"{convert['max_abs_diff_checkpoint_vs_pth']:.1e}, PyTorch reference (strict load) vs JAX "
-                 f"{convert['max_abs_diff_torch_vs_jax']:.1e}")
+    lines.append(
+        f"convert: {convert['checkpoint']}; logits max |Δ| checkpoint vs .pth "
+        f"{convert['max_abs_diff_checkpoint_vs_pth']:.1e}, PyTorch reference (strict load) vs JAX "
+        f"{convert['max_abs_diff_torch_vs_jax']:.1e}"
+    )
     lines.append("held-out masked loss (perplexity):")
     evaluation = results["evaluate"]
-    for name, before, after in (("pretrain_text", "random init", "pretrained"),
-                                ("sft_assistant_tokens", "pretrained", "after SFT")):
+    for name, before, after in (
+        ("pretrain_text", "random init", "pretrained"),
+        ("sft_assistant_tokens", "pretrained", "after SFT"),
+    ):
         e = evaluation[name]
-        lines.append(f"  {name:<22} {before} {e['before']['loss']:.3f} ({e['before']['perplexity']:.1f}) -> "
-                     f"{after} {e['after']['loss']:.3f} ({e['after']['perplexity']:.1f}) "
-                     f"over {e['after']['loss_tokens']:.0f} tokens")
+        lines.append(
+            f"  {name:<22} {before} {e['before']['loss']:.3f} ({e['before']['perplexity']:.1f}) -> "
+            f"{after} {e['after']['loss']:.3f} ({e['after']['perplexity']:.1f}) "
+            f"over {e['after']['loss_tokens']:.0f} tokens"
+        )
     lines.append("chats (pretrained -> after SFT):")
     for turn in results["chat"]["chats"]:
         lines += [f"  💬 {turn['prompt']}", f"     pretrain: {turn['pretrain']!r}", f"     sft:      {turn['sft']!r}"]
-    lines.append(f"figures: {results['figures']['figure']}, {results['pretrain']['loss_curve']}, "
-                 f"{results['sft']['loss_curve']}")
-    timings = ", ".join(f"{name} {r['seconds']:.0f} s{' (reused)' if r['reused'] else ''}" for name, r in records.items())
+    lines.append(
+        f"figures: {results['figures']['figure']}, {results['pretrain']['loss_curve']}, {results['sft']['loss_curve']}"
+    )
+    timings = ", ".join(
+        f"{name} {r['seconds']:.0f} s{' (reused)' if r['reused'] else ''}" for name, r in records.items()
+    )
     lines.append(f"stages: {timings}")
     lines.append(f"this run: {wall_seconds:.0f} s wall; summary in {run.out_dir / 'summary.json'}")
     return "\n".join(lines)
@@ -420,10 +514,13 @@ def run(args) -> int:
     demo = DemoRun(settings, args.out_dir, mesh=args.mesh, progress=not args.no_progress)
     records = run_stages(demo, force=args.force)
     wall_seconds = time.perf_counter() - started
-    summary = {"quick": args.quick, "wall_seconds_this_run": wall_seconds,
-               "stage_seconds": {name: r["seconds"] for name, r in records.items()},
-               "reused": [name for name, r in records.items() if r["reused"]],
-               "results": demo.results}
+    summary = {
+        "quick": args.quick,
+        "wall_seconds_this_run": wall_seconds,
+        "stage_seconds": {name: r["seconds"] for name, r in records.items()},
+        "reused": [name for name, r in records.items() if r["reused"]],
+        "results": demo.results,
+    }
     (demo.out_dir / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1), "utf-8")
     print(report(demo, records, wall_seconds))
     sys.stdout.flush()

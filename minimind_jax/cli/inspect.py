@@ -5,16 +5,18 @@ training builds them (MiniMind's era rules, v3's random augmentations off). Lear
 targets, are shown on green; context-only tokens on grey. `--json` prints one object per record instead:
 `{"prompt", "input_ids", "loss_mask"}`, the mask aligned with the ids (1 where the id is a target).
 """
+
 from __future__ import annotations
 
 import argparse
 import json
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from minimind_jax.data import examples, records
-from minimind_jax.model.config import ARCHS
-from minimind_jax.errors import UserError
 from minimind_jax.data.tokenizer import load_tokenizer
+from minimind_jax.errors import UserError
+from minimind_jax.model.config import ARCHS
 
 RESET = "\x1b[0m"
 # Two shades each, alternating, so that token boundaries show.
@@ -26,10 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--data_path", required=True, help="jsonl of SFT (conversations) or pretrain (text) records")
     parser.add_argument("--tokenizer_path", required=True, help="MiniMind tokenizer directory or SentencePiece .model")
     parser.add_argument("--max_seq_len", type=int, default=512, help="L, as in training")
-    parser.add_argument("--arch", choices=ARCHS, default=None,
-                        help="the era whose mask rules apply (default: the tokenizer's era)")
-    parser.add_argument("--index", type=int, default=None,
-                        help="only this record (0-based, counting well-formed records)")
+    parser.add_argument(
+        "--arch", choices=ARCHS, default=None, help="the era whose mask rules apply (default: the tokenizer's era)"
+    )
+    parser.add_argument(
+        "--index", type=int, default=None, help="only this record (0-based, counting well-formed records)"
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per record instead of colours")
 
 
@@ -76,9 +80,13 @@ def run(args: argparse.Namespace) -> int:
     arch = args.arch or tokenizer.arch
     if arch is None:
         raise UserError(f"{args.tokenizer_path}: not a MiniMind vocabulary of a known era; give --arch")
-    encoders = {kind: examples.RecordEncoder(tokenizer, examples.ExampleConfig(kind, arch, args.max_seq_len,
-                                                                       system_prompt_ratio=0, drop_empty_think_ratio=0))
-                for kind in records.KINDS}
+    encoders = {
+        kind: examples.RecordEncoder(
+            tokenizer,
+            examples.ExampleConfig(kind, arch, args.max_seq_len, system_prompt_ratio=0, drop_empty_think_ratio=0),
+        )
+        for kind in records.KINDS
+    }
     report = records.SkipReport(args.data_path)
     if not args.json:
         print(f"{LEARNED_STYLES[0]} learned (a training target) {RESET} {CONTEXT_STYLES[0]} context only {RESET}")
@@ -98,8 +106,10 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({key: view[key] for key in ("prompt", "input_ids", "loss_mask")}, ensure_ascii=False))
         else:
             note = f", dropped in training: {view['dropped']}" if view["dropped"] else ""
-            print(f"\n── record {index} ({args.data_path}:{line_no}, {records.record_kind(record)}, {arch}): "
-                  f"{len(view['input_ids'])} tokens, {sum(view['loss_mask'])} learned{note}")
+            print(
+                f"\n── record {index} ({args.data_path}:{line_no}, {records.record_kind(record)}, {arch}): "
+                f"{len(view['input_ids'])} tokens, {sum(view['loss_mask'])} learned{note}"
+            )
             print(coloured(tokenizer, view))
         if args.index is not None:
             break

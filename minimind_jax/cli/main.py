@@ -4,6 +4,7 @@ The `minimind-jax` command (pyproject's [project.scripts]) and, in a repository 
 Each subcommand lives in the module named below, which defines `add_arguments(parser, command)` and `run(args)`.
 Modules are imported only when their subcommand is chosen, so `minimind-jax convert --help` does not start JAX.
 """
+
 import argparse
 import importlib
 import sys

@@ -1,8 +1,9 @@
 """`main.py tokenizer`: train a SentencePiece tokenizer on MiniMind jsonl files, or look at how text encodes.
 
-    main.py tokenizer train --input corpus.jsonl [--input more.jsonl] --vocab_size 6400 --out DIR_OR_PREFIX
-    main.py tokenizer encode --tokenizer_path PATH --text "你好<|im_end|>"
+main.py tokenizer train --input corpus.jsonl [--input more.jsonl] --vocab_size 6400 --out DIR_OR_PREFIX
+main.py tokenizer encode --tokenizer_path PATH --text "你好<|im_end|>"
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,12 +24,22 @@ def add_arguments(parser, command):
     )
     train.add_argument("--character_coverage", type=float, default=0.9995)
     train.add_argument("--default_system_prompt", default=None, help="system turn added when a chat has none")
-    train.add_argument("--max_sentences", type=int, default=2_000_000, help="train on at most this many texts (each cut to 2048 characters)")
+    train.add_argument(
+        "--max_sentences",
+        type=int,
+        default=2_000_000,
+        help="train on at most this many texts (each cut to 2048 characters)",
+    )
 
     encode = actions.add_parser("encode", help="print the token ids and pieces of a text")
-    encode.add_argument("--tokenizer_path", default="model",
-                        help="MiniMind tokenizer directory or SentencePiece .model (default: ./model, MiniMind's)")
-    encode.add_argument("--tokenizer", dest="tokenizer_path", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old name
+    encode.add_argument(
+        "--tokenizer_path",
+        default="model",
+        help="MiniMind tokenizer directory or SentencePiece .model (default: ./model, MiniMind's)",
+    )
+    encode.add_argument(
+        "--tokenizer", dest="tokenizer_path", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )  # old name
     encode.add_argument("--text", required=True)
 
 

@@ -3,6 +3,7 @@
 Precedence: MiniMind's defaults for the script and era < `--config FILE.yaml` (run settings named as the
 flags, at the top level or under `train:`) < flags given on the command line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,15 +35,21 @@ def train_flags() -> list[tuple[dataclasses.Field, type]]:
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.description = f"MiniMind-compatible {'full SFT' if command == 'sft' else 'pretraining'}. " + " ".join(
-        __doc__.split("\n\n")[1].split())
+        __doc__.split("\n\n")[1].split()
+    )
     parser.add_argument("--config", help="YAML run preset (see configs/)")
     # Every default is None, so a flag not given leaves the value to --config and MiniMind's defaults.
     for field, kind in train_flags():
         if field.metadata["switch"]:
             parser.add_argument(f"--{field.name}", action="store_true", default=None, help=field.metadata["help"])
         else:
-            parser.add_argument(f"--{field.name}", type=kind, default=None, help=field.metadata["help"],
-                                metavar=_choices_metavar(field.name))
+            parser.add_argument(
+                f"--{field.name}",
+                type=kind,
+                default=None,
+                help=field.metadata["help"],
+                metavar=_choices_metavar(field.name),
+            )
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     for name, kind in IGNORED_FLAGS.items():
         parser.add_argument(f"--{name}", type=kind, help=argparse.SUPPRESS)

@@ -10,6 +10,7 @@ identical conversations always land on the same side.
 
     python -m minimind_jax.data.corpus OUT_DIR     # writes the files and prints their statistics
 """
+
 from __future__ import annotations
 
 import collections
@@ -75,9 +76,7 @@ def sft_windows(turns: Sequence[str], max_turns: int) -> list[list[dict]]:
     windows = []
     for start in range(0, exchanges, per_window):
         window = turns[2 * start : 2 * min(start + per_window, exchanges)]
-        windows.append(
-            [{"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(window)]
-        )
+        windows.append([{"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(window)])
     return windows
 
 

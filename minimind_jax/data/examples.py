@@ -11,6 +11,7 @@ Three forms of one example:
 `load_dataset` tokenizes a jsonl file once, in parallel, into flat memory-mapped arrays under a cache
 directory keyed by the data file, the tokenizer files and the example settings. Malformed lines are skipped
 and counted, and one warning sums them up (`strict=True` makes the first one an error instead)."""
+
 from __future__ import annotations
 
 import collections
@@ -25,19 +26,26 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import tqdm
 
-from minimind_jax.model.config import ARCHS
-from minimind_jax.errors import UserError
-from minimind_jax.data.records import (KINDS, MAX_LINE_BYTES, BadRecord, DroppedRecord, SkipReport, conversations_key,
-                                       iter_lines, parse_record)
+from minimind_jax.data.records import (
+    KINDS,
+    MAX_LINE_BYTES,
+    BadRecord,
+    DroppedRecord,
+    SkipReport,
+    conversations_key,
+    iter_lines,
+    parse_record,
+)
 from minimind_jax.data.tokenizer import Tokenizer, assistant_markers, load_tokenizer
+from minimind_jax.errors import UserError
+from minimind_jax.model.config import ARCHS
 from minimind_jax.runtime import default_cache_dir
-
-
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -119,7 +127,9 @@ def _json_field(value: Any, name: str) -> Any:
         raise BadRecord(f"'{name}' is not valid JSON") from None
 
 
-def augment_conversations(conversations: list[dict], rng: np.random.Generator, system_prompt_ratio: float) -> list[dict]:
+def augment_conversations(
+    conversations: list[dict], rng: np.random.Generator, system_prompt_ratio: float
+) -> list[dict]:
     """v3: with probability system_prompt_ratio, prepend a random system prompt (not to tool-use chats)."""
     if any(message.get("tools") for message in conversations):
         return conversations
@@ -136,8 +146,15 @@ def _render(tokenizer, messages: list[dict], tools: Any) -> str:
         raise BadRecord("chat template failed to render", str(error)) from None
 
 
-def chat_prompt(tokenizer, conversations: list[dict], *, arch: str, rng: np.random.Generator | None = None,
-                system_prompt_ratio: float = 0.0, drop_empty_think_ratio: float = 0.0) -> str:
+def chat_prompt(
+    tokenizer,
+    conversations: list[dict],
+    *,
+    arch: str,
+    rng: np.random.Generator | None = None,
+    system_prompt_ratio: float = 0.0,
+    drop_empty_think_ratio: float = 0.0,
+) -> str:
     """The rendered chat string MiniMind trains on (its SFTDataset's prompt), augmentations drawn from rng."""
     if arch == "minimind2":
         first = conversations[0]
@@ -174,7 +191,7 @@ def _occurrences(ids: np.ndarray, pattern: Sequence[int]) -> np.ndarray:
         return np.zeros(0, np.int64)
     hits = np.ones(span, bool)
     for offset, token in enumerate(pattern):
-        hits &= ids[offset:offset + span] == token
+        hits &= ids[offset : offset + span] == token
     return np.flatnonzero(hits)
 
 
@@ -189,7 +206,7 @@ def _assistant_spans(ids: Sequence[int], bos: Sequence[int], eos: Sequence[int])
         if bos_start < resume:
             continue
         start = int(bos_start) + len(bos)
-        following = eos_at[np.searchsorted(eos_at, start):]
+        following = eos_at[np.searchsorted(eos_at, start) :]
         end = int(following[0]) if len(following) else n
         yield start, end
         resume = end + len(eos) if end < n else n
@@ -200,7 +217,7 @@ def minimind2_sft_mask(ids_L: Sequence[int], bos: Sequence[int], eos: Sequence[i
     after `<|im_end|>`. mask[j] = 1 means ids[j] is learned as a target."""
     mask = np.zeros(len(ids_L), np.int64)
     for start, end in _assistant_spans(ids_L, bos, eos):
-        mask[start + 1:end + len(eos) + 1] = 1
+        mask[start + 1 : end + len(eos) + 1] = 1
     return mask.tolist()
 
 
@@ -209,7 +226,7 @@ def minimind3_sft_labels(ids_L: Sequence[int], bos: Sequence[int], eos: Sequence
     ids = np.asarray(ids_L, np.int64)
     labels = np.full(len(ids), IGNORE_INDEX, np.int64)
     for start, end in _assistant_spans(ids, bos, eos):
-        labels[start:end + len(eos)] = ids[start:end + len(eos)]
+        labels[start : end + len(eos)] = ids[start : end + len(eos)]
     return labels.tolist()
 
 
@@ -221,16 +238,18 @@ def sft_markers(tokenizer, arch: str) -> tuple[list[int], list[int]]:
     return list(markers["<|im_start|>assistant"]), list(markers["<|im_end|>"])
 
 
-def minimind2_sft(tokenizer, prompt: str, max_seq_len: int,
-                  markers: tuple[list[int], list[int]] | None = None) -> tuple[list[int], list[int], list[int]]:
+def minimind2_sft(
+    tokenizer, prompt: str, max_seq_len: int, markers: tuple[list[int], list[int]] | None = None
+) -> tuple[list[int], list[int], list[int]]:
     """2510 SFTDataset: (X, Y, loss_mask), each max_seq_len-1 long. markers: sft_markers(), if known."""
     ids_L = pad_to(tokenizer.encode(prompt)[:max_seq_len], max_seq_len, tokenizer.pad_id)
     mask = minimind2_sft_mask(ids_L, *(markers or sft_markers(tokenizer, "minimind2")))
     return ids_L[:-1], ids_L[1:], mask[1:]
 
 
-def minimind3_sft(tokenizer, prompt: str, max_seq_len: int,
-                  markers: tuple[list[int], list[int]] | None = None) -> tuple[list[int], list[int]]:
+def minimind3_sft(
+    tokenizer, prompt: str, max_seq_len: int, markers: tuple[list[int], list[int]] | None = None
+) -> tuple[list[int], list[int]]:
     """v3 SFTDataset: (input_ids, labels), each max_seq_len long. markers: sft_markers(), if known."""
     ids_L = pad_to(tokenizer.encode(prompt)[:max_seq_len], max_seq_len, tokenizer.pad_id)
     return ids_L, minimind3_sft_labels(ids_L, *(markers or sft_markers(tokenizer, "minimind3")))
@@ -244,7 +263,7 @@ def minimind2_pretrain(tokenizer, text: str, max_seq_len: int) -> tuple[list[int
 
 def minimind3_pretrain(tokenizer, text: str, max_seq_len: int) -> tuple[list[int], list[int]]:
     """v3 PretrainDataset: [bos] + tok(text)[:L-2] + [eos], padded; every pad id is labelled -100."""
-    ids = [tokenizer.bos_id] + tokenizer.encode(text)[:max_seq_len - 2] + [tokenizer.eos_id]
+    ids = [tokenizer.bos_id] + tokenizer.encode(text)[: max_seq_len - 2] + [tokenizer.eos_id]
     ids_L = pad_to(ids, max_seq_len, tokenizer.pad_id)
     return ids_L, [IGNORE_INDEX if i == tokenizer.pad_id else i for i in ids_L]
 
@@ -274,8 +293,9 @@ def from_minimind3(input_ids: Sequence[int], labels: Sequence[int]) -> dict[str,
 # Compact form (what the cache stores) and back
 
 
-def example_from_tokens(tokens: np.ndarray, learned: np.ndarray, arch: str,
-                        max_seq_len: int | None = None) -> dict[str, np.ndarray]:
+def example_from_tokens(
+    tokens: np.ndarray, learned: np.ndarray, arch: str, max_seq_len: int | None = None
+) -> dict[str, np.ndarray]:
     """Internal form from the compact one, through MiniMind's own forms.
 
     max_seq_len=L gives MiniMind's padded row (length T); None gives only the example's real positions
@@ -306,9 +326,14 @@ class RecordEncoder:
         if config.kind == "pretrain":
             return record["text"]
         rng = np.random.default_rng([config.seed, line_no]) if config.augmented else None
-        return chat_prompt(self.tokenizer, record[conversations_key(record)], arch=config.arch, rng=rng,
-                           system_prompt_ratio=config.system_prompt_ratio,
-                           drop_empty_think_ratio=config.drop_empty_think_ratio)
+        return chat_prompt(
+            self.tokenizer,
+            record[conversations_key(record)],
+            arch=config.arch,
+            rng=rng,
+            system_prompt_ratio=config.system_prompt_ratio,
+            drop_empty_think_ratio=config.drop_empty_think_ratio,
+        )
 
     def minimind_form(self, prompt: str) -> tuple[list[int], ...]:
         """MiniMind's own output for this prompt: 2510 (X, Y, loss_mask), v3 (input_ids, labels)."""
@@ -419,8 +444,9 @@ def _line_chunks(path: pathlib.Path, lines_per_chunk: int) -> Iterator[list[tupl
         yield chunk
 
 
-def _encoded_chunks(path: pathlib.Path, tokenizer, config: ExampleConfig, num_workers: int,
-                    lines_per_chunk: int) -> Iterator[EncodedChunk]:
+def _encoded_chunks(
+    path: pathlib.Path, tokenizer, config: ExampleConfig, num_workers: int, lines_per_chunk: int
+) -> Iterator[EncodedChunk]:
     """Encoded chunks in file order. Workers get at most 2 chunks each in flight, so RAM stays bounded."""
     chunks = _line_chunks(path, lines_per_chunk)
     if num_workers == 0:
@@ -429,8 +455,12 @@ def _encoded_chunks(path: pathlib.Path, tokenizer, config: ExampleConfig, num_wo
             yield encode_chunk(encoder, chunk)
         return
     # spawn, not fork: the parent may already run JAX's threads.
-    pool = concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"),
-                                                  initializer=_init_worker, initargs=(str(tokenizer.path), config))
+    pool = concurrent.futures.ProcessPoolExecutor(
+        num_workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(str(tokenizer.path), config),
+    )
     try:
         pending = collections.deque()
         for chunk in chunks:
@@ -467,10 +497,17 @@ def cache_key(data_path: str | os.PathLike, tokenizer, config: ExampleConfig) ->
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 
-
-
-def build_cache(data_path: pathlib.Path, tokenizer, config: ExampleConfig, target: pathlib.Path, *,
-                num_workers: int, strict: bool, progress: bool, lines_per_chunk: int = 512) -> None:
+def build_cache(
+    data_path: pathlib.Path,
+    tokenizer,
+    config: ExampleConfig,
+    target: pathlib.Path,
+    *,
+    num_workers: int,
+    strict: bool,
+    progress: bool,
+    lines_per_chunk: int = 512,
+) -> None:
     """Tokenize data_path into `target`, written in a temporary directory and renamed into place at the end,
     so an interrupted build never leaves a cache that looks complete. Worker processes load their own copy
     of the tokenizer from `tokenizer.path`."""
@@ -482,8 +519,15 @@ def build_cache(data_path: pathlib.Path, tokenizer, config: ExampleConfig, targe
     try:
         with contextlib.ExitStack() as stack:
             files = {name: stack.enter_context(open(temp / f"{name}.bin", "wb")) for name in CACHE_ARRAYS}
-            bar = stack.enter_context(tqdm.tqdm(total=data_path.stat().st_size, unit="B", unit_scale=True,
-                                                disable=not progress, desc=f"tokenizing {data_path.name}"))
+            bar = stack.enter_context(
+                tqdm.tqdm(
+                    total=data_path.stat().st_size,
+                    unit="B",
+                    unit_scale=True,
+                    disable=not progress,
+                    desc=f"tokenizing {data_path.name}",
+                )
+            )
             for chunk in _encoded_chunks(data_path, tokenizer, config, num_workers, lines_per_chunk):
                 for line_no, reason, malformed, message in chunk.events:
                     if strict and malformed:
@@ -572,8 +616,9 @@ class TokenizedDataset:
 def shortest_sft_prompt(tokenizer, arch: str) -> int:
     """Tokens before the first learned one in the shortest chats there are (an empty reply, with or without an
     empty system turn): with max_seq_len up to this, every SFT record is truncated to nothing to learn."""
-    encoder = RecordEncoder(tokenizer, ExampleConfig("sft", arch, max_seq_len=1024, system_prompt_ratio=0.0,
-                                                     drop_empty_think_ratio=0.0))
+    encoder = RecordEncoder(
+        tokenizer, ExampleConfig("sft", arch, max_seq_len=1024, system_prompt_ratio=0.0, drop_empty_think_ratio=0.0)
+    )
     reply = {"role": "assistant", "content": ""}
     firsts = []
     for turns in ([reply], [{"role": "system", "content": ""}, reply]):
@@ -582,9 +627,16 @@ def shortest_sft_prompt(tokenizer, arch: str) -> int:
     return min(firsts)
 
 
-def load_dataset(data_path: str | os.PathLike, tokenizer: Tokenizer | str | os.PathLike, config: ExampleConfig, *,
-                 cache_dir: str | os.PathLike | None = None, num_workers: int | None = None, strict: bool = False,
-                 progress: bool = True) -> TokenizedDataset:
+def load_dataset(
+    data_path: str | os.PathLike,
+    tokenizer: Tokenizer | str | os.PathLike,
+    config: ExampleConfig,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    num_workers: int | None = None,
+    strict: bool = False,
+    progress: bool = True,
+) -> TokenizedDataset:
     """The examples of a jsonl file, from the cache when it is there, else tokenized (in parallel) into it.
 
     tokenizer: a Tokenizer or its path. cache_dir: default ~/.cache/minimind_jax.
@@ -596,15 +648,18 @@ def load_dataset(data_path: str | os.PathLike, tokenizer: Tokenizer | str | os.P
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = load_tokenizer(tokenizer)
     if config.kind == "sft" and config.max_seq_len <= (shortest := shortest_sft_prompt(tokenizer, config.arch)):
-        raise UserError(f"--max_seq_len {config.max_seq_len} leaves no room for a reply: the chat template puts at "
-                        f"least {shortest} tokens before the first learned one")
+        raise UserError(
+            f"--max_seq_len {config.max_seq_len} leaves no room for a reply: the chat template puts at "
+            f"least {shortest} tokens before the first learned one"
+        )
     cache_dir = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache_dir / f"{data_path.stem}-{config.kind}-{cache_key(data_path, tokenizer, config)}"
     from_cache = (target / "meta.json").exists()
     if not from_cache:
         workers = (os.cpu_count() or 1) if num_workers is None else num_workers
-        build_cache(data_path.resolve(), tokenizer, config, target, num_workers=workers, strict=strict,
-                    progress=progress)
+        build_cache(
+            data_path.resolve(), tokenizer, config, target, num_workers=workers, strict=strict, progress=progress
+        )
     dataset = TokenizedDataset(target, from_cache=from_cache)
     first_bad = dataset.report.first_malformed()
     if strict and first_bad:  # a cache built without strict may hold skipped lines

@@ -14,6 +14,7 @@ then shuffles the rows with (seed, epoch). So every epoch has the same number of
 
 Run `python -m minimind_jax.data.pipeline --bench ...` for preprocessing throughput and packing efficiency.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,8 @@ import json
 import tempfile
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import grain
 import jax
@@ -129,9 +131,20 @@ class BatchIterator:
     next batch the one that followed when the state was taken.
     """
 
-    def __init__(self, dataset: TokenizedDataset, *, batch_size: int, seed: int, epochs: int, packing: bool,
-                 shuffle: bool, sharding: jax.sharding.Sharding | None, drop_remainder: bool, prefetch: int,
-                 num_threads: int):
+    def __init__(
+        self,
+        dataset: TokenizedDataset,
+        *,
+        batch_size: int,
+        seed: int,
+        epochs: int,
+        packing: bool,
+        shuffle: bool,
+        sharding: jax.sharding.Sharding | None,
+        drop_remainder: bool,
+        prefetch: int,
+        num_threads: int,
+    ):
         process_count, process_index = jax.process_count(), jax.process_index()
         if batch_size < 1 or batch_size % process_count:
             raise UserError(f"--batch_size {batch_size} must be a positive multiple of the {process_count} processes")
@@ -145,8 +158,9 @@ class BatchIterator:
         self.drop_remainder = drop_remainder
         self._prefetch = prefetch
         self._num_threads = num_threads
-        self._local_rows = slice(process_index * batch_size // process_count,
-                                 (process_index + 1) * batch_size // process_count)
+        self._local_rows = slice(
+            process_index * batch_size // process_count, (process_index + 1) * batch_size // process_count
+        )
         self.rows = plan_rows(dataset, seed=seed, packing=packing, shuffle=shuffle)
         self.num_rows = len(dataset) if self.rows is None else len(self.rows)
         steps, remainder = divmod(self.num_rows, batch_size)
@@ -194,7 +208,7 @@ class BatchIterator:
     def host_batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's share of global batch `step`, as numpy [batch_size / process_count, T]."""
         epoch, index = divmod(step, self.steps_per_epoch)
-        chosen = self.row_order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
+        chosen = self.row_order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
         rows = [self.row(int(r)) for r in chosen]
         rows += [empty_row(self.dataset.seq_len)] * (self.batch_size - len(rows))  # a short last batch
         rows = rows[self._local_rows]
@@ -205,7 +219,7 @@ class BatchIterator:
         options = grain.ReadOptions(num_threads=self._num_threads, prefetch_buffer_size=self._prefetch)
         return iter(steps.to_iter_dataset(options))
 
-    def __iter__(self) -> "BatchIterator":
+    def __iter__(self) -> BatchIterator:
         return self
 
     def __next__(self) -> dict[str, Any]:
@@ -218,14 +232,22 @@ class BatchIterator:
         if self.sharding is None:
             return batch
         global_shape = (self.batch_size, self.dataset.seq_len)
-        return {key: jax.make_array_from_process_local_data(self.sharding, value, global_shape)
-                for key, value in batch.items()}
+        return {
+            key: jax.make_array_from_process_local_data(self.sharding, value, global_shape)
+            for key, value in batch.items()
+        }
 
     def _identity(self) -> dict[str, Any]:
         """What must match for a saved position to mean the same batches."""
-        return {"seed": self.seed, "batch_size": self.batch_size, "packing": self.packing, "shuffle": self.shuffle,
-                "drop_remainder": self.drop_remainder, "num_examples": len(self.dataset),
-                "steps_per_epoch": self.steps_per_epoch}
+        return {
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "packing": self.packing,
+            "shuffle": self.shuffle,
+            "drop_remainder": self.drop_remainder,
+            "num_examples": len(self.dataset),
+            "steps_per_epoch": self.steps_per_epoch,
+        }
 
     def get_state(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "next_step": self._next_step, **self._identity()}
@@ -233,8 +255,10 @@ class BatchIterator:
     def set_state(self, state: dict[str, Any]) -> None:
         for key, value in self._identity().items():
             if state.get(key) != value:
-                raise UserError(f"data iterator state: {key} was {state.get(key)!r} when saved, now {value!r}; "
-                                "resume with the same data and batch settings")
+                raise UserError(
+                    f"data iterator state: {key} was {state.get(key)!r} when saved, now {value!r}; "
+                    "resume with the same data and batch settings"
+                )
         self._next_step = int(state["next_step"])
         self.close()
 
@@ -245,9 +269,19 @@ class BatchIterator:
             self._iterator = None
 
 
-def make_batches(dataset: TokenizedDataset, *, batch_size: int, seed: int, epochs: int = 1, packing: bool = False,
-                 shuffle: bool = True, sharding: jax.sharding.Sharding | None = None, drop_remainder: bool = True,
-                 prefetch: int = 4, num_threads: int = 2) -> BatchIterator:
+def make_batches(
+    dataset: TokenizedDataset,
+    *,
+    batch_size: int,
+    seed: int,
+    epochs: int = 1,
+    packing: bool = False,
+    shuffle: bool = True,
+    sharding: jax.sharding.Sharding | None = None,
+    drop_remainder: bool = True,
+    prefetch: int = 4,
+    num_threads: int = 2,
+) -> BatchIterator:
     """Batches of `batch_size` rows (global, over all processes) for `epochs` epochs.
 
     sharding: for the batch, e.g. NamedSharding(mesh, P(("data", "fsdp"), None)); batches are then global
@@ -256,22 +290,39 @@ def make_batches(dataset: TokenizedDataset, *, batch_size: int, seed: int, epoch
     len() is MiniMind's `iters` (ceil(rows / batch_size)).
     prefetch, num_threads: batches built ahead by background threads.
     """
-    return BatchIterator(dataset, batch_size=batch_size, seed=seed, epochs=epochs, packing=packing,
-                         shuffle=shuffle, sharding=sharding, drop_remainder=drop_remainder, prefetch=prefetch,
-                         num_threads=num_threads)
+    return BatchIterator(
+        dataset,
+        batch_size=batch_size,
+        seed=seed,
+        epochs=epochs,
+        packing=packing,
+        shuffle=shuffle,
+        sharding=sharding,
+        drop_remainder=drop_remainder,
+        prefetch=prefetch,
+        num_threads=num_threads,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Benchmark
 
 
-def benchmark(data_path: str, tokenizer_path: str, config: ExampleConfig, *, num_workers: int | None = None,
-              batch_size: int = 16, cache_dir: str | None = None) -> dict[str, Any]:
+def benchmark(
+    data_path: str,
+    tokenizer_path: str,
+    config: ExampleConfig,
+    *,
+    num_workers: int | None = None,
+    batch_size: int = 16,
+    cache_dir: str | None = None,
+) -> dict[str, Any]:
     """Preprocessing throughput (records/s, cold then cached) and how full unpacked and packed rows are."""
     with tempfile.TemporaryDirectory(dir=cache_dir) as fresh:
         start = time.perf_counter()
-        dataset = load_dataset(data_path, tokenizer_path, config, cache_dir=fresh, num_workers=num_workers,
-                               progress=False)
+        dataset = load_dataset(
+            data_path, tokenizer_path, config, cache_dir=fresh, num_workers=num_workers, progress=False
+        )
         cold_s = time.perf_counter() - start
         records = len(dataset) + dataset.report.num_skipped + dataset.report.num_dropped
         start = time.perf_counter()
@@ -279,8 +330,12 @@ def benchmark(data_path: str, tokenizer_path: str, config: ExampleConfig, *, num
         for index in range(len(cached)):
             cached.example(index)
         cached_s = time.perf_counter() - start
-        figures = {"records": records, "examples": len(dataset), "cold_records_per_s": records / cold_s,
-                   "cached_examples_per_s": len(cached) / cached_s}
+        figures = {
+            "records": records,
+            "examples": len(dataset),
+            "cold_records_per_s": records / cold_s,
+            "cached_examples_per_s": len(cached) / cached_s,
+        }
         for packing in (False, True):
             start = time.perf_counter()
             batches = make_batches(cached, batch_size=batch_size, seed=0, packing=packing, drop_remainder=False)
@@ -302,8 +357,9 @@ def main(argv=None) -> int:
     parser.add_argument("--num_workers", type=int, default=None)
     args = parser.parse_args(argv)
     config = ExampleConfig(args.kind, args.arch, args.max_seq_len, system_prompt_ratio=0.0, drop_empty_think_ratio=0.0)
-    figures = benchmark(args.data_path, args.tokenizer_path, config, num_workers=args.num_workers,
-                        batch_size=args.batch_size)
+    figures = benchmark(
+        args.data_path, args.tokenizer_path, config, num_workers=args.num_workers, batch_size=args.batch_size
+    )
     print(json.dumps(figures, indent=1))
     return 0
 

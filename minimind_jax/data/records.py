@@ -1,18 +1,18 @@
 """Reading jsonl records: streaming lines (capped in length), checking each record's shape, and
 counting what was skipped or dropped."""
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
 import os
-from typing import Any, Iterator
-
+from collections.abc import Iterator
+from typing import Any
 
 from minimind_jax.errors import UserError
 
 log = logging.getLogger(__name__)
-
 
 
 KINDS = ("sft", "pretrain")
@@ -89,7 +89,7 @@ class SkipReport:
         return {"path": self.path, "skipped": self.skipped, "dropped": self.dropped, "lines": self.lines}
 
     @classmethod
-    def from_dict(cls, fields: dict[str, Any]) -> "SkipReport":
+    def from_dict(cls, fields: dict[str, Any]) -> SkipReport:
         return cls(**fields)
 
 
@@ -173,8 +173,9 @@ def parse_record(line: bytes | None, kind: str) -> dict[str, Any]:
     return record
 
 
-def read_jsonl(path: str | os.PathLike, *, kind: str | None, strict: bool = False,
-               report: SkipReport | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_jsonl(
+    path: str | os.PathLike, *, kind: str | None, strict: bool = False, report: SkipReport | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, record) for each well-formed record, streaming; kind=None tells each record's kind by
     its keys (`record_kind`). Bad lines go to `report` (or raise a UserError naming file:line if strict)."""
     report = report if report is not None else SkipReport(str(path))

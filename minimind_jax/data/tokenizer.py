@@ -7,6 +7,7 @@
 
 Both backends encode without adding special tokens, and both recognise the special-token strings inside text.
 """
+
 from __future__ import annotations
 
 import abc
@@ -154,7 +155,9 @@ class ChatTemplate:
         try:
             self._template = _chat_environment().from_string(source)
         except jinja2.TemplateSyntaxError as error:
-            raise UserError(f"{origin}: chat_template does not parse: {error.message} (template line {error.lineno})")
+            raise UserError(
+                f"{origin}: chat_template does not parse: {error.message} (template line {error.lineno})"
+            ) from None
 
     def __reduce__(self):
         # Compiled templates do not pickle; data-loader workers rebuild them from the source.
@@ -168,7 +171,7 @@ class ChatTemplate:
             )
         except (jinja2.TemplateError, TypeError, ValueError, AttributeError, KeyError, IndexError) as error:
             reason = " ".join(str(error).split()) or type(error).__name__
-            raise UserError(f"{self.origin}: chat template failed to render: {reason}")
+            raise UserError(f"{self.origin}: chat template failed to render: {reason}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -244,11 +247,11 @@ def _read_json(path: pathlib.Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UserError(f"{path}: file not found")
+        raise UserError(f"{path}: file not found") from None
     except UnicodeDecodeError as error:
-        raise UserError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})")
+        raise UserError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     except json.JSONDecodeError as error:
-        raise UserError(f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}")
+        raise UserError(f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}") from None
 
 
 class HFTokenizer(Tokenizer):
@@ -262,7 +265,7 @@ class HFTokenizer(Tokenizer):
         try:
             self._tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_file))
         except Exception as error:  # tokenizers raises a bare Exception for unreadable files.
-            raise UserError(f"{tokenizer_file}: not a valid tokenizer.json ({first_line(error)})")
+            raise UserError(f"{tokenizer_file}: not a valid tokenizer.json ({first_line(error)})") from None
         config = _read_json(config_file)
         if not isinstance(config, dict):
             raise UserError(f"{config_file}: expected a JSON object")
@@ -330,7 +333,7 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self._processor.load(str(model_file))
         except (OSError, RuntimeError) as error:
-            raise UserError(f"{model_file}: not a SentencePiece model ({' '.join(str(error).split())})")
+            raise UserError(f"{model_file}: not a SentencePiece model ({' '.join(str(error).split())})") from None
         self.vocab_size = self._processor.get_piece_size()
         self.arch = None
 
@@ -411,8 +414,9 @@ def check_fits(tokenizer: Tokenizer, arch: str, vocab_size: int | None = None) -
     if vocab_size is not None and tokenizer.vocab_size > vocab_size:
         raise UserError(f"{tokenizer.path}: vocab {tokenizer.vocab_size} exceeds the model's {vocab_size}")
     if tokenizer.arch is not None and tokenizer.arch != arch:
-        raise UserError(f"{tokenizer.path} is the {tokenizer.arch} tokenizer but the model is {arch}; "
-                        f"their token ids differ")
+        raise UserError(
+            f"{tokenizer.path} is the {tokenizer.arch} tokenizer but the model is {arch}; their token ids differ"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -530,7 +534,7 @@ def train_sentencepiece(
             minloglevel=2,
         )
     except RuntimeError as error:
-        raise UserError(f"SentencePiece training on {paths[0]} failed: {' '.join(str(error).split())}")
+        raise UserError(f"SentencePiece training on {paths[0]} failed: {' '.join(str(error).split())}") from None
 
     config = {
         "chat_template": CHATML_TEMPLATE,

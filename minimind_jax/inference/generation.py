@@ -12,21 +12,22 @@ One generation, for B left-padded prompts of length T (MiniMind's layout):
 
 Shapes: B batch, T prompt length, P bucketed prompt length, S cache slots, N new-token slots, V vocab.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import time
-from collections.abc import Iterator
-from typing import Callable, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minimind_jax.model.config import ModelConfig, load_preset
 from minimind_jax.errors import UserError
+from minimind_jax.model.config import ModelConfig, load_preset
 from minimind_jax.model.transformer import KVCache, MiniMind
 
 MIN_BUCKET = 16  # the shortest prompt / new-token bucket
@@ -38,9 +39,11 @@ def check_room(config: ModelConfig, prompt_len: int, max_new_tokens: int) -> Non
     positions = config.max_position_embeddings
     if prompt_len + max_new_tokens > positions:
         after = f" after a {prompt_len}-token prompt" if prompt_len else ""
-        raise UserError(f"max_new_tokens {max_new_tokens} runs past the model's {positions} positions "
-                        f"(max_position_embeddings, where MiniMind's RoPE table ends){after}; at most "
-                        f"{max(positions - prompt_len, 0)} new tokens fit")
+        raise UserError(
+            f"max_new_tokens {max_new_tokens} runs past the model's {positions} positions "
+            f"(max_position_embeddings, where MiniMind's RoPE table ends){after}; at most "
+            f"{max(positions - prompt_len, 0)} new tokens fit"
+        )
 
 
 def bucket_length(length: int) -> int:
@@ -61,8 +64,9 @@ class Sampling(NamedTuple):
     repetition_penalty: jax.Array  # fp32; 1 turns it off
 
     @classmethod
-    def create(cls, do_sample: bool, temperature: float, top_k: int, top_p: float,
-               repetition_penalty: float) -> "Sampling":
+    def create(
+        cls, do_sample: bool, temperature: float, top_k: int, top_p: float, repetition_penalty: float
+    ) -> Sampling:
         if do_sample and not temperature > 0:
             raise UserError(f"temperature must be > 0 when sampling, got {temperature}")
         if not repetition_penalty > 0:
@@ -132,8 +136,13 @@ def _choose(state: DecodeState, logits_BV, sampling, eos_id, do_sample) -> Decod
     tokens_B = choose_tokens(logits_BV, state.seen_BV, sampling, draw_key, do_sample)
     tokens_B = jnp.where(state.finished_B, eos_id, tokens_B)
     rows = jnp.arange(tokens_B.shape[0])
-    return state._replace(tokens_B=tokens_B, logits_BV=logits_BV, seen_BV=state.seen_BV.at[rows, tokens_B].set(True),
-                          finished_B=state.finished_B | (tokens_B == eos_id), key=key)
+    return state._replace(
+        tokens_B=tokens_B,
+        logits_BV=logits_BV,
+        seen_BV=state.seen_BV.at[rows, tokens_B].set(True),
+        finished_B=state.finished_B | (tokens_B == eos_id),
+        key=key,
+    )
 
 
 def _prefill(graphdef, params, ids_BP, mask_BS, prompt_len, sampling, eos_id, key, do_sample) -> DecodeState:
@@ -147,9 +156,15 @@ def _prefill(graphdef, params, ids_BP, mask_BS, prompt_len, sampling, eos_id, ke
     real_BP = (mask_BS[:, :padded_len] > 0) & (jnp.arange(padded_len) < prompt_len)
     rows_B1 = jnp.arange(batch)[:, None]
     seen_BV = jnp.zeros((batch, config.vocab_size), jnp.int32).at[rows_B1, ids_BP].max(real_BP.astype(jnp.int32))
-    state = DecodeState(cache=out.cache._replace(length=jnp.asarray(prompt_len, jnp.int32)), mask_BS=mask_BS,
-                        tokens_B=jnp.zeros((batch,), jnp.int32), logits_BV=jnp.zeros((batch, config.vocab_size)),
-                        seen_BV=seen_BV > 0, finished_B=jnp.zeros((batch,), bool), key=key)
+    state = DecodeState(
+        cache=out.cache._replace(length=jnp.asarray(prompt_len, jnp.int32)),
+        mask_BS=mask_BS,
+        tokens_B=jnp.zeros((batch,), jnp.int32),
+        logits_BV=jnp.zeros((batch, config.vocab_size)),
+        seen_BV=seen_BV > 0,
+        finished_B=jnp.zeros((batch,), bool),
+        key=key,
+    )
     return _choose(state, model.logits(last_hidden_BD), sampling, eos_id, do_sample)
 
 
@@ -159,8 +174,9 @@ def _step(graphdef, params, state: DecodeState, sampling, eos_id, do_sample) -> 
     return _choose(state._replace(cache=out.cache), out.logits[:, 0], sampling, eos_id, do_sample)
 
 
-def _generate(graphdef, params, ids_BP, mask_BS, prompt_len, max_new_tokens, sampling, eos_id, key, do_sample,
-              num_slots):
+def _generate(
+    graphdef, params, ids_BP, mask_BS, prompt_len, max_new_tokens, sampling, eos_id, key, do_sample, num_slots
+):
     """Prefill + while_loop decode; returns (new tokens [B, num_slots], how many were produced)."""
     state = _prefill(graphdef, params, ids_BP, mask_BS, prompt_len, sampling, eos_id, key, do_sample)
     new_BN = jnp.zeros((ids_BP.shape[0], num_slots), jnp.int32).at[:, 0].set(state.tokens_B)
@@ -195,12 +211,14 @@ def _compiled_for(model: MiniMind):
     if key not in _COMPILED:
         # The graphdef holds the (unhashable) config, so it is closed over rather than passed as a static arg.
         _COMPILED[key] = _Compiled(
-            prefill=jax.jit(lambda *a, do_sample: _prefill(graphdef, *a, do_sample=do_sample),
-                            static_argnames="do_sample"),
+            prefill=jax.jit(
+                lambda *a, do_sample: _prefill(graphdef, *a, do_sample=do_sample), static_argnames="do_sample"
+            ),
             step=jax.jit(lambda *a, do_sample: _step(graphdef, *a, do_sample=do_sample), static_argnames="do_sample"),
-            generate=jax.jit(lambda *a, do_sample, num_slots: _generate(graphdef, *a, do_sample=do_sample,
-                                                                          num_slots=num_slots),
-                             static_argnames=("do_sample", "num_slots")),
+            generate=jax.jit(
+                lambda *a, do_sample, num_slots: _generate(graphdef, *a, do_sample=do_sample, num_slots=num_slots),
+                static_argnames=("do_sample", "num_slots"),
+            ),
         )
     return params, _COMPILED[key]
 
@@ -237,9 +255,19 @@ def _bucketed(ids_BT: np.ndarray, mask_BT: np.ndarray, num_slots: int):
     return jnp.asarray(ids_BP), jnp.asarray(mask_BS)
 
 
-def generate(model: MiniMind, input_ids, max_new_tokens: int, do_sample: bool = False, temperature: float = 0.85,
-             top_k: int = 50, top_p: float = 0.85, repetition_penalty: float = 1.0, attention_mask=None,
-             eos_token_id: int | None = 2, seed: int = 0) -> np.ndarray:
+def generate(
+    model: MiniMind,
+    input_ids,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 0.85,
+    top_k: int = 50,
+    top_p: float = 0.85,
+    repetition_penalty: float = 1.0,
+    attention_mask=None,
+    eos_token_id: int | None = 2,
+    seed: int = 0,
+) -> np.ndarray:
     """Continues the prompts; returns them followed by the new tokens, like MiniMind's `generate`.
 
     Args:
@@ -274,10 +302,18 @@ def generate(model: MiniMind, input_ids, max_new_tokens: int, do_sample: bool = 
     num_slots = bucket_length(max_new_tokens)
     ids_BP, mask_BS = _bucketed(ids_BT, mask_BT, num_slots)
     new_BN, num_new = compiled.generate(
-        params, ids_BP, mask_BS, jnp.int32(ids_BT.shape[1]), jnp.int32(max_new_tokens), sampling,
-        jnp.int32(-1 if eos_token_id is None else eos_token_id), jax.random.key(seed),
-        do_sample=do_sample, num_slots=num_slots)
-    return np.concatenate([ids_BT, np.asarray(new_BN)[:, :int(num_new)]], axis=1)
+        params,
+        ids_BP,
+        mask_BS,
+        jnp.int32(ids_BT.shape[1]),
+        jnp.int32(max_new_tokens),
+        sampling,
+        jnp.int32(-1 if eos_token_id is None else eos_token_id),
+        jax.random.key(seed),
+        do_sample=do_sample,
+        num_slots=num_slots,
+    )
+    return np.concatenate([ids_BT, np.asarray(new_BN)[:, : int(num_new)]], axis=1)
 
 
 class Decoder:
@@ -288,8 +324,17 @@ class Decoder:
     doubles when it fills, so a stream has no fixed length (one compile per cache size).
     """
 
-    def __init__(self, model: MiniMind, *, do_sample: bool = False, temperature: float = 0.85, top_k: int = 50,
-                 top_p: float = 0.85, repetition_penalty: float = 1.0, eos_token_id: int | None = 2):
+    def __init__(
+        self,
+        model: MiniMind,
+        *,
+        do_sample: bool = False,
+        temperature: float = 0.85,
+        top_k: int = 50,
+        top_p: float = 0.85,
+        repetition_penalty: float = 1.0,
+        eos_token_id: int | None = 2,
+    ):
         self.vocab_size = model.config.vocab_size
         self.do_sample = do_sample
         self.sampling = Sampling.create(do_sample, temperature, top_k, top_p, repetition_penalty)
@@ -299,8 +344,16 @@ class Decoder:
     def start(self, input_ids, attention_mask=None, *, seed: int = 0, expected_new_tokens: int = 256) -> DecodeState:
         ids_BT, mask_BT = _prompt_arrays(input_ids, attention_mask, self.vocab_size)
         ids_BP, mask_BS = _bucketed(ids_BT, mask_BT, bucket_length(expected_new_tokens))
-        return self.compiled.prefill(self.params, ids_BP, mask_BS, jnp.int32(ids_BT.shape[1]), self.sampling,
-                                     self.eos_id, jax.random.key(seed), do_sample=self.do_sample)
+        return self.compiled.prefill(
+            self.params,
+            ids_BP,
+            mask_BS,
+            jnp.int32(ids_BT.shape[1]),
+            self.sampling,
+            self.eos_id,
+            jax.random.key(seed),
+            do_sample=self.do_sample,
+        )
 
     def step(self, state: DecodeState) -> DecodeState:
         slots = state.mask_BS.shape[1]
@@ -317,8 +370,9 @@ def _grow(state: DecodeState, extra_slots: int) -> DecodeState:
     return state._replace(cache=cache, mask_BS=mask_BS)
 
 
-def stream(model: MiniMind, input_ids, max_new_tokens: int, *, attention_mask=None, seed: int = 0,
-           **sampling) -> Iterator[np.ndarray]:
+def stream(
+    model: MiniMind, input_ids, max_new_tokens: int, *, attention_mask=None, seed: int = 0, **sampling
+) -> Iterator[np.ndarray]:
     """Yields the next token of every row ([B] int32) as soon as it is chosen; same arguments and tokens as
     `generate` (`sampling`: do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id)."""
     if max_new_tokens <= 0:
@@ -338,8 +392,9 @@ def stream(model: MiniMind, input_ids, max_new_tokens: int, *, attention_mask=No
 # Decode benchmark
 
 
-def benchmark_decode(preset: str = "minimind2-small", batch_sizes=(1, 32), prompt_len: int = 64,
-                     new_tokens: int = 128, seed: int = 0) -> list[dict]:
+def benchmark_decode(
+    preset: str = "minimind2-small", batch_sizes=(1, 32), prompt_len: int = 64, new_tokens: int = 128, seed: int = 0
+) -> list[dict]:
     """Generation speed of `generate` on a preset with random weights, for each batch size.
 
     Eos is off, so every row produces `new_tokens` tokens. For each batch size: compile_s (compiling the
@@ -374,13 +429,20 @@ def benchmark_decode(preset: str = "minimind2-small", batch_sizes=(1, 32), promp
         start = time.perf_counter()
         jax.block_until_ready(prefill(*prefill_args))
         prefill_s = time.perf_counter() - start
-        rows.append({
-            "preset": preset, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-            "device": jax.devices()[0].device_kind, "compile_s": round(compile_s, 3),
-            "prefill_s": round(prefill_s, 4), "generate_s": round(generate_s, 4),
-            "tokens_per_s": round(batch * new_tokens / generate_s, 1),
-            "decode_tokens_per_s": round(batch * (new_tokens - 1) / max(generate_s - prefill_s, 1e-9), 1),
-        })
+        rows.append(
+            {
+                "preset": preset,
+                "batch": batch,
+                "prompt_len": prompt_len,
+                "new_tokens": new_tokens,
+                "device": jax.devices()[0].device_kind,
+                "compile_s": round(compile_s, 3),
+                "prefill_s": round(prefill_s, 4),
+                "generate_s": round(generate_s, 4),
+                "tokens_per_s": round(batch * new_tokens / generate_s, 1),
+                "decode_tokens_per_s": round(batch * (new_tokens - 1) / max(generate_s - prefill_s, 1e-9), 1),
+            }
+        )
     return rows
 
 

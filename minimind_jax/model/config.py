@@ -4,6 +4,7 @@
 own `MiniMindConfig` is here under its MiniMind name; fields left as None take the era's default, exactly as
 MiniMind computes it. Fields after the divider are ours (dtype policy, scan, remat).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -94,8 +95,10 @@ class ModelConfig:
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
         if self.head_dim < 2 or self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} (hidden_size={self.hidden_size} / num_attention_heads="
-                             f"{self.num_attention_heads}) must be even: RoPE rotates pairs of dimensions")
+            raise ValueError(
+                f"head_dim={self.head_dim} (hidden_size={self.hidden_size} / num_attention_heads="
+                f"{self.num_attention_heads}) must be even: RoPE rotates pairs of dimensions"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -134,23 +137,28 @@ class ModelConfig:
         if not self.inference_rope_scaling:
             return None
         if self.is_v3:
-            return {"beta_fast": 32, "beta_slow": 1, "factor": 16,
-                    "original_max_position_embeddings": 2048, "attention_factor": 1.0, "type": "yarn"}
-        return {"beta_fast": 4, "beta_slow": 1, "factor": 4,
-                "original_max_position_embeddings": 2048, "type": "yarn"}
+            return {
+                "beta_fast": 32,
+                "beta_slow": 1,
+                "factor": 16,
+                "original_max_position_embeddings": 2048,
+                "attention_factor": 1.0,
+                "type": "yarn",
+            }
+        return {"beta_fast": 4, "beta_slow": 1, "factor": 4, "original_max_position_embeddings": 2048, "type": "yarn"}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, fields: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, fields: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(fields) - known)
         if unknown:
             raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
         return cls(**fields)
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -206,8 +214,11 @@ def fast_path_settings(platform: str, dtype: str, seq_len: int) -> dict[str, Any
     (jax.nn.dot_product_attention has no TPU kernel). Accelerators keep lax.scan: shorter compiles.
     """
     cudnn = platform == "gpu" and dtype in ("bfloat16", "float16") and seq_len % 2 == 0
-    return {"attention_impl": "cudnn" if cudnn else "causal_blocks", "loss_chunk_size": 512,
-            "scan_layers": platform != "cpu"}
+    return {
+        "attention_impl": "cudnn" if cudnn else "causal_blocks",
+        "loss_chunk_size": 512,
+        "scan_layers": platform != "cpu",
+    }
 
 
 def train_step_settings(fast_path: bool, platform: str, dtype: str, seq_len: int, **given) -> dict[str, Any]:

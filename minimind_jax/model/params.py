@@ -1,12 +1,13 @@
 """A `MiniMind` model's parameters as a plain nested dict (nnx pure dict), and a model back from one."""
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from minimind_jax.model.config import ModelConfig
 from minimind_jax.errors import UserError
+from minimind_jax.model.config import ModelConfig
 from minimind_jax.model.transformer import MiniMind
 
 

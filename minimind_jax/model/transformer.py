@@ -7,6 +7,7 @@ The L blocks are one `Block` whose parameters carry a leading layer axis; `MiniM
 `jax.lax.scan`, so compile time does not grow with depth. Parameters stay fp32; activations use
 `config.dtype`; logits are returned in fp32.
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,7 +32,7 @@ class KVCache(NamedTuple):
     length: jax.Array  # int32 scalar: positions [0, length) are filled
 
     @classmethod
-    def empty(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+    def empty(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
         shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
@@ -106,8 +107,16 @@ def apply_rope(x_BTNHd, cos_BTHd, sin_BTHd):
     return (x_BTNHd * cos + rotated * sin).astype(x_BTNHd.dtype)
 
 
-def attention_bias(batch: int, num_queries: int, num_keys: int, query_offset, *, segment_ids_BT=None,
-                   key_segment_ids_BS=None, attention_mask_BS=None):
+def attention_bias(
+    batch: int,
+    num_queries: int,
+    num_keys: int,
+    query_offset,
+    *,
+    segment_ids_BT=None,
+    key_segment_ids_BS=None,
+    attention_mask_BS=None,
+):
     """Additive fp32 bias [B,1,T,S]: -inf above the causal diagonal or across segments, -1e9 on padded keys.
 
     Query t sits at absolute position query_offset + t; key s at position s.
@@ -160,8 +169,14 @@ def causal_block_attention(q_BTNHd, k_BTKHd, v_BTKHd, bias_B1TT, block_size: int
     blocks = []
     for start in range(0, t, block_size):
         stop = min(start + block_size, t)
-        blocks.append(attend(q_BKGTHd[:, :, :, start:stop], k_BKTHd[:, :, :stop], v_BKTHd[:, :, :stop],
-                             bias_B1TT[:, :, start:stop, :stop]))
+        blocks.append(
+            attend(
+                q_BKGTHd[:, :, :, start:stop],
+                k_BKTHd[:, :, :stop],
+                v_BKTHd[:, :, :stop],
+                bias_B1TT[:, :, start:stop, :stop],
+            )
+        )
     return jnp.concatenate(blocks, axis=3).transpose(0, 3, 1, 2, 4).reshape(q_BTNHd.shape)
 
 
@@ -205,9 +220,15 @@ class Attention(nnx.Module):
             out = causal_block_attention(q, k, v, bias_B1TS, self.block_size, recompute=self.recompute_scores)
         else:  # The bias already holds the causal mask; is_causal also lets cuDNN skip the blocks above it.
             cudnn = self.impl == "cudnn"
-            out = jax.nn.dot_product_attention(q, k, v, bias_B1TS.astype(dtype) if cudnn else bias_B1TS,
-                                               scale=1 / math.sqrt(self.head_dim), is_causal=cudnn,
-                                               implementation="cudnn" if cudnn else "xla")
+            out = jax.nn.dot_product_attention(
+                q,
+                k,
+                v,
+                bias_B1TS.astype(dtype) if cudnn else bias_B1TS,
+                scale=1 / math.sqrt(self.head_dim),
+                is_causal=cudnn,
+                implementation="cudnn" if cudnn else "xla",
+            )
         out = (out.reshape(b * t, self.num_heads * self.head_dim) @ self.o_proj[...].astype(dtype)).reshape(b, t, d)
         return self.dropout(out, rngs=dropout_rngs, deterministic=dropout_rngs is None), (k, v)
 
@@ -269,8 +290,9 @@ class MLP(nnx.Module):
         return self.dropout(out, rngs=dropout_rngs, deterministic=dropout_rngs is None), jnp.zeros((), jnp.float32)
 
 
-def routed_swiglu(x_ND, expert_index_NK, gate_EDF, up_EDF, down_EFD, batch_axes: tuple[str, ...] = (), *,
-                  tile_size: int):
+def routed_swiglu(
+    x_ND, expert_index_NK, gate_EDF, up_EDF, down_EFD, batch_axes: tuple[str, ...] = (), *, tile_size: int
+):
     """Each token's chosen experts' SwiGLU outputs [N, K, D] (K choices per token), each expert run only on the
     tokens routed to it.
 
@@ -302,6 +324,7 @@ def routed_swiglu(x_ND, expert_index_NK, gate_EDF, up_EDF, down_EFD, batch_axes:
 
 class _Tiling(NamedTuple):
     """Rows per matmul in routed_swiglu: full tiles of `size` rows, and units of size // 4 rows for the rest."""
+
     size: int
 
     @property
@@ -316,8 +339,10 @@ class _Tiling(NamedTuple):
         first_unit = jnp.zeros((), jnp.int32)
         for expert in range(units_E.shape[0]):
             full_tiles, rest = units_E[expert] // units_per_tile, units_E[expert] % units_per_tile
-            loops = ((self.size, first_unit * self.unit, full_tiles),
-                     (self.unit, (first_unit + full_tiles * units_per_tile) * self.unit, rest))
+            loops = (
+                (self.size, first_unit * self.unit, full_tiles),
+                (self.unit, (first_unit + full_tiles * units_per_tile) * self.unit, rest),
+            )
             yield tuple(w[expert] for w in weights), loops
             first_unit = first_unit + units_E[expert]
 
@@ -325,8 +350,9 @@ class _Tiling(NamedTuple):
 def _over_tiles(run_tile, loops, carry):
     """carry after run_tile(rows, start_row, carry) on each tile of loops (see _Tiling.expert_loops)."""
     for rows, first_row, num_tiles in loops:
-        carry = jax.lax.fori_loop(0, num_tiles, lambda i, c, rows=rows, first_row=first_row:
-                                  run_tile(rows, first_row + i * rows, c), carry)
+        carry = jax.lax.fori_loop(
+            0, num_tiles, lambda i, c, rows=rows, first_row=first_row: run_tile(rows, first_row + i * rows, c), carry
+        )
     return carry
 
 
@@ -341,8 +367,10 @@ def _grouped_swiglu_rows_fwd(x_RD, units_E, gate_EDF, up_EDF, down_EFD, tiling):
     def run_tile(expert_weights, rows, start, buffers):
         x_tD = jax.lax.dynamic_slice_in_dim(x_RD, start, rows)
         out_tD, (_, gate_tF, up_tF, *_) = _swiglu_rows_fwd(x_tD, *expert_weights)
-        return tuple(jax.lax.dynamic_update_slice_in_dim(buffer, tile_rows, start, 0)
-                     for buffer, tile_rows in zip(buffers, (out_tD, gate_tF, up_tF)))
+        return tuple(
+            jax.lax.dynamic_update_slice_in_dim(buffer, tile_rows, start, 0)
+            for buffer, tile_rows in zip(buffers, (out_tD, gate_tF, up_tF))
+        )
 
     # zeros_like keeps x's shard_map type (device-varying), which a loop carry must keep.
     hidden_RF = jnp.zeros_like(x_RD, shape=(x_RD.shape[0], gate_EDF.shape[-1]))
@@ -368,8 +396,9 @@ def _grouped_swiglu_rows_bwd(tiling, residuals, dy_RD):
     # the [E, ...] gradients every tile.
     dx_RD, expert_grads = jnp.zeros_like(x_RD), []
     for expert_weights, loops in tiling.expert_loops(units_E, (gate_EDF, up_EDF, down_EFD)):
-        dx_RD, *grads = _over_tiles(functools.partial(run_tile, expert_weights), loops,
-                                    (dx_RD, *map(jnp.zeros_like, expert_weights)))
+        dx_RD, *grads = _over_tiles(
+            functools.partial(run_tile, expert_weights), loops, (dx_RD, *map(jnp.zeros_like, expert_weights))
+        )
         expert_grads.append(grads)
     return dx_RD, None, *(jnp.stack(grads) for grads in zip(*expert_grads))
 
@@ -385,7 +414,11 @@ class MoE(nnx.Module):
         d, f, e = config.hidden_size, config.expert_intermediate_size, config.num_routed_experts
         self.config = config
         self.router = nnx.Param(_uniform_init(rngs.params(), (d, e), d))
-        self.gate_proj, self.up_proj, self.down_proj = _linear(rngs, e, d, f), _linear(rngs, e, d, f), _linear(rngs, e, f, d)
+        self.gate_proj, self.up_proj, self.down_proj = (
+            _linear(rngs, e, d, f),
+            _linear(rngs, e, d, f),
+            _linear(rngs, e, f, d),
+        )
         if config.num_shared_experts:
             s = config.num_shared_experts
             self.shared_gate_proj, self.shared_up_proj = _linear(rngs, s, d, f), _linear(rngs, s, d, f)
@@ -405,9 +438,15 @@ class MoE(nnx.Module):
             top_weight_BTK = top_weight_BTK / (top_weight_BTK.sum(-1, keepdims=True) + 1e-20)
         chosen_BTKE = jax.nn.one_hot(top_index_BTK, num_experts, dtype=jnp.float32)
 
-        expert_out_NKD = routed_swiglu(x_BTD.reshape(b * t, d), top_index_BTK.reshape(b * t, top_k),
-                                       self.gate_proj[...], self.up_proj[...], self.down_proj[...], batch_axes,
-                                       tile_size=cfg.expert_tile_size)
+        expert_out_NKD = routed_swiglu(
+            x_BTD.reshape(b * t, d),
+            top_index_BTK.reshape(b * t, top_k),
+            self.gate_proj[...],
+            self.up_proj[...],
+            self.down_proj[...],
+            batch_axes,
+            tile_size=cfg.expert_tile_size,
+        )
         expert_out_NKD = expert_out_NKD.astype(jnp.float32)
         if train and not cfg.is_v3:
             # 2510's training path collects expert outputs in an fp16 buffer before weighting them.
@@ -415,8 +454,9 @@ class MoE(nnx.Module):
         y = jnp.einsum("nk,nkd->nd", top_weight_BTK.reshape(b * t, top_k), expert_out_NKD).reshape(b, t, d)
         if cfg.num_shared_experts:
             for i in range(cfg.num_shared_experts):
-                shared = swiglu(x_BTD, self.shared_gate_proj[i], self.shared_up_proj[i], self.shared_down_proj[i],
-                                batch_axes)
+                shared = swiglu(
+                    x_BTD, self.shared_gate_proj[i], self.shared_up_proj[i], self.shared_down_proj[i], batch_axes
+                )
                 y = y + shared.astype(jnp.float32)
 
         def global_mean(x, axis):
@@ -448,8 +488,9 @@ class Block(nnx.Module):
         self.mlp = MoE(config, rngs) if config.use_moe else MLP(config, rngs)
 
     def __call__(self, h_BTD, cos, sin, bias, kv_cache, cache_index, train, dropout_rngs, batch_axes):
-        attn_out, new_kv = self.self_attn(self.input_layernorm(h_BTD), cos, sin, bias, kv_cache, cache_index,
-                                          dropout_rngs)
+        attn_out, new_kv = self.self_attn(
+            self.input_layernorm(h_BTD), cos, sin, bias, kv_cache, cache_index, dropout_rngs
+        )
         h_BTD = h_BTD + attn_out
         mlp_out, aux = self.mlp(self.post_attention_layernorm(h_BTD), train, dropout_rngs, batch_axes)
         return h_BTD + mlp_out, aux, new_kv
@@ -483,9 +524,19 @@ class MiniMind(nnx.Module):
         """fp32 logits [B,T,V]; `input_ids` and `attention_mask` by position or by name, as in MiniMind and HF."""
         return self.forward(input_ids, attention_mask, **kwargs).logits
 
-    def forward(self, input_ids, attention_mask=None, *, segment_ids_BT=None, positions_BT=None,
-                cache: KVCache | None = None, train: bool = False, dropout_rngs: nnx.Rngs | None = None,
-                return_logits: bool = True, batch_axes: tuple[str, ...] = ()) -> ModelOutput:
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        *,
+        segment_ids_BT=None,
+        positions_BT=None,
+        cache: KVCache | None = None,
+        train: bool = False,
+        dropout_rngs: nnx.Rngs | None = None,
+        return_logits: bool = True,
+        batch_axes: tuple[str, ...] = (),
+    ) -> ModelOutput:
         """Runs the model.
 
         input_ids: [B,T] token ids.
@@ -505,16 +556,18 @@ class MiniMind(nnx.Module):
         attention_factor = (cfg.rope_scaling or {}).get("attention_factor", 1.0)
         cos, sin = rope_cos_sin(rope_inv_freq(cfg), positions_BT, attention_factor)
         num_keys = t if cache is None else cache.k_LBSKHd.shape[2]
-        bias = attention_bias(b, t, num_keys, offset, segment_ids_BT=segment_ids_BT,
-                              attention_mask_BS=attention_mask)
+        bias = attention_bias(b, t, num_keys, offset, segment_ids_BT=segment_ids_BT, attention_mask_BS=attention_mask)
 
         h = self.embed_tokens[...][input_ids].astype(dtype)
         h = self.embed_dropout(h, rngs=dropout_rngs, deterministic=dropout_rngs is None)
 
         graphdef, layer_state = nnx.split(self.layers)
         num_layers = cfg.num_hidden_layers
-        layer_keys = (jax.random.split(dropout_rngs.dropout(), num_layers) if dropout_rngs is not None
-                      else jnp.zeros((num_layers,), jnp.uint32))
+        layer_keys = (
+            jax.random.split(dropout_rngs.dropout(), num_layers)
+            if dropout_rngs is not None
+            else jnp.zeros((num_layers,), jnp.uint32)
+        )
         layer_caches = None if cache is None else (cache.k_LBSKHd, cache.v_LBSKHd)
 
         def run_block(h_BTD, per_layer):
@@ -528,8 +581,9 @@ class MiniMind(nnx.Module):
             run_block = jax.checkpoint(run_block, policy=_REMAT_POLICIES[cfg.remat])
         # Unrolled (scan_layers=False), compile time grows with depth, but XLA lays out each layer's saved
         # activations freely instead of stacking them into [L, ...] buffers: faster on CPU.
-        h, (aux_L, new_caches) = jax.lax.scan(run_block, h, (layer_state, layer_caches, layer_keys),
-                                              unroll=1 if cfg.scan_layers else num_layers)
+        h, (aux_L, new_caches) = jax.lax.scan(
+            run_block, h, (layer_state, layer_caches, layer_keys), unroll=1 if cfg.scan_layers else num_layers
+        )
 
         hidden = self.norm(h)
         new_cache = None

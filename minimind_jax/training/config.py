@@ -1,6 +1,7 @@
 """The run's settings: every flag of MiniMind's train_full_sft.py / train_pretrain.py has a field of the
 same name and meaning here, checked in one place. A field declared with `flag` is a command-line flag too, its
 help text next to it (cli/train.py builds the parser from the fields)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,21 +9,51 @@ import numbers
 import pathlib
 from typing import Any
 
-
-from minimind_jax.model.config import ARCHS, ATTENTION_IMPLS, REMATS, TRAIN_DTYPES, ModelConfig, weight_stem
 from minimind_jax.errors import UserError
-
-
+from minimind_jax.model.config import ARCHS, ATTENTION_IMPLS, REMATS, TRAIN_DTYPES, ModelConfig, weight_stem
 
 LOSS_NORMS = ("tokens", "minimind")  # see training/step.py
-CHOICES = {"mode": ("sft", "pretrain"), "arch": ARCHS, "dtype": TRAIN_DTYPES, "remat": REMATS,
-           "attention_impl": ATTENTION_IMPLS, "loss_norm": LOSS_NORMS,
-           **dict.fromkeys(("use_moe", "from_resume", "overwrite", "use_wandb", "packing", "fast_path", "scan_layers",
-                            "strict", "shuffle", "progress"), (0, 1))}
-AT_LEAST = {"epochs": 1, "batch_size": 1, "accumulation_steps": 1, "log_interval": 1, "save_interval": 1,
-            "hidden_size": 1, "num_hidden_layers": 1, "max_seq_len": 1, "num_workers": 0, "seed": 0,
-            "warmup_steps": 0, "keep_checkpoints": 1, "max_steps": 1, "loss_chunk_size": 0, "num_attention_heads": 1,
-            "max_consecutive_skips": 1}
+CHOICES = {
+    "mode": ("sft", "pretrain"),
+    "arch": ARCHS,
+    "dtype": TRAIN_DTYPES,
+    "remat": REMATS,
+    "attention_impl": ATTENTION_IMPLS,
+    "loss_norm": LOSS_NORMS,
+    **dict.fromkeys(
+        (
+            "use_moe",
+            "from_resume",
+            "overwrite",
+            "use_wandb",
+            "packing",
+            "fast_path",
+            "scan_layers",
+            "strict",
+            "shuffle",
+            "progress",
+        ),
+        (0, 1),
+    ),
+}
+AT_LEAST = {
+    "epochs": 1,
+    "batch_size": 1,
+    "accumulation_steps": 1,
+    "log_interval": 1,
+    "save_interval": 1,
+    "hidden_size": 1,
+    "num_hidden_layers": 1,
+    "max_seq_len": 1,
+    "num_workers": 0,
+    "seed": 0,
+    "warmup_steps": 0,
+    "keep_checkpoints": 1,
+    "max_steps": 1,
+    "loss_chunk_size": 0,
+    "num_attention_heads": 1,
+    "max_consecutive_skips": 1,
+}
 
 
 def _is_integer(value) -> bool:
@@ -61,49 +92,67 @@ class TrainConfig:
     max_seq_len: int = flag(512, "truncation length", minimind=True)
     use_moe: int = flag(0, "1 = MoE model", minimind=True)
     data_path: str = flag("dataset/sft_mini_512.jsonl", "training jsonl", minimind=True)
-    from_weight: str = flag("pretrain", "'none', a MiniMind weight name ({save_dir}/{name}_{hidden}{_moe}.pth), "
-                                        "a .pth or our checkpoint", minimind=True)
+    from_weight: str = flag(
+        "pretrain",
+        "'none', a MiniMind weight name ({save_dir}/{name}_{hidden}{_moe}.pth), a .pth or our checkpoint",
+        minimind=True,
+    )
     from_resume: int = flag(0, "1 = continue from the newest complete checkpoint", minimind=True)
     # MiniMind: SwanLab with the W&B API
-    use_wandb: bool = flag(False, "log the metrics to Weights & Biases (pip install 'minimind-jax[wandb]')",
-                           minimind=True, switch=True)
-    wandb_project: str = flag("MiniMind-Full-SFT", "W&B project for --use_wandb "
-                                                   "(default: MiniMind-Full-SFT / MiniMind-Pretrain)", minimind=True)
-    num_workers: int | None = flag(None, "tokenizing processes (default: one per CPU; 0: in this process)",
-                                   minimind=True)  # MiniMind: data-loader workers
+    use_wandb: bool = flag(
+        False, "log the metrics to Weights & Biases (pip install 'minimind-jax[wandb]')", minimind=True, switch=True
+    )
+    wandb_project: str = flag(
+        "MiniMind-Full-SFT",
+        "W&B project for --use_wandb (default: MiniMind-Full-SFT / MiniMind-Pretrain)",
+        minimind=True,
+    )
+    num_workers: int | None = flag(
+        None, "tokenizing processes (default: one per CPU; 0: in this process)", minimind=True
+    )  # MiniMind: data-loader workers
     # ---- ours ----
     arch: str = flag("minimind2", "minimind2: the 2510 era; minimind3: v3")
     tokenizer_path: str = flag("model", "MiniMind tokenizer directory or SentencePiece .model")
     mesh: str | None = flag(None, "device mesh, e.g. data=8 or data=2,fsdp=2,tensor=2 (default: all devices on data)")
     seed: int = flag(42, "seed for init, shuffling and dropout")
-    loss_norm: str = flag("tokens", "tokens (global token-weighted) | minimind (per micro-batch mean / "
-                                    "accumulation_steps)")
+    loss_norm: str = flag(
+        "tokens", "tokens (global token-weighted) | minimind (per micro-batch mean / accumulation_steps)"
+    )
     eval_data_path: str | None = flag(None, "held-out jsonl: masked eval loss at the end")
     warmup_steps: int = flag(0, "linear warmup micro-steps (MiniMind: 0)")
-    checkpoint_dir: str | None = flag(None, "Orbax checkpoints go to {checkpoint_dir}/{save_weight}_{hidden}{_moe} "
-                                            "(default: {save_dir}/checkpoints)")
-    overwrite: int = flag(0, "1 = start over where an earlier run left checkpoints: move them and its logs to a "
-                             "dated folder (without it, such a run stops: continue with --from_resume 1)")
+    checkpoint_dir: str | None = flag(
+        None, "Orbax checkpoints go to {checkpoint_dir}/{save_weight}_{hidden}{_moe} (default: {save_dir}/checkpoints)"
+    )
+    overwrite: int = flag(
+        0,
+        "1 = start over where an earlier run left checkpoints: move them and its logs to a "
+        "dated folder (without it, such a run stops: continue with --from_resume 1)",
+    )
     keep_checkpoints: int = flag(3, "how many checkpoints to keep")
     max_steps: int | None = flag(None, "stop at optimizer update N, counted from the run's start (a resumed run too)")
-    remat: str = flag("none", "recompute activations in the backward pass: all (full) or all but matmul outputs "
-                              "(dots)")
+    remat: str = flag("none", "recompute activations in the backward pass: all (full) or all but matmul outputs (dots)")
     # The train step: fast_path=True takes the backend's fastest exact settings (config.fast_path_settings),
     # False MiniMind's literal computation (config.LITERAL_STEP); the three after it, when not None, win.
-    fast_path: bool = flag(True, "1 (default) = the backend's fastest exact step (CPU: causal_blocks attention, loss "
-                                 "chunks of 512, unrolled layers; GPU: cuDNN attention in bf16); 0 = MiniMind's "
-                                 "literal computation (full logits, xla attention, scanned layers). The three flags "
-                                 "below override it")
+    fast_path: bool = flag(
+        True,
+        "1 (default) = the backend's fastest exact step (CPU: causal_blocks attention, loss "
+        "chunks of 512, unrolled layers; GPU: cuDNN attention in bf16); 0 = MiniMind's "
+        "literal computation (full logits, xla attention, scanned layers). The three flags "
+        "below override it",
+    )
     scan_layers: bool | None = flag(None, "1 = the layers in lax.scan; 0 = unrolled: faster on CPU, slower to compile")
-    attention_impl: str | None = flag(None, "xla is MiniMind's explicit softmax; causal_blocks skips keys above the "
-                                            "diagonal; cudnn: GPU, bf16")
-    loss_chunk_size: int | None = flag(None, "lm_head + CE only at loss positions, this many at a time; 0 = the full "
-                                             "logits")
+    attention_impl: str | None = flag(
+        None, "xla is MiniMind's explicit softmax; causal_blocks skips keys above the diagonal; cudnn: GPU, bf16"
+    )
+    loss_chunk_size: int | None = flag(
+        None, "lm_head + CE only at loss positions, this many at a time; 0 = the full logits"
+    )
     num_attention_heads: int | None = flag(None, "heads (2510 weights cannot tell; default 8)")
     cache_dir: str | None = flag(None, "tokenized-data cache directory")
     # None: $JAX_COMPILATION_CACHE_DIR if set, else {cache}/xla.
-    compilation_cache_dir: str | None = flag(None, "persistent XLA compilation cache "
-                                                   "(default ~/.cache/minimind_jax/xla; 'none': off)")
+    compilation_cache_dir: str | None = flag(
+        None, "persistent XLA compilation cache (default ~/.cache/minimind_jax/xla; 'none': off)"
+    )
     system_prompt_ratio: float | None = flag(None, "v3: chance of adding a random system prompt (MiniMind: 0.2)")
     drop_empty_think_ratio: float | None = flag(None, "v3: chance of dropping an empty think block (MiniMind: 0.8)")
     max_consecutive_skips: int = flag(10, "stop after N consecutive non-finite updates")
@@ -131,10 +180,14 @@ class TrainConfig:
             if name in given and not (_is_number(given[name]) and 0 <= given[name] <= 1):
                 raise UserError(f"--{name} must be a number in [0, 1], got {given[name]!r}")
         try:  # the model the flags describe (a loaded weight file must match it: build_model)
-            ModelConfig(arch=self.arch, hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
-                        use_moe=bool(self.use_moe), remat=self.remat,
-                        **{name: given[name] for name in ("dtype", "num_attention_heads", "attention_impl")
-                           if name in given})
+            ModelConfig(
+                arch=self.arch,
+                hidden_size=self.hidden_size,
+                num_hidden_layers=self.num_hidden_layers,
+                use_moe=bool(self.use_moe),
+                remat=self.remat,
+                **{name: given[name] for name in ("dtype", "num_attention_heads", "attention_impl") if name in given},
+            )
         except ValueError as error:  # its message names the fields, which are the flags' names
             raise UserError(str(error)) from None
         if self.from_resume and self.overwrite:
@@ -160,13 +213,31 @@ def defaults_for(mode: str, arch: str) -> dict[str, Any]:
     """MiniMind's defaults per script and era (TrainConfig's own defaults are 2510's train_full_sft.py)."""
     v3 = arch == "minimind3"
     if mode == "pretrain":
-        fields = dict(save_weight="pretrain", epochs=1, batch_size=32, learning_rate=5e-4, accumulation_steps=8,
-                      data_path="dataset/pretrain_hq.jsonl", from_weight="none", wandb_project="MiniMind-Pretrain")
+        fields = dict(
+            save_weight="pretrain",
+            epochs=1,
+            batch_size=32,
+            learning_rate=5e-4,
+            accumulation_steps=8,
+            data_path="dataset/pretrain_hq.jsonl",
+            from_weight="none",
+            wandb_project="MiniMind-Pretrain",
+        )
         if v3:
-            fields.update(epochs=2, hidden_size=768, max_seq_len=340, save_interval=1000,
-                          data_path="dataset/pretrain_t2t_mini.jsonl")
+            fields.update(
+                epochs=2,
+                hidden_size=768,
+                max_seq_len=340,
+                save_interval=1000,
+                data_path="dataset/pretrain_t2t_mini.jsonl",
+            )
         return fields
     if v3:
-        return dict(learning_rate=1e-5, hidden_size=768, max_seq_len=768, save_interval=1000,
-                    data_path="dataset/sft_t2t_mini.jsonl")
+        return dict(
+            learning_rate=1e-5,
+            hidden_size=768,
+            max_seq_len=768,
+            save_interval=1000,
+            data_path="dataset/sft_t2t_mini.jsonl",
+        )
     return {}

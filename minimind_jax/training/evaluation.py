@@ -3,6 +3,7 @@
 Used by `main.py eval`, by the trainer's `--eval_data_path` and by the demo. The model runs in eval mode
 (no dropout, MoE without aux loss). Sums are accumulated on the host in float64.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,9 @@ def make_loss_sums(graphdef: nnx.GraphDef):
 
     @jax.jit
     def loss_sums(params, batch):
-        out = nnx.merge(graphdef, params).forward(batch["inputs"], segment_ids_BT=batch["segment_ids"],
-                                                  positions_BT=batch["positions"])
+        out = nnx.merge(graphdef, params).forward(
+            batch["inputs"], segment_ids_BT=batch["segment_ids"], positions_BT=batch["positions"]
+        )
         return masked_ce_sums(out.logits, batch["targets"], batch["loss_mask"])
 
     return loss_sums

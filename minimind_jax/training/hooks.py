@@ -1,4 +1,5 @@
 """The hooks of a training run (Trainer.add_hook): checkpoints with the `.pth`, preemption, and eval."""
+
 from __future__ import annotations
 
 import pathlib
@@ -9,6 +10,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
+from minimind_jax.training.evaluation import evaluate
 from minimind_jax.training.loop import RunState, StopRun
 from minimind_jax.training.metrics import MetricLogger
 from minimind_jax.weights import save_pth
@@ -22,8 +24,16 @@ class Checkpointer:
     update (SIGTERM or the end can follow a periodic save of the same update).
     """
 
-    def __init__(self, checkpoints: TrainCheckpoints, logger: MetricLogger, graphdef: nnx.GraphDef,
-                 pth_path: pathlib.Path, run_meta: dict, resumed_update: int, is_main: bool):
+    def __init__(
+        self,
+        checkpoints: TrainCheckpoints,
+        logger: MetricLogger,
+        graphdef: nnx.GraphDef,
+        pth_path: pathlib.Path,
+        run_meta: dict,
+        resumed_update: int,
+        is_main: bool,
+    ):
         self.checkpoints, self.logger, self.graphdef = checkpoints, logger, graphdef
         self.pth_path, self.run_meta, self.is_main = pth_path, run_meta, is_main
         self.checkpointed = resumed_update or None  # the update of the newest checkpoint, None before one
@@ -35,9 +45,17 @@ class Checkpointer:
         self.logger.flush()
         if state.update != self.checkpointed:
             host_rng = np.asarray(jax.device_get(state.rng))
-            self.checkpoints.save(state.update, {"params": state.params, "opt_state": state.opt_state, "rng": host_rng},
-                                  {**self.run_meta, "update": state.update, "epoch": state.batches.epoch,
-                                   "data_state": state.batches.get_state()}, force=True)
+            self.checkpoints.save(
+                state.update,
+                {"params": state.params, "opt_state": state.opt_state, "rng": host_rng},
+                {
+                    **self.run_meta,
+                    "update": state.update,
+                    "epoch": state.batches.epoch,
+                    "data_state": state.batches.get_state(),
+                },
+                force=True,
+            )
             self.checkpointed = state.update
         if self.is_main:
             save_pth(nnx.merge(self.graphdef, state.params), self.pth_path)
@@ -59,9 +77,27 @@ class Preemption:
     def __call__(self, state: RunState) -> None:
         if self.requested:
             self.checkpointer.save(state, wait=True)
-            tqdm.tqdm.write(f"SIGTERM: saved update {state.update} to {self.checkpointer.checkpoints.directory}; "
-                            "resume with --from_resume 1")
+            tqdm.tqdm.write(
+                f"SIGTERM: saved update {state.update} to {self.checkpointer.checkpoints.directory}; "
+                "resume with --from_resume 1"
+            )
             raise StopRun
 
     def restore(self) -> None:
         signal.signal(signal.SIGTERM, self._previous)
+
+
+class Evaluation:
+    """The masked loss of held-out data (training/evaluation.py) with the run's parameters; `result` keeps it."""
+
+    def __init__(self, loss_sums, make_batches, label: str, is_main: bool):
+        self.loss_sums, self.make_batches, self.label, self.is_main = loss_sums, make_batches, label, is_main
+        self.result = None
+
+    def __call__(self, state: RunState) -> None:
+        self.result = evaluate(self.loss_sums, state.params, self.make_batches())
+        if self.is_main:
+            tqdm.tqdm.write(
+                f"eval {self.label}: masked loss {self.result['loss']:.4f} (perplexity "
+                f"{self.result['perplexity']:.2f}, {self.result['loss_tokens']:.0f} tokens)"
+            )

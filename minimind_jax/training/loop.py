@@ -4,6 +4,7 @@ Everything the loop changes lives in one `RunState`. What happens around the ste
 the `.pth`, preemption, eval) is a hook added with `Trainer.add_hook(hook, every=N)`; training/hooks.py has
 them and training/run.py assembles a run from them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,7 +54,8 @@ class Trainer:
             key = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.update))
             state.dispatched_at = time.perf_counter()
             state.params, state.opt_state, state.metrics = self.step_fn(
-                state.params, state.opt_state, micro_batches, key, self.frozen_params)
+                state.params, state.opt_state, micro_batches, key, self.frozen_params
+            )
             state.update += 1
             state.data_batches = range(first, first + self.accumulation_steps)
             try:

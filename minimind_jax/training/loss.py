@@ -3,6 +3,7 @@
 The loss is Σ(ce·mask) / Σmask. Returning both sums lets the train step add them over devices and
 micro-batches before dividing once (token-weighted), which is what makes every mesh give the same number.
 """
+
 from __future__ import annotations
 
 import jax
@@ -50,8 +51,13 @@ def chunked_masked_ce_sums(hidden_BTD, embed_VD, targets_BT, loss_mask_BT, chunk
     # Inside shard_map the rows vary over devices but the embedding does not; adding a zero taken from the
     # rows types it like them (JAX then sums its gradient over the devices), so the chunk loops type-check.
     embed_VD = embed_VD + jnp.zeros_like(mask_N, shape=()).astype(embed_VD.dtype)
-    ce_sum = _gathered_ce_sum(gather(hidden_BTD.reshape(n, d)), embed_VD,
-                              gather(targets_BT.reshape(n)), gather(mask_N), jnp.count_nonzero(mask_N))
+    ce_sum = _gathered_ce_sum(
+        gather(hidden_BTD.reshape(n, d)),
+        embed_VD,
+        gather(targets_BT.reshape(n)),
+        gather(mask_N),
+        jnp.count_nonzero(mask_N),
+    )
     return ce_sum, mask_N.sum()
 
 
@@ -96,8 +102,9 @@ def _gathered_ce_sum_bwd(residuals, total_grad):
         target_cV = jax.nn.one_hot(targets_c, vocab, dtype=jnp.float32)
         dlogits_cV = ((probs_cV - target_cV) * (mask_c * total_grad)[:, None]).astype(dtype)
         hidden_grad_cD = jnp.dot(dlogits_cV, embed_VD.astype(dtype), preferred_element_type=jnp.float32)
-        embed_grad_VD = embed_grad_VD + jnp.einsum("cv,cd->vd", dlogits_cV, hidden_cD,
-                                                   preferred_element_type=jnp.float32)
+        embed_grad_VD = embed_grad_VD + jnp.einsum(
+            "cv,cd->vd", dlogits_cV, hidden_cD, preferred_element_type=jnp.float32
+        )
         return embed_grad_VD, hidden_grad_cD.astype(dtype)
 
     def skip(embed_grad_VD, hidden_cD, targets_c, mask_c, lse_c):
@@ -108,8 +115,9 @@ def _gathered_ce_sum_bwd(residuals, total_grad):
         return jax.lax.cond(start < num_rows, compute, skip, embed_grad_VD, *arrays)
 
     starts = jnp.arange(hidden_CcD.shape[0], dtype=jnp.int32) * hidden_CcD.shape[1]
-    embed_grad_VD, hidden_grad_CcD = jax.lax.scan(body, jnp.zeros_like(embed_VD, dtype=jnp.float32),
-                                                  (starts, hidden_CcD, targets_Cc, mask_Cc, lse_Cc))
+    embed_grad_VD, hidden_grad_CcD = jax.lax.scan(
+        body, jnp.zeros_like(embed_VD, dtype=jnp.float32), (starts, hidden_CcD, targets_Cc, mask_Cc, lse_Cc)
+    )
     return hidden_grad_CcD, embed_grad_VD.astype(embed_VD.dtype), None, None, None
 
 

@@ -1,5 +1,6 @@
 """The run's metrics: one record per update, to metrics.jsonl, TensorBoard, W&B, the progress bar and
 MiniMind's own log line; and the loss-curve plot."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,11 +54,16 @@ def plot_loss_curves(path: pathlib.Path, panels: list[LossPanel], title: str | N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(panels), figsize=(7, 4) if len(panels) == 1 else (6 * len(panels), 4.2),
-                                squeeze=False)
+    figure, axes = plt.subplots(
+        1, len(panels), figsize=(7, 4) if len(panels) == 1 else (6 * len(panels), 4.2), squeeze=False
+    )
     for axis, panel in zip(axes[0], panels):
-        axis.plot([r["update"] for r in panel.history], [r["loss"] for r in panel.history],
-                  label="training loss (per update)", linewidth=1)
+        axis.plot(
+            [r["update"] for r in panel.history],
+            [r["loss"] for r in panel.history],
+            label="training loss (per update)",
+            linewidth=1,
+        )
         if panel.heldout is not None:
             label, updates, losses = panel.heldout
             axis.scatter(updates, losses, color="C3", zorder=3, label=label)
@@ -120,15 +126,31 @@ class MetricLogger:
     than the logged metrics, and at the end).
     """
 
-    def __init__(self, cfg, *, steps_per_epoch: int, total_micro_steps: int, last_update: int, start_update: int,
-                 tokens_per_update: int, flops_per_token: float, peak_flops: float, writer: MetricsWriter,
-                 is_main: bool):
+    def __init__(
+        self,
+        cfg,
+        *,
+        steps_per_epoch: int,
+        total_micro_steps: int,
+        last_update: int,
+        start_update: int,
+        tokens_per_update: int,
+        flops_per_token: float,
+        peak_flops: float,
+        writer: MetricsWriter,
+        is_main: bool,
+    ):
         self.cfg, self.steps_per_epoch, self.total_micro_steps = cfg, steps_per_epoch, total_micro_steps
         self.last_update, self.start_update, self.is_main = last_update, start_update, is_main
         self.tokens_per_update, self.flops_per_token, self.peak_flops = tokens_per_update, flops_per_token, peak_flops
         self.writer = writer
-        self.bar = tqdm.tqdm(total=last_update, initial=start_update, disable=not (cfg.progress and is_main),
-                             unit="step", dynamic_ncols=True)
+        self.bar = tqdm.tqdm(
+            total=last_update,
+            initial=start_update,
+            disable=not (cfg.progress and is_main),
+            unit="step",
+            dynamic_ncols=True,
+        )
         self.history: list[dict] = []
         self.pending = None  # (update, metrics on the device, its data batches)
         self.compile_seconds = None
@@ -161,19 +183,31 @@ class MetricLogger:
         if metrics["skipped"]:
             self.consecutive_skips += 1
             self.total_skips += 1
-            tqdm.tqdm.write(f"update {update}: non-finite loss or gradient (loss {float(metrics['loss'])}, grad norm "
-                            f"{float(metrics['grad_norm'])}) at data batches {list(data_batches)}; update skipped")
+            tqdm.tqdm.write(
+                f"update {update}: non-finite loss or gradient (loss {float(metrics['loss'])}, grad norm "
+                f"{float(metrics['grad_norm'])}) at data batches {list(data_batches)}; update skipped"
+            )
         else:
             self.consecutive_skips = 0
         self.window_updates += 1
         self.window_loss_tokens += float(metrics["loss_tokens"])
         elapsed = time.perf_counter() - self.window_start
         tokens_per_s = self.window_updates * self.tokens_per_update / elapsed if elapsed > 0 else float("nan")
-        record = {"update": update, "micro_step": micro_step, "epoch": epoch + 1, "loss": float(metrics["loss"]),
-                  "logits_loss": float(metrics["logits_loss"]), "aux_loss": float(metrics["aux_loss"]),
-                  "last_micro_loss": float(metrics["micro_losses"][-1]), "grad_norm": float(metrics["grad_norm"]),
-                  "lr": lr, "tokens_per_s": tokens_per_s, "loss_tokens_per_s": self.window_loss_tokens / elapsed,
-                  "mfu": tokens_per_s * self.flops_per_token / self.peak_flops, "skipped": int(metrics["skipped"])}
+        record = {
+            "update": update,
+            "micro_step": micro_step,
+            "epoch": epoch + 1,
+            "loss": float(metrics["loss"]),
+            "logits_loss": float(metrics["logits_loss"]),
+            "aux_loss": float(metrics["aux_loss"]),
+            "last_micro_loss": float(metrics["micro_losses"][-1]),
+            "grad_norm": float(metrics["grad_norm"]),
+            "lr": lr,
+            "tokens_per_s": tokens_per_s,
+            "loss_tokens_per_s": self.window_loss_tokens / elapsed,
+            "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
+            "skipped": int(metrics["skipped"]),
+        }
         self.history.append(record)
         self.writer.write(record)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
@@ -183,10 +217,12 @@ class MetricLogger:
             done = max(update - self.start_update, 1)
             eta_min = (time.perf_counter() - self.train_start) / done * (self.last_update - update) / 60
             # MiniMind's own log line, so its log parsers keep working.
-            tqdm.tqdm.write(f"Epoch:[{epoch + 1}/{cfg.epochs}]({step_in_epoch + 1}/{self.steps_per_epoch}) "
-                            f"loss:{record['last_micro_loss']:.6f} lr:{lr:.12f} epoch_Time:{eta_min:.1f}min: "
-                            f"tokens/s:{tokens_per_s:,.0f} loss_tokens/s:{record['loss_tokens_per_s']:,.0f} "
-                            f"mfu:{record['mfu']:.1%}")
+            tqdm.tqdm.write(
+                f"Epoch:[{epoch + 1}/{cfg.epochs}]({step_in_epoch + 1}/{self.steps_per_epoch}) "
+                f"loss:{record['last_micro_loss']:.6f} lr:{lr:.12f} epoch_Time:{eta_min:.1f}min: "
+                f"tokens/s:{tokens_per_s:,.0f} loss_tokens/s:{record['loss_tokens_per_s']:,.0f} "
+                f"mfu:{record['mfu']:.1%}"
+            )
             self.writer.at_log_interval(record, eta_min)
         if self.window_updates >= THROUGHPUT_WINDOW:
             self._reset_window()
@@ -197,10 +233,12 @@ class MetricLogger:
         """compile_s, skipped_updates, and over the last window: final_loss, tokens_per_s, mfu."""
         summary = {"compile_s": self.compile_seconds, "skipped_updates": self.total_skips, "history": self.history}
         if self.history:
-            recent = self.history[-min(len(self.history), THROUGHPUT_WINDOW):]
-            summary.update(final_loss=self.history[-1]["loss"],
-                           tokens_per_s=float(np.median([r["tokens_per_s"] for r in recent])),
-                           mfu=float(np.median([r["mfu"] for r in recent])))
+            recent = self.history[-min(len(self.history), THROUGHPUT_WINDOW) :]
+            summary.update(
+                final_loss=self.history[-1]["loss"],
+                tokens_per_s=float(np.median([r["tokens_per_s"] for r in recent])),
+                mfu=float(np.median([r["mfu"] for r in recent])),
+            )
         return summary
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ step psums the sums over the devices and divides once, by the weight of every de
 the update, so the loss stays token-weighted across devices and accumulation. The weight comes from the
 batch because the step needs every micro-batch's before it differentiates the first.
 """
+
 from __future__ import annotations
 
 import abc
@@ -50,8 +51,15 @@ class Objective(abc.ABC):
         """Σ weight of these rows, from the batch alone."""
 
     @abc.abstractmethod
-    def loss_sums(self, model: nnx.Module, batch: Mapping[str, jax.Array], frozen: Mapping[str, nnx.Module], *,
-                  rng: jax.Array, batch_axes: tuple[str, ...]) -> LossSums:
+    def loss_sums(
+        self,
+        model: nnx.Module,
+        batch: Mapping[str, jax.Array],
+        frozen: Mapping[str, nnx.Module],
+        *,
+        rng: jax.Array,
+        batch_axes: tuple[str, ...],
+    ) -> LossSums:
         """The sums on these rows. model: in training mode; frozen: the models named by frozen_models;
         rng: this device's key for the micro-batch (dropout); batch_axes: as in the model's forward."""
 
@@ -72,14 +80,21 @@ class NextTokenLoss(Objective):
 
     def loss_sums(self, model, batch, frozen, *, rng, batch_axes):
         dropout = nnx.Rngs(dropout=rng) if model.config.dropout > 0 else None
-        out = model.forward(batch["inputs"], segment_ids_BT=batch["segment_ids"], positions_BT=batch["positions"],
-                            train=True, dropout_rngs=dropout, return_logits=self.loss_chunk_size is None,
-                            batch_axes=batch_axes)
+        out = model.forward(
+            batch["inputs"],
+            segment_ids_BT=batch["segment_ids"],
+            positions_BT=batch["positions"],
+            train=True,
+            dropout_rngs=dropout,
+            return_logits=self.loss_chunk_size is None,
+            batch_axes=batch_axes,
+        )
         if self.loss_chunk_size is None:
             ce_sum, _ = masked_ce_sums(out.logits, batch["targets"], batch["loss_mask"])
         else:
-            ce_sum, _ = chunked_masked_ce_sums(out.hidden_states, model.embed_tokens[...], batch["targets"],
-                                               batch["loss_mask"], self.loss_chunk_size)
+            ce_sum, _ = chunked_masked_ce_sums(
+                out.hidden_states, model.embed_tokens[...], batch["targets"], batch["loss_mask"], self.loss_chunk_size
+            )
         return LossSums(ce_sum, out.aux_loss, {})
 
 

@@ -1,5 +1,6 @@
 """MiniMind's optimizer and learning-rate schedule, computed as torch computes them: AdamW with torch's
 bias correction, global-norm clipping and MiniMind's cosine schedule."""
+
 from __future__ import annotations
 
 import math
@@ -7,8 +8,6 @@ import math
 import jax
 import jax.numpy as jnp
 import optax
-
-
 
 
 def minimind_lr(arch: str, step, total_steps: int, lr: float, warmup_steps: int = 0):
@@ -61,8 +60,11 @@ def make_optimizer(learning_rate, grad_clip: float = 1.0, weight_decay: float = 
     """
     return optax.chain(
         clip_by_global_norm_like_torch(grad_clip),
-        optax.chain(scale_by_adam_like_torch(b1=0.9, b2=0.999, eps=1e-8), optax.add_decayed_weights(weight_decay),
-                    optax.scale_by_learning_rate(learning_rate)),
+        optax.chain(
+            scale_by_adam_like_torch(b1=0.9, b2=0.999, eps=1e-8),
+            optax.add_decayed_weights(weight_decay),
+            optax.scale_by_learning_rate(learning_rate),
+        ),
     )
 
 

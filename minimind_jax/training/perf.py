@@ -1,4 +1,5 @@
 """Peak FLOP/s of the device, for MFU: spec sheets for accelerators, a measured matmul peak on CPU."""
+
 from __future__ import annotations
 
 import functools
@@ -9,13 +10,23 @@ import jax.numpy as jnp
 
 # Dense bf16 peak per chip (spec sheets); fp32 work on these is reported against the same number.
 ACCELERATOR_PEAK_FLOPS = {
-    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12,
-    "RTX 3090": 71e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measured_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of the best of `repeats` jitted size×size matmuls on device 0 (used as the CPU's peak)."""
     a = jnp.ones((size, size), dtype)

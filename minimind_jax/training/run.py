@@ -2,6 +2,7 @@
 
 `train(TrainConfig)` is what `main.py sft` and `main.py pretrain` call.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,11 +25,17 @@ from minimind_jax.model.transformer import MiniMind
 from minimind_jax.runtime import maybe_initialize_distributed, use_compilation_cache
 from minimind_jax.training import sharding
 from minimind_jax.training.config import TrainConfig
-from minimind_jax.training.evaluation import evaluate, make_loss_sums
-from minimind_jax.training.hooks import Checkpointer, Preemption
+from minimind_jax.training.evaluation import make_loss_sums
+from minimind_jax.training.hooks import Checkpointer, Evaluation, Preemption
 from minimind_jax.training.loop import RunState, Trainer
-from minimind_jax.training.metrics import (LossPanel, MetricLogger, MetricsWriter, TooManySkips, drop_metrics_after,
-                                           plot_loss_curves)
+from minimind_jax.training.metrics import (
+    LossPanel,
+    MetricLogger,
+    MetricsWriter,
+    TooManySkips,
+    drop_metrics_after,
+    plot_loss_curves,
+)
 from minimind_jax.training.objectives import NextTokenLoss
 from minimind_jax.training.optimizer import make_optimizer, update_lr_schedule
 from minimind_jax.training.perf import attention_flops_per_token, model_flops_per_token, total_peak_flops
@@ -48,16 +55,24 @@ def resolve_weight(cfg: TrainConfig) -> pathlib.Path | None:
     minimind_path = pathlib.Path(cfg.save_dir) / f"{weight_stem(cfg.from_weight, cfg.hidden_size, cfg.use_moe)}.pth"
     if minimind_path.exists():
         return minimind_path
-    raise UserError(f"--from_weight {cfg.from_weight}: neither {direct} nor {minimind_path} exists "
-                    f"(use --from_weight none to start from random weights)")
+    raise UserError(
+        f"--from_weight {cfg.from_weight}: neither {direct} nor {minimind_path} exists "
+        f"(use --from_weight none to start from random weights)"
+    )
 
 
 def step_settings(cfg: TrainConfig, dtype: str) -> dict[str, Any]:
     """The run's attention_impl, loss_chunk_size and scan_layers on this backend (model.config.train_step_settings)."""
     seq_len = ExampleConfig(kind=cfg.mode, arch=cfg.arch, max_seq_len=cfg.max_seq_len).seq_len
-    return train_step_settings(cfg.fast_path, jax.devices()[0].platform, dtype, seq_len,
-                               attention_impl=cfg.attention_impl, loss_chunk_size=cfg.loss_chunk_size,
-                               scan_layers=cfg.scan_layers)
+    return train_step_settings(
+        cfg.fast_path,
+        jax.devices()[0].platform,
+        dtype,
+        seq_len,
+        attention_impl=cfg.attention_impl,
+        loss_chunk_size=cfg.loss_chunk_size,
+        scan_layers=cfg.scan_layers,
+    )
 
 
 def build_model(cfg: TrainConfig, dtype: str, step: dict[str, Any]) -> MiniMind:
@@ -72,11 +87,18 @@ def build_model(cfg: TrainConfig, dtype: str, step: dict[str, Any]) -> MiniMind:
             if getattr(loaded, name) != getattr(cfg, name):
                 raise UserError(f"--{name} {getattr(cfg, name)} but {weight} has {getattr(loaded, name)}")
         if bool(loaded.use_moe) != bool(cfg.use_moe) or loaded.arch != cfg.arch:
-            raise UserError(f"{weight} is a {loaded.arch}{' MoE' if loaded.use_moe else ''} model, but the run asks "
-                            f"for --arch {cfg.arch} --use_moe {cfg.use_moe}")
+            raise UserError(
+                f"{weight} is a {loaded.arch}{' MoE' if loaded.use_moe else ''} model, but the run asks "
+                f"for --arch {cfg.arch} --use_moe {cfg.use_moe}"
+            )
         return model
-    fields = dict(arch=cfg.arch, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
-                  use_moe=bool(cfg.use_moe), **ours)
+    fields = dict(
+        arch=cfg.arch,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        use_moe=bool(cfg.use_moe),
+        **ours,
+    )
     if cfg.num_attention_heads:
         fields["num_attention_heads"] = cfg.num_attention_heads
     return MiniMind(ModelConfig(**fields), rngs=nnx.Rngs(cfg.seed))
@@ -85,14 +107,28 @@ def build_model(cfg: TrainConfig, dtype: str, step: dict[str, Any]) -> MiniMind:
 def load_run_data(cfg: TrainConfig, data_path: str, model_config: ModelConfig):
     """data_path's examples as the run's flags make them, for this model (its RoPE table and vocabulary)."""
     if cfg.max_seq_len > model_config.max_position_embeddings:
-        raise UserError(f"--max_seq_len {cfg.max_seq_len} exceeds the model's max_position_embeddings "
-                        f"{model_config.max_position_embeddings} (the end of MiniMind's RoPE table)")
+        raise UserError(
+            f"--max_seq_len {cfg.max_seq_len} exceeds the model's max_position_embeddings "
+            f"{model_config.max_position_embeddings} (the end of MiniMind's RoPE table)"
+        )
     check_fits(load_tokenizer(cfg.tokenizer_path), model_config.arch, model_config.vocab_size)
-    examples = ExampleConfig(kind=cfg.mode, arch=model_config.arch, max_seq_len=cfg.max_seq_len,
-                             system_prompt_ratio=cfg.system_prompt_ratio,
-                             drop_empty_think_ratio=cfg.drop_empty_think_ratio, seed=cfg.seed)
-    return load_dataset(data_path, cfg.tokenizer_path, examples, cache_dir=cfg.cache_dir,
-                        num_workers=cfg.num_workers, strict=cfg.strict, progress=cfg.progress and jax.process_index() == 0)
+    examples = ExampleConfig(
+        kind=cfg.mode,
+        arch=model_config.arch,
+        max_seq_len=cfg.max_seq_len,
+        system_prompt_ratio=cfg.system_prompt_ratio,
+        drop_empty_think_ratio=cfg.drop_empty_think_ratio,
+        seed=cfg.seed,
+    )
+    return load_dataset(
+        data_path,
+        cfg.tokenizer_path,
+        examples,
+        cache_dir=cfg.cache_dir,
+        num_workers=cfg.num_workers,
+        strict=cfg.strict,
+        progress=cfg.progress and jax.process_index() == 0,
+    )
 
 
 def keep_earlier_run(cfg: TrainConfig, is_main: bool) -> None:
@@ -106,15 +142,19 @@ def keep_earlier_run(cfg: TrainConfig, is_main: bool) -> None:
     checkpoint_dir, log_dir = cfg.run_checkpoint_dir, cfg.log_dir
     if cfg.from_resume:
         if is_main and not complete_steps(checkpoint_dir):
-            tqdm.tqdm.write(f"--from_resume 1: no checkpoint in {checkpoint_dir.resolve()}; starting from "
-                            f"--from_weight {cfg.from_weight}")
+            tqdm.tqdm.write(
+                f"--from_resume 1: no checkpoint in {checkpoint_dir.resolve()}; starting from "
+                f"--from_weight {cfg.from_weight}"
+            )
         return
     earlier = [directory for directory in (checkpoint_dir, log_dir) if directory.is_dir() and any(directory.iterdir())]
     if checkpoint_dir in earlier and not cfg.overwrite:
         steps = complete_steps(checkpoint_dir)
         held = f"newest step {steps[-1]}" if steps else "no complete step"
-        raise UserError(f"{checkpoint_dir.resolve()} holds an earlier run's checkpoints ({held}): continue it with "
-                        f"--from_resume 1, or start over with --overwrite 1 (moves it and its logs to a dated folder)")
+        raise UserError(
+            f"{checkpoint_dir.resolve()} holds an earlier run's checkpoints ({held}): continue it with "
+            f"--from_resume 1, or start over with --overwrite 1 (moves it and its logs to a dated folder)"
+        )
     if jax.process_count() > 1:  # every process has looked before process 0 moves anything
         jax.experimental.multihost_utils.sync_global_devices("trainer: earlier run found")
     if earlier and is_main:
@@ -133,6 +173,47 @@ def _move_aside(directory: pathlib.Path, stamp: str) -> pathlib.Path:
     return directory.rename(aside)
 
 
+def resume(
+    cfg: TrainConfig,
+    checkpoints: TrainCheckpoints,
+    state: RunState,
+    model_config: ModelConfig,
+    param_shardings,
+    opt_shardings,
+    is_main: bool,
+) -> dict:
+    """With --from_resume 1, the newest checkpoint into `state` (train state, data position); its meta, or {}."""
+    opt_abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state.opt_state, opt_shardings
+    )
+    newest = checkpoints.restore_newest(model_config, param_shardings, opt_abstract) if cfg.from_resume else None
+    if newest is None:
+        return {}
+    state.update, meta, restored = newest
+    state.params, state.opt_state, state.rng = restored["params"], restored["opt_state"], restored["rng"]
+    state.batches.set_state(meta["data_state"])
+    if is_main:
+        tqdm.tqdm.write(
+            f"resumed {checkpoints.directory} at update {state.update} "
+            f"(micro-step {state.update * cfg.accumulation_steps})"
+        )
+    return meta
+
+
+def describe_run(cfg, model_config, mesh, dtype, step, num_examples, batches, total_updates) -> str:
+    """The line a run starts with: the model, mesh, data and how the step runs."""
+    layers = "scanned" if step["scan_layers"] else "unrolled"
+    return (
+        f"{cfg.mode}: {model_config.arch} hidden {model_config.hidden_size} × {model_config.num_hidden_layers} "
+        f"layers, mesh {dict(mesh.shape)}, dtype {dtype}, {num_examples} examples, {len(batches)} batches/epoch, "
+        f"{total_updates} updates; step: {step['attention_impl']} attention, loss chunk "
+        f"{step['loss_chunk_size'] or 'none (full logits)'}, layers {layers}"
+        f"{'' if cfg.fast_path else ' (--fast_path 0)'}; packing efficiency "
+        f"{batches.stats.get('token_fraction', float('nan')):.1%}, loss tokens "
+        f"{batches.stats.get('loss_fraction', float('nan')):.1%}"
+    )
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Runs the whole training job; returns a summary (final losses, throughput, paths)."""
     maybe_initialize_distributed()
@@ -144,8 +225,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     mesh = sharding.make_mesh(cfg.mesh)
     split = sharding.batch_size_per_step(mesh)
     if cfg.batch_size % split:
-        raise UserError(f"--batch_size {cfg.batch_size} is not divisible by the data-parallel size {split} "
-                        f"(mesh {dict(mesh.shape)})")
+        raise UserError(
+            f"--batch_size {cfg.batch_size} is not divisible by the data-parallel size {split} "
+            f"(mesh {dict(mesh.shape)})"
+        )
     dtype = cfg.dtype or default_dtype(jax.devices()[0].platform)
     step = step_settings(cfg, dtype)
     model = build_model(cfg, dtype, step)
@@ -153,8 +236,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     dataset = load_run_data(cfg, cfg.data_path, model_config)
     batch_sharding = sharding.batch_sharding(mesh)
     # Like MiniMind's DataLoader, keep the short last batch (filled with loss-free rows): iters = ceil(N / B).
-    batches = make_batches(dataset, batch_size=cfg.batch_size, seed=cfg.seed, epochs=cfg.epochs,
-                           packing=cfg.packing, shuffle=cfg.shuffle, sharding=batch_sharding, drop_remainder=False)
+    batches = make_batches(
+        dataset,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        epochs=cfg.epochs,
+        packing=cfg.packing,
+        shuffle=cfg.shuffle,
+        sharding=batch_sharding,
+        drop_remainder=False,
+    )
     acc = cfg.accumulation_steps
     total_micro = batches.total_steps - batches.total_steps % acc
     total_updates = total_micro // acc
@@ -165,23 +256,23 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     optimizer = make_optimizer(schedule, cfg.grad_clip)
     graphdef, params, opt_state, param_shardings, opt_shardings = init_train_state(model, optimizer, mesh, objective)
     del model
-    step_fn = make_train_step(graphdef, optimizer, mesh, objective=objective, accumulation_steps=acc,
-                              loss_norm=cfg.loss_norm, param_shardings=param_shardings, opt_shardings=opt_shardings)
+    step_fn = make_train_step(
+        graphdef,
+        optimizer,
+        mesh,
+        objective=objective,
+        accumulation_steps=acc,
+        loss_norm=cfg.loss_norm,
+        param_shardings=param_shardings,
+        opt_shardings=opt_shardings,
+    )
 
     checkpoints = TrainCheckpoints(cfg.run_checkpoint_dir, max_to_keep=cfg.keep_checkpoints)
-    state = RunState(update=0, params=params, opt_state=opt_state, rng=jax.random.key_data(jax.random.key(cfg.seed)),
-                     batches=batches)
-    wandb_id = None  # kept in every checkpoint, so that a resumed run logs to the same W&B run
-    newest = None if not cfg.from_resume else checkpoints.restore_newest(
-        model_config, param_shardings,
-        jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt_state, opt_shardings))
-    if newest is not None:
-        state.update, meta, restored = newest
-        state.params, state.opt_state, state.rng = restored["params"], restored["opt_state"], restored["rng"]
-        batches.set_state(meta["data_state"])
-        wandb_id = meta.get("wandb_id")
-        if is_main:
-            tqdm.tqdm.write(f"resumed {checkpoints.directory} at update {state.update} (micro-step {state.update * acc})")
+    state = RunState(
+        update=0, params=params, opt_state=opt_state, rng=jax.random.key_data(jax.random.key(cfg.seed)), batches=batches
+    )
+    resumed_meta = resume(cfg, checkpoints, state, model_config, param_shardings, opt_shardings, is_main)
+    wandb_id = resumed_meta.get("wandb_id")  # kept in every checkpoint, so a resumed run logs to the same W&B run
     if is_main:  # the updates after the checkpoint are computed again (a fresh run has moved earlier logs aside)
         drop_metrics_after(cfg.log_dir / "metrics.jsonl", state.update)
     wandb_run = WandbRun(cfg, resume_id=wandb_id) if cfg.use_wandb and is_main else None
@@ -190,36 +281,59 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     last_update = total_updates if cfg.max_steps is None else min(total_updates, cfg.max_steps)
     if state.update >= last_update and is_main:
         limit = f" (--max_steps {cfg.max_steps} counts every update of the run)" if cfg.max_steps else ""
-        tqdm.tqdm.write(f"nothing to train: the run is at update {state.update} and ends at update {last_update}{limit}")
+        tqdm.tqdm.write(
+            f"nothing to train: the run is at update {state.update} and ends at update {last_update}{limit}"
+        )
     peak_flops, peak_source = total_peak_flops(dtype)
-    logger = MetricLogger(cfg, steps_per_epoch=len(batches), total_micro_steps=total_micro, last_update=last_update,
-                          start_update=state.update, tokens_per_update=cfg.batch_size * dataset.seq_len * acc,
-                          flops_per_token=model_flops_per_token(model_config)
-                          + attention_flops_per_token(model_config, dataset.seq_len),
-                          peak_flops=peak_flops, writer=MetricsWriter(cfg.log_dir, is_main, wandb_run), is_main=is_main)
+    logger = MetricLogger(
+        cfg,
+        steps_per_epoch=len(batches),
+        total_micro_steps=total_micro,
+        last_update=last_update,
+        start_update=state.update,
+        tokens_per_update=cfg.batch_size * dataset.seq_len * acc,
+        flops_per_token=model_flops_per_token(model_config) + attention_flops_per_token(model_config, dataset.seq_len),
+        peak_flops=peak_flops,
+        writer=MetricsWriter(cfg.log_dir, is_main, wandb_run),
+        is_main=is_main,
+    )
     # How the step ran is in train_config; the model config keeps the literal settings, so that a checkpoint
     # written with cuDNN attention on a GPU loads on any backend.
-    portable_config = model_config.replace(attention_impl=LITERAL_STEP["attention_impl"],
-                                           scan_layers=LITERAL_STEP["scan_layers"])
-    run_meta = {"model_config": portable_config.to_dict(), "train_config": dataclasses.asdict(cfg),
-                "wandb_id": wandb_id}
+    portable_config = model_config.replace(
+        attention_impl=LITERAL_STEP["attention_impl"], scan_layers=LITERAL_STEP["scan_layers"]
+    )
+    run_meta = {
+        "model_config": portable_config.to_dict(),
+        "train_config": dataclasses.asdict(cfg),
+        "wandb_id": wandb_id,
+    }
     pth_path = pathlib.Path(cfg.save_dir) / f"{cfg.run_name}.pth"
     checkpointer = Checkpointer(checkpoints, logger, graphdef, pth_path, run_meta, state.update, is_main)
     preemption = Preemption(checkpointer)
     trainer = Trainer(step_fn, accumulation_steps=acc, last_update=last_update)
     trainer.add_hook(logger)
     # MiniMind saves every save_interval micro-steps: after each update that crosses a multiple of it.
-    trainer.add_hook(checkpointer, every=lambda update: update < last_update and (
-        update * acc // cfg.save_interval > (update - 1) * acc // cfg.save_interval))
+    trainer.add_hook(
+        checkpointer,
+        every=lambda update: (
+            update < last_update and (update * acc // cfg.save_interval > (update - 1) * acc // cfg.save_interval)
+        ),
+    )
     trainer.add_hook(preemption)
+    evaluation = None
+    if cfg.eval_data_path:
+        eval_batches = lambda: make_batches(
+            load_run_data(cfg, cfg.eval_data_path, model_config),
+            batch_size=cfg.batch_size,
+            seed=0,
+            shuffle=False,
+            sharding=batch_sharding,
+            drop_remainder=False,
+        )
+        evaluation = Evaluation(make_loss_sums(graphdef), eval_batches, cfg.eval_data_path, is_main)
+        trainer.add_hook(evaluation, every=lambda update: update == last_update)
     if is_main:
-        tqdm.tqdm.write(f"{cfg.mode}: {model_config.arch} hidden {model_config.hidden_size} × "
-                        f"{model_config.num_hidden_layers} layers, mesh {dict(mesh.shape)}, dtype {dtype}, "
-                        f"{len(dataset)} examples, {len(batches)} batches/epoch, {total_updates} updates; step: "
-                        f"{step['attention_impl']} attention, loss chunk {step['loss_chunk_size'] or 'none (full logits)'}, "
-                        f"layers {'scanned' if step['scan_layers'] else 'unrolled'}{'' if cfg.fast_path else ' (--fast_path 0)'}"
-                        f"; packing efficiency {batches.stats.get('token_fraction', float('nan')):.1%}, loss tokens "
-                        f"{batches.stats.get('loss_fraction', float('nan')):.1%}")
+        tqdm.tqdm.write(describe_run(cfg, model_config, mesh, dtype, step, len(dataset), batches, total_updates))
     try:
         finished = trainer.train(state)
         logger.flush()
@@ -233,18 +347,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         return {"preempted": True, "update": state.update}
     checkpointer.save(state, wait=True)
     checkpoints.close()
-    summary = {"updates": state.update, **logger.summary(), "weights": str(pth_path),
-               "checkpoints": str(checkpoints.directory), "peak_flops": peak_flops, "peak_flops_source": peak_source}
-    if cfg.eval_data_path:
-        eval_data = load_run_data(cfg, cfg.eval_data_path, model_config)
-        eval_batches = make_batches(eval_data, batch_size=cfg.batch_size, seed=0, epochs=1, packing=False,
-                                    shuffle=False, sharding=batch_sharding, drop_remainder=False)
-        summary["eval"] = evaluate(make_loss_sums(graphdef), state.params, eval_batches)
-        if is_main:
-            tqdm.tqdm.write(f"eval {cfg.eval_data_path}: masked loss {summary['eval']['loss']:.4f} "
-                            f"(perplexity {summary['eval']['perplexity']:.2f}, {summary['eval']['loss_tokens']:.0f} tokens)")
+    summary = {
+        "updates": state.update,
+        **logger.summary(),
+        "weights": str(pth_path),
+        "checkpoints": str(checkpoints.directory),
+        "peak_flops": peak_flops,
+        "peak_flops_source": peak_source,
+        **({"eval": evaluation.result} if evaluation is not None and evaluation.result else {}),
+    }
     if is_main:
         plot_loss_curves(cfg.log_dir / "loss_curve.png", [LossPanel(f"{cfg.mode} {cfg.run_name}", logger.history)])
         (cfg.log_dir / "summary.json").write_text(
-            json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))
+            json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1)
+        )
     return summary

@@ -7,13 +7,15 @@ split over fsdp, heads / MLP width / vocab over tensor. Attention projections sp
 device's query heads read kv heads it holds; a dimension that the axis size does not divide (the kv heads
 when tensor does not divide their count, for instance) stays replicated, so every preset runs on every mesh.
 """
+
 from __future__ import annotations
 
 import math
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from minimind_jax.errors import UserError
 
@@ -37,7 +39,7 @@ RULES = {"embed": "fsdp", "vocab": "tensor", "heads": "tensor", "kv_heads": "ten
 
 
 def parse_mesh(spec: str | None, num_devices: int) -> dict[str, int]:
-    """"data=2,fsdp=2,tensor=2" -> axis sizes; None puts every device on the data axis. The sizes may
+    """ "data=2,fsdp=2,tensor=2" -> axis sizes; None puts every device on the data axis. The sizes may
     multiply to fewer devices than num_devices, never to more."""
     sizes = dict.fromkeys(MESH_AXES, 1)
     if not spec:
@@ -48,13 +50,15 @@ def parse_mesh(spec: str | None, num_devices: int) -> dict[str, int]:
         name, _, value = part.partition("=")
         name = name.strip()
         if name not in sizes or name in named or not value.strip().isdigit() or int(value) < 1:
-            raise UserError(f"--mesh {spec!r}: expected comma-separated axis=size, each of {', '.join(MESH_AXES)} "
-                            "at most once")
+            raise UserError(
+                f"--mesh {spec!r}: expected comma-separated axis=size, each of {', '.join(MESH_AXES)} at most once"
+            )
         named.add(name)
         sizes[name] = int(value)
     if math.prod(sizes.values()) > num_devices:
-        raise UserError(f"--mesh {spec!r} needs {math.prod(sizes.values())} devices, but only {num_devices} "
-                        "are present")
+        raise UserError(
+            f"--mesh {spec!r} needs {math.prod(sizes.values())} devices, but only {num_devices} are present"
+        )
     return sizes
 
 
@@ -65,8 +69,10 @@ def make_mesh(spec: str | None = None, devices=None) -> Mesh:
     used = math.prod(sizes.values())
     if used < len(devices) and jax.process_count() > 1:
         # Each process feeds its own devices' rows; a subset would leave some processes without a device.
-        raise UserError(f"--mesh {spec!r} uses {used} of the {len(devices)} devices, but with "
-                        f"{jax.process_count()} processes the mesh must span all {len(devices)}")
+        raise UserError(
+            f"--mesh {spec!r} uses {used} of the {len(devices)} devices, but with "
+            f"{jax.process_count()} processes the mesh must span all {len(devices)}"
+        )
     grid = np.asarray(devices[:used]).reshape([sizes[a] for a in MESH_AXES])
     return Mesh(grid, MESH_AXES)
 
@@ -116,4 +122,5 @@ def tree_shardings(tree, mesh: Mesh, config):
     # tensor divides K, all K (replicated) otherwise.
     whole_units = {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads}
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: NamedSharding(mesh, _leaf_spec(path, x.shape, mesh, whole_units)), tree)
+        lambda path, x: NamedSharding(mesh, _leaf_spec(path, x.shape, mesh, whole_units)), tree
+    )

@@ -15,6 +15,7 @@ Parameters enter the shard_map replicated over the batch axes (XLA gathers fsdp 
 and backward) and stay automatically sharded over `tensor`; the optimizer update runs on the sharded
 parameters outside it. The result is the same on any mesh.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from minimind_jax.training.config import LOSS_NORMS
 from minimind_jax.training.loss import safe_divide
@@ -31,13 +33,21 @@ from minimind_jax.training.objectives import NextTokenLoss, Objective, merge_par
 from minimind_jax.training.sharding import replicated, split_batch_axes, tree_shardings
 
 
-def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, mesh: Mesh, *,
-                    objective: Objective | None = None, frozen_graphdefs: dict[str, nnx.GraphDef] | None = None,
-                    accumulation_steps: int = 1, loss_norm: str = "tokens", loss_chunk_size: int | None = None,
-                    param_shardings=None, opt_shardings=None):
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    objective: Objective | None = None,
+    frozen_graphdefs: dict[str, nnx.GraphDef] | None = None,
+    accumulation_steps: int = 1,
+    loss_norm: str = "tokens",
+    param_shardings=None,
+    opt_shardings=None,
+):
     """A jitted `step(params, opt_state, micro_batches, rng, frozen_params={}) -> (params, opt_state, metrics)`.
 
-    objective: default NextTokenLoss(loss_chunk_size). params: the whole parameter dict; only the objective's
+    objective: default NextTokenLoss(), pretraining's and SFT's. params: the whole parameter dict; only the objective's
     trainable ones move, and opt_state is theirs (init_train_state). micro_batches: a list of
     `accumulation_steps` batch dicts. frozen_params: the parameters of the objective's frozen models, whose
     structures frozen_graphdefs gives. params/opt_state are donated.
@@ -45,10 +55,12 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     """
     if loss_norm not in LOSS_NORMS:
         raise ValueError(f"loss_norm must be one of {LOSS_NORMS}, got {loss_norm!r}")
-    objective = objective or NextTokenLoss(loss_chunk_size)
+    objective = objective or NextTokenLoss()
     frozen_graphdefs = frozen_graphdefs or {}
     if set(frozen_graphdefs) != set(objective.frozen_models):
-        raise ValueError(f"the objective reads frozen models {objective.frozen_models}, given {tuple(frozen_graphdefs)}")
+        raise ValueError(
+            f"the objective reads frozen models {objective.frozen_models}, given {tuple(frozen_graphdefs)}"
+        )
     num_micro = accumulation_steps
     batch_axes = split_batch_axes(mesh)
 
@@ -69,8 +81,10 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         missing = [name for name in objective.batch_fields if name not in micro_batches[0]]
         if missing:
             raise ValueError(f"{type(objective).__name__} needs batch fields {missing}")
-        frozen = {name: nnx.merge(frozen_graphdefs[name], jax.lax.stop_gradient(params))
-                  for name, params in frozen_params.items()}
+        frozen = {
+            name: nnx.merge(frozen_graphdefs[name], jax.lax.stop_gradient(params))
+            for name, params in frozen_params.items()
+        }
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *micro_batches)  # [A, b, ...]
         micro_weight_totals = jax.lax.psum(jax.vmap(objective.weight_sum)(stacked), batch_axes)
         weight_total = micro_weight_totals.sum()
@@ -80,16 +94,19 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         def accumulate(grads_sum, micro):
             batch, micro_total, index = micro
             (value, (micro_loss, aux, metric_totals)), grads = grad_fn(
-                trainable, fixed, frozen, batch, jax.random.fold_in(device_rng, index), weight_total, micro_total)
+                trainable, fixed, frozen, batch, jax.random.fold_in(device_rng, index), weight_total, micro_total
+            )
             return jax.tree.map(jnp.add, grads_sum, grads), (value, micro_loss, aux, metric_totals)
 
         zeros = jax.tree.map(jnp.zeros_like, trainable)
         grads, (values, micro_losses, aux_losses, metric_totals) = jax.lax.scan(
-            accumulate, zeros, (stacked, micro_weight_totals, jnp.arange(num_micro)))
+            accumulate, zeros, (stacked, micro_weight_totals, jnp.arange(num_micro))
+        )
         metrics = {
             "loss": values.sum(),
             "logits_loss": safe_divide((micro_losses * micro_weight_totals).sum(), weight_total)
-            if loss_norm == "tokens" else micro_losses.mean(),
+            if loss_norm == "tokens"
+            else micro_losses.mean(),
             "aux_loss": aux_losses.mean(),
             "micro_losses": micro_losses + aux_losses,  # what MiniMind logs for each micro-step
             "loss_tokens": weight_total,
@@ -101,9 +118,17 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     # manual axis has size 1 and `tensor` does not, XLA's partitioner rejects the psums ("Cross-partition
     # allreduce must be in (partial) manual partitioning mode"). With no split batch axis the local function
     # runs as it is, its psums over no axes being the identity.
-    sharded_loss_and_grads = local_loss_and_grads if not batch_axes else jax.shard_map(
-        local_loss_and_grads, mesh=mesh, in_specs=(P(), P(), P(), P(batch_axes), P()), out_specs=(P(), P()),
-        axis_names=set(batch_axes))
+    sharded_loss_and_grads = (
+        local_loss_and_grads
+        if not batch_axes
+        else jax.shard_map(
+            local_loss_and_grads,
+            mesh=mesh,
+            in_specs=(P(), P(), P(), P(batch_axes), P()),
+            out_specs=(P(), P()),
+            axis_names=set(batch_axes),
+        )
+    )
 
     def step(params, opt_state, micro_batches, rng, frozen_params=None):
         trainable, fixed = split_trainable(objective, params)
@@ -120,8 +145,9 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     return jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
 
 
-def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation, mesh: Mesh,
-                     objective: Objective | None = None):
+def init_train_state(
+    model: nnx.Module, optimizer: optax.GradientTransformation, mesh: Mesh, objective: Objective | None = None
+):
     """(graphdef, params, opt_state, param_shardings, opt_shardings), placed on the mesh by the sharding rules.
 
     params is a plain nested dict of arrays (`nnx.merge(graphdef, params)` rebuilds the model), so the train

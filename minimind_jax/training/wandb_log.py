@@ -5,6 +5,7 @@ optional extra (`pip install 'minimind-jax[wandb]'`). Only process 0 logs. With 
 is written under `$WANDB_DIR/wandb/` without a network; `wandb sync` uploads it later. The run id is kept in
 each checkpoint's meta, so `--from_resume 1` continues the same W&B run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +37,13 @@ def minimind_metrics(arch: str, record: dict, eta_min: float) -> dict:
     when accumulation_steps is 1).
     """
     if arch == "minimind3":
-        return {"loss": record["last_micro_loss"], "logits_loss": record["logits_loss"],
-                "aux_loss": record["aux_loss"], "learning_rate": record["lr"], "epoch_time": eta_min}
+        return {
+            "loss": record["last_micro_loss"],
+            "logits_loss": record["logits_loss"],
+            "aux_loss": record["aux_loss"],
+            "learning_rate": record["lr"],
+            "epoch_time": eta_min,
+        }
     return {"loss": record["last_micro_loss"], "lr": record["lr"], "epoch_Time": eta_min}
 
 
@@ -49,12 +55,18 @@ class WandbRun:
         self.arch = cfg.arch
         try:
             # A resumed run may change settings (--max_steps, --mesh): its config takes the new values.
-            self.run = wandb.init(project=cfg.wandb_project, name=minimind_run_name(cfg), id=resume_id,
-                                  resume="must" if resume_id else None, config=dataclasses.asdict(cfg),
-                                  allow_val_change=True)
+            self.run = wandb.init(
+                project=cfg.wandb_project,
+                name=minimind_run_name(cfg),
+                id=resume_id,
+                resume="must" if resume_id else None,
+                config=dataclasses.asdict(cfg),
+                allow_val_change=True,
+            )
         except wandb.Error as error:  # no API key, an unknown run id, no network
-            raise UserError(f"--use_wandb: {first_line(error)} (WANDB_MODE=offline logs without an account or "
-                            "network)") from None
+            raise UserError(
+                f"--use_wandb: {first_line(error)} (WANDB_MODE=offline logs without an account or network)"
+            ) from None
 
     @property
     def id(self) -> str:

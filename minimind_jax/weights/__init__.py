@@ -2,6 +2,7 @@
 
 `mapping` turns MiniMind's state dict into our parameter tree and back; `pth` reads and writes the file.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -9,10 +10,10 @@ import pathlib
 import jax
 import numpy as np
 
-from minimind_jax.weights.orbax import restore_params
-from minimind_jax.model.transformer import MiniMind
 from minimind_jax.model.params import abstract_model, model_from_params, params_of
+from minimind_jax.model.transformer import MiniMind
 from minimind_jax.weights.mapping import infer_config, params_from_state_dict, state_dict_from_params
+from minimind_jax.weights.orbax import restore_params
 from minimind_jax.weights.pth import read_state_dict, write_state_dict
 
 __all__ = ["load", "save_pth", "abstract_model", "model_from_params", "params_of"]

@@ -4,6 +4,7 @@ Our tree (nnx.to_pure_dict of `MiniMind`): `embed_tokens` [V,D], `norm.weight` [
 per-layer tensor stacked on a leading L axis, linear kernels transposed to [in, out]. MoE experts are stacked
 on an E axis after L; the router is `mlp.router` [L,D,E]; 2510's shared experts are `mlp.shared_*` [L,S,...].
 """
+
 from __future__ import annotations
 
 import re
@@ -11,8 +12,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-from minimind_jax.model.config import ModelConfig
 from minimind_jax.errors import UserError
+from minimind_jax.model.config import ModelConfig
 
 EMBED, LM_HEAD, FINAL_NORM = "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"
 PROJ = ("gate_proj", "down_proj", "up_proj")  # MiniMind's registration order inside FeedForward
@@ -27,11 +28,17 @@ def _layer_entries(config: ModelConfig):
     if not config.use_moe:
         mlp = [(f"mlp.{p}.weight", ("mlp", p), (), True) for p in PROJ]
     else:
-        experts = [(f"mlp.experts.{e}.{p}.weight", ("mlp", p), (e,), True)
-                   for e in range(config.num_routed_experts) for p in PROJ]
+        experts = [
+            (f"mlp.experts.{e}.{p}.weight", ("mlp", p), (e,), True)
+            for e in range(config.num_routed_experts)
+            for p in PROJ
+        ]
         router = [("mlp.gate.weight", ("mlp", "router"), (), True)]
-        shared = [(f"mlp.shared_experts.{s}.{p}.weight", ("mlp", f"shared_{p}"), (s,), True)
-                  for s in range(config.num_shared_experts) for p in PROJ]
+        shared = [
+            (f"mlp.shared_experts.{s}.{p}.weight", ("mlp", f"shared_{p}"), (s,), True)
+            for s in range(config.num_shared_experts)
+            for p in PROJ
+        ]
         # v3 registers the gate before the experts; 2510 after them.
         mlp = router + experts if config.is_v3 else experts + router + shared
     return attn + norms + mlp
@@ -50,10 +57,17 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
     f = config.expert_intermediate_size if config.use_moe else config.intermediate_size
     per_layer = {
-        "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d), "self_attn.v_proj.weight": (kv, d),
-        "self_attn.o_proj.weight": (d, q), "self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,),
-        "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
-        "gate_proj.weight": (f, d), "up_proj.weight": (f, d), "down_proj.weight": (d, f),
+        "self_attn.q_proj.weight": (q, d),
+        "self_attn.k_proj.weight": (kv, d),
+        "self_attn.v_proj.weight": (kv, d),
+        "self_attn.o_proj.weight": (d, q),
+        "self_attn.q_norm.weight": (hd,),
+        "self_attn.k_norm.weight": (hd,),
+        "input_layernorm.weight": (d,),
+        "post_attention_layernorm.weight": (d,),
+        "gate_proj.weight": (f, d),
+        "up_proj.weight": (f, d),
+        "down_proj.weight": (d, f),
         "mlp.gate.weight": (config.num_routed_experts, d),
     }
     shapes = {EMBED: (config.vocab_size, d), FINAL_NORM: (d,), LM_HEAD: (config.vocab_size, d)}
@@ -82,7 +96,10 @@ def infer_config(state_dict, source: str = "state dict", **overrides) -> ModelCo
     fields.update({k: v for k, v in overrides.items() if k in ("arch", "num_attention_heads", "head_dim")})
     v3 = fields["arch"] == "minimind3"
 
-    q_out, k_out = shape("model.layers.0.self_attn.q_proj.weight")[0], shape("model.layers.0.self_attn.k_proj.weight")[0]
+    q_out, k_out = (
+        shape("model.layers.0.self_attn.q_proj.weight")[0],
+        shape("model.layers.0.self_attn.k_proj.weight")[0],
+    )
     if v3 and "model.layers.0.self_attn.q_norm.weight" in keys and "head_dim" not in fields:
         fields["head_dim"] = shape("model.layers.0.self_attn.q_norm.weight")[0]
     if "head_dim" in fields and "num_attention_heads" not in fields:
@@ -92,12 +109,15 @@ def infer_config(state_dict, source: str = "state dict", **overrides) -> ModelCo
     if q_out != heads * head_dim or k_out % head_dim:
         raise UserError(
             f"{source}: attention shapes (q_proj out {q_out}, k_proj out {k_out}) do not fit {heads} heads of dim {head_dim}; "
-            f"MiniMind's default is 8 heads: pass num_attention_heads=N (and head_dim=N for v3) to say otherwise")
+            f"MiniMind's default is 8 heads: pass num_attention_heads=N (and head_dim=N for v3) to say otherwise"
+        )
     fields["num_key_value_heads"] = k_out // head_dim
 
     if fields["use_moe"]:
         experts = {int(m.group(1)) for k in keys if (m := re.match(r"model\.layers\.0\.mlp\.experts\.(\d+)\.", k))}
-        shared = {int(m.group(1)) for k in keys if (m := re.match(r"model\.layers\.0\.mlp\.shared_experts\.(\d+)\.", k))}
+        shared = {
+            int(m.group(1)) for k in keys if (m := re.match(r"model\.layers\.0\.mlp\.shared_experts\.(\d+)\.", k))
+        }
         width = shape("model.layers.0.mlp.experts.0.gate_proj.weight")[0] if experts else None
         if v3:
             fields.update(num_experts=len(experts), moe_intermediate_size=width)
@@ -115,9 +135,12 @@ def validate(state_dict, config: ModelConfig, source: str) -> None:
     missing = [k for k in expected if k not in state_dict]
     extra = [k for k in state_dict if k not in expected]
     if missing or extra:
-        parts = ([f"missing {len(missing)} key(s): {', '.join(missing[:3])}"] if missing else []) + \
-                ([f"unexpected {len(extra)} key(s): {', '.join(extra[:3])}"] if extra else [])
-        raise UserError(f"{source}: {'; '.join(parts)} (for a {config.arch} model of {config.num_hidden_layers} layers)")
+        parts = ([f"missing {len(missing)} key(s): {', '.join(missing[:3])}"] if missing else []) + (
+            [f"unexpected {len(extra)} key(s): {', '.join(extra[:3])}"] if extra else []
+        )
+        raise UserError(
+            f"{source}: {'; '.join(parts)} (for a {config.arch} model of {config.num_hidden_layers} layers)"
+        )
     for key, want in expected.items():
         got = tuple(state_dict[key].shape)
         if got != want:
@@ -159,7 +182,7 @@ def params_from_state_dict(state_dict, config: ModelConfig, source: str = "state
     return params
 
 
-def state_dict_from_params(params: dict, config: ModelConfig) -> "OrderedDict[str, np.ndarray]":
+def state_dict_from_params(params: dict, config: ModelConfig) -> OrderedDict[str, np.ndarray]:
     """MiniMind's exact keys and order, both tied keys present, arrays in the params' dtype."""
     out: OrderedDict[str, np.ndarray] = OrderedDict()
     embed = np.asarray(params["embed_tokens"])

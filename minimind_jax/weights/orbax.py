@@ -7,6 +7,7 @@ Training checkpoints, a directory:  {step}/state (params + optimizer state + RNG
                                     to a temporary directory and renames it when complete, so a crash never
                                     leaves a half-written step that restore would pick.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,8 @@ import jax.experimental.multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
-from minimind_jax.model.config import ModelConfig
 from minimind_jax.errors import UserError, first_line
+from minimind_jax.model.config import ModelConfig
 from minimind_jax.model.params import abstract_model, params_of
 
 log = logging.getLogger(__name__)
@@ -73,15 +74,20 @@ def restore_params(directory, sharding=None, **overrides) -> tuple[ModelConfig, 
             with ocp.StandardCheckpointer() as checkpointer:
                 params = checkpointer.restore(directory / PARAMS_DIR, _abstract_params(config, sharding))
         except Exception as error:  # Orbax raises many types for damaged files; all mean the same here
-            raise UserError(f"{directory / PARAMS_DIR}: corrupt or incomplete checkpoint ({first_line(error)})") from None
+            raise UserError(
+                f"{directory / PARAMS_DIR}: corrupt or incomplete checkpoint ({first_line(error)})"
+            ) from None
         return config, params
     run = TrainCheckpoints(directory, create=False)
     step = run.latest_step()
     if step is None:
-        raise UserError(f"{directory}: neither a model checkpoint ({PARAMS_DIR}/) nor a training run with a complete step")
+        raise UserError(
+            f"{directory}: neither a model checkpoint ({PARAMS_DIR}/) nor a training run with a complete step"
+        )
     meta = run.restore_meta(step)
-    config = _checked_config(lambda: ModelConfig.from_dict({**meta["model_config"], **overrides}),
-                             f"{directory}/{step}/meta")
+    config = _checked_config(
+        lambda: ModelConfig.from_dict({**meta["model_config"], **overrides}), f"{directory}/{step}/meta"
+    )
     state = run.restore_state(step, config, params_sharding=sharding)
     return config, state["params"]
 
@@ -108,8 +114,12 @@ class TrainCheckpoints:
             raise UserError(f"{self.directory}: no such checkpoint directory")
         # A training run (create=True) deletes the half-written steps a killed predecessor left; a reader
         # must not, as it may look at a run that is writing one now.
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create, cleanup_tmp_directories=create,
-                                               enable_async_checkpointing=async_save)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            create=create,
+            cleanup_tmp_directories=create,
+            enable_async_checkpointing=async_save,
+        )
         try:
             self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "meta"), options=options)
         except Exception as error:
@@ -125,8 +135,11 @@ class TrainCheckpoints:
         background, at the next `save` or `wait`; the complete checkpoints before it stay as they were.
         """
         try:
-            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                            meta=ocp.args.JsonSave(meta)), force=force)
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                force=force,
+            )
         except ocp.checkpoint_manager.StepAlreadyExistsError:
             raise
         except Exception as error:  # OSError here; tensorstore's ValueError from the background write
@@ -145,16 +158,18 @@ class TrainCheckpoints:
         """
         target = {"params": _abstract_params(config, params_sharding)}
         if opt_state_abstract is None:
-            state = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                           partial_restore=True)
+            state = ocp.args.PyTreeRestore(
+                target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+            )
         else:
             target.update(opt_state=opt_state_abstract, rng=jax.ShapeDtypeStruct((2,), np.uint32))
             state = ocp.args.StandardRestore(target)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(state=state))
         except Exception as error:
-            raise UserError(f"{self.directory}/{step}/state: corrupt or incompatible checkpoint "
-                            f"({first_line(error)})") from None
+            raise UserError(
+                f"{self.directory}/{step}/state: corrupt or incompatible checkpoint ({first_line(error)})"
+            ) from None
         return restored["state"]
 
     def restore_newest(self, config: ModelConfig, params_sharding, opt_state_abstract) -> tuple[int, dict, dict] | None:

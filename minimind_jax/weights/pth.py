@@ -1,4 +1,5 @@
 """Reading and writing MiniMind `.pth` files. torch is imported here and nowhere on the training path."""
+
 from __future__ import annotations
 
 import io
@@ -30,8 +31,10 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
         # A pickle naming a function or class (what a code payload does), in a zip .pth or a legacy one.
         if not zipfile.is_zipfile(path) and "GLOBAL" not in str(error):
             raise UserError(f"{path}: not a .pth file (truncated or corrupt?)") from None
-        raise UserError(f"{path}: refused to load: it holds objects other than tensors ({_unsafe_detail(error)}); "
-                        f"only plain state dicts are read (weights_only=True)") from None
+        raise UserError(
+            f"{path}: refused to load: it holds objects other than tensors ({_unsafe_detail(error)}); "
+            f"only plain state dicts are read (weights_only=True)"
+        ) from None
     except Exception as error:  # torch raises many types for damaged files (a text file: KeyError)
         raise UserError(f"{path}: not a readable .pth file (truncated or corrupt?): {first_line(error)}") from None
     if isinstance(loaded, dict) and "model" in loaded and isinstance(loaded["model"], dict):
@@ -39,8 +42,10 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise UserError(f"{path}: not a state dict of tensors (got {type(loaded).__name__})")
     # DDP-wrapped or torch.compile'd models prefix their keys; MiniMind strips these when loading too.
-    return {_strip_prefix(k): v.detach().float().numpy() if v.dtype == torch.bfloat16 else v.detach().numpy()
-            for k, v in loaded.items()}
+    return {
+        _strip_prefix(k): v.detach().float().numpy() if v.dtype == torch.bfloat16 else v.detach().numpy()
+        for k, v in loaded.items()
+    }
 
 
 def _unsafe_detail(error: Exception) -> str:
@@ -52,11 +57,11 @@ def _unsafe_detail(error: Exception) -> str:
 def _strip_prefix(key: str) -> str:
     for prefix in ("module.", "_orig_mod."):
         if key.startswith(prefix):
-            key = key[len(prefix):]
+            key = key[len(prefix) :]
     return key
 
 
-def write_state_dict(state_dict: "OrderedDict[str, np.ndarray]", path, dtype: str = "float16") -> pathlib.Path:
+def write_state_dict(state_dict: OrderedDict[str, np.ndarray], path, dtype: str = "float16") -> pathlib.Path:
     """torch.save of {key: tensor} in `dtype`, MiniMind's exact format; written atomically, so a failed write
     (a full disk) leaves the previous file as it was."""
     import torch

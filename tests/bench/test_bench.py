@@ -1,5 +1,6 @@
 """The bench's plumbing on a tiny model: same weights and batches on every side (PyTorch in processes of its
 own), figures present, errors in one line."""
+
 import argparse
 import json
 import math
@@ -19,8 +20,15 @@ TINY_PRESET = "arch: minimind2\nhidden_size: 64\nnum_hidden_layers: 2\n"
 
 
 def bench_args(**changes):
-    fields = dict(packing=False, loss_chunk_size=None, attention_impl=None, remat="none", scan_layers=None,
-                  fast_path=1, ablation=False)
+    fields = dict(
+        packing=False,
+        loss_chunk_size=None,
+        attention_impl=None,
+        remat="none",
+        scan_layers=None,
+        fast_path=1,
+        ablation=False,
+    )
     return argparse.Namespace(**{**fields, **changes})
 
 
@@ -63,18 +71,49 @@ def test_bench_runs_every_side_on_the_same_batches(capsys, data_dir, tiny_preset
     """Tiny model, 8 simulated devices: the JSON has every figure, no step recompiles, and our default and
     literal steps and the torch reference's step (in its own process), from the same weights on the same
     batches, log the same losses."""
-    out = run_bench(capsys, "--preset", str(tiny_preset), "--batch_size", "8", "--max_seq_len", "128", "--steps", "2",
-                    "--warmup", "1", "--num_records", "80", "--data_dir", str(data_dir), "--loss_chunk_size", "64",
-                    "--json")
+    out = run_bench(
+        capsys,
+        "--preset",
+        str(tiny_preset),
+        "--batch_size",
+        "8",
+        "--max_seq_len",
+        "128",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--num_records",
+        "80",
+        "--data_dir",
+        str(data_dir),
+        "--loss_chunk_size",
+        "64",
+        "--json",
+    )
     result = json.loads(out)
-    for key in ("tokens_per_s", "loss_tokens_per_s", "torch_tokens_per_s", "compile_s", "peak_memory_bytes", "mfu",
-                "speedup", "loss_tokens_speedup"):
+    for key in (
+        "tokens_per_s",
+        "loss_tokens_per_s",
+        "torch_tokens_per_s",
+        "compile_s",
+        "peak_memory_bytes",
+        "mfu",
+        "speedup",
+        "loss_tokens_speedup",
+    ):
         assert math.isfinite(result[key]) and result[key] > 0, key
     assert 0 <= result["data_wait_fraction"] < 1
     assert result["recompilations"] == 0
     ours, literal, torch_row = result["rows"]
-    assert ours["settings"] == {"name": "", "packing": False, "loss_chunk_size": 64, "attention_impl": "causal_blocks",
-                                "remat": "none", "scan_layers": False}
+    assert ours["settings"] == {
+        "name": "",
+        "packing": False,
+        "loss_chunk_size": 64,
+        "attention_impl": "causal_blocks",
+        "remat": "none",
+        "scan_layers": False,
+    }
     assert literal["name"].startswith("ours, --fast_path 0") and literal["settings"]["attention_impl"] == "xla"
     assert result["baseline"] == torch_row["name"] == "PyTorch: project torch reference, own process"
     assert "speedup" in ours and "speedup" in literal and "speedup" not in torch_row
@@ -108,12 +147,35 @@ def test_bench_times_minimind_own_model_from_the_same_weights(era, arch, capsys,
     directory, python = minimind_checkout(era)
     preset = tmp_path / "tiny_moe.yaml"
     preset.write_text(f"arch: {arch}\nhidden_size: 64\nnum_hidden_layers: 2\nuse_moe: true\n")
-    result = json.loads(run_bench(capsys, "--preset", str(preset), "--batch_size", "8", "--max_seq_len", "64",
-                                  "--steps", "1", "--warmup", "1", "--num_records", "80", "--data_dir", str(data_dir),
-                                  "--minimind_dir", str(directory), "--torch_python", python, "--json"))
+    result = json.loads(
+        run_bench(
+            capsys,
+            "--preset",
+            str(preset),
+            "--batch_size",
+            "8",
+            "--max_seq_len",
+            "64",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--num_records",
+            "80",
+            "--data_dir",
+            str(data_dir),
+            "--minimind_dir",
+            str(directory),
+            "--torch_python",
+            python,
+            "--json",
+        )
+    )
     names = [row["name"] for row in result["rows"]]
-    assert names[2:] == ["PyTorch: project torch reference, own process",
-                         "PyTorch: MiniMind's model_minimind.py, own process"]
+    assert names[2:] == [
+        "PyTorch: project torch reference, own process",
+        "PyTorch: MiniMind's model_minimind.py, own process",
+    ]
     assert result["baseline"] == names[3]
     assert result["setup"]["torch_processes"][1]["model_class"].endswith("MiniMindForCausalLM")
     for row in result["rows"][:3]:
@@ -124,25 +186,50 @@ def test_bench_table_without_torch_reports_variants_that_cannot_run(capsys, data
     asked = bench.variants_for
     unsupported = bench.Variant("cudnn attention in float32", attention_impl="cudnn")
     monkeypatch.setattr(bench, "variants_for", lambda *args: asked(*args) + [unsupported])
-    out = run_bench(capsys, "--preset", str(tiny_preset), "--batch_size", "8", "--max_seq_len", "64", "--steps", "1",
-                    "--warmup", "0", "--num_records", "80", "--data_dir", str(data_dir), "--no_torch", "--packing",
-                    "--fast_path", "0", "--attention_impl", "causal_blocks")
+    out = run_bench(
+        capsys,
+        "--preset",
+        str(tiny_preset),
+        "--batch_size",
+        "8",
+        "--max_seq_len",
+        "64",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--num_records",
+        "80",
+        "--data_dir",
+        str(data_dir),
+        "--no_torch",
+        "--packing",
+        "--fast_path",
+        "0",
+        "--attention_impl",
+        "causal_blocks",
+    )
     assert "ours (packed, full logits, causal_blocks, scanned)" in out
     assert "ours, --fast_path 0 (MiniMind's literal) (padded, full logits, xla, scanned)" in out
     assert "PyTorch" not in out and "tokens/s" in out
-    assert "cudnn attention in float32 (padded, full logits, cudnn, scanned): could not run here (ValueError: " \
-           "attention_impl=cudnn needs dtype" in out
+    assert (
+        "cudnn attention in float32 (padded, full logits, cudnn, scanned): could not run here (ValueError: "
+        "attention_impl=cudnn needs dtype" in out
+    )
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--batch_size", "3"], "--batch_size 3 is not divisible"),
-    (["--num_records", "0"], "--num_records must be at least 1"),
-    (["--preset", "no-such-preset"], "--preset no-such-preset"),
-    (["--loss_chunk_size", "-1"], "--loss_chunk_size must be at least 0"),
-    (["--minimind_dir", "/nonexistent"], "--minimind_dir /nonexistent: no model/model_minimind.py there"),
-    (["--torch_python", "/nonexistent/python"], "--torch_python /nonexistent/python: not an executable"),
-    (["--minimind_dir", str(REPO_ROOT), "--no_torch"], "--minimind_dir times a PyTorch side"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--batch_size", "3"], "--batch_size 3 is not divisible"),
+        (["--num_records", "0"], "--num_records must be at least 1"),
+        (["--preset", "no-such-preset"], "--preset no-such-preset"),
+        (["--loss_chunk_size", "-1"], "--loss_chunk_size must be at least 0"),
+        (["--minimind_dir", "/nonexistent"], "--minimind_dir /nonexistent: no model/model_minimind.py there"),
+        (["--torch_python", "/nonexistent/python"], "--torch_python /nonexistent/python: not an executable"),
+        (["--minimind_dir", str(REPO_ROOT), "--no_torch"], "--minimind_dir times a PyTorch side"),
+    ],
+)
 def test_bench_bad_flags_are_one_line_errors(flags, message, capsys, data_dir):
     assert main.main(["bench", "--data_dir", str(data_dir), "--steps", "1", *flags]) == 1
     error = capsys.readouterr().err.strip()
@@ -168,8 +255,26 @@ def test_bench_says_why_a_pytorch_process_failed(capsys, data_dir, tiny_preset, 
     line of stderr, before any of our steps is compiled."""
     broken = fake_minimind_checkout(tmp_path, "n_routed_experts = 4\nraise ImportError('no transformers here')\n")
     monkeypatch.setattr(bench, "JaxSide", None)  # never reached
-    assert main.main(["bench", "--preset", str(tiny_preset), "--batch_size", "8", "--max_seq_len", "64",
-                      "--num_records", "80", "--data_dir", str(data_dir), "--minimind_dir", str(broken)]) == 1
+    assert (
+        main.main(
+            [
+                "bench",
+                "--preset",
+                str(tiny_preset),
+                "--batch_size",
+                "8",
+                "--max_seq_len",
+                "64",
+                "--num_records",
+                "80",
+                "--data_dir",
+                str(data_dir),
+                "--minimind_dir",
+                str(broken),
+            ]
+        )
+        == 1
+    )
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("error: PyTorch: MiniMind's model_minimind.py, own process")
     assert "exited with status 1: ImportError: no transformers here" in error

@@ -1,4 +1,5 @@
 """The PyTorch reference against numbers produced by MiniMind's own code (../shared/golden, both eras)."""
+
 import json
 import pathlib
 
@@ -7,8 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from minimind_jax.bench.torch_reference import (
+    MiniMindTorch,
+    batch_from_2510,
+    batch_from_v3,
+    greedy_decode,
+    make_optimizer,
+    minimind_lr,
+    reference_train_loop,
+    rope_inv_freq,
+    sft_step,
+)
 from minimind_jax.model.config import PRESETS, ModelConfig, load_preset
-from minimind_jax.bench.torch_reference import MiniMindTorch, batch_from_2510, batch_from_v3, greedy_decode, make_optimizer, minimind_lr, reference_train_loop, rope_inv_freq, sft_step
 from tests.conftest import require_shared
 from tests.support.parity import assert_near_truth, float64_twin, state_of
 
@@ -44,6 +55,7 @@ def max_abs(actual: torch.Tensor, expected: np.ndarray) -> float:
 
 # ---- structure: state-dict keys, shapes, order and parameter counts ----
 
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_state_dict_and_param_count(preset):
     expected = json.loads((FIXTURES / f"presets_{era_of(preset)}.json").read_text())[preset]
@@ -64,8 +76,9 @@ def test_preset_fixture_is_the_golden(era):
 def test_golden_state_dict_keys_in_order(era, variant):
     spec = json.loads(require_shared("golden", era, f"{variant}.json").read_text())
     model = golden_model(era, variant)
-    assert [[k, list(v.shape)] for k, v in model.state_dict().items()] == \
-        [[k, list(shape)] for k, shape in spec["state_dict"].items()]
+    assert [[k, list(v.shape)] for k, v in model.state_dict().items()] == [
+        [k, list(shape)] for k, shape in spec["state_dict"].items()
+    ]
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
@@ -80,6 +93,7 @@ def test_loads_minimind_fp16_checkpoint(era, variant):
 
 
 # ---- eval-mode forward and greedy decoding ----
+
 
 @pytest.mark.parametrize("era,variant", GOLDEN_MODELS)
 def test_golden_forward(era, variant):
@@ -124,6 +138,7 @@ def test_kv_cache_layout_and_incremental_forward():
 
 # ---- training-mode MoE ----
 
+
 @pytest.mark.parametrize("era", ERAS)
 def test_golden_moe_train_mode(era):
     golden = golden_arrays(era, "moe")
@@ -143,6 +158,7 @@ def test_golden_moe_train_mode(era):
 
 
 # ---- one train_full_sft step ----
+
 
 def golden_sft_batch(era: str, variant: str):
     arrays = {k: torch.from_numpy(v) for k, v in golden_arrays(era, f"sft_step_{variant}").items()}
@@ -166,11 +182,13 @@ def test_golden_sft_step(era, variant):
     assert list(model.state_dict()) == list(after)
     # Both fp32 steps, the reference's and MiniMind's, are held to the float64 step (see tests/support/parity.py).
     sft_step(truth, make_optimizer(truth, lr), inputs, targets, loss_mask, lr=lr, grad_clip=1.0)
-    assert_near_truth(state_of(model), {k: v.numpy() for k, v in after.items()}, state_of(truth),
-                      label=f"{era} {variant}")
+    assert_near_truth(
+        state_of(model), {k: v.numpy() for k, v in after.items()}, state_of(truth), label=f"{era} {variant}"
+    )
 
 
 # ---- batch forms, LR schedule, gradient accumulation ----
+
 
 def test_batch_from_v3_reproduces_v3_shifted_loss():
     labels = torch.tensor([[-100, -100, 5, 6, -100], [-100, 7, 8, 9, 3]])
@@ -195,20 +213,30 @@ def test_minimind_lr_endpoints():
 
 def tiny_batches(n: int, vocab: int, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
-    return [(torch.randint(0, vocab, (2, 6), generator=generator), torch.randint(0, vocab, (2, 6), generator=generator),
-             torch.ones(2, 6, dtype=torch.long)) for _ in range(n)]
+    return [
+        (
+            torch.randint(0, vocab, (2, 6), generator=generator),
+            torch.randint(0, vocab, (2, 6), generator=generator),
+            torch.ones(2, 6, dtype=torch.long),
+        )
+        for _ in range(n)
+    ]
 
 
-@pytest.mark.parametrize("arch,expected", [
-    ("minimind2", [True, False, True, False]),  # (s+1) % 2 == 0 for s = 1..4; micro-batch 4 waits
-    ("minimind3", [False, True, False, True, True]),  # s % 2 == 0, then the leftover micro-batch 5 is flushed
-])
+@pytest.mark.parametrize(
+    "arch,expected",
+    [
+        ("minimind2", [True, False, True, False]),  # (s+1) % 2 == 0 for s = 1..4; micro-batch 4 waits
+        ("minimind3", [False, True, False, True, True]),  # s % 2 == 0, then the leftover micro-batch 5 is flushed
+    ],
+)
 def test_accumulation_schedule(arch, expected):
     torch.manual_seed(0)
     model = MiniMindTorch(ModelConfig(arch=arch, hidden_size=16, num_hidden_layers=1, vocab_size=32))
     n = len(expected)
-    result = reference_train_loop(model, tiny_batches(n, 32), arch=arch, lr=1e-3, total_steps=2 * n,
-                                  accumulation_steps=2, grad_clip=1.0)
+    result = reference_train_loop(
+        model, tiny_batches(n, 32), arch=arch, lr=1e-3, total_steps=2 * n, accumulation_steps=2, grad_clip=1.0
+    )
     assert result["stepped"] == expected
     assert result["lr"] == [minimind_lr(arch, s, 2 * n, 1e-3) for s in range(1, n + 1)]
     # 2510 keeps the unapplied gradient of the last micro-batch for the next epoch.
@@ -223,11 +251,14 @@ def test_loop_without_accumulation_is_sft_step(arch):
     stepped = MiniMindTorch(config)
     stepped.load_state_dict(looped.state_dict())
     batches = tiny_batches(2, 32)
-    result = reference_train_loop(looped, batches, arch=arch, lr=1e-3, total_steps=4, accumulation_steps=1,
-                                  grad_clip=1.0)
+    result = reference_train_loop(
+        looped, batches, arch=arch, lr=1e-3, total_steps=4, accumulation_steps=1, grad_clip=1.0
+    )
     optimizer = make_optimizer(stepped, 1e-3)
-    losses = [float(sft_step(stepped, optimizer, *batch, lr=minimind_lr(arch, s, 4, 1e-3))["loss"])
-              for s, batch in enumerate(batches, start=1)]
+    losses = [
+        float(sft_step(stepped, optimizer, *batch, lr=minimind_lr(arch, s, 4, 1e-3))["loss"])
+        for s, batch in enumerate(batches, start=1)
+    ]
     assert result["loss"] == losses
     for a, b in zip(looped.parameters(), stepped.parameters()):
         assert torch.equal(a, b)

@@ -1,9 +1,10 @@
 """`main.py chat` driven through standard input, and `main.py eval` against the loss computed directly."""
+
 import argparse
 import io
-import pathlib
 import json
 import math
+import pathlib
 import re
 
 import jax.numpy as jnp
@@ -12,22 +13,28 @@ import pytest
 from flax import nnx
 
 import main
-from minimind_jax.data import examples
 from minimind_jax import weights
 from minimind_jax.cli import chat as chat_cli
-from minimind_jax.model.config import ModelConfig
-from minimind_jax.inference.generation import Decoder, generate
-from minimind_jax.training.loss import masked_ce_sums, safe_divide
-from minimind_jax.model.transformer import MiniMind
+from minimind_jax.data import examples
 from minimind_jax.data.tokenizer import load_tokenizer, train_sentencepiece
+from minimind_jax.inference.generation import Decoder, generate
+from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.transformer import MiniMind
+from minimind_jax.training.loss import masked_ce_sums, safe_divide
 from tests.conftest import require_shared
 
 CONVERSATIONS = [
-    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is the sky?"},
-     {"role": "assistant", "content": "Blue, mostly."}],
-    [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "Hi! How can I help you today?"},
-     {"role": "user", "content": "tell me a joke about cats and dogs and birds"},
-     {"role": "assistant", "content": "A cat, a dog and a bird walk into a bar. The bar was empty."}],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "What is the sky?"},
+        {"role": "assistant", "content": "Blue, mostly."},
+    ],
+    [
+        {"role": "user", "content": "hello there"},
+        {"role": "assistant", "content": "Hi! How can I help you today?"},
+        {"role": "user", "content": "tell me a joke about cats and dogs and birds"},
+        {"role": "assistant", "content": "A cat, a dog and a bird walk into a bar. The bar was empty."},
+    ],
     [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
     [{"role": "user", "content": "name a colour"}, {"role": "assistant", "content": "green"}],
     [{"role": "user", "content": "how are you"}, {"role": "assistant", "content": "fine, thank you"}],
@@ -44,14 +51,16 @@ def write_jsonl(path, records):
 def workdir(tmp_path_factory):
     """A small SentencePiece tokenizer and a tiny random model per era, saved as MiniMind .pth files."""
     root = tmp_path_factory.mktemp("chat_eval")
-    corpus = write_jsonl(root / "corpus.jsonl", [{"conversations": c} for c in CONVERSATIONS] +
-                         [{"text": t} for t in TEXTS] * 3)
+    corpus = write_jsonl(
+        root / "corpus.jsonl", [{"conversations": c} for c in CONVERSATIONS] + [{"text": t} for t in TEXTS] * 3
+    )
     (root / "weights").mkdir()
     train_sentencepiece([corpus], root / "weights" / "tok", vocab_size=400)
     tokenizer = load_tokenizer(root / "weights")
     for arch in ("minimind2", "minimind3"):
-        config = ModelConfig(arch=arch, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
-                             vocab_size=tokenizer.vocab_size)
+        config = ModelConfig(
+            arch=arch, hidden_size=64, num_hidden_layers=2, num_attention_heads=8, vocab_size=tokenizer.vocab_size
+        )
         weights.save_pth(MiniMind(config, rngs=nnx.Rngs(3)), root / "weights" / f"full_sft_{arch}.pth")
     return root
 
@@ -73,18 +82,32 @@ def run_chat(monkeypatch, capsys, argv, stdin_text=""):
 
 def greedy_reply(model, tokenizer, prompt_ids, max_new_tokens):
     """The reply text greedy decoding gives, computed with `generate` (not through the chat code)."""
-    new = generate(model, np.asarray([prompt_ids]), max_new_tokens, eos_token_id=tokenizer.eos_id)[0, len(prompt_ids):]
+    new = generate(model, np.asarray([prompt_ids]), max_new_tokens, eos_token_id=tokenizer.eos_id)[0, len(prompt_ids) :]
     if tokenizer.eos_id in new:
-        new = new[:list(new).index(tokenizer.eos_id)]
+        new = new[: list(new).index(tokenizer.eos_id)]
     return tokenizer.decode(new, skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("historys", [2, 0])
 def test_chat_repl_renders_history_with_the_template(workdir, monkeypatch, capsys, historys):
     pth = workdir / "weights" / "full_sft_minimind2.pth"
-    out, prompts = run_chat(monkeypatch, capsys, [
-        "--load_from", str(pth), "--historys", str(historys), "--do_sample", "0", "--max_new_tokens", "12",
-        "--show_speed", "0"], stdin_text="hello there\nhow are you\n\nnever read\n")
+    out, prompts = run_chat(
+        monkeypatch,
+        capsys,
+        [
+            "--load_from",
+            str(pth),
+            "--historys",
+            str(historys),
+            "--do_sample",
+            "0",
+            "--max_new_tokens",
+            "12",
+            "--show_speed",
+            "0",
+        ],
+        stdin_text="hello there\nhow are you\n\nnever read\n",
+    )
 
     tokenizer, model = load_tokenizer(workdir / "weights"), weights.load(pth)
     first = [{"role": "user", "content": "hello there"}]
@@ -103,8 +126,20 @@ def test_chat_repl_renders_history_with_the_template(workdir, monkeypatch, capsy
 
 
 def test_chat_one_shot_prompt_samples_and_reports_speed(workdir, monkeypatch, capsys):
-    argv = ["--load_from", str(workdir / "weights" / "full_sft_minimind2.pth"), "--prompt", "name a colour",
-            "--max_new_tokens", "10", "--temperature", "0.9", "--top_k", "20", "--seed", "4"]
+    argv = [
+        "--load_from",
+        str(workdir / "weights" / "full_sft_minimind2.pth"),
+        "--prompt",
+        "name a colour",
+        "--max_new_tokens",
+        "10",
+        "--temperature",
+        "0.9",
+        "--top_k",
+        "20",
+        "--seed",
+        "4",
+    ]
     out, prompts = run_chat(monkeypatch, capsys, argv)
     assert len(prompts) == 1 and out.startswith("💬: name a colour\n🧠: ")
     again, _ = run_chat(monkeypatch, capsys, argv)
@@ -116,10 +151,27 @@ def test_chat_one_shot_prompt_samples_and_reports_speed(workdir, monkeypatch, ca
 def test_chat_v3_history_carries_the_think_blocks(monkeypatch, capsys):
     pth = require_shared("golden", "v3", "dense.pth")
     tokenizer_dir = require_shared("minimind", "v3")
-    out, prompts = run_chat(monkeypatch, capsys, [
-        "--load_from", str(pth), "--tokenizer_path", str(tokenizer_dir), "--historys", "2", "--do_sample", "0",
-        "--max_new_tokens", "6", "--open_thinking", "1", "--show_speed", "0"],
-        stdin_text="你好\nwhy is the sky blue\n")
+    out, prompts = run_chat(
+        monkeypatch,
+        capsys,
+        [
+            "--load_from",
+            str(pth),
+            "--tokenizer_path",
+            str(tokenizer_dir),
+            "--historys",
+            "2",
+            "--do_sample",
+            "0",
+            "--max_new_tokens",
+            "6",
+            "--open_thinking",
+            "1",
+            "--show_speed",
+            "0",
+        ],
+        stdin_text="你好\nwhy is the sky blue\n",
+    )
     tokenizer, model = load_tokenizer(tokenizer_dir), weights.load(pth)
     first = [{"role": "user", "content": "你好"}]
     first_text = tokenizer.apply_chat_template(first, add_generation_prompt=True, open_thinking=True)
@@ -136,12 +188,16 @@ def test_chat_refuses_replies_past_the_rope_table_in_one_line(workdir, monkeypat
     positions = weights.load(pth).config.max_position_embeddings
     assert main.main(["chat", "--load_from", str(pth), "--max_new_tokens", "100000"]) == 1  # before a turn is read
     err = capsys.readouterr().err
-    assert err == (f"error: max_new_tokens 100000 runs past the model's {positions} positions "
-                   f"(max_position_embeddings, where MiniMind's RoPE table ends); at most {positions} new tokens fit\n")
+    assert err == (
+        f"error: max_new_tokens 100000 runs past the model's {positions} positions "
+        f"(max_position_embeddings, where MiniMind's RoPE table ends); at most {positions} new tokens fit\n"
+    )
     assert main.main(["chat", "--load_from", str(pth), "--prompt", "hello", "--max_new_tokens", str(positions)]) == 1
     err = capsys.readouterr().err
     prompt_len = int(re.search(r"after a (\d+)-token prompt", err)[1])
-    assert err.count("\n") == 1 and err.endswith(f"at most {positions - prompt_len} new tokens fit\n") and prompt_len > 1
+    assert (
+        err.count("\n") == 1 and err.endswith(f"at most {positions - prompt_len} new tokens fit\n") and prompt_len > 1
+    )
 
 
 def test_chat_prints_each_piece_of_a_reply_as_it_is_generated(workdir, monkeypatch):
@@ -194,12 +250,15 @@ def test_model_flags_follow_minimind(workdir):
     parser = argparse.ArgumentParser()
     chat_cli.add_arguments(parser, "chat")
     pth = workdir / "weights" / "full_sft_minimind2.pth"
-    model = chat_cli.load_model(parser.parse_args(["--load_from", str(pth), "--inference_rope_scaling",
-                                                   "--dtype", "bfloat16"]))
+    model = chat_cli.load_model(
+        parser.parse_args(["--load_from", str(pth), "--inference_rope_scaling", "--dtype", "bfloat16"])
+    )
     assert model.config.dtype == "bfloat16" and model.config.rope_scaling["factor"] == 4  # 2510's YaRN
     # Without --load_from the file is named as MiniMind's eval_llm.py names it.
-    names = [chat_cli.weights_path(parser.parse_args(flags)) for flags in (
-        [], ["--save_dir", "ckpt", "--weight", "pretrain", "--hidden_size", "768", "--use_moe", "1"])]
+    names = [
+        chat_cli.weights_path(parser.parse_args(flags))
+        for flags in ([], ["--save_dir", "ckpt", "--weight", "pretrain", "--hidden_size", "768", "--use_moe", "1"])
+    ]
     assert names == [pathlib.Path("out/full_sft_512.pth"), pathlib.Path("ckpt/pretrain_768_moe.pth")]
 
 
@@ -214,10 +273,13 @@ def expected_loss(model, tokenizer, arch, kind, records, max_seq_len):
     for record in records:
         if kind == "sft":
             prompt = examples.chat_prompt(tokenizer, record["conversations"], arch=arch)
-            forms = (examples.minimind2_sft if arch == "minimind2" else examples.minimind3_sft)(tokenizer, prompt, max_seq_len)
+            forms = (examples.minimind2_sft if arch == "minimind2" else examples.minimind3_sft)(
+                tokenizer, prompt, max_seq_len
+            )
         else:
             forms = (examples.minimind2_pretrain if arch == "minimind2" else examples.minimind3_pretrain)(
-                tokenizer, record["text"], max_seq_len)
+                tokenizer, record["text"], max_seq_len
+            )
         if arch == "minimind2":
             x, y, loss_mask = (np.asarray(f)[None] for f in forms)
             logits = model(jnp.asarray(x))
@@ -232,8 +294,20 @@ def expected_loss(model, tokenizer, arch, kind, records, max_seq_len):
 
 def run_eval(workdir, capsys, pth, data_path, *extra):
     out_file = workdir / f"summary_{data_path.stem}.json"
-    argv = ["eval", "--load_from", str(pth), "--data_path", str(data_path), "--cache_dir", str(workdir / "cache"),
-            "--num_workers", "0", "--out", str(out_file), *extra]
+    argv = [
+        "eval",
+        "--load_from",
+        str(pth),
+        "--data_path",
+        str(data_path),
+        "--cache_dir",
+        str(workdir / "cache"),
+        "--num_workers",
+        "0",
+        "--out",
+        str(out_file),
+        *extra,
+    ]
     assert main.main(argv) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert json.loads(out_file.read_text()) == printed
@@ -267,8 +341,9 @@ def test_eval_pretrain_kind_is_detected(workdir, capsys):
     pth = workdir / "weights" / "full_sft_minimind2.pth"
     records = [{"text": t} for t in TEXTS]
     summary = run_eval(workdir, capsys, pth, write_jsonl(workdir / "pretrain.jsonl", records), "--max_seq_len", "24")
-    loss, tokens, _ = expected_loss(weights.load(pth), load_tokenizer(workdir / "weights"), "minimind2", "pretrain",
-                                 records, 24)
+    loss, tokens, _ = expected_loss(
+        weights.load(pth), load_tokenizer(workdir / "weights"), "minimind2", "pretrain", records, 24
+    )
     assert summary["kind"] == "pretrain" and summary["examples"] == 3 and summary["loss_tokens"] == tokens
     assert summary["loss"] == pytest.approx(loss, rel=1e-5)
 

@@ -1,4 +1,5 @@
 """`python main.py demo --quick` end to end, and MiniMind compatibility of the `.pth` files it writes."""
+
 import json
 import math
 import os
@@ -18,8 +19,14 @@ from tests.conftest import REPO_ROOT
 def run_demo(out_dir, *extra: str) -> subprocess.CompletedProcess:
     """The demo as a user runs it: the CLI in a fresh process with one CPU device."""
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-    result = subprocess.run([sys.executable, "main.py", "demo", "--quick", "--no_progress", "--out_dir", str(out_dir),
-                             *extra], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    result = subprocess.run(
+        [sys.executable, "main.py", "demo", "--quick", "--no_progress", "--out_dir", str(out_dir), *extra],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert result.returncode == 0, f"demo failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
 
@@ -38,11 +45,20 @@ def test_quick_demo_runs_every_stage_and_writes_its_files(quick_demo):
     assert list(summary["stage_seconds"]) == [stage.name for stage in STAGES]
     assert summary["reused"] == []
     hidden = load_settings(DEFAULT_CONFIG, quick=True)["model"]["hidden_size"]
-    for path in (f"out/pretrain_{hidden}.pth", f"out/full_sft_{hidden}.pth", "tokenizer/demo.model",
-                 "corpus/pretrain.jsonl", "corpus/sft.jsonl", "corpus/sft_heldout.jsonl",
-                 f"converted/pretrain_{hidden}/config.json", f"out/logs/pretrain_{hidden}/metrics.jsonl",
-                 f"out/logs/pretrain_{hidden}/loss_curve.png", f"out/logs/full_sft_{hidden}/loss_curve.png",
-                 "loss_curves.png", "chats.md"):
+    for path in (
+        f"out/pretrain_{hidden}.pth",
+        f"out/full_sft_{hidden}.pth",
+        "tokenizer/demo.model",
+        "corpus/pretrain.jsonl",
+        "corpus/sft.jsonl",
+        "corpus/sft_heldout.jsonl",
+        f"converted/pretrain_{hidden}/config.json",
+        f"out/logs/pretrain_{hidden}/metrics.jsonl",
+        f"out/logs/pretrain_{hidden}/loss_curve.png",
+        f"out/logs/full_sft_{hidden}/loss_curve.png",
+        "loss_curves.png",
+        "chats.md",
+    ):
         assert (out_dir / path).is_file(), path
     assert (out_dir / "loss_curves.png").read_bytes().startswith(b"\x89PNG")
     results = summary["results"]
@@ -71,8 +87,8 @@ def test_training_lowers_the_heldout_losses(quick_demo):
 @pytest.mark.slow
 @pytest.mark.parametrize("weight", ["pretrain", "full_sft"])
 def test_exported_pth_loads_strictly_into_the_torch_reference_with_our_logits(quick_demo, weight):
-    from minimind_jax.data.tokenizer import load_tokenizer
     from minimind_jax.bench.torch_reference import MiniMindTorch
+    from minimind_jax.data.tokenizer import load_tokenizer
     from minimind_jax.weights import load
 
     out_dir, _, summary = quick_demo
@@ -91,7 +107,7 @@ def test_exported_pth_loads_strictly_into_the_torch_reference_with_our_logits(qu
     ids_BT = np.zeros((2, length), np.int32)  # left-padded, with the attention mask
     mask_BT = np.zeros((2, length), np.int32)
     for i, row in enumerate(rows):
-        ids_BT[i, length - len(row):], mask_BT[i, length - len(row):] = row, 1
+        ids_BT[i, length - len(row) :], mask_BT[i, length - len(row) :] = row, 1
     with torch.no_grad():
         expected = reference(torch.from_numpy(ids_BT).long(), torch.from_numpy(mask_BT).long()).logits.numpy()
     actual = np.asarray(ours(ids_BT, mask_BT))
@@ -126,15 +142,18 @@ def test_settings_merge_quick_overrides():
     assert quick["chat"]["prompts"] == full["chat"]["prompts"]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("modle: {hidden_size: 64}\n", "unknown section modle"),
-    ("pretrain: {learning_rat: 0.1}\n", "unknown setting pretrain.learning_rat"),
-    ("pretrain: {data_path: x.jsonl}\n", "unknown setting pretrain.data_path"),  # the demo sets paths itself
-    ("quick: {chat: {max_tokens: 3}}\n", "unknown setting quick.chat.max_tokens"),
-    ("chat: [1, 2]\n", "chat must be a mapping"),
-    ("chat: {prompts: []}\n", "chat.prompts must list at least one prompt"),
-    ("corpus: [\n", "cannot read demo settings"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("modle: {hidden_size: 64}\n", "unknown section modle"),
+        ("pretrain: {learning_rat: 0.1}\n", "unknown setting pretrain.learning_rat"),
+        ("pretrain: {data_path: x.jsonl}\n", "unknown setting pretrain.data_path"),  # the demo sets paths itself
+        ("quick: {chat: {max_tokens: 3}}\n", "unknown setting quick.chat.max_tokens"),
+        ("chat: [1, 2]\n", "chat must be a mapping"),
+        ("chat: {prompts: []}\n", "chat.prompts must list at least one prompt"),
+        ("corpus: [\n", "cannot read demo settings"),
+    ],
+)
 def test_bad_settings_are_one_line_errors_naming_the_file_and_key(tmp_path, text, message):
     path = tmp_path / "demo.yaml"
     path.write_text(text)

@@ -9,6 +9,7 @@ checkpoints and training runs; `max_seq_len` beyond the RoPE table or below the 
 `batch_size` not divisible by the data-parallel size. A few cases also go through
 `python main.py` to check the exit code and the single `error:` line.
 """
+
 import json
 import os
 import pathlib
@@ -27,14 +28,13 @@ from flax import nnx
 
 import minimind_jax
 from minimind_jax.data import examples, records
-from minimind_jax.weights.orbax import TrainCheckpoints
-from minimind_jax.weights.orbax import save_model_checkpoint
-from minimind_jax.model.config import ModelConfig
-from minimind_jax.errors import UserError, first_line
-from minimind_jax.model.transformer import MiniMind
 from minimind_jax.data.tokenizer import load_tokenizer
+from minimind_jax.errors import UserError, first_line
+from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.transformer import MiniMind
 from minimind_jax.training.config import TrainConfig
 from minimind_jax.training.run import load_run_data, train
+from minimind_jax.weights.orbax import TrainCheckpoints, save_model_checkpoint
 from tests.conftest import REPO_ROOT, require_shared
 from tests.support.data import GOOD, random_chats, write_jsonl
 
@@ -42,8 +42,9 @@ SFT_32 = examples.ExampleConfig("sft", "minimind2", 32)
 
 
 def load(path, tokenizer, config=SFT_32, **kwargs):
-    return examples.load_dataset(path, tokenizer, config, cache_dir=pathlib.Path(path).parent / "cache", num_workers=0,
-                             progress=False, **kwargs)
+    return examples.load_dataset(
+        path, tokenizer, config, cache_dir=pathlib.Path(path).parent / "cache", num_workers=0, progress=False, **kwargs
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -54,8 +55,9 @@ def hostile_lines() -> list[tuple[str, bytes]]:
     """(reason it is skipped for, line) per kind of damage; no line holds a newline."""
     rng = random.Random(0)
     good = json.dumps(GOOD).encode()
-    lone_surrogate = json.dumps({"conversations": [{"role": "user", "content": "hi \ud800"},
-                                                   {"role": "assistant", "content": "yo"}]}).encode()
+    lone_surrogate = json.dumps(
+        {"conversations": [{"role": "user", "content": "hi \ud800"}, {"role": "assistant", "content": "yo"}]}
+    ).encode()
     return [
         ("malformed JSON", good[: len(good) // 2]),  # a line cut in the middle (a torn write)
         ("not UTF-8", bytes(rng.choice([b for b in range(256) if b != 0x0A]) for _ in range(300))),
@@ -102,14 +104,25 @@ def test_a_directory_or_missing_file_as_data_is_one_error(tmp_path, small_tokeni
 
 
 @hypothesis.settings(max_examples=300, deadline=None)
-@hypothesis.given(line=st.one_of(st.binary(max_size=200),
-                                 st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
-                                              lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
-                                              max_leaves=20).map(lambda v: json.dumps(v).encode()),
-                                 st.builds(lambda c: json.dumps({"conversations": c}).encode(),
-                                           st.lists(st.dictionaries(st.sampled_from(["role", "content", "x"]),
-                                                                    st.one_of(st.text(), st.integers(), st.none()))))),
-                  kind=st.sampled_from(records.KINDS))
+@hypothesis.given(
+    line=st.one_of(
+        st.binary(max_size=200),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+            lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
+            max_leaves=20,
+        ).map(lambda v: json.dumps(v).encode()),
+        st.builds(
+            lambda c: json.dumps({"conversations": c}).encode(),
+            st.lists(
+                st.dictionaries(
+                    st.sampled_from(["role", "content", "x"]), st.one_of(st.text(), st.integers(), st.none())
+                )
+            ),
+        ),
+    ),
+    kind=st.sampled_from(records.KINDS),
+)
 def test_fuzzed_lines_parse_or_are_bad_records(line, kind):
     try:
         record = records.parse_record(line, kind)
@@ -130,11 +143,22 @@ def test_fuzzed_files_read_into_records_or_counted_skips(tmp_path_factory, conte
     assert all(isinstance(record, dict) for _, record in read)
 
 
-messages = st.lists(st.fixed_dictionaries(
-    {"role": st.sampled_from(["system", "user", "assistant", "tool"]),
-     "content": st.one_of(st.text(max_size=40), st.sampled_from(["<|im_start|>", "<|im_end|>", "{{ x }}", "{% if %}"]))},
-    optional={"reasoning_content": st.text(max_size=20), "tool_calls": st.one_of(st.text(max_size=20), st.just("[]"))}),
-    min_size=1, max_size=5)
+messages = st.lists(
+    st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["system", "user", "assistant", "tool"]),
+            "content": st.one_of(
+                st.text(max_size=40), st.sampled_from(["<|im_start|>", "<|im_end|>", "{{ x }}", "{% if %}"])
+            ),
+        },
+        optional={
+            "reasoning_content": st.text(max_size=20),
+            "tool_calls": st.one_of(st.text(max_size=20), st.just("[]")),
+        },
+    ),
+    min_size=1,
+    max_size=5,
+)
 
 
 @hypothesis.settings(max_examples=60, deadline=None)
@@ -207,10 +231,20 @@ def test_shortest_prompt_of_minimind_templates(minimind_tokenizers, era, arch):
 
 
 def run_config(tmp_path, tokenizer, data_path, **overrides) -> TrainConfig:
-    fields = dict(tokenizer_path=str(tokenizer), data_path=str(data_path), from_weight="none", hidden_size=32,
-                  num_hidden_layers=2, max_seq_len=48, batch_size=8, num_workers=0, progress=False,
-                  cache_dir=str(tmp_path / "cache"), save_dir=str(tmp_path / "out"),
-                  checkpoint_dir=str(tmp_path / "checkpoints"))
+    fields = dict(
+        tokenizer_path=str(tokenizer),
+        data_path=str(data_path),
+        from_weight="none",
+        hidden_size=32,
+        num_hidden_layers=2,
+        max_seq_len=48,
+        batch_size=8,
+        num_workers=0,
+        progress=False,
+        cache_dir=str(tmp_path / "cache"),
+        save_dir=str(tmp_path / "out"),
+        checkpoint_dir=str(tmp_path / "checkpoints"),
+    )
     return TrainConfig(**{**fields, **overrides})
 
 
@@ -240,8 +274,11 @@ def test_tokenizer_of_the_other_era_is_refused(tmp_path, era, model_arch):
     tokenizer = require_shared("minimind", era)
     chats = write_jsonl(tmp_path / "chats.jsonl", random_chats(4))
     cfg = run_config(tmp_path, tokenizer, chats, arch=model_arch)
-    with pytest.raises(UserError, match=f"is the {'minimind2' if era == '2510' else 'minimind3'} tokenizer but the "
-                                        f"model is {model_arch}; their token ids differ$"):
+    with pytest.raises(
+        UserError,
+        match=f"is the {'minimind2' if era == '2510' else 'minimind3'} tokenizer but the "
+        f"model is {model_arch}; their token ids differ$",
+    ):
         load_run_data(cfg, cfg.data_path, ModelConfig(arch=model_arch, hidden_size=32, num_hidden_layers=2))
 
 
@@ -264,8 +301,9 @@ def pth_files(tmp_path_factory) -> dict[str, pathlib.Path]:
     """Hostile .pth files next to a good one, and the marker a code payload would create."""
     directory = tmp_path_factory.mktemp("pth")
     marker = directory / "payload_ran"
-    good = minimind_jax.save_pth(MiniMind(ModelConfig(hidden_size=32, num_hidden_layers=2), rngs=nnx.Rngs(0)),
-                                 directory / "good.pth")
+    good = minimind_jax.save_pth(
+        MiniMind(ModelConfig(hidden_size=32, num_hidden_layers=2), rngs=nnx.Rngs(0)), directory / "good.pth"
+    )
     state = torch.load(good, weights_only=True)
     files = {"good": good, "marker": marker}
 
@@ -279,7 +317,9 @@ def pth_files(tmp_path_factory) -> dict[str, pathlib.Path]:
     write("truncated", lambda p: p.write_bytes(good.read_bytes()[: good.stat().st_size // 2]))
     write("empty", lambda p: p.write_bytes(b""))
     write("text", lambda p: p.write_text("hello, not weights"))
-    write("wrong_shape", lambda p: torch.save({**state, "model.layers.1.self_attn.q_proj.weight": torch.zeros(10, 32)}, p))
+    write(
+        "wrong_shape", lambda p: torch.save({**state, "model.layers.1.self_attn.q_proj.weight": torch.zeros(10, 32)}, p)
+    )
     write("missing_key", lambda p: torch.save({k: v for k, v in state.items() if "layers.1.mlp.up_proj" not in k}, p))
     write("untied", lambda p: torch.save({**state, "lm_head.weight": state["lm_head.weight"] + 1}, p))
     write("not_a_dict", lambda p: torch.save([torch.zeros(2)], p))
@@ -326,20 +366,39 @@ def model_checkpoint(tmp_path_factory) -> pathlib.Path:
 
 
 CHECKPOINT_DAMAGE = {
-    "truncated params": (lambda d: damage_all(d / "params", lambda b: b[: len(b) // 2]), "params: corrupt or incomplete"),
-    "garbled params": (lambda d: damage_all(d / "params" / "ocdbt.process_0" / "d",
-                                            lambda b: bytes(random.Random(len(b)).randbytes(len(b)))),
-                       "params: corrupt or incomplete"),
-    "no manifest": (lambda d: [p.unlink() for p in (d / "params").rglob("manifest.ocdbt")],
-                    "params: corrupt or incomplete"),
+    "truncated params": (
+        lambda d: damage_all(d / "params", lambda b: b[: len(b) // 2]),
+        "params: corrupt or incomplete",
+    ),
+    "garbled params": (
+        lambda d: damage_all(
+            d / "params" / "ocdbt.process_0" / "d", lambda b: bytes(random.Random(len(b)).randbytes(len(b)))
+        ),
+        "params: corrupt or incomplete",
+    ),
+    "no manifest": (
+        lambda d: [p.unlink() for p in (d / "params").rglob("manifest.ocdbt")],
+        "params: corrupt or incomplete",
+    ),
     "config not JSON": (lambda d: (d / "config.json").write_text("{oops"), "config.json: corrupt config"),
-    "config of another size": (lambda d: (d / "config.json").write_text(
-        json.dumps({**json.loads((d / "config.json").read_text()), "hidden_size": 64})), "params: corrupt or incomplete"),
-    "config with unknown field": (lambda d: (d / "config.json").write_text(
-        json.dumps({**json.loads((d / "config.json").read_text()), "bogus": 1})), "config.json: not a valid model config"),
-    "config with another activation": (lambda d: (d / "config.json").write_text(
-        json.dumps({**json.loads((d / "config.json").read_text()), "hidden_act": "gelu"})),
-        "config.json: not a valid model config (hidden_act must be 'silu'"),
+    "config of another size": (
+        lambda d: (d / "config.json").write_text(
+            json.dumps({**json.loads((d / "config.json").read_text()), "hidden_size": 64})
+        ),
+        "params: corrupt or incomplete",
+    ),
+    "config with unknown field": (
+        lambda d: (d / "config.json").write_text(
+            json.dumps({**json.loads((d / "config.json").read_text()), "bogus": 1})
+        ),
+        "config.json: not a valid model config",
+    ),
+    "config with another activation": (
+        lambda d: (d / "config.json").write_text(
+            json.dumps({**json.loads((d / "config.json").read_text()), "hidden_act": "gelu"})
+        ),
+        "config.json: not a valid model config (hidden_act must be 'silu'",
+    ),
     "no params": (lambda d: shutil.rmtree(d / "params"), "neither a model checkpoint (params/) nor a training run"),
 }
 
@@ -349,8 +408,9 @@ def test_first_line_of_an_error_is_one_short_line():
     assert first_line(KeyError()) == "KeyError" and len(first_line(OSError("x" * 500))) == 200
 
 
-@pytest.mark.parametrize("field, value", [("hidden_act", "gelu"), ("tie_word_embeddings", False),
-                                          ("scoring_func", "sigmoid")])
+@pytest.mark.parametrize(
+    "field, value", [("hidden_act", "gelu"), ("tie_word_embeddings", False), ("scoring_func", "sigmoid")]
+)
 def test_a_field_minimind_fixes_takes_only_its_value(field, value):
     with pytest.raises(ValueError, match=f"^{field} must be .* got {value!r}$"):
         ModelConfig(**{field: value})
@@ -394,14 +454,20 @@ def test_damaged_training_checkpoint_is_one_line_error_on_load(damaged_run):
 
 def resumed_copy(damaged_run, tmp_path, **overrides) -> TrainConfig:
     """The damaged run's config resuming from a copy of its checkpoints, writing under tmp_path."""
-    cfg = TrainConfig(**{**damaged_run["cfg"].__dict__, "checkpoint_dir": str(tmp_path / "checkpoints"),
-                         "save_dir": str(tmp_path / "out"), "from_resume": 1, **overrides})
+    cfg = TrainConfig(
+        **{
+            **damaged_run["cfg"].__dict__,
+            "checkpoint_dir": str(tmp_path / "checkpoints"),
+            "save_dir": str(tmp_path / "out"),
+            "from_resume": 1,
+            **overrides,
+        }
+    )
     shutil.copytree(damaged_run["run"], pathlib.Path(cfg.checkpoint_dir) / cfg.run_name)
     return cfg
 
 
-def test_resume_moves_a_damaged_newest_checkpoint_aside_and_goes_on_from_the_one_before(damaged_run, tmp_path,
-                                                                                         caplog):
+def test_resume_moves_a_damaged_newest_checkpoint_aside_and_goes_on_from_the_one_before(damaged_run, tmp_path, caplog):
     cfg = resumed_copy(damaged_run, tmp_path, max_steps=3)  # 3 updates in all
     run = pathlib.Path(cfg.checkpoint_dir) / cfg.run_name
     train(cfg)
@@ -433,26 +499,71 @@ def test_cli_prints_one_error_line_and_no_traceback(tmp_path, small_tokenizer, p
     chats = write_jsonl(tmp_path / "chats.jsonl", random_chats(20))
     binary = tmp_path / "binary.jsonl"
     binary.write_bytes(os.urandom(20_000))
-    sft = [sys.executable, str(REPO_ROOT / "main.py"), "sft", "--tokenizer_path", str(small_tokenizer),
-           "--hidden_size", "32", "--num_hidden_layers", "2", "--max_seq_len", "48", "--batch_size", "8",
-           "--num_workers", "0", "--no_progress", "--cache_dir", str(tmp_path / "cache"),
-           "--save_dir", str(tmp_path / "out"), "--checkpoint_dir", str(tmp_path / "checkpoints")]
+    sft = [
+        sys.executable,
+        str(REPO_ROOT / "main.py"),
+        "sft",
+        "--tokenizer_path",
+        str(small_tokenizer),
+        "--hidden_size",
+        "32",
+        "--num_hidden_layers",
+        "2",
+        "--max_seq_len",
+        "48",
+        "--batch_size",
+        "8",
+        "--num_workers",
+        "0",
+        "--no_progress",
+        "--cache_dir",
+        str(tmp_path / "cache"),
+        "--save_dir",
+        str(tmp_path / "out"),
+        "--checkpoint_dir",
+        str(tmp_path / "checkpoints"),
+    ]
     resume = resumed_copy(damaged_run, tmp_path / "resume")
     damage_all(pathlib.Path(resume.checkpoint_dir) / resume.run_name / "1" / "state", lambda b: b[: len(b) // 2])
     cases = {
         "refused to load: it holds objects other than tensors": [
-            sys.executable, str(REPO_ROOT / "main.py"), "convert", str(pth_files["zip_payload"]), str(tmp_path / "o")],
-        "legacy_payload.pth: refused to load": [*sft, "--data_path", str(chats), "--from_weight",
-                                                str(pth_files["legacy_payload"])],
+            sys.executable,
+            str(REPO_ROOT / "main.py"),
+            "convert",
+            str(pth_files["zip_payload"]),
+            str(tmp_path / "o"),
+        ],
+        "legacy_payload.pth: refused to load": [
+            *sft,
+            "--data_path",
+            str(chats),
+            "--from_weight",
+            str(pth_files["legacy_payload"]),
+        ],
         "binary.jsonl: no usable sft records": [*sft, "--data_path", str(binary), "--from_weight", "none"],
         "/2/state: corrupt or incompatible checkpoint": [  # no step restores
-            *sft, "--data_path", resume.data_path, "--from_weight", "none", "--from_resume", "1",
-            "--checkpoint_dir", resume.checkpoint_dir, "--cache_dir", resume.cache_dir, "--max_steps", "3"],
+            *sft,
+            "--data_path",
+            resume.data_path,
+            "--from_weight",
+            "none",
+            "--from_resume",
+            "1",
+            "--checkpoint_dir",
+            resume.checkpoint_dir,
+            "--cache_dir",
+            resume.cache_dir,
+            "--max_steps",
+            "3",
+        ],
     }
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    processes = {expected: subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                                            stderr=subprocess.PIPE, text=True)
-                 for expected, command in cases.items()}
+    processes = {
+        expected: subprocess.Popen(
+            command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for expected, command in cases.items()
+    }
     for expected, process in processes.items():
         _, stderr = process.communicate(timeout=300)
         assert process.returncode == 1, stderr

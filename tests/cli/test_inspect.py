@@ -1,4 +1,5 @@
 """`main.py inspect`: shows exactly the ids and loss mask training uses, for SFT and pretrain records."""
+
 import json
 import re
 
@@ -22,8 +23,18 @@ def inspect(capsys, *args) -> tuple[int, str, str]:
 @pytest.mark.parametrize("era, arch", [("2510", "minimind2"), ("v3", "minimind3")])
 def test_json_matches_minimind_goldens(capsys, era, arch):
     path = require_shared("golden", era, "sft_masks.jsonl")
-    code, out, _ = inspect(capsys, "--data_path", path, "--tokenizer_path", require_shared("minimind", era),
-                           "--max_seq_len", 128, "--arch", arch, "--json")
+    code, out, _ = inspect(
+        capsys,
+        "--data_path",
+        path,
+        "--tokenizer_path",
+        require_shared("minimind", era),
+        "--max_seq_len",
+        128,
+        "--arch",
+        arch,
+        "--json",
+    )
     assert code == 0
     shown = [json.loads(line) for line in out.splitlines()]
     records = golden_records(era, "sft_masks.jsonl")
@@ -42,8 +53,18 @@ def test_json_matches_minimind_goldens(capsys, era, arch):
 
 def test_tells_sft_and_pretrain_apart(capsys, tmp_path, small_tokenizer):
     path = write_jsonl(tmp_path / "mixed.jsonl", [GOOD, {"text": "the cat sat"}])
-    code, out, _ = inspect(capsys, "--data_path", path, "--tokenizer_path", small_tokenizer, "--max_seq_len", 64,
-                           "--arch", "minimind2", "--json")
+    code, out, _ = inspect(
+        capsys,
+        "--data_path",
+        path,
+        "--tokenizer_path",
+        small_tokenizer,
+        "--max_seq_len",
+        64,
+        "--arch",
+        "minimind2",
+        "--json",
+    )
     tokenizer = load_tokenizer(small_tokenizer)
     sft, pretrain = (json.loads(line) for line in out.splitlines())
     learned = [i for i, m in zip(sft["input_ids"], sft["loss_mask"]) if m]
@@ -56,11 +77,14 @@ def test_tells_sft_and_pretrain_apart(capsys, tmp_path, small_tokenizer):
 
 def test_colours_mark_the_learned_tokens(capsys, tmp_path, small_tokenizer):
     path = write_jsonl(tmp_path / "chat.jsonl", [GOOD, {"conversations": [{"role": "user", "content": "hi"}]}])
-    code, out, _ = inspect(capsys, "--data_path", path, "--tokenizer_path", small_tokenizer, "--max_seq_len", 64,
-                           "--arch", "minimind3")
+    code, out, _ = inspect(
+        capsys, "--data_path", path, "--tokenizer_path", small_tokenizer, "--max_seq_len", 64, "--arch", "minimind3"
+    )
     assert code == 0
     learned_styles = "|".join(re.escape(style) for style in inspect_cli.LEARNED_STYLES)
-    learned_text = "".join(re.findall(rf"(?:{learned_styles})(.*?)\x1b\[0m", out.split("record 1")[0].split("record 0")[1]))
+    learned_text = "".join(
+        re.findall(rf"(?:{learned_styles})(.*?)\x1b\[0m", out.split("record 1")[0].split("record 0")[1])
+    )
     assert learned_text == "the mat<|im_end|>↵"
     plain = ANSI.sub("", out)
     assert "<|im_start|>user↵\nhi cat<|im_end|>↵\n<|im_start|>assistant↵\nthe mat<|im_end|>↵\n" in plain
@@ -69,16 +93,19 @@ def test_colours_mark_the_learned_tokens(capsys, tmp_path, small_tokenizer):
 
 def test_index_and_errors(capsys, caplog, tmp_path, small_tokenizer):
     path = write_jsonl(tmp_path / "chat.jsonl", ["{broken", GOOD, {"text": "the cat"}])
-    code, out, err = inspect(capsys, "--data_path", path, "--tokenizer_path", small_tokenizer, "--arch", "minimind2",
-                             "--index", 1, "--json")
+    code, out, err = inspect(
+        capsys, "--data_path", path, "--tokenizer_path", small_tokenizer, "--arch", "minimind2", "--index", 1, "--json"
+    )
     assert code == 0 and [json.loads(line)["prompt"] for line in out.splitlines()] == ["the cat"]
-    code, out, err = inspect(capsys, "--data_path", path, "--tokenizer_path", small_tokenizer, "--arch", "minimind2",
-                             "--index", 2, "--json")
+    code, out, err = inspect(
+        capsys, "--data_path", path, "--tokenizer_path", small_tokenizer, "--arch", "minimind2", "--index", 2, "--json"
+    )
     assert code == 1 and out == ""
     assert err.splitlines()[-1] == f"error: {path}: no record 2; it has 2 well-formed records"
     assert f"malformed JSON (e.g. {path}:1)" in caplog.records[-1].getMessage()
     code, _, err = inspect(capsys, "--data_path", path, "--tokenizer_path", small_tokenizer)
     assert code == 1 and "give --arch" in err
-    code, _, err = inspect(capsys, "--data_path", tmp_path / "missing.jsonl", "--tokenizer_path", small_tokenizer,
-                           "--arch", "minimind2")
+    code, _, err = inspect(
+        capsys, "--data_path", tmp_path / "missing.jsonl", "--tokenizer_path", small_tokenizer, "--arch", "minimind2"
+    )
     assert code == 1 and err == f"error: {tmp_path / 'missing.jsonl'}: cannot read (No such file or directory)\n"

@@ -1,5 +1,6 @@
 """The sft/pretrain flags are TrainConfig's fields: each declared once with its help text, read as the field's type,
 MiniMind's own listed first."""
+
 import argparse
 import dataclasses
 import re
@@ -20,7 +21,7 @@ def listed_flags(capsys, command: str) -> tuple[list[str], str]:
         main([command, "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    options = text[text.index("options:"):]
+    options = text[text.index("options:") :]
     return re.findall(r"^\s+--(\w+)", options, flags=re.MULTILINE), "".join(options.split())
 
 
@@ -32,7 +33,10 @@ def parsed(*argv: str) -> TrainConfig:
 
 def test_only_the_subcommand_and_python_api_settings_are_not_flags():
     assert {field.name for field in dataclasses.fields(TrainConfig)} - {field.name for field in FLAG_FIELDS} == {
-        "mode", "shuffle", "progress"}
+        "mode",
+        "shuffle",
+        "progress",
+    }
 
 
 @pytest.mark.parametrize("command", ["sft", "pretrain"])
@@ -51,15 +55,28 @@ def test_help_lists_minimind_flags_before_ours(capsys):
     minimind = [listed.index(field.name) for field in FLAG_FIELDS if field.metadata["minimind"]]
     ours = [listed.index(field.name) for field in FLAG_FIELDS if not field.metadata["minimind"]]
     assert {"save_dir", "learning_rate", "from_resume", "use_wandb"} <= {
-        field.name for field in FLAG_FIELDS if field.metadata["minimind"]}
+        field.name for field in FLAG_FIELDS if field.metadata["minimind"]
+    }
     assert minimind and ours and max(minimind) < min(ours)
 
 
 def test_flag_values_reach_the_config_as_the_field_types():
     kinds = {field.name: kind for field, kind in train_flags()}
     assert (kinds["packing"], kinds["max_steps"], kinds["dtype"]) == (int, int, str)  # a bool is given as 0/1
-    cfg = parsed("--epochs", "3", "--learning_rate", "2e-5", "--save_dir", "runs", "--max_steps", "7",
-                 "--packing", "1", "--fast_path", "0")
+    cfg = parsed(
+        "--epochs",
+        "3",
+        "--learning_rate",
+        "2e-5",
+        "--save_dir",
+        "runs",
+        "--max_steps",
+        "7",
+        "--packing",
+        "1",
+        "--fast_path",
+        "0",
+    )
     assert (cfg.epochs, cfg.learning_rate, cfg.save_dir, cfg.max_steps) == (3, 2e-5, "runs", 7)
     assert type(cfg.epochs) is int and type(cfg.learning_rate) is float and type(cfg.max_steps) is int
     assert cfg.packing == 1 and cfg.fast_path == 0

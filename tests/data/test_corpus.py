@@ -1,12 +1,13 @@
 """The demo corpus built from chatterbot-corpus and chitchat-dataset."""
+
 import json
 import re
 
 import pytest
 
 from minimind_jax.data import corpus
-from minimind_jax.errors import UserError
 from minimind_jax.data.tokenizer import load_tokenizer, train_sentencepiece
+from minimind_jax.errors import UserError
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
 

@@ -1,5 +1,6 @@
 """Examples and loss masks equal MiniMind's (goldens from its own SFTDataset/PretrainDataset), bad input is
 skipped and counted (or an error in strict mode), and the preprocessing cache is built once and reused."""
+
 import json
 import logging
 import os
@@ -12,8 +13,8 @@ import numpy as np
 import pytest
 
 from minimind_jax.data import examples, records
-from minimind_jax.errors import UserError
 from minimind_jax.data.tokenizer import load_tokenizer, train_sentencepiece
+from minimind_jax.errors import UserError
 from tests.conftest import require_shared
 from tests.support.data import GOOD, golden_records, random_chats, write_jsonl
 
@@ -71,11 +72,19 @@ def golden_internal(record: dict, arch: str) -> dict:
 @pytest.mark.parametrize("era", ERAS)
 def test_cached_examples_equal_goldens_in_internal_form(era, kind, tmp_path):
     arch = ERAS[era]
-    name, max_len = ("sft_masks.jsonl", GOLDEN_SFT_LEN) if kind == "sft" else ("pretrain_masks.jsonl", GOLDEN_PRETRAIN_LEN)
+    name, max_len = (
+        ("sft_masks.jsonl", GOLDEN_SFT_LEN) if kind == "sft" else ("pretrain_masks.jsonl", GOLDEN_PRETRAIN_LEN)
+    )
     records = golden_records(era, name)
     config = examples.ExampleConfig(kind, arch, max_len, system_prompt_ratio=0, drop_empty_think_ratio=0)
-    dataset = examples.load_dataset(require_shared("golden", era, name), require_shared("minimind", era), config,
-                                cache_dir=tmp_path, num_workers=0, progress=False)
+    dataset = examples.load_dataset(
+        require_shared("golden", era, name),
+        require_shared("minimind", era),
+        config,
+        cache_dir=tmp_path,
+        num_workers=0,
+        progress=False,
+    )
     assert len(dataset) == len(records)
     for index, record in enumerate(records):
         expected = golden_internal(record, arch)
@@ -96,7 +105,9 @@ def test_internal_form_of_each_era():
     assert v3["inputs"].tolist() == ids and v3["targets"].tolist() == [5, 6, 2, 0, 0]
     assert v3["loss_mask"].tolist() == [0, 1, 1, 0, 0]
     labels = [-100, -100, 6, 2, -100]
-    assert {k: v.tolist() for k, v in examples.from_minimind3(ids, labels).items()} == {k: v.tolist() for k, v in v3.items()}
+    assert {k: v.tolist() for k, v in examples.from_minimind3(ids, labels).items()} == {
+        k: v.tolist() for k, v in v3.items()
+    }
     padded = examples.example_from_tokens(np.array(ids[:4]), np.array(learned[:4]), "minimind3", max_seq_len=6)
     assert padded["inputs"].tolist() == [1, 5, 6, 2, 0, 0] and padded["loss_mask"].tolist() == [0, 1, 1, 0, 0, 0]
 
@@ -111,15 +122,17 @@ def test_v3_augmentations_follow_minimind():
     plain = examples.chat_prompt(tokenizer, chat, arch="minimind3")
     assert examples.EMPTY_THINK in plain and "<|im_start|>system" not in plain
     rng = np.random.default_rng(0)
-    both = examples.chat_prompt(tokenizer, chat, arch="minimind3", rng=rng, system_prompt_ratio=1.0,
-                            drop_empty_think_ratio=1.0)
+    both = examples.chat_prompt(
+        tokenizer, chat, arch="minimind3", rng=rng, system_prompt_ratio=1.0, drop_empty_think_ratio=1.0
+    )
     system = both.split("<|im_start|>system\n")[1].split("<|im_end|>")[0]
     assert system in examples.SYSTEM_PROMPTS
     assert examples.EMPTY_THINK not in both and both.endswith(plain.replace(examples.EMPTY_THINK, ""))
     # A chat that already has a system turn, or uses tools, keeps its own.
     with_system = [{"role": "system", "content": "be brief"}] + chat
-    assert examples.chat_prompt(tokenizer, with_system, arch="minimind3", rng=rng, system_prompt_ratio=1.0) == \
-        examples.chat_prompt(tokenizer, with_system, arch="minimind3")
+    assert examples.chat_prompt(
+        tokenizer, with_system, arch="minimind3", rng=rng, system_prompt_ratio=1.0
+    ) == examples.chat_prompt(tokenizer, with_system, arch="minimind3")
     tool_chat = [{"role": "user", "content": "weather?", "tools": json.dumps([{"name": "f"}])}] + chat[1:]
     assert examples.augment_conversations(tool_chat, rng, 1.0) == tool_chat
     # The draws are a pure function of (seed, line).
@@ -165,7 +178,9 @@ def bad_sft_file(tmp_path) -> tuple[pathlib.Path, dict[str, int]]:
         lines.append(GOOD)
     lines.append({"conversations": [{"role": "user", "content": "no answer"}]})
     where["no assistant turn"] = len(lines)
-    lines.append({"conversations": [{"role": "user", "content": "cat " * 200}, {"role": "assistant", "content": "mat"}]})
+    lines.append(
+        {"conversations": [{"role": "user", "content": "cat " * 200}, {"role": "assistant", "content": "mat"}]}
+    )
     where["assistant tokens truncated away"] = len(lines)
     lines.append("")  # a blank line is no record at all
     return write_jsonl(tmp_path / "bad.jsonl", lines), where
@@ -175,8 +190,9 @@ def test_bad_lines_are_skipped_counted_and_summed_up_once(tmp_path, small_tokeni
     path, where = bad_sft_file(tmp_path)
     config = examples.ExampleConfig("sft", "minimind2", 32)
     with caplog.at_level(logging.WARNING, logger="minimind_jax.data"):
-        dataset = examples.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "cache", num_workers=0,
-                                    progress=False)
+        dataset = examples.load_dataset(
+            path, small_tokenizer, config, cache_dir=tmp_path / "cache", num_workers=0, progress=False
+        )
     assert len(dataset) == len(BAD_SFT_LINES) + 1
     report = dataset.report
     assert report.skipped == {reason: 1 for reason in BAD_SFT_LINES}
@@ -191,7 +207,9 @@ def test_bad_lines_are_skipped_counted_and_summed_up_once(tmp_path, small_tokeni
     with pytest.raises(UserError, match=f"bad.jsonl:{where['malformed JSON']}: malformed JSON$"):
         examples.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "cache", strict=True, progress=False)
     # Every kept example is a GOOD one, and the line numbers say where each came from.
-    assert set(dataset.line_numbers.tolist()) == {1} | {line + 1 for reason, line in where.items() if reason in BAD_SFT_LINES}
+    assert set(dataset.line_numbers.tolist()) == {1} | {
+        line + 1 for reason, line in where.items() if reason in BAD_SFT_LINES
+    }
 
 
 @pytest.mark.parametrize("reason", list(BAD_SFT_LINES))
@@ -199,8 +217,9 @@ def test_strict_mode_names_the_first_bad_line(tmp_path, small_tokenizer, reason)
     path = write_jsonl(tmp_path / "one_bad.jsonl", [GOOD, GOOD, BAD_SFT_LINES[reason], GOOD])
     config = examples.ExampleConfig("sft", "minimind2", 32)
     with pytest.raises(UserError) as error:
-        examples.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "cache", num_workers=0,
-                          strict=True, progress=False)
+        examples.load_dataset(
+            path, small_tokenizer, config, cache_dir=tmp_path / "cache", num_workers=0, strict=True, progress=False
+        )
     assert str(error.value) == f"{path.resolve()}:3: {reason}"
     assert not list((tmp_path / "cache").iterdir())  # no cache, and no temporary left behind
     with pytest.raises(UserError, match=re.escape(f"one_bad.jsonl:3: {reason}")):
@@ -208,34 +227,49 @@ def test_strict_mode_names_the_first_bad_line(tmp_path, small_tokenizer, reason)
 
 
 def test_bad_tool_calls_are_skipped(tmp_path, small_tokenizer):
-    call = lambda tool_calls: {"conversations": [
-        {"role": "user", "content": "weather?"}, {"role": "assistant", "content": "", "tool_calls": tool_calls}]}
+    call = lambda tool_calls: {
+        "conversations": [
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": "", "tool_calls": tool_calls},
+        ]
+    }
     good_call = call(json.dumps([{"name": "weather", "arguments": {"city": "x"}}]))
     path = write_jsonl(tmp_path / "tools.jsonl", [good_call, call("[not json"), call([1])])
     config = examples.ExampleConfig("sft", "minimind3", 128)
-    dataset = examples.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "cache", num_workers=0,
-                                progress=False)
+    dataset = examples.load_dataset(
+        path, small_tokenizer, config, cache_dir=tmp_path / "cache", num_workers=0, progress=False
+    )
     assert dataset.line_numbers.tolist() == [1]
     assert dataset.report.skipped == {"'tool_calls' is not valid JSON": 1, "chat template failed to render": 1}
     with pytest.raises(UserError, match=r"tools.jsonl:2: 'tool_calls' is not valid JSON$"):
-        examples.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "strict", num_workers=0, strict=True,
-                          progress=False)
+        examples.load_dataset(
+            path, small_tokenizer, config, cache_dir=tmp_path / "strict", num_workers=0, strict=True, progress=False
+        )
     path = write_jsonl(tmp_path / "render.jsonl", [good_call, call([1])])
     with pytest.raises(UserError, match=r"render.jsonl:2: chat template failed to render \(.+\)$"):
-        examples.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "strict", num_workers=0, strict=True,
-                          progress=False)
+        examples.load_dataset(
+            path, small_tokenizer, config, cache_dir=tmp_path / "strict", num_workers=0, strict=True, progress=False
+        )
 
 
 def test_bad_pretrain_records(tmp_path, small_tokenizer):
-    path = write_jsonl(tmp_path / "pretrain.jsonl", [
-        {"text": "the cat"}, {"conversations": []}, {"text": ["not", "text"]}, {"text": ""}, {"text": "a mat"}])
+    path = write_jsonl(
+        tmp_path / "pretrain.jsonl",
+        [{"text": "the cat"}, {"conversations": []}, {"text": ["not", "text"]}, {"text": ""}, {"text": "a mat"}],
+    )
     report = records.SkipReport(str(path))
     read = list(records.read_jsonl(path, kind="pretrain", report=report))
     assert [line for line, _ in read] == [1, 4, 5]
     assert report.skipped == {"no 'text' key": 1, "'text' is not a string": 1}
     for arch in ERAS.values():
-        dataset = examples.load_dataset(path, small_tokenizer, examples.ExampleConfig("pretrain", arch, 16),
-                                    cache_dir=tmp_path / arch, num_workers=0, progress=False)
+        dataset = examples.load_dataset(
+            path,
+            small_tokenizer,
+            examples.ExampleConfig("pretrain", arch, 16),
+            cache_dir=tmp_path / arch,
+            num_workers=0,
+            progress=False,
+        )
         # 2510 learns nothing from an empty text; v3 still learns its EOS after the BOS.
         expected_lines = [1, 5] if arch == "minimind2" else [1, 4, 5]
         assert dataset.line_numbers.tolist() == expected_lines
@@ -256,9 +290,17 @@ def test_messages_records_are_the_same_as_conversations(tmp_path, small_tokenize
     chats = random_chats(40, seed=6)
     as_messages = [{"messages": chat["conversations"]} for chat in chats]
     config = examples.ExampleConfig("sft", arch, 128)
-    datasets = [examples.load_dataset(write_jsonl(tmp_path / f"{name}.jsonl", records), small_tokenizer, config,
-                                  cache_dir=tmp_path / name, num_workers=0, progress=False)
-                for name, records in (("conversations", chats), ("messages", as_messages))]
+    datasets = [
+        examples.load_dataset(
+            write_jsonl(tmp_path / f"{name}.jsonl", records),
+            small_tokenizer,
+            config,
+            cache_dir=tmp_path / name,
+            num_workers=0,
+            progress=False,
+        )
+        for name, records in (("conversations", chats), ("messages", as_messages))
+    ]
     assert len(datasets[1]) == len(datasets[0]) > 30  # a few are too long to learn from
     for name in ("lengths", "line_numbers", "num_learned", "_tokens", "_learned"):
         np.testing.assert_array_equal(getattr(datasets[1], name), getattr(datasets[0], name))
@@ -271,8 +313,14 @@ def test_messages_records_are_the_same_as_conversations(tmp_path, small_tokenize
 def test_no_usable_record_is_an_error(tmp_path, small_tokenizer):
     path = write_jsonl(tmp_path / "empty.jsonl", ["{oops"])
     with pytest.raises(UserError, match="no usable sft records"):
-        examples.load_dataset(path, small_tokenizer, examples.ExampleConfig("sft", "minimind2", 32),
-                          cache_dir=tmp_path / "cache", num_workers=0, progress=False)
+        examples.load_dataset(
+            path,
+            small_tokenizer,
+            examples.ExampleConfig("sft", "minimind2", 32),
+            cache_dir=tmp_path / "cache",
+            num_workers=0,
+            progress=False,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -285,27 +333,40 @@ def test_second_load_reads_the_cache_without_tokenizing(tmp_path, small_tokenize
     calls = []
     encode = examples.RecordEncoder.encode
     monkeypatch.setattr(examples.RecordEncoder, "encode", lambda self, *a: calls.append(1) or encode(self, *a))
-    first = examples.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "cache", num_workers=0, progress=False)
+    first = examples.load_dataset(
+        path, small_tokenizer, config, cache_dir=tmp_path / "cache", num_workers=0, progress=False
+    )
     assert not first.from_cache and len(calls) == 30
-    second = examples.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "cache", num_workers=0, progress=False)
+    second = examples.load_dataset(
+        path, small_tokenizer, config, cache_dir=tmp_path / "cache", num_workers=0, progress=False
+    )
     assert second.from_cache and len(calls) == 30 and second.directory == first.directory
     assert isinstance(second._tokens, np.memmap) and isinstance(second._learned, np.memmap)
     for index in range(len(first)):
         for key, value in first.example(index).items():
             np.testing.assert_array_equal(second.example(index)[key], value)
     # Another length, or a changed file, is another cache.
-    other = examples.load_dataset(path, small_tokenizer, examples.ExampleConfig("sft", "minimind3", 40),
-                              cache_dir=tmp_path / "cache", num_workers=0, progress=False)
+    other = examples.load_dataset(
+        path,
+        small_tokenizer,
+        examples.ExampleConfig("sft", "minimind3", 40),
+        cache_dir=tmp_path / "cache",
+        num_workers=0,
+        progress=False,
+    )
     assert not other.from_cache and other.directory != first.directory
     os.utime(path, ns=(0, 0))
-    touched = examples.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "cache", num_workers=0,
-                                progress=False)
+    touched = examples.load_dataset(
+        path, small_tokenizer, config, cache_dir=tmp_path / "cache", num_workers=0, progress=False
+    )
     assert not touched.from_cache and len(calls) == 30 + 30 + 30
     # So is another tokenizer.
-    other_tokenizer = train_sentencepiece([write_jsonl(tmp_path / "corpus.jsonl", random_chats(50))], tmp_path / "t2",
-                                          vocab_size=280)
-    assert examples.cache_key(path, load_tokenizer(other_tokenizer), config) != \
-        examples.cache_key(path, load_tokenizer(small_tokenizer), config)
+    other_tokenizer = train_sentencepiece(
+        [write_jsonl(tmp_path / "corpus.jsonl", random_chats(50))], tmp_path / "t2", vocab_size=280
+    )
+    assert examples.cache_key(path, load_tokenizer(other_tokenizer), config) != examples.cache_key(
+        path, load_tokenizer(small_tokenizer), config
+    )
 
 
 def test_parallel_build_equals_single_process(tmp_path, small_tokenizer):
@@ -313,10 +374,22 @@ def test_parallel_build_equals_single_process(tmp_path, small_tokenizer):
     lines[5] = "{broken"
     lines[50] = {"conversations": [{"role": "user", "content": "no answer"}]}
     path = write_jsonl(tmp_path / "many.jsonl", lines)
-    config = examples.ExampleConfig("sft", "minimind3", 256, system_prompt_ratio=0.5, drop_empty_think_ratio=0.5, seed=1)
-    inline = examples.load_dataset(path, small_tokenizer, config, cache_dir=tmp_path / "a", num_workers=0, progress=False)
-    examples.build_cache(path.resolve(), load_tokenizer(small_tokenizer), config, tmp_path / "b" / "x", num_workers=2,
-                     strict=False, progress=False, lines_per_chunk=16)
+    config = examples.ExampleConfig(
+        "sft", "minimind3", 256, system_prompt_ratio=0.5, drop_empty_think_ratio=0.5, seed=1
+    )
+    inline = examples.load_dataset(
+        path, small_tokenizer, config, cache_dir=tmp_path / "a", num_workers=0, progress=False
+    )
+    examples.build_cache(
+        path.resolve(),
+        load_tokenizer(small_tokenizer),
+        config,
+        tmp_path / "b" / "x",
+        num_workers=2,
+        strict=False,
+        progress=False,
+        lines_per_chunk=16,
+    )
     parallel = examples.TokenizedDataset(tmp_path / "b" / "x")
     assert len(parallel) == 198
     for name in ("lengths", "line_numbers", "num_learned", "_tokens", "_learned"):
@@ -343,11 +416,11 @@ def scanned_mask(ids, bos, eos, learn_from, learn_to):
     where end is the next eos at or after start, then continue after that eos."""
     learned, i = [0] * len(ids), 0
     while i < len(ids):
-        if ids[i:i + len(bos)] != bos:
+        if ids[i : i + len(bos)] != bos:
             i += 1
             continue
         start = end = i + len(bos)
-        while end < len(ids) and ids[end:end + len(eos)] != eos:
+        while end < len(ids) and ids[end : end + len(eos)] != eos:
             end += 1
         for j in range(start + learn_from, min(end + len(eos) + learn_to, len(ids))):
             learned[j] = 1
@@ -356,8 +429,11 @@ def scanned_mask(ids, bos, eos, learn_from, learn_to):
 
 
 @hypothesis.settings(max_examples=300, deadline=None)
-@hypothesis.given(st.lists(st.integers(0, 3), max_size=40), st.lists(st.integers(0, 3), min_size=1, max_size=3),
-                  st.lists(st.integers(0, 3), min_size=1, max_size=2))
+@hypothesis.given(
+    st.lists(st.integers(0, 3), max_size=40),
+    st.lists(st.integers(0, 3), min_size=1, max_size=3),
+    st.lists(st.integers(0, 3), min_size=1, max_size=2),
+)
 def test_mask_rules_equal_a_position_by_position_scan(ids, bos, eos):
     assert examples.minimind2_sft_mask(ids, bos, eos) == scanned_mask(ids, bos, eos, 1, 1)
     labels = examples.minimind3_sft_labels(ids, bos, eos)

@@ -1,5 +1,6 @@
 """Rows and batches: packing keeps every loss-bearing (input, target) pair of the unpacked run and never
 lets a segment cross another; batches are sharded global arrays; iterator state resumes exactly."""
+
 import json
 
 import hypothesis
@@ -7,10 +8,10 @@ import hypothesis.strategies as st
 import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from minimind_jax.data import examples
-from minimind_jax.data import pipeline
+from minimind_jax.data import examples, pipeline
 from minimind_jax.errors import UserError
 from tests.support.data import random_chats, write_jsonl
 
@@ -24,8 +25,9 @@ def dataset(request, tmp_path_factory, small_tokenizer):
     chats = random_chats(60, seed=7, max_turns=3, max_words=8)
     path = write_jsonl(directory / "chats.jsonl", chats)
     config = examples.ExampleConfig("sft", request.param, MAX_LEN, system_prompt_ratio=0, drop_empty_think_ratio=0)
-    return examples.load_dataset(path, small_tokenizer, config, cache_dir=directory / "cache", num_workers=0,
-                             progress=False)
+    return examples.load_dataset(
+        path, small_tokenizer, config, cache_dir=directory / "cache", num_workers=0, progress=False
+    )
 
 
 def all_batches(iterator) -> list[dict]:
@@ -59,7 +61,7 @@ def loss_pairs(row: dict, start: int, stop: int) -> list[tuple[int, int, int]]:
     pairs = []
     for t in range(start, stop):
         if row["loss_mask"][t]:
-            context = tuple(row["inputs"][start:t + 1].tolist())
+            context = tuple(row["inputs"][start : t + 1].tolist())
             pairs.append((t - start, hash(context), int(row["targets"][t])))
     return pairs
 
@@ -148,8 +150,9 @@ def test_epochs_are_reshuffled_and_reproducible(dataset):
 @pytest.mark.parametrize("packing", [False, True])
 @pytest.mark.parametrize("stop_at", [3, "epoch_end", "second_epoch"])
 def test_resume_gives_exactly_the_remaining_batches(dataset, packing, stop_at):
-    make = lambda: pipeline.make_batches(dataset, batch_size=4, seed=2, epochs=2, packing=packing,
-                                         drop_remainder=False, prefetch=3)
+    make = lambda: pipeline.make_batches(
+        dataset, batch_size=4, seed=2, epochs=2, packing=packing, drop_remainder=False, prefetch=3
+    )
     reference = all_batches(make())
     per_epoch = len(reference) // 2
     taken = {3: 3, "epoch_end": per_epoch, "second_epoch": per_epoch + 2}[stop_at]
@@ -171,7 +174,7 @@ def test_each_process_gets_its_share_of_the_global_batch(dataset, packing, monke
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     shares = []
     for process in range(2):
-        monkeypatch.setattr(jax, "process_index", lambda: process)
+        monkeypatch.setattr(jax, "process_index", lambda process=process: process)
         shares.append(all_batches(pipeline.make_batches(dataset, batch_size=4, seed=4, packing=packing)))
     joined = [{key: np.concatenate([a[key], b[key]]) for key in a} for a, b in zip(*shares)]
     assert shares[0][0]["inputs"].shape == (2, dataset.seq_len)
@@ -211,8 +214,9 @@ def test_sharded_global_batches(dataset, packing):
 def test_benchmark_reports_measured_figures(tmp_path, small_tokenizer):
     path = write_jsonl(tmp_path / "chats.jsonl", random_chats(40, seed=9))
     config = examples.ExampleConfig("sft", "minimind2", MAX_LEN)
-    figures = pipeline.benchmark(str(path), str(small_tokenizer), config, num_workers=0, batch_size=4,
-                                 cache_dir=str(tmp_path))
+    figures = pipeline.benchmark(
+        str(path), str(small_tokenizer), config, num_workers=0, batch_size=4, cache_dir=str(tmp_path)
+    )
     assert figures["records"] == 40 and figures["examples"] <= 40
     assert figures["cold_records_per_s"] > 0 and figures["cached_examples_per_s"] > 0
     assert figures["packed"]["token_fraction"] > figures["unpacked"]["token_fraction"]

@@ -3,6 +3,7 @@
 MiniMind's own tokenizers and the transformers-rendered prompts come from ../shared (skipped without it);
 everything else trains or builds small tokenizers here.
 """
+
 import functools
 import json
 import logging
@@ -15,8 +16,8 @@ from hypothesis import strategies as st
 
 import main
 from minimind_jax.data import tokenizer as tokenizer_lib
-from minimind_jax.errors import UserError
 from minimind_jax.data.tokenizer import SPECIAL_TOKENS, assistant_markers, load_tokenizer, train_sentencepiece
+from minimind_jax.errors import UserError
 from tests.conftest import require_shared
 
 ERAS = ("2510", "v3")
@@ -65,7 +66,7 @@ TOOL_RESPONSES_TEXT = (
 # MiniMind's tokenizers (../shared)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def minimind_tokenizer(era):
     return load_tokenizer(require_shared("minimind", era))
 
@@ -317,9 +318,7 @@ def test_template_environment_matches_transformers(tmp_path):
     rendered = render_tiny(
         tmp_path, template, [{"content": "<a> & 'b' 你"}, {"skip": True}], tools=[{"z": 1, "a": "é"}]
     )
-    assert rendered == (
-        '{"content": "<a> & \'b\' 你"}[\n {\n  "a": "é",\n  "z": 1\n }\n]|<|im_start|><|im_end|>|True'
-    )
+    assert rendered == ('{"content": "<a> & \'b\' 你"}[\n {\n  "a": "é",\n  "z": 1\n }\n]|<|im_start|><|im_end|>|True')
 
 
 def test_template_strftime_now(tmp_path):
@@ -374,7 +373,13 @@ ENGLISH = [
     "The weather is sunny today, with a light wind from the west.",
     "Tell me a joke about programmers and their keyboards.",
 ]
-CHINESE = ["你好，你今天怎么样？", "我很好，谢谢你。", "你最喜欢什么颜色？蓝色。", "计算机是怎么工作的？", "今天天气很好。"]
+CHINESE = [
+    "你好，你今天怎么样？",
+    "我很好，谢谢你。",
+    "你最喜欢什么颜色？蓝色。",
+    "计算机是怎么工作的？",
+    "今天天气很好。",
+]
 
 
 def write_jsonl(path, records, extra_lines=()):

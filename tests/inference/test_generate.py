@@ -1,4 +1,5 @@
 """generate / Decoder / stream: MiniMind parity, cache correctness, batching, eos and sampling rules."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,9 +8,9 @@ import torch
 from flax import nnx
 
 from minimind_jax import weights
-from minimind_jax.model.config import ModelConfig
 from minimind_jax.errors import UserError
 from minimind_jax.inference.generation import Decoder, bucket_length, filter_top_k_top_p, generate, stream
+from minimind_jax.model.config import ModelConfig
 from minimind_jax.model.transformer import MiniMind
 from tests.conftest import require_shared
 
@@ -18,8 +19,14 @@ VOCAB = 256
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    config = ModelConfig(arch="minimind3", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=VOCAB)
+    config = ModelConfig(
+        arch="minimind3",
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+    )
     return MiniMind(config, rngs=nnx.Rngs(7))
 
 
@@ -93,8 +100,9 @@ def greedy_without_cache(full_forward, ids_BT, mask_BT, steps, repetition_penalt
         scores = logits.copy()
         for row in range(len(ids)):
             seen = np.unique(ids[row][mask[row] == 1])
-            scores[row, seen] = np.where(scores[row, seen] > 0, scores[row, seen] / repetition_penalty,
-                                         scores[row, seen] * repetition_penalty)
+            scores[row, seen] = np.where(
+                scores[row, seen] > 0, scores[row, seen] / repetition_penalty, scores[row, seen] * repetition_penalty
+            )
         next_token = scores.argmax(-1)
         tokens.append(next_token)
         ids = np.concatenate([ids, next_token[:, None]], axis=1)
@@ -130,7 +138,7 @@ def test_left_padded_batch_equals_one_by_one(tiny_model, full_forward):
     assert batched.shape == (3, 12 + 20)
     for row, prompt in enumerate(rows):
         alone = generate(tiny_model, prompt[None], 20, repetition_penalty=1.2, eos_token_id=None)
-        np.testing.assert_array_equal(batched[row, 12:], alone[0, len(prompt):])
+        np.testing.assert_array_equal(batched[row, 12:], alone[0, len(prompt) :])
     # MiniMind's layout (pads keep their absolute positions) without the cache gives the same tokens.
     expected, _ = greedy_without_cache(full_forward, ids, mask, 20, repetition_penalty=1.2)
     np.testing.assert_array_equal(batched[:, 12:], expected)
@@ -149,7 +157,7 @@ def test_finished_rows_emit_eos_and_generation_stops_early(tiny_model):
         if stop is None:
             np.testing.assert_array_equal(out[row], free[row, :expected_len])
         else:
-            np.testing.assert_array_equal(out[row, :stop + 1], free[row, :stop + 1])
+            np.testing.assert_array_equal(out[row, : stop + 1], free[row, : stop + 1])
             assert np.all(out[row, stop:] == eos)
 
 
@@ -167,8 +175,17 @@ def test_stream_yields_the_tokens_of_generate(tiny_model):
 
 def test_sampling_is_reproducible_per_seed(tiny_model):
     ids, _ = left_padded(prompts([8], seed=4))
-    draw = lambda seed: generate(tiny_model, np.repeat(ids, 3, 0), 24, do_sample=True, temperature=1.0, top_k=0,
-                                 top_p=1.0, eos_token_id=None, seed=seed)
+    draw = lambda seed: generate(
+        tiny_model,
+        np.repeat(ids, 3, 0),
+        24,
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        eos_token_id=None,
+        seed=seed,
+    )
     first = draw(5)
     np.testing.assert_array_equal(first, draw(5))
     assert not np.array_equal(first, draw(6))
@@ -235,8 +252,10 @@ def test_generation_past_the_rope_table_is_refused(tiny_model):
     short = MiniMind(tiny_model.config.replace(max_position_embeddings=24), rngs=nnx.Rngs(7))
     ids = np.array([[5, 6, 7]])
     assert generate(short, ids, 21, eos_token_id=None).shape == (1, 24)
-    message = ("max_new_tokens 22 runs past the model's 24 positions (max_position_embeddings, where MiniMind's "
-               "RoPE table ends) after a 3-token prompt; at most 21 new tokens fit")
+    message = (
+        "max_new_tokens 22 runs past the model's 24 positions (max_position_embeddings, where MiniMind's "
+        "RoPE table ends) after a 3-token prompt; at most 21 new tokens fit"
+    )
     for run in (generate, lambda *args: list(stream(*args))):
         with pytest.raises(UserError) as error:
             run(short, ids, 22)

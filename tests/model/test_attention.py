@@ -1,5 +1,6 @@
 """Attention implementations (causal blocks, dot_product_attention) and unrolled layers against the exact path,
 logits and gradients, on packed and padded rows; which implementations a config accepts."""
+
 import jax
 import numpy as np
 import pytest
@@ -12,8 +13,9 @@ from minimind_jax.model.transformer import MiniMind
 def attention_loss_and_grads(arch: str, attention_impl: str, **config_fields):
     """Logits and parameter gradients of a 2-layer model on packed rows (segments, a padded tail) that also
     carry a padding mask, so every part of the attention bias is exercised."""
-    config = ModelConfig(arch=arch, hidden_size=64, num_hidden_layers=2, vocab_size=300, attention_impl=attention_impl,
-                         **config_fields)
+    config = ModelConfig(
+        arch=arch, hidden_size=64, num_hidden_layers=2, vocab_size=300, attention_impl=attention_impl, **config_fields
+    )
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 300, (2, 29))
     segments = np.ones((2, 29), np.int32)
@@ -24,8 +26,11 @@ def attention_loss_and_grads(arch: str, attention_impl: str, **config_fields):
     graphdef, params = nnx.split(MiniMind(config, rngs=nnx.Rngs(0)), nnx.Param)
 
     def loss(params):
-        logits = nnx.merge(graphdef, params).forward(ids, padding, segment_ids_BT=segments, positions_BT=positions).logits
-        return (logits ** 2).mean(), logits
+        logits = (
+            nnx.merge(graphdef, params).forward(ids, padding, segment_ids_BT=segments, positions_BT=positions).logits
+        )
+        return (logits**2).mean(), logits
+
     (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     return logits, grads
 
@@ -35,8 +40,15 @@ def exact_attention():
     return {arch: attention_loss_and_grads(arch, "xla") for arch in ("minimind2", "minimind3")}
 
 
-@pytest.mark.parametrize("impl, fields", [("causal_blocks", {}), ("causal_blocks", {"remat": "dots"}),
-                                           ("dot_product_attention", {}), ("xla", {"scan_layers": False})])
+@pytest.mark.parametrize(
+    "impl, fields",
+    [
+        ("causal_blocks", {}),
+        ("causal_blocks", {"remat": "dots"}),
+        ("dot_product_attention", {}),
+        ("xla", {"scan_layers": False}),
+    ],
+)
 @pytest.mark.parametrize("arch", ["minimind2", "minimind3"])
 def test_attention_impls_and_unrolled_layers_match_the_exact_path(impl, fields, arch, exact_attention):
     expected_logits, expected_grads = exact_attention[arch]

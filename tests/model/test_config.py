@@ -1,5 +1,6 @@
 """The step settings a model config derives: the fast path per backend and dtype, MiniMind's literal step, and
 what the trainer takes from its flags."""
+
 import jax
 import pytest
 
@@ -10,8 +11,11 @@ from minimind_jax.training.run import step_settings
 
 
 def test_fast_path_settings_per_backend_and_what_the_trainer_takes():
-    assert fast_path_settings("cpu", "float32", 511) == {"attention_impl": "causal_blocks", "loss_chunk_size": 512,
-                                                         "scan_layers": False}
+    assert fast_path_settings("cpu", "float32", 511) == {
+        "attention_impl": "causal_blocks",
+        "loss_chunk_size": 512,
+        "scan_layers": False,
+    }
     assert fast_path_settings("gpu", "bfloat16", 512)["attention_impl"] == "cudnn"
     # cuDNN with a bias needs an even row length (MiniMind 2510's rows are max_seq_len - 1), and half precision
     assert fast_path_settings("gpu", "bfloat16", 511)["attention_impl"] == "causal_blocks"
@@ -19,10 +23,15 @@ def test_fast_path_settings_per_backend_and_what_the_trainer_takes():
     assert fast_path_settings("tpu", "bfloat16", 512)["attention_impl"] == "causal_blocks"
     assert train_step_settings(False, "gpu", "bfloat16", 512) == LITERAL_STEP
     assert train_step_settings(True, "cpu", "float32", 511, scan_layers=True, loss_chunk_size=0) == {
-        "attention_impl": "causal_blocks", "loss_chunk_size": None, "scan_layers": True}  # given values win
+        "attention_impl": "causal_blocks",
+        "loss_chunk_size": None,
+        "scan_layers": True,
+    }  # given values win
     assert step_settings(TrainConfig(), "float32") == fast_path_settings(jax.devices()[0].platform, "float32", 511)
     assert step_settings(TrainConfig(fast_path=False, attention_impl="causal_blocks"), "float32") == {
-        **LITERAL_STEP, "attention_impl": "causal_blocks"}
+        **LITERAL_STEP,
+        "attention_impl": "causal_blocks",
+    }
     with pytest.raises(UserError, match="--fast_path must be one of 0, 1"):
         TrainConfig(fast_path=2)
     with pytest.raises(UserError, match="--loss_chunk_size must be an integer >= 0"):

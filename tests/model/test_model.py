@@ -5,6 +5,7 @@ The random-weight tests run on any machine: the reference (minimind_jax/bench/to
 MiniMind, whose agreement with the real code is tested against ../shared/golden in
 tests/bench/test_torch_reference.py.
 """
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -70,6 +71,7 @@ def test_greedy_kv_cache_decode_matches_golden(era, variant):
 
 
 # ---- against our torch reference, on random weights ----
+
 
 def to_jax(torch_model, config):
     state = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}

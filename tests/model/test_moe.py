@@ -1,5 +1,6 @@
 """The routed MoE (each expert runs only on the tokens routed to it) against the dense formulation (every expert
 on every token, each token's chosen outputs picked): outputs, aux loss and gradients."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,10 +19,20 @@ def every_expert_swiglu(x_ND, expert_index_NK, gate_EDF, up_EDF, down_EFD, batch
 
 
 def _moe_and_inputs(arch, top_k, batch, seq_len, unused_expert, expert_tile_size=128):
-    config = ModelConfig(arch=arch, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=48, moe_intermediate_size=48, use_moe=True,
-                         num_experts=4, n_routed_experts=4, num_experts_per_tok=top_k,
-                         expert_tile_size=expert_tile_size)
+    config = ModelConfig(
+        arch=arch,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        moe_intermediate_size=48,
+        use_moe=True,
+        num_experts=4,
+        n_routed_experts=4,
+        num_experts_per_tok=top_k,
+        expert_tile_size=expert_tile_size,
+    )
     moe = model_lib.MoE(config, nnx.Rngs(0))
     keys = jax.random.split(jax.random.key(1), 2)
     # Feature 0 is 1 for every token and adds -10 to one expert's router logit only: it gets no token.
@@ -42,8 +53,10 @@ def _outputs_and_grads(moe, x_BTD, cotangent_BTD, train):
     return y_BTD, aux, grads
 
 
-@pytest.mark.parametrize("arch,top_k,train", [("minimind2", 2, True), ("minimind2", 1, False),
-                                              ("minimind3", 1, True), ("minimind3", 2, False)])
+@pytest.mark.parametrize(
+    "arch,top_k,train",
+    [("minimind2", 2, True), ("minimind2", 1, False), ("minimind3", 1, True), ("minimind3", 2, False)],
+)
 def test_routed_moe_matches_every_expert_on_every_token(arch, top_k, train, monkeypatch):
     # Tiles of 16 rows: several tiles per expert, and padded ones.
     moe, x_BTD, cotangent_BTD = _moe_and_inputs(arch, top_k, batch=2, seq_len=24, unused_expert=3, expert_tile_size=16)

@@ -1,12 +1,15 @@
 """Jsonl records for the data tests: random chats, a well-formed chat, files written as they are, goldens."""
+
 import json
 import pathlib
 import random
 
 from tests.conftest import require_shared
 
-WORDS = ("the cat sat on a mat and we talk about small models that learn to chat in many words "
-         "hello how are you today fine thanks what is your name i am a tiny model").split()
+WORDS = (
+    "the cat sat on a mat and we talk about small models that learn to chat in many words "
+    "hello how are you today fine thanks what is your name i am a tiny model"
+).split()
 GOOD = {"conversations": [{"role": "user", "content": "hi cat"}, {"role": "assistant", "content": "the mat"}]}
 
 

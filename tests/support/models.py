@@ -1,4 +1,5 @@
 """Tiny model configs, the torch reference with random weights, and batches in the reference's form."""
+
 import torch
 
 from minimind_jax.bench.torch_reference import MiniMindTorch
@@ -8,7 +9,9 @@ from minimind_jax.model.config import ModelConfig, load_preset
 def tiny(preset: str) -> ModelConfig:
     """The preset's layout (era, heads/kv, MoE) at a width and depth that test in seconds."""
     fields = load_preset(preset).to_dict()
-    fields.update(hidden_size=64, num_hidden_layers=2, head_dim=None, intermediate_size=None, moe_intermediate_size=None)
+    fields.update(
+        hidden_size=64, num_hidden_layers=2, head_dim=None, intermediate_size=None, moe_intermediate_size=None
+    )
     return ModelConfig(**fields)
 
 
@@ -27,5 +30,8 @@ def random_torch_model(config, seed=0) -> MiniMindTorch:
 
 
 def torch_batch(batch):
-    return (torch.from_numpy(batch["inputs"]).long(), torch.from_numpy(batch["targets"]).long(),
-            torch.from_numpy(batch["loss_mask"]))
+    return (
+        torch.from_numpy(batch["inputs"]).long(),
+        torch.from_numpy(batch["targets"]).long(),
+        torch.from_numpy(batch["loss_mask"]),
+    )

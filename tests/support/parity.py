@@ -13,6 +13,7 @@ arithmetic reaches. Ours must be about as close to the truth as the fp32 referen
 - tail: the entries more than one fp16 ulp from the truth (the resolution of MiniMind's saved weights; these
   are Adam's ill-conditioned entries) number at most TAIL_FACTOR × the reference's + TAIL_SLACK.
 """
+
 import numpy as np
 import torch
 
@@ -44,7 +45,7 @@ def distance_from_truth(weights, truth):
     for key, exact in truth.items():
         exact = np.asarray(exact, np.float64)
         error = np.abs(np.asarray(weights[key], np.float64) - exact)
-        unit = max(np.sqrt(np.mean(exact ** 2)), np.finfo(np.float32).tiny) * 2.0 ** -23
+        unit = max(np.sqrt(np.mean(exact**2)), np.finfo(np.float32).tiny) * 2.0**-23
         fp16_ulp = np.spacing(np.abs(exact).astype(np.float16)).astype(np.float64)
         result[key] = (np.quantile(error / unit, BULK_QUANTILES), int((error > fp16_ulp).sum()))
     return result
@@ -67,4 +68,6 @@ def assert_scalar_near_truth(name, ours, reference, truth, rtol=1e-5):
     """A loss or gradient norm: within rtol of the truth, or, after updates that moved Adam's ill-conditioned
     entries differently in each run, within BULK_FACTOR × the fp32 reference's own distance from it."""
     bound = max(rtol * abs(truth), BULK_FACTOR * abs(reference - truth))
-    assert abs(ours - truth) <= bound, f"{name}: {ours} vs float64 {truth} (fp32 reference {reference}, bound {bound:.3g})"
+    assert abs(ours - truth) <= bound, (
+        f"{name}: {ours} vs float64 {truth} (fp32 reference {reference}, bound {bound:.3g})"
+    )

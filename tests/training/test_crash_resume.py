@@ -10,6 +10,7 @@ The model is tiny (hidden 32, 2 layers, seq 64) on a corpus from `minimind_jax.c
 tokenizer trained here, so no ../shared is needed. The persistent XLA compilation cache
 (--compilation_cache_dir) makes every process after the first skip compilation.
 """
+
 import json
 import os
 import pathlib
@@ -37,17 +38,53 @@ TMP_MARK = ".orbax-checkpoint-tmp"
 def setup(tmp_path_factory):
     """Corpus, tokenizer, the training command and its environment."""
     work = tmp_path_factory.mktemp("crash")
-    corpus = build_corpus(work / "corpus", sources=("chatterbot", "chitchat"), languages=("english",),
-                          max_conversations=60, heldout_fraction=0.0)
+    corpus = build_corpus(
+        work / "corpus",
+        sources=("chatterbot", "chitchat"),
+        languages=("english",),
+        max_conversations=60,
+        heldout_fraction=0.0,
+    )
     tokenizer = train_sentencepiece([corpus["pretrain"]], work / "tokenizer" / "sp", vocab_size=600)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONUNBUFFERED="1")
-    flags = ["--tokenizer_path", str(tokenizer), "--data_path", str(corpus["sft"]), "--from_weight", "none",
-             "--hidden_size", "32", "--num_hidden_layers", "2", "--max_seq_len", "64", "--batch_size", "4",
-             "--epochs", "2", "--learning_rate", "1e-3", "--log_interval", "1", "--save_interval", "1",
-             "--cache_dir", str(work / "data_cache"), "--compilation_cache_dir", str(work / "xla_cache"),
-             "--mesh", "data=2", "--no_progress"]
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        PYTHONUNBUFFERED="1",
+    )
+    flags = [
+        "--tokenizer_path",
+        str(tokenizer),
+        "--data_path",
+        str(corpus["sft"]),
+        "--from_weight",
+        "none",
+        "--hidden_size",
+        "32",
+        "--num_hidden_layers",
+        "2",
+        "--max_seq_len",
+        "64",
+        "--batch_size",
+        "4",
+        "--epochs",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--log_interval",
+        "1",
+        "--save_interval",
+        "1",
+        "--cache_dir",
+        str(work / "data_cache"),
+        "--compilation_cache_dir",
+        str(work / "xla_cache"),
+        "--mesh",
+        "data=2",
+        "--no_progress",
+    ]
     return {"work": work, "env": env, "flags": flags}
 
 
@@ -59,11 +96,21 @@ class Run:
         self.checkpoints = directory / "checkpoints" / RUN_NAME
         self.metrics = directory / "out" / "logs" / RUN_NAME / "metrics.jsonl"
         directory.mkdir(exist_ok=True)
-        command = [sys.executable, str(REPO_ROOT / "main.py"), "sft", *setup["flags"], "--save_dir",
-                   str(directory / "out"), "--checkpoint_dir", str(directory / "checkpoints"),
-                   "--from_resume", str(int(resume))]
-        self.process = subprocess.Popen(command, cwd=directory, env=setup["env"], stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True)
+        command = [
+            sys.executable,
+            str(REPO_ROOT / "main.py"),
+            "sft",
+            *setup["flags"],
+            "--save_dir",
+            str(directory / "out"),
+            "--checkpoint_dir",
+            str(directory / "checkpoints"),
+            "--from_resume",
+            str(int(resume)),
+        ]
+        self.process = subprocess.Popen(
+            command, cwd=directory, env=setup["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         self.started = time.monotonic()
         self.started_ns = time.time_ns()
         self.lines: list[str] = []
@@ -151,8 +198,11 @@ def kill_at_random_moment(run: Run, mode: str, rng: random.Random) -> dict:
         # The first checkpoint this link starts writing after it has logged an update of its own.
         run.wait_until(lambda: records_written(run) > start_records, "first update")
         target = max(r["update"] for r in read_metrics(run.metrics)) + rng.randint(0, 1)
-        run.wait_until(lambda: any(step >= target for step in steps_being_written(run.checkpoints, run.started_ns)),
-                       "checkpoint write", interval_s=0.001)
+        run.wait_until(
+            lambda: any(step >= target for step in steps_being_written(run.checkpoints, run.started_ns)),
+            "checkpoint write",
+            interval_s=0.001,
+        )
     elif mode == "after_updates":
         count = rng.randint(1, 4)
         run.wait_until(lambda: records_written(run) >= start_records + count, f"{count} updates")
@@ -162,8 +212,12 @@ def kill_at_random_moment(run: Run, mode: str, rng: random.Random) -> dict:
     writing = steps_being_written(run.checkpoints, run.started_ns)
     run.process.send_signal(signal.SIGKILL)
     code = run.finish()
-    return {"mode": mode, "code": code, "writing": writing,
-            "caught_mid_write": bool(set(writing) & set(steps_being_written(run.checkpoints)))}
+    return {
+        "mode": mode,
+        "code": code,
+        "writing": writing,
+        "caught_mid_write": bool(set(writing) & set(steps_being_written(run.checkpoints))),
+    }
 
 
 @pytest.mark.slow
@@ -181,7 +235,9 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(setup):
             assert run.finish() == 0, run.output()
         elif mode == "sigterm":
             start_records = records_written(run)
-            assert run.wait_until(lambda: records_written(run) >= start_records + 2, "2 updates"), run.output()
+            assert run.wait_until(
+                lambda run=run, start=start_records: records_written(run) >= start + 2, "2 updates"
+            ), run.output()
             run.process.send_signal(signal.SIGTERM)
             assert run.finish() == 0, run.output()
             saved = [line for line in run.lines if line.startswith("SIGTERM: saved update")]
@@ -198,8 +254,10 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(setup):
         assert_pth_loads(chain / "out" / f"{RUN_NAME}.pth")
         steps = complete_steps(run.checkpoints)
         expected_start = steps[-1] if steps else 0
-        print(f"link {link} {mode}: started at {run.started_from()}, ran {time.monotonic() - run.started:.1f} s, "
-              f"newest complete step {expected_start}")
+        print(
+            f"link {link} {mode}: started at {run.started_from()}, ran {time.monotonic() - run.started:.1f} s, "
+            f"newest complete step {expected_start}"
+        )
 
     assert not steps_being_written(chain / "checkpoints" / RUN_NAME)  # half-written steps were cleaned up
     assert any((setup["work"] / "xla_cache").iterdir())  # --compilation_cache_dir reached JAX
@@ -226,6 +284,8 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(setup):
 
     assert len(trials) == 10
     mid_write = sum(t["caught_mid_write"] for t in trials)
-    print(f"{len(trials)} SIGKILL trials ({', '.join(t['mode'] for t in trials)}); {mid_write} killed an "
-          f"unfinished checkpoint write")
+    print(
+        f"{len(trials)} SIGKILL trials ({', '.join(t['mode'] for t in trials)}); {mid_write} killed an "
+        f"unfinished checkpoint write"
+    )
     assert mid_write >= 2, trials

@@ -1,4 +1,5 @@
 """The run loop on its own: a stand-in step, so only the loop's own rules are under test."""
+
 import jax
 import numpy as np
 import pytest
@@ -23,8 +24,9 @@ def add_step(params, opt_state, micro_batches, key, frozen_params):
 
 
 def new_state(update=0):
-    return RunState(update=update, params=0, opt_state=0, rng=jax.random.key_data(jax.random.key(0)),
-                    batches=CountingBatches())
+    return RunState(
+        update=update, params=0, opt_state=0, rng=jax.random.key_data(jax.random.key(0)), batches=CountingBatches()
+    )
 
 
 def test_each_update_takes_its_micro_batches_and_its_own_step_key():
@@ -51,8 +53,19 @@ def test_hooks_run_in_order_when_due():
     trainer.add_hook(lambda state: calls.append(("third", state.update)), every=3)
     trainer.add_hook(lambda state: calls.append(("odd", state.update)), every=lambda update: update % 2 == 1)
     trainer.train(new_state())
-    assert calls == [("every", 1), ("odd", 1), ("every", 2), ("every", 3), ("third", 3), ("odd", 3), ("every", 4),
-                     ("every", 5), ("odd", 5), ("every", 6), ("third", 6)]
+    assert calls == [
+        ("every", 1),
+        ("odd", 1),
+        ("every", 2),
+        ("every", 3),
+        ("third", 3),
+        ("odd", 3),
+        ("every", 4),
+        ("every", 5),
+        ("odd", 5),
+        ("every", 6),
+        ("third", 6),
+    ]
 
 
 def test_a_hook_stops_the_run_after_the_update():

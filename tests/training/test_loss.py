@@ -1,20 +1,24 @@
 """Loss-position cross-entropy in chunks (the fast path) against the full logits: sums, weights and gradients,
 inside shard_map too."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from minimind_jax.training.loss import chunked_masked_ce_sums, masked_ce_sums
 
 
 def ce_problem(batch=3, seq=37, dim=16, vocab=50, loss_fraction=0.3, seed=0):
     rng = np.random.default_rng(seed)
-    return (jnp.asarray(rng.standard_normal((batch, seq, dim)), jnp.float32),
-            jnp.asarray(rng.standard_normal((vocab, dim)), jnp.float32),
-            jnp.asarray(rng.integers(0, vocab, (batch, seq)), jnp.int32),
-            jnp.asarray(rng.random((batch, seq)) < loss_fraction, jnp.float32))
+    return (
+        jnp.asarray(rng.standard_normal((batch, seq, dim)), jnp.float32),
+        jnp.asarray(rng.standard_normal((vocab, dim)), jnp.float32),
+        jnp.asarray(rng.integers(0, vocab, (batch, seq)), jnp.int32),
+        jnp.asarray(rng.random((batch, seq)) < loss_fraction, jnp.float32),
+    )
 
 
 def full_ce_sums(hidden, embed, targets, mask):
@@ -38,8 +42,12 @@ def test_chunked_ce_matches_full_logits(loss_fraction, chunk_size):
 def test_chunked_ce_uses_mask_weights_and_bf16_hidden():
     hidden, embed, targets, mask = ce_problem()
     weights = mask * jnp.linspace(0.5, 2.0, mask.size).reshape(mask.shape)
-    expected = full_ce_sums(hidden.astype(jnp.bfloat16).astype(jnp.float32), embed.astype(jnp.bfloat16).astype(
-        jnp.float32), targets, weights)
+    expected = full_ce_sums(
+        hidden.astype(jnp.bfloat16).astype(jnp.float32),
+        embed.astype(jnp.bfloat16).astype(jnp.float32),
+        targets,
+        weights,
+    )
     got = chunked_masked_ce_sums(hidden.astype(jnp.bfloat16), embed, targets, weights, 16)
     np.testing.assert_allclose(got[0], expected[0], rtol=2e-3)
     np.testing.assert_allclose(got[1], weights.sum(), rtol=1e-6)
@@ -53,8 +61,12 @@ def test_chunked_ce_inside_shard_map_matches_full_logits():
     def loss_and_grads(ce_sums):
         def local(h, e, t, m):
             return jax.value_and_grad(lambda h, e: jax.lax.psum(ce_sums(h, e, t, m), "data"), argnums=(0, 1))(h, e)
-        return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P(), P("data"), P("data")),
-                                     out_specs=(P(), (P("data"), P()))))
+
+        return jax.jit(
+            jax.shard_map(
+                local, mesh=mesh, in_specs=(P("data"), P(), P("data"), P("data")), out_specs=(P(), (P("data"), P()))
+            )
+        )
 
     put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
     args = (put(hidden, P("data")), put(embed, P()), put(targets, P("data")), put(mask, P("data")))

@@ -1,4 +1,5 @@
 """The objective interface of the one sharded step: which parameters train, frozen models, batch fields."""
+
 import dataclasses
 
 import jax
@@ -37,8 +38,11 @@ class WithTeacherLoss(NextTokenLoss):
 
     def loss_sums(self, model, batch, frozen, *, rng, batch_axes):
         sums = super().loss_sums(model, batch, frozen, rng=rng, batch_axes=batch_axes)
-        logits = frozen["teacher"].forward(batch["inputs"], segment_ids_BT=batch["segment_ids"],
-                                           positions_BT=batch["positions"]).logits
+        logits = (
+            frozen["teacher"]
+            .forward(batch["inputs"], segment_ids_BT=batch["segment_ids"], positions_BT=batch["positions"])
+            .logits
+        )
         teacher_ce, _ = masked_ce_sums(logits, batch["targets"], batch["loss_mask"])
         return LossSums(sums.loss, sums.aux_loss, {"teacher_loss": teacher_ce})
 
@@ -48,10 +52,15 @@ def random_batches(vocab_size, count, batch=8, length=16, seed=0):
     batches = []
     for _ in range(count):
         ids = rng.integers(3, vocab_size, (batch, length + 1))
-        batches.append({"inputs": ids[:, :-1].astype(np.int32), "targets": ids[:, 1:].astype(np.int32),
-                        "loss_mask": (rng.random((batch, length)) < 0.6).astype(np.float32),
-                        "segment_ids": np.ones((batch, length), np.int32),
-                        "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy()})
+        batches.append(
+            {
+                "inputs": ids[:, :-1].astype(np.int32),
+                "targets": ids[:, 1:].astype(np.int32),
+                "loss_mask": (rng.random((batch, length)) < 0.6).astype(np.float32),
+                "segment_ids": np.ones((batch, length), np.int32),
+                "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy(),
+            }
+        )
     return batches
 
 
@@ -61,14 +70,21 @@ def train(model, objective, batches, lr, mesh_spec=None, devices=None, frozen=No
     optimizer = make_optimizer(schedule or lr, grad_clip=1.0)
     graphdef, params, opt_state, param_shardings, opt_shardings = init_train_state(model, optimizer, mesh, objective)
     frozen = frozen or {}
-    step = make_train_step(graphdef, optimizer, mesh, objective=objective,
-                           frozen_graphdefs={name: nnx.graphdef(m) for name, m in frozen.items()},
-                           param_shardings=param_shardings, opt_shardings=opt_shardings)
+    step = make_train_step(
+        graphdef,
+        optimizer,
+        mesh,
+        objective=objective,
+        frozen_graphdefs={name: nnx.graphdef(m) for name, m in frozen.items()},
+        param_shardings=param_shardings,
+        opt_shardings=opt_shardings,
+    )
     frozen_params = {name: params_of(m) for name, m in frozen.items()}
     history = []
     for batch in batches:
-        params, opt_state, metrics = step(params, opt_state, [jax.device_put(batch, batch_sharding(mesh))], RNG,
-                                          frozen_params)
+        params, opt_state, metrics = step(
+            params, opt_state, [jax.device_put(batch, batch_sharding(mesh))], RNG, frozen_params
+        )
         history.append(jax.device_get(metrics))
     return jax.device_get(params), opt_state, history
 
@@ -88,8 +104,15 @@ def test_only_the_trainable_parameters_move_as_torch_moves_them_with_the_rest_fr
     for torch_model in (reference, truth):
         for name, parameter in torch_model.named_parameters():
             parameter.requires_grad_("self_attn" in name)
-        reference_train_loop(torch_model, [torch_batch(b) for b in batches], arch="minimind2", lr=1e-3,
-                             total_steps=2, accumulation_steps=1, grad_clip=1.0)
+        reference_train_loop(
+            torch_model,
+            [torch_batch(b) for b in batches],
+            arch="minimind2",
+            lr=1e-3,
+            total_steps=2,
+            accumulation_steps=1,
+            grad_clip=1.0,
+        )
     ours = state_dict_from_params(params, config)
     for name, value in ours.items():
         if "self_attn" not in name:
@@ -105,8 +128,10 @@ def test_a_frozen_model_is_read_on_every_device_and_never_trained():
     """A teacher of another size, on a mesh of 4: its loss on the batch is the one it has alone, its
     parameters stay as they were, and the policy trains as it would without it."""
     policy_config = tiny_config("minimind2", False)
-    teacher = MiniMind(ModelConfig(arch="minimind2", hidden_size=32, num_hidden_layers=1,
-                                   vocab_size=policy_config.vocab_size), rngs=nnx.Rngs(5))
+    teacher = MiniMind(
+        ModelConfig(arch="minimind2", hidden_size=32, num_hidden_layers=1, vocab_size=policy_config.vocab_size),
+        rngs=nnx.Rngs(5),
+    )
     teacher_before = jax.device_get(params_of(teacher))
     policy_params = jax.device_get(params_of(MiniMind(policy_config, rngs=nnx.Rngs(1))))  # host copies: steps donate
     batches = random_batches(policy_config.vocab_size, 2, seed=4)
@@ -114,10 +139,18 @@ def test_a_frozen_model_is_read_on_every_device_and_never_trained():
     if len(devices) < 4:
         pytest.skip("needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
 
-    with_teacher, _, history = train(model_from_params(policy_config, policy_params), WithTeacherLoss(), batches,
-                                     1e-3, "data=4", devices, frozen={"teacher": teacher})
-    alone, _, plain_history = train(model_from_params(policy_config, policy_params), NextTokenLoss(), batches, 1e-3,
-                                    "data=4", devices)
+    with_teacher, _, history = train(
+        model_from_params(policy_config, policy_params),
+        WithTeacherLoss(),
+        batches,
+        1e-3,
+        "data=4",
+        devices,
+        frozen={"teacher": teacher},
+    )
+    alone, _, plain_history = train(
+        model_from_params(policy_config, policy_params), NextTokenLoss(), batches, 1e-3, "data=4", devices
+    )
     for batch, metrics in zip(batches, history):
         logits = teacher.forward(batch["inputs"]).logits
         ce_sum, count = masked_ce_sums(logits, batch["targets"], batch["loss_mask"])
@@ -149,7 +182,14 @@ def test_torch_reference_frozen_parameters_get_no_update():
     before = {k: v.clone() for k, v in reference.state_dict().items()}
     for name, parameter in reference.named_parameters():
         parameter.requires_grad_("self_attn" in name)
-    reference_train_loop(reference, [torch_batch(random_batches(config.vocab_size, 1)[0])], arch="minimind2",
-                         lr=1e-3, total_steps=1, accumulation_steps=1, grad_clip=1.0)
+    reference_train_loop(
+        reference,
+        [torch_batch(random_batches(config.vocab_size, 1)[0])],
+        arch="minimind2",
+        lr=1e-3,
+        total_steps=1,
+        accumulation_steps=1,
+        grad_clip=1.0,
+    )
     for name, value in reference.state_dict().items():
         assert torch.equal(value, before[name]) != ("self_attn" in name), name

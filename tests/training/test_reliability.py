@@ -5,6 +5,7 @@ leaves the previous checkpoint intact, and a checkpoint never exists without its
 These call `training.run.train` in this process (tiny model, 8 simulated devices); the process-level crash tests
 are in test_crash_resume.py.
 """
+
 import contextlib
 import json
 import os
@@ -19,13 +20,13 @@ import pytest
 
 import minimind_jax
 import minimind_jax.weights
-from minimind_jax.weights.orbax import TrainCheckpoints
-from minimind_jax.model.config import ModelConfig
 from minimind_jax.errors import UserError
+from minimind_jax.model.config import ModelConfig
 from minimind_jax.model.transformer import MiniMind
-from minimind_jax.training.config import TrainConfig
 from minimind_jax.training import run
+from minimind_jax.training.config import TrainConfig
 from minimind_jax.training.run import train
+from minimind_jax.weights.orbax import TrainCheckpoints
 from tests.support.data import random_chats, write_jsonl
 
 RUN_NAME = "full_sft_32"
@@ -38,11 +39,25 @@ def chats(tmp_path_factory) -> pathlib.Path:
 
 def train_config(tmp_path, data_path, tokenizer_path, **overrides) -> TrainConfig:
     """Tiny SFT run: hidden 32, 2 layers, rows of 47 tokens, a global batch of 8 over the 8 devices."""
-    fields = dict(tokenizer_path=str(tokenizer_path), data_path=str(data_path), from_weight="none", hidden_size=32,
-                  num_hidden_layers=2, max_seq_len=48, batch_size=8, epochs=1, learning_rate=1e-3, log_interval=1,
-                  save_interval=1, keep_checkpoints=20, num_workers=0, progress=False,
-                  cache_dir=str(tmp_path.parent / "data_cache"), save_dir=str(tmp_path / "out"),
-                  checkpoint_dir=str(tmp_path / "checkpoints"))
+    fields = dict(
+        tokenizer_path=str(tokenizer_path),
+        data_path=str(data_path),
+        from_weight="none",
+        hidden_size=32,
+        num_hidden_layers=2,
+        max_seq_len=48,
+        batch_size=8,
+        epochs=1,
+        learning_rate=1e-3,
+        log_interval=1,
+        save_interval=1,
+        keep_checkpoints=20,
+        num_workers=0,
+        progress=False,
+        cache_dir=str(tmp_path.parent / "data_cache"),
+        save_dir=str(tmp_path / "out"),
+        checkpoint_dir=str(tmp_path / "checkpoints"),
+    )
     return TrainConfig(**{**fields, **overrides})
 
 
@@ -95,8 +110,9 @@ def poison_steps(monkeypatch, poisoned: set[int]) -> None:
     monkeypatch.setattr(run, "make_batches", lambda *args, **kwargs: PoisonedBatches(real(*args, **kwargs), poisoned))
 
 
-def test_non_finite_updates_are_skipped_counted_logged_and_stop_the_run(tmp_path, chats, small_tokenizer,
-                                                                       monkeypatch, capsys):
+def test_non_finite_updates_are_skipped_counted_logged_and_stop_the_run(
+    tmp_path, chats, small_tokenizer, monkeypatch, capsys
+):
     # Data step 2 (update 3) alone, then data steps 4, 5, 6 (updates 5-7) in a row.
     poison_steps(monkeypatch, {2, 4, 5, 6})
     cfg = train_config(tmp_path, chats, small_tokenizer, max_consecutive_skips=3)
@@ -130,8 +146,9 @@ def test_non_finite_updates_are_skipped_counted_logged_and_stop_the_run(tmp_path
     # The run directory loads as a model (newest step), and the exported .pth is that same state.
     from_run = minimind_jax.load(pathlib.Path(cfg.checkpoint_dir) / RUN_NAME)
     from_pth = minimind_jax.load(pathlib.Path(cfg.save_dir) / f"{RUN_NAME}.pth")
-    np.testing.assert_array_equal(np.asarray(from_run.embed_tokens[...], np.float16),
-                                  np.asarray(from_pth.embed_tokens[...]))
+    np.testing.assert_array_equal(
+        np.asarray(from_run.embed_tokens[...], np.float16), np.asarray(from_pth.embed_tokens[...])
+    )
 
 
 def test_non_finite_weights_stop_after_max_consecutive_skips(tmp_path, chats, small_tokenizer):
@@ -187,8 +204,10 @@ def test_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(t
             train(cfg)
         message = str(error.value)
         assert "\n" not in message
-        assert message == (f"{disk / RUN_NAME}: writing a checkpoint failed (no space left on device); "
-                           f"step 2 is the newest complete checkpoint")
+        assert message == (
+            f"{disk / RUN_NAME}: writing a checkpoint failed (no space left on device); "
+            f"step 2 is the newest complete checkpoint"
+        )
         run = TrainCheckpoints(disk / RUN_NAME, create=False)
         assert run.latest_step() == 2
         assert run.restore_meta(2)["update"] == 2

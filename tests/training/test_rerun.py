@@ -1,5 +1,6 @@
 """Running a training command again never loses the earlier run, `--max_steps` counts every update of a run,
 and `--use_wandb` logs MiniMind's curves (W&B offline here: no network)."""
+
 import argparse
 import dataclasses
 import json
@@ -10,12 +11,12 @@ import sys
 
 import pytest
 
-from minimind_jax.training import run
-from minimind_jax.weights.orbax import TrainCheckpoints, complete_steps
-from minimind_jax.errors import UserError
 from minimind_jax.cli.train import add_arguments, config_from_args
+from minimind_jax.errors import UserError
+from minimind_jax.training import run
 from minimind_jax.training.config import TrainConfig
 from minimind_jax.training.run import train
+from minimind_jax.weights.orbax import TrainCheckpoints, complete_steps
 from tests.support.runs import metrics_of, run_config
 
 RUN_NAME = "full_sft_64"
@@ -27,6 +28,7 @@ def files_of(directory: pathlib.Path) -> dict[str, bytes]:
 
 def refuse_compute(monkeypatch) -> None:
     """Fails the test if the run goes on to build the model or read the data."""
+
     def compute(*args, **kwargs):
         raise AssertionError("the run went on to compute")
 
@@ -50,8 +52,9 @@ def die_after_checkpoint(monkeypatch, step: int) -> None:
 @pytest.mark.slow
 def test_running_a_command_again_never_loses_the_earlier_run(tmp_path, chat_data, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    command = run_config(tmp_path, chat_data, from_weight="none", checkpoint_dir=None, save_interval=1, max_steps=3,
-                         from_resume=1)
+    command = run_config(
+        tmp_path, chat_data, from_weight="none", checkpoint_dir=None, save_interval=1, max_steps=3, from_resume=1
+    )
     checkpoints = tmp_path / "out" / "checkpoints" / RUN_NAME  # the default: under --save_dir
     logs = tmp_path / "out" / "logs" / RUN_NAME
 
@@ -71,9 +74,11 @@ def test_running_a_command_again_never_loses_the_earlier_run(tmp_path, chat_data
         refuse_compute(patch)
         with pytest.raises(UserError) as refused:
             train(dataclasses.replace(command, from_resume=0))
-    assert str(refused.value) == (f"{checkpoints} holds an earlier run's checkpoints (newest step 1): continue it "
-                                  f"with --from_resume 1, or start over with --overwrite 1 (moves it and its logs "
-                                  f"to a dated folder)")
+    assert str(refused.value) == (
+        f"{checkpoints} holds an earlier run's checkpoints (newest step 1): continue it "
+        f"with --from_resume 1, or start over with --overwrite 1 (moves it and its logs "
+        f"to a dated folder)"
+    )
     assert files_of(tmp_path / "out") == before
 
     # Resumed, it ends where the uninterrupted run would: --max_steps counts the run's updates, not this
@@ -95,8 +100,10 @@ def test_running_a_command_again_never_loses_the_earlier_run(tmp_path, chat_data
     assert re.fullmatch(rf"{RUN_NAME}\.\d{{8}}-\d{{6}}", moved_checkpoints.name)
     assert moved_logs.name == moved_checkpoints.name
     assert files_of(moved_checkpoints) == earlier_checkpoints and files_of(moved_logs) == earlier_logs
-    assert (f"kept the earlier run: moved {checkpoints} to {moved_checkpoints} and {logs} to {moved_logs}\n"
-            in capsys.readouterr().out)
+    assert (
+        f"kept the earlier run: moved {checkpoints} to {moved_checkpoints} and {logs} to {moved_logs}\n"
+        in capsys.readouterr().out
+    )
     assert complete_steps(checkpoints) == [1] and [r["update"] for r in metrics_of(over)] == [1]
 
     # Another --save_dir is another run: its own checkpoints, nothing refused.
@@ -107,8 +114,11 @@ def test_running_a_command_again_never_loses_the_earlier_run(tmp_path, chat_data
 
 
 def test_resume_and_overwrite_together_is_one_line_error():
-    with pytest.raises(UserError, match=r"^--from_resume 1 continues the earlier run and --overwrite 1 starts over; "
-                                        r"give one$"):
+    with pytest.raises(
+        UserError,
+        match=r"^--from_resume 1 continues the earlier run and --overwrite 1 starts over; "
+        r"give one$",
+    ):
         TrainConfig(from_resume=1, overwrite=1)
 
 
@@ -151,10 +161,10 @@ def wandb_records(path: pathlib.Path):
         if block - position % block < 7:  # too little room left in the block for a header: padding
             position += block - position % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
         if kind == 0:  # zero-filled: the end
             break
-        fragments += data[position + 7:position + 7 + length]
+        fragments += data[position + 7 : position + 7 + length]
         position += 7 + length
         if kind in (1, 4):  # a full record, or the last fragment of one
             record = wandb_internal_pb2.Record()
@@ -171,8 +181,9 @@ def offline_run(path: pathlib.Path) -> dict:
         if kind == "run":
             run = record.run
         elif kind == "history":
-            history[record.history.step.num] = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                                                for item in record.history.item}
+            history[record.history.step.num] = {
+                item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item
+            }
     return {"id": run.run_id, "name": run.display_name, "project": run.project, "history": history}
 
 

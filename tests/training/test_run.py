@@ -1,15 +1,21 @@
 """The whole training run: MiniMind's per-step losses and LRs, its weight file, and exact resume."""
+
+import json
+
 import jax
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
+import minimind_jax
+from minimind_jax.bench.torch_reference import reference_train_loop
 from minimind_jax.data.examples import ExampleConfig, load_dataset
 from minimind_jax.data.pipeline import make_batches
-from minimind_jax.bench.torch_reference import reference_train_loop
-from minimind_jax.training.metrics import LossPanel, plot_loss_curves
 from minimind_jax.training.config import TrainConfig
-from minimind_jax.training.run import resolve_weight, train
+from minimind_jax.training.evaluation import evaluate, make_loss_sums
+from minimind_jax.training.metrics import LossPanel, plot_loss_curves
+from minimind_jax.training.run import load_run_data, resolve_weight, train
 from tests.support.models import random_torch_model, tiny_config, torch_batch
 from tests.support.parity import assert_near_truth, assert_scalar_near_truth, float64_twin
 from tests.support.runs import metrics_of, run_config
@@ -29,7 +35,9 @@ def pretrained(tmp_path, chat_data):
 
 
 def test_weight_files_are_named_as_minimind_names_them(tmp_path):
-    cfg = TrainConfig(save_dir=str(tmp_path), from_weight="pretrain", save_weight="full_sft", hidden_size=768, use_moe=1)
+    cfg = TrainConfig(
+        save_dir=str(tmp_path), from_weight="pretrain", save_weight="full_sft", hidden_size=768, use_moe=1
+    )
     (tmp_path / "pretrain_768_moe.pth").write_bytes(b"")
     assert resolve_weight(cfg) == tmp_path / "pretrain_768_moe.pth" and cfg.run_name == "full_sft_768_moe"
 
@@ -37,8 +45,11 @@ def test_weight_files_are_named_as_minimind_names_them(tmp_path):
 def test_loss_curves_are_drawn_only_when_there_is_a_loss(tmp_path):
     history = [{"update": update, "loss": 5.0 / update} for update in (1, 2, 3)]
     plot_loss_curves(tmp_path / "one.png", [LossPanel("sft", history)])
-    plot_loss_curves(tmp_path / "two.png", [LossPanel("pretrain", history, heldout=("held-out", [0, 3], [6.0, 2.0])),
-                                            LossPanel("sft", history)], title="both")
+    plot_loss_curves(
+        tmp_path / "two.png",
+        [LossPanel("pretrain", history, heldout=("held-out", [0, 3], [6.0, 2.0])), LossPanel("sft", history)],
+        title="both",
+    )
     plot_loss_curves(tmp_path / "none.png", [LossPanel("sft", [])])
     assert sorted(path.name for path in tmp_path.iterdir()) == ["one.png", "two.png"]
     assert all((tmp_path / name).read_bytes().startswith(b"\x89PNG") for name in ("one.png", "two.png"))
@@ -50,8 +61,14 @@ def test_same_run_as_minimind(tmp_path, chat_data, pretrained):
     summary = train(cfg)
     ours = metrics_of(cfg)
 
-    dataset = load_dataset(cfg.data_path, cfg.tokenizer_path, ExampleConfig("sft", "minimind2", cfg.max_seq_len),
-                           cache_dir=cfg.cache_dir, num_workers=0, progress=False)
+    dataset = load_dataset(
+        cfg.data_path,
+        cfg.tokenizer_path,
+        ExampleConfig("sft", "minimind2", cfg.max_seq_len),
+        cache_dir=cfg.cache_dir,
+        num_workers=0,
+        progress=False,
+    )
     order = make_batches(dataset, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=False, drop_remainder=False)
     batches = [torch_batch(next(order)) for _ in range(6)]
     reference = random_torch_model(RUN_MODEL)
@@ -79,11 +96,13 @@ def test_interrupted_run_resumes_exactly(tmp_path, chat_data):
     expected = [r["loss"] for r in metrics_of(whole)]
     assert len(expected) >= 8
 
-    part = run_config(tmp_path / "part", chat_data, from_weight="none", epochs=2, save_interval=3, packing=True,
-                      max_steps=5)
+    part = run_config(
+        tmp_path / "part", chat_data, from_weight="none", epochs=2, save_interval=3, packing=True, max_steps=5
+    )
     train(part)
-    resumed = run_config(tmp_path / "part", chat_data, from_weight="none", epochs=2, save_interval=3, packing=True,
-                         from_resume=1)
+    resumed = run_config(
+        tmp_path / "part", chat_data, from_weight="none", epochs=2, save_interval=3, packing=True, from_resume=1
+    )
     train(resumed)
     assert [r["loss"] for r in metrics_of(resumed)] == expected
 
@@ -91,12 +110,36 @@ def test_interrupted_run_resumes_exactly(tmp_path, chat_data):
 def test_resume_on_another_mesh(tmp_path, chat_data):
     first = run_config(tmp_path, chat_data, from_weight="none", max_steps=2, save_interval=2, mesh="data=8")
     train(first)
-    resumed = run_config(tmp_path, chat_data, from_weight="none", max_steps=4, from_resume=1,  # 4 in all
-                         mesh="data=2,fsdp=2,tensor=2")
+    resumed = run_config(
+        tmp_path,
+        chat_data,
+        from_weight="none",
+        max_steps=4,
+        from_resume=1,  # 4 in all
+        mesh="data=2,fsdp=2,tensor=2",
+    )
     train(resumed)
-    reference = run_config(tmp_path / "reference", chat_data, from_weight="none", max_steps=4, save_interval=2,
-                           mesh="data=8")
+    reference = run_config(
+        tmp_path / "reference", chat_data, from_weight="none", max_steps=4, save_interval=2, mesh="data=8"
+    )
     train(reference)
-    np.testing.assert_allclose([r["loss"] for r in metrics_of(resumed)], [r["loss"] for r in metrics_of(reference)],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        [r["loss"] for r in metrics_of(resumed)], [r["loss"] for r in metrics_of(reference)], rtol=1e-5
+    )
     assert len(jax.devices()) == 8
+
+
+def test_eval_data_is_scored_with_the_final_weights(tmp_path, chat_data):
+    """--eval_data_path: the masked held-out loss of the run's last update, as `main.py eval` computes it on
+    the run's newest checkpoint."""
+    cfg = run_config(tmp_path, chat_data, from_weight="none", max_steps=3, eval_data_path=str(chat_data["sft"]))
+    summary = train(cfg)
+    final = minimind_jax.load(cfg.run_checkpoint_dir)
+    data = load_run_data(cfg, cfg.eval_data_path, final.config)
+    batches = make_batches(data, batch_size=cfg.batch_size, seed=0, shuffle=False, drop_remainder=False)
+    graphdef, params = nnx.split(final, nnx.Param)
+    expected = evaluate(make_loss_sums(graphdef), nnx.to_pure_dict(params), batches)
+    assert summary["updates"] == 3
+    np.testing.assert_allclose(summary["eval"]["loss"], expected["loss"], rtol=1e-6)
+    assert summary["eval"]["loss_tokens"] == expected["loss_tokens"] > 0
+    assert json.loads((cfg.log_dir / "summary.json").read_text())["eval"] == summary["eval"]

@@ -1,5 +1,6 @@
 """The sharded train step: parity with MiniMind's step, mesh invariance, accumulation and loss normalization,
 and the default (fast-path) step against MiniMind's literal one."""
+
 import jax
 import numpy as np
 import optax
@@ -8,12 +9,14 @@ import torch
 from flax import nnx
 
 import minimind_jax
+from minimind_jax.bench.torch_reference import MiniMindTorch, batch_from_v3, reference_train_loop, sft_step
+from minimind_jax.bench.torch_reference import make_optimizer as torch_adamw
 from minimind_jax.model.config import LITERAL_STEP, ModelConfig, train_step_settings
 from minimind_jax.model.transformer import MiniMind
-from minimind_jax.training.sharding import batch_sharding, make_mesh
-from minimind_jax.bench.torch_reference import MiniMindTorch, batch_from_v3, make_optimizer as torch_adamw, reference_train_loop, sft_step
-from minimind_jax.training.step import init_train_state, make_train_step
+from minimind_jax.training.objectives import NextTokenLoss
 from minimind_jax.training.optimizer import make_optimizer, minimind_lr
+from minimind_jax.training.sharding import batch_sharding, make_mesh
+from minimind_jax.training.step import init_train_state, make_train_step
 from minimind_jax.weights import model_from_params
 from minimind_jax.weights.mapping import params_from_state_dict, state_dict_from_params
 from tests.conftest import require_shared
@@ -25,22 +28,33 @@ RNG = jax.random.key_data(jax.random.key(0))
 
 def as_batch(inputs, targets, loss_mask, segment_ids=None):
     b, t = np.shape(inputs)
-    return {"inputs": np.asarray(inputs, np.int32), "targets": np.asarray(targets, np.int32),
-            "loss_mask": np.asarray(loss_mask, np.float32),
-            "segment_ids": np.ones((b, t), np.int32) if segment_ids is None else np.asarray(segment_ids, np.int32),
-            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()}
+    return {
+        "inputs": np.asarray(inputs, np.int32),
+        "targets": np.asarray(targets, np.int32),
+        "loss_mask": np.asarray(loss_mask, np.float32),
+        "segment_ids": np.ones((b, t), np.int32) if segment_ids is None else np.asarray(segment_ids, np.int32),
+        "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+    }
 
 
-def run_steps(model, micro_batch_lists, lr, *, mesh_spec=None, devices=None, loss_norm="tokens", schedule=None,
-              every_step=False):
+def run_steps(
+    model, micro_batch_lists, lr, *, mesh_spec=None, devices=None, loss_norm="tokens", schedule=None, every_step=False
+):
     """Runs one update per entry of `micro_batch_lists`; returns (per-update metrics, final params), or the
     params after every update with every_step=True."""
     devices = devices or jax.devices()[:1]
     mesh = make_mesh(mesh_spec, devices)
     optimizer = make_optimizer(schedule or lr, grad_clip=1.0)
     graphdef, params, opt_state, param_shardings, opt_shardings = init_train_state(model, optimizer, mesh)
-    step = make_train_step(graphdef, optimizer, mesh, accumulation_steps=len(micro_batch_lists[0]),
-                           loss_norm=loss_norm, param_shardings=param_shardings, opt_shardings=opt_shardings)
+    step = make_train_step(
+        graphdef,
+        optimizer,
+        mesh,
+        accumulation_steps=len(micro_batch_lists[0]),
+        loss_norm=loss_norm,
+        param_shardings=param_shardings,
+        opt_shardings=opt_shardings,
+    )
     history, snapshots = [], []
     for micro_batches in micro_batch_lists:
         placed = [jax.device_put(b, batch_sharding(mesh)) for b in micro_batches]
@@ -55,15 +69,18 @@ def state_dict_of(params, config):
 
 
 def jax_copy_of(reference: MiniMindTorch, config):
-    return model_from_params(config, params_from_state_dict(
-        {k: v.detach().numpy() for k, v in reference.state_dict().items()}, config))
+    return model_from_params(
+        config, params_from_state_dict({k: v.detach().numpy() for k, v in reference.state_dict().items()}, config)
+    )
 
 
 def torch_grad_norm(model: MiniMindTorch, inputs, targets, loss_mask):
     """The global norm, in float64, of the reference's gradient of the SFT loss (the gradient is discarded)."""
     model.train()
     out = model(torch.as_tensor(inputs))
-    ce = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), torch.as_tensor(targets).flatten(), reduction="none")
+    ce = torch.nn.functional.cross_entropy(
+        out.logits.flatten(0, 1), torch.as_tensor(targets).flatten(), reduction="none"
+    )
     mask = torch.as_tensor(loss_mask).float().flatten()
     ((ce * mask).sum() / mask.sum() + out.aux_loss).backward()
     norm = float(sum((p.grad.double() ** 2).sum() for p in model.parameters())) ** 0.5
@@ -119,6 +136,7 @@ def test_optimizer_updates_match_torch_adamw_in_float64():
 
 # ---- one step against MiniMind's recorded step ----
 
+
 @pytest.mark.parametrize("era,variant", [(e, v) for e in ("2510", "v3") for v in ("dense", "moe")])
 def test_first_step_matches_minimind_golden(era, variant):
     golden = dict(np.load(require_shared("golden", era, f"sft_step_{variant}.npz")))
@@ -126,8 +144,9 @@ def test_first_step_matches_minimind_golden(era, variant):
     if era == "2510":
         inputs, targets, mask = golden["X"], golden["Y"], golden["loss_mask"]
     else:
-        inputs, targets, mask = (t.numpy() for t in batch_from_v3(torch.from_numpy(golden["input_ids"]),
-                                                                   torch.from_numpy(golden["labels"])))
+        inputs, targets, mask = (
+            t.numpy() for t in batch_from_v3(torch.from_numpy(golden["input_ids"]), torch.from_numpy(golden["labels"]))
+        )
     model = minimind_jax.load(weights)
     [metrics], params = run_steps(model, [[as_batch(inputs, targets, mask)]], float(golden["lr"]))
     for key in ("loss", "logits_loss", "aux_loss"):
@@ -142,8 +161,12 @@ def test_first_step_matches_minimind_golden(era, variant):
     np.testing.assert_allclose(metrics["grad_norm"], golden["grad_norm"], rtol=1e-4)
     # MiniMind's recorded step is the fp32 floor here: it and ours are held to the float64 step.
     truth = float64_twin(reference)
-    sft_step(truth, torch_adamw(truth, float(golden["lr"])), *torch_batch(as_batch(inputs, targets, mask)),
-             lr=float(golden["lr"]))
+    sft_step(
+        truth,
+        torch_adamw(truth, float(golden["lr"])),
+        *torch_batch(as_batch(inputs, targets, mask)),
+        lr=float(golden["lr"]),
+    )
     after = _read(require_shared("golden", era, f"sft_step_{variant}_after.pth"))
     assert_near_truth(state_dict_of(params, model.config), after, state_of(truth), label=f"{era} {variant}")
 
@@ -155,6 +178,7 @@ def _read(path):
 
 
 # ---- against our torch reference, on any machine ----
+
 
 def random_batches(config, count, batch=4, length=16, seed=0, empty_row=False):
     rng = np.random.default_rng(seed)
@@ -238,10 +262,13 @@ def torch_update(micro_batches, packed):
     return torch_batch(joined)
 
 
-@pytest.mark.parametrize("arch,use_moe,accumulation,packed", [
-    ("minimind2", False, 2, True),
-    ("minimind3", True, 1, False),
-])
+@pytest.mark.parametrize(
+    "arch,use_moe,accumulation,packed",
+    [
+        ("minimind2", False, 2, True),
+        ("minimind3", True, 1, False),
+    ],
+)
 def test_mesh_invariance(arch, use_moe, accumulation, packed):
     config = tiny_config(arch, use_moe)
     reference = random_torch_model(config, seed=11)
@@ -250,9 +277,13 @@ def test_mesh_invariance(arch, use_moe, accumulation, packed):
         for batch in batches:
             batch["segment_ids"][:, 10:] = 2
             batch["positions"][:, 10:] -= 10
-    steps = [batches[i:i + accumulation] for i in range(0, len(batches), accumulation)]
-    results = [run_steps(jax_copy_of(reference, config), steps, 1e-3, mesh_spec=spec, devices=jax.devices()[:count],
-                         every_step=True) for spec, count in MESHES]
+    steps = [batches[i : i + accumulation] for i in range(0, len(batches), accumulation)]
+    results = [
+        run_steps(
+            jax_copy_of(reference, config), steps, 1e-3, mesh_spec=spec, devices=jax.devices()[:count], every_step=True
+        )
+        for spec, count in MESHES
+    ]
     runs = torch_runs(reference, [torch_update(micro_batches, packed) for micro_batches in steps])
     # Each mesh sums in its own order; each is held to the float64 truth like the single device.
     for (history, params_after), (spec, _) in zip(results, MESHES):
@@ -262,19 +293,28 @@ def test_mesh_invariance(arch, use_moe, accumulation, packed):
 
 # ---- the default step against MiniMind's literal one ----
 
+
 def train_step_metrics(config: ModelConfig, settings: dict, batches: list[dict]) -> list[dict]:
     """Loss and gradient norm of consecutive updates of a step built with `settings` (as the trainer builds it)."""
-    model = MiniMind(config.replace(attention_impl=settings["attention_impl"], scan_layers=settings["scan_layers"]),
-                     rngs=nnx.Rngs(0))
+    model = MiniMind(
+        config.replace(attention_impl=settings["attention_impl"], scan_layers=settings["scan_layers"]), rngs=nnx.Rngs(0)
+    )
     mesh = make_mesh(None, jax.devices()[:1])
     optimizer = make_optimizer(1e-3)
     graphdef, params, opt_state, param_shardings, opt_shardings = init_train_state(model, optimizer, mesh)
-    step = make_train_step(graphdef, optimizer, mesh, loss_chunk_size=settings["loss_chunk_size"],
-                           param_shardings=param_shardings, opt_shardings=opt_shardings)
+    step = make_train_step(
+        graphdef,
+        optimizer,
+        mesh,
+        objective=NextTokenLoss(settings["loss_chunk_size"]),
+        param_shardings=param_shardings,
+        opt_shardings=opt_shardings,
+    )
     history = []
     for batch in batches:
-        params, opt_state, metrics = step(params, opt_state, [jax.device_put(batch, batch_sharding(mesh))],
-                                          jax.random.key_data(jax.random.key(0)))
+        params, opt_state, metrics = step(
+            params, opt_state, [jax.device_put(batch, batch_sharding(mesh))], jax.random.key_data(jax.random.key(0))
+        )
         history.append({key: float(metrics[key]) for key in ("loss", "grad_norm")})
     return history
 
@@ -287,11 +327,13 @@ def test_default_step_matches_minimind_literal_step(arch, use_moe):
     rng = np.random.default_rng(1)
     batches = []
     for _ in range(3):
-        batch = {"inputs": rng.integers(1, 300, (2, 150)).astype(np.int32),
-                 "targets": rng.integers(1, 300, (2, 150)).astype(np.int32),
-                 "loss_mask": (rng.random((2, 150)) < 0.4).astype(np.float32),
-                 "segment_ids": np.ones((2, 150), np.int32),
-                 "positions": np.tile(np.arange(150, dtype=np.int32), (2, 1))}
+        batch = {
+            "inputs": rng.integers(1, 300, (2, 150)).astype(np.int32),
+            "targets": rng.integers(1, 300, (2, 150)).astype(np.int32),
+            "loss_mask": (rng.random((2, 150)) < 0.4).astype(np.float32),
+            "segment_ids": np.ones((2, 150), np.int32),
+            "positions": np.tile(np.arange(150, dtype=np.int32), (2, 1)),
+        }
         batch["loss_mask"][1, 120:] = 0
         batches.append(batch)
     default = train_step_settings(True, jax.devices()[0].platform, "float32", 150)

@@ -1,4 +1,5 @@
 """Tensor parallelism on every preset's head layout, and which meshes run on which devices."""
+
 import jax
 import numpy as np
 import pytest
@@ -6,12 +7,13 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from minimind_jax.cli.main import main
-from minimind_jax.model.config import PRESETS, load_preset
 from minimind_jax.errors import UserError
+from minimind_jax.model.config import PRESETS, load_preset
 from minimind_jax.model.transformer import MiniMind
+from minimind_jax.training.objectives import NextTokenLoss
+from minimind_jax.training.optimizer import make_optimizer
 from minimind_jax.training.sharding import batch_sharding, make_mesh, tree_shardings
 from minimind_jax.training.step import init_train_state, make_train_step
-from minimind_jax.training.optimizer import make_optimizer
 
 RNG = jax.random.key_data(jax.random.key(0))
 
@@ -32,9 +34,15 @@ def two_batches(config, rows=8, length=16):
         if packed:
             segment_ids[:, 10:] = 2
             positions[:, 10:] -= 10
-        batches.append({"inputs": ids[:, :-1], "targets": ids[:, 1:], "segment_ids": segment_ids,
-                        "positions": positions,
-                        "loss_mask": (rng.random((rows, length)) < 0.6).astype(np.float32)})
+        batches.append(
+            {
+                "inputs": ids[:, :-1],
+                "targets": ids[:, 1:],
+                "segment_ids": segment_ids,
+                "positions": positions,
+                "loss_mask": (rng.random((rows, length)) < 0.6).astype(np.float32),
+            }
+        )
     return batches
 
 
@@ -42,9 +50,16 @@ def train(config, batches, mesh, loss_chunk_size=None):
     """One update per batch from the same initial weights; (metrics of each update, final params)."""
     optimizer = make_optimizer(1e-3, grad_clip=1.0)
     graphdef, params, opt_state, param_shardings, opt_shardings = init_train_state(
-        MiniMind(config, rngs=nnx.Rngs(3)), optimizer, mesh)
-    step = make_train_step(graphdef, optimizer, mesh, loss_chunk_size=loss_chunk_size,
-                           param_shardings=param_shardings, opt_shardings=opt_shardings)
+        MiniMind(config, rngs=nnx.Rngs(3)), optimizer, mesh
+    )
+    step = make_train_step(
+        graphdef,
+        optimizer,
+        mesh,
+        objective=NextTokenLoss(loss_chunk_size),
+        param_shardings=param_shardings,
+        opt_shardings=opt_shardings,
+    )
     history = []
     for batch in batches:
         params, opt_state, metrics = step(params, opt_state, [jax.device_put(batch, batch_sharding(mesh))], RNG)
@@ -70,7 +85,7 @@ def test_every_preset_layout_on_tensor_4_and_8_matches_one_device(preset):
     # down projection sums in another order, which moves some of those roundings by one fp16 ulp (gradients
     # then differ by ~5e-5 relative; 1e-6 without the buffer), so its parameters are held to fp16's unit
     # roundoff rather than to fp32's.
-    param_rtol = 2.0 ** -11 if config.use_moe and not config.is_v3 else 1e-5
+    param_rtol = 2.0**-11 if config.use_moe and not config.is_v3 else 1e-5
     for spec in ("tensor=4", "tensor=8"):
         history, params = train(config, batches, make_mesh(spec), chunk)
         for ours, base in zip(history, base_history):
@@ -80,7 +95,9 @@ def test_every_preset_layout_on_tensor_4_and_8_matches_one_device(preset):
         for path, value in jax.tree_util.tree_leaves_with_path(params):
             expected = base_leaves[path]
             assert np.linalg.norm(value - expected) < param_rtol * np.linalg.norm(expected), (
-                spec, jax.tree_util.keystr(path))
+                spec,
+                jax.tree_util.keystr(path),
+            )
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -104,13 +121,16 @@ def test_a_mesh_smaller_than_the_device_count_uses_the_first_devices():
     assert make_mesh(None).devices.size == len(jax.devices())
 
 
-@pytest.mark.parametrize("spec,words", [
-    ("tensor=16", "needs 16 devices, but only 8 are present"),
-    ("data=4,fsdp=4", "needs 16 devices, but only 8 are present"),
-    ("tensor=0", "expected comma-separated axis=size"),
-    ("model=2", "expected comma-separated axis=size"),
-    ("data=2,data=4", "at most once"),
-])
+@pytest.mark.parametrize(
+    "spec,words",
+    [
+        ("tensor=16", "needs 16 devices, but only 8 are present"),
+        ("data=4,fsdp=4", "needs 16 devices, but only 8 are present"),
+        ("tensor=0", "expected comma-separated axis=size"),
+        ("model=2", "expected comma-separated axis=size"),
+        ("data=2,data=4", "at most once"),
+    ],
+)
 def test_a_mesh_that_cannot_run_is_refused_in_one_line(spec, words):
     with pytest.raises(UserError) as error:
         make_mesh(spec)
@@ -128,9 +148,28 @@ def test_several_processes_must_use_every_device(monkeypatch):
 
 def test_the_cli_refuses_an_impossible_mesh_before_any_compute(tmp_path, capsys):
     data = tmp_path / "sft.jsonl"
-    data.write_text('{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n')
-    assert main(["sft", "--mesh", "fsdp=2,tensor=8", "--data_path", str(data), "--save_dir", str(tmp_path / "out"),
-                 "--checkpoint_dir", str(tmp_path / "checkpoints"), "--from_weight", "none", "--no_progress"]) == 1
+    data.write_text(
+        '{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+    )
+    assert (
+        main(
+            [
+                "sft",
+                "--mesh",
+                "fsdp=2,tensor=8",
+                "--data_path",
+                str(data),
+                "--save_dir",
+                str(tmp_path / "out"),
+                "--checkpoint_dir",
+                str(tmp_path / "checkpoints"),
+                "--from_weight",
+                "none",
+                "--no_progress",
+            ]
+        )
+        == 1
+    )
     out, err = capsys.readouterr()
     assert out == "" and err == "error: --mesh 'fsdp=2,tensor=8' needs 16 devices, but only 8 are present\n"
     assert not (tmp_path / "out").exists() and not (tmp_path / "checkpoints").exists()

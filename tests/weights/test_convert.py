@@ -1,5 +1,6 @@
 """Conversion .pth <-> ours: MiniMind's key names and shapes, bit-exact round trips (Orbax too, through the
 CLI), and bad files refused in one line naming the problem."""
+
 import json
 import pathlib
 import subprocess
@@ -10,9 +11,9 @@ import pytest
 import torch
 
 import minimind_jax
-from minimind_jax.model.config import PRESETS, ModelConfig, load_preset, num_params
-from minimind_jax.errors import UserError
 from minimind_jax.bench.torch_reference import MiniMindTorch
+from minimind_jax.errors import UserError
+from minimind_jax.model.config import PRESETS, ModelConfig, load_preset, num_params
 from minimind_jax.weights.mapping import expected_shapes, infer_config, state_dict_keys
 from minimind_jax.weights.pth import read_state_dict
 from tests.conftest import REPO_ROOT, require_shared
@@ -53,8 +54,9 @@ def test_orbax_checkpoint_round_trip_through_the_cli(tmp_path):
     config = tiny("minimind2-small")
     source = tmp_path / "pretrain_64.pth"
     torch.save(random_torch_model(config, seed=5).state_dict(), source)
-    run = lambda *args: subprocess.run([sys.executable, "main.py", "convert", *map(str, args)], cwd=REPO_ROOT,
-                                       capture_output=True, text=True)
+    run = lambda *args: subprocess.run(
+        [sys.executable, "main.py", "convert", *map(str, args)], cwd=REPO_ROOT, capture_output=True, text=True
+    )
     forward = run(source, tmp_path / "ckpt")
     assert forward.returncode == 0, forward.stderr
     back = run(tmp_path / "ckpt", tmp_path / "back.pth", "--dtype", "float32")
@@ -67,6 +69,7 @@ def test_orbax_checkpoint_round_trip_through_the_cli(tmp_path):
 
 
 # ---- bad input: one line naming the problem, never a partial load ----
+
 
 @pytest.fixture
 def small_state(tmp_path):
@@ -127,10 +130,12 @@ def test_missing_extra_wrong_shape_or_untied_keys(tmp_path, small_state, change)
         state["lm_head.weight"] = state["lm_head.weight"] + 1
     path = tmp_path / f"{change}.pth"
     torch.save(state, path)
-    expected = {"missing": "missing 1 key(s): model.layers.1.mlp.up_proj.weight",
-                "extra": "unexpected 1 key(s): model.layers.0.self_attn.extra.weight",
-                "shape": "model.layers.0.mlp.down_proj.weight has shape [64, 100], expected [64, 192]",
-                "untied": "lm_head.weight differs from model.embed_tokens.weight"}[change]
+    expected = {
+        "missing": "missing 1 key(s): model.layers.1.mlp.up_proj.weight",
+        "extra": "unexpected 1 key(s): model.layers.0.self_attn.extra.weight",
+        "shape": "model.layers.0.mlp.down_proj.weight has shape [64, 100], expected [64, 192]",
+        "untied": "lm_head.weight differs from model.embed_tokens.weight",
+    }[change]
     assert expected in _load_error(path)
 
 
@@ -153,7 +158,17 @@ def test_golden_fp16_file_is_read_as_fp16():
 def test_resume_dict_is_accepted(tmp_path, small_state):
     _, state = small_state
     path = tmp_path / "full_sft_64_resume.pth"
-    torch.save({"model": state, "optimizer": {"state": {}, "param_groups": []}, "epoch": 1, "step": 10,
-                "world_size": 1, "wandb_id": None, "scaler": {}}, path)
+    torch.save(
+        {
+            "model": state,
+            "optimizer": {"state": {}, "param_groups": []},
+            "epoch": 1,
+            "step": 10,
+            "world_size": 1,
+            "wandb_id": None,
+            "scaler": {},
+        },
+        path,
+    )
     model = minimind_jax.load(path)
     np.testing.assert_array_equal(np.asarray(model.embed_tokens[...]), state["model.embed_tokens.weight"].numpy())
