@@ -347,6 +347,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         return {"preempted": True, "update": state.update}
     checkpointer.save(state, wait=True)
     checkpoints.close()
+    if evaluation is not None and evaluation.result is None:  # no update ran: the run was already at its end
+        evaluation(state)
     summary = {
         "updates": state.update,
         **logger.summary(),

@@ -1,5 +1,6 @@
 """The whole training run: MiniMind's per-step losses and LRs, its weight file, and exact resume."""
 
+import dataclasses
 import json
 
 import jax
@@ -143,3 +144,5 @@ def test_eval_data_is_scored_with_the_final_weights(tmp_path, chat_data):
     np.testing.assert_allclose(summary["eval"]["loss"], expected["loss"], rtol=1e-6)
     assert summary["eval"]["loss_tokens"] == expected["loss_tokens"] > 0
     assert json.loads((cfg.log_dir / "summary.json").read_text())["eval"] == summary["eval"]
+    again = train(dataclasses.replace(cfg, from_resume=1))  # already at its last update: evaluates all the same
+    assert again["updates"] == 3 and again["eval"] == summary["eval"]
