@@ -58,6 +58,7 @@ def add_model_arguments(parser) -> None:
         help="YaRN RoPE extrapolation for long contexts (the era's MiniMind settings)",
     )
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (weights stay fp32)")
+    parser.add_argument("--lora", default=None, help="a MiniMind LoRA file (train_lora.py's), merged into the weights")
 
 
 def weights_path(args) -> pathlib.Path:
@@ -72,7 +73,12 @@ def load_model(args) -> MiniMind:
     path = weights_path(args)
     if not path.exists():
         raise UserError(f"{path}: no such weights file or checkpoint (pass --load_from)")
-    return weights.load(path, inference_rope_scaling=args.inference_rope_scaling, dtype=args.dtype)
+    model = weights.load(path, inference_rope_scaling=args.inference_rope_scaling, dtype=args.dtype)
+    if args.lora:  # merged once: W + A·B is the adapted model's projection, at the unadapted model's speed
+        from minimind_jax.weights.lora import load_lora, merge_adapters
+
+        model = merge_adapters(load_lora(model, args.lora))
+    return model
 
 
 def load_tokenizer_for(args, model: MiniMind) -> Tokenizer:

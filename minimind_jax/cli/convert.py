@@ -3,6 +3,7 @@
 IN.pth  -> OUT/   MiniMind weights (plain fp16/fp32 state dict or resume dict) to our Orbax checkpoint;
                   era, sizes and MoE layout are read off the keys and shapes.
 IN/     -> OUT.pth  our checkpoint (or a training run's newest step) to MiniMind's .pth, fp16 by default.
+--merge_lora LORA.pth  folds a MiniMind LoRA file into the weights first (MiniMind's merge_lora).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "convert") -> 
         choices=("float16", "float32", "bfloat16"),
         help="dtype of an exported .pth (MiniMind saves float16)",
     )
+    parser.add_argument("--merge_lora", default=None, help="a MiniMind LoRA file to merge into the weights: W + A·B")
 
 
 def run(args) -> int:
@@ -39,6 +41,10 @@ def run(args) -> int:
     }
     source, target = pathlib.Path(args.input), pathlib.Path(args.output)
     model = load(source, **overrides)
+    if args.merge_lora:
+        from minimind_jax.weights.lora import load_lora, merge_adapters
+
+        model = merge_adapters(load_lora(model, args.merge_lora))
     cfg = model.config
     if target.suffix == ".pth":
         save_pth(model, target, dtype=args.dtype)

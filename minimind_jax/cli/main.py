@@ -15,6 +15,11 @@ from minimind_jax.runtime import keep_freed_memory
 SUBCOMMANDS = {
     "sft": ("minimind_jax.cli.train", "full-parameter SFT with the loss mask (MiniMind's train_full_sft.py flags)"),
     "pretrain": ("minimind_jax.cli.train", "pretraining (MiniMind's train_pretrain.py flags)"),
+    "lora": ("minimind_jax.cli.train", "LoRA adapters on a frozen model (MiniMind's train_lora.py flags)"),
+    "dpo": (
+        "minimind_jax.cli.train",
+        "preference alignment against a frozen reference (MiniMind's train_dpo.py flags)",
+    ),
     "convert": ("minimind_jax.cli.convert", "convert MiniMind .pth <-> minimind-jax checkpoint"),
     "inspect": ("minimind_jax.cli.inspect", "show which tokens of a jsonl record are learned"),
     "tokenizer": ("minimind_jax.cli.tokenizer", "train a SentencePiece tokenizer for MiniMind"),

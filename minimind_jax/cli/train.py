@@ -21,25 +21,26 @@ from minimind_jax.training.config import CHOICES, TrainConfig, defaults_for
 IGNORED_FLAGS = {"device": str, "use_compile": int}  # MiniMind's, accepted so its command lines run unchanged
 
 
-def train_flags() -> list[tuple[dataclasses.Field, type]]:
-    """TrainConfig's fields that are flags (declared with config.flag), MiniMind's first, each with the type its
-    value is read as: the field's type (X for `X | None`), and int for a bool, which is given as 0/1."""
+def train_flags(command: str) -> list[tuple[dataclasses.Field, type]]:
+    """The flags of `command`: TrainConfig's fields declared with config.flag (but for other commands' own),
+    MiniMind's first, each with the type its value is read as: the field's type (X for `X | None`), and int for
+    a bool, which is given as 0/1."""
     types = typing.get_type_hints(TrainConfig)
     flags = []
     for field in dataclasses.fields(TrainConfig):
-        if "help" in field.metadata:
+        if "help" in field.metadata and field.metadata["only"] in (None, command):
             (kind,) = set(typing.get_args(types[field.name]) or {types[field.name]}) - {type(None)}
             flags.append((field, int if kind is bool else kind))
     return sorted(flags, key=lambda flag: not flag[0].metadata["minimind"])
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    parser.description = f"MiniMind-compatible {'full SFT' if command == 'sft' else 'pretraining'}. " + " ".join(
-        __doc__.split("\n\n")[1].split()
-    )
+    what = {"sft": "full SFT", "pretrain": "pretraining", "lora": "LoRA adapters on a frozen model",
+            "dpo": "DPO against a frozen reference"}[command]  # fmt: skip
+    parser.description = f"MiniMind-compatible {what}. " + " ".join(__doc__.split("\n\n")[1].split())
     parser.add_argument("--config", help="YAML run preset (see configs/)")
     # Every default is None, so a flag not given leaves the value to --config and MiniMind's defaults.
-    for field, kind in train_flags():
+    for field, kind in train_flags(command):
         if field.metadata["switch"]:
             parser.add_argument(f"--{field.name}", action="store_true", default=None, help=field.metadata["help"])
         else:
@@ -62,7 +63,7 @@ def _choices_metavar(name: str) -> str | None:
 
 
 def config_from_args(args, command: str) -> TrainConfig:
-    flags = train_flags()
+    flags = train_flags(command)
     from_file = {}
     if args.config:
         path = pathlib.Path(args.config)

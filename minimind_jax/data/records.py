@@ -141,21 +141,31 @@ def conversations_key(record: dict[str, Any]) -> str | None:
 
 
 def check_record(record: dict[str, Any], kind: str) -> None:
-    """Raise BadRecord unless the record has what its kind needs: a string `text`, or `conversations` (or
-    `messages`) that MiniMind's chat template can render (known roles, string contents)."""
+    """Raise BadRecord unless the record has what its kind needs: a string `text` (pretrain), `conversations`
+    (or `messages`) that MiniMind's chat template can render (sft: known roles, string contents), or two such
+    lists `chosen` and `rejected` (dpo)."""
     if kind == "pretrain":
         if "text" not in record:
             raise BadRecord("no 'text' key")
         if not isinstance(record["text"], str):
             raise BadRecord("'text' is not a string")
         return
+    if kind == "dpo":
+        for key in ("chosen", "rejected"):
+            if key not in record:
+                raise BadRecord(f"no '{key}' key")
+            _check_messages(record[key], key)
+        return
     key = conversations_key(record)
     if key is None:
         raise BadRecord("no 'conversations' (or 'messages') key")
-    conversations = record[key]
-    if not isinstance(conversations, list) or not conversations:
+    _check_messages(record[key], key)
+
+
+def _check_messages(messages: Any, key: str) -> None:
+    if not isinstance(messages, list) or not messages:
         raise BadRecord(f"'{key}' is not a non-empty list")
-    for message in conversations:
+    for message in messages:
         if not isinstance(message, dict):
             raise BadRecord("a message is not a JSON object")
         if message.get("role") not in ROLES:

@@ -26,6 +26,7 @@ ATTENTION_IMPLS = ("xla", "causal_blocks", "dot_product_attention", "cudnn")
 REMATS = ("none", "full", "dots")  # activation recomputation in the backward pass (model._REMAT_POLICIES)
 DTYPES = ("float32", "bfloat16", "float16")  # compute dtypes; the parameters stay float32
 TRAIN_DTYPES = ("float32", "bfloat16")  # float16 would need loss scaling, which the trainer does not do
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # the projections that can take an adapter
 PRESETS = ("minimind2-small", "minimind2", "minimind2-moe", "minimind3", "minimind3-moe")
 
 
@@ -70,6 +71,9 @@ class ModelConfig:
     attention_impl: str = "xla"  # see ATTENTION_IMPLS; "xla" is the exact path the parity tests check
     attention_block_size: int = 128  # queries per block of attention_impl="causal_blocks"
     expert_tile_size: int = 128  # MoE: rows per routed-expert matmul, an expert's last ones in quarter tiles
+    # LoRA (MiniMind's model_lora.py): W x + B(A x) on each projection named in lora_targets, rank lora_rank.
+    lora_rank: int = 0
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -113,6 +117,13 @@ class ModelConfig:
         for name in ("attention_block_size", "expert_tile_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.lora_targets = tuple(self.lora_targets)
+        unknown = [name for name in self.lora_targets if name not in LORA_TARGETS]
+        if unknown or self.lora_rank < 0 or bool(self.lora_rank) != bool(self.lora_targets):
+            raise ValueError(
+                f"lora_targets {list(self.lora_targets)} with lora_rank {self.lora_rank}: adapters go on the "
+                f"attention projections {', '.join(LORA_TARGETS)}, with a rank >= 1 (no targets and rank 0: none)"
+            )
 
     # ---- derived, era-independent views used by the model ----
     @property
@@ -160,6 +171,17 @@ class ModelConfig:
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+
+def square_projections(config: ModelConfig) -> tuple[str, ...]:
+    """MiniMind's LoRA targets (apply_lora): the projections whose weight is square."""
+    q, kv, d = (
+        config.num_attention_heads * config.head_dim,
+        config.num_key_value_heads * config.head_dim,
+        config.hidden_size,
+    )
+    shapes = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d)}
+    return tuple(name for name, (d_in, d_out) in shapes.items() if d_in == d_out)
 
 
 def load_preset(name_or_path: str, **overrides) -> ModelConfig:

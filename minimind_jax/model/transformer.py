@@ -55,6 +55,18 @@ def _linear(rngs: nnx.Rngs, *shape: int) -> nnx.Param:
     return nnx.Param(_uniform_init(rngs.params(), shape, shape[-2]))
 
 
+class LoRA(nnx.Module):
+    """MiniMind's adapter (model_lora.py): x -> B(A x), A ~ N(0, 0.02), B = 0, no scaling, added to its
+    projection's output. Laid out like the kernels: A [in, rank], B [rank, out]."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int, rngs: nnx.Rngs):
+        self.A = nnx.Param(0.02 * jax.random.normal(rngs.params(), (d_in, rank), jnp.float32))
+        self.B = nnx.Param(jnp.zeros((rank, d_out), jnp.float32))
+
+    def __call__(self, x_ND):
+        return (x_ND @ self.A[...].astype(x_ND.dtype)) @ self.B[...].astype(x_ND.dtype)
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, multiply_in_fp32: bool):
         self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
@@ -188,6 +200,9 @@ class Attention(nnx.Module):
         self.k_proj = _linear(rngs, d, self.num_kv_heads * hd)
         self.v_proj = _linear(rngs, d, self.num_kv_heads * hd)
         self.o_proj = _linear(rngs, self.num_heads * hd, d)
+        for name in config.lora_targets:  # e.g. self.q_proj_lora
+            d_in, d_out = getattr(self, name).shape
+            setattr(self, f"{name}_lora", LoRA(d_in, d_out, config.lora_rank, rngs))
         self.qk_norm = config.is_v3
         if self.qk_norm:
             self.q_norm = RMSNorm(hd, config.rms_norm_eps, multiply_in_fp32=True)
@@ -203,9 +218,9 @@ class Attention(nnx.Module):
         # Projections on [B·T, D]: contracting over one token axis, the weight gradients need no transposed
         # copy of the activations (XLA:CPU transposes them when B and T are separate axes).
         x_ND = x_BTD.reshape(b * t, d)
-        q = (x_ND @ self.q_proj[...].astype(dtype)).reshape(b, t, self.num_heads, self.head_dim)
-        k = (x_ND @ self.k_proj[...].astype(dtype)).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = (x_ND @ self.v_proj[...].astype(dtype)).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q = self._project("q_proj", x_ND).reshape(b, t, self.num_heads, self.head_dim)
+        k = self._project("k_proj", x_ND).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self._project("v_proj", x_ND).reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -229,8 +244,14 @@ class Attention(nnx.Module):
                 is_causal=cudnn,
                 implementation="cudnn" if cudnn else "xla",
             )
-        out = (out.reshape(b * t, self.num_heads * self.head_dim) @ self.o_proj[...].astype(dtype)).reshape(b, t, d)
+        out = self._project("o_proj", out.reshape(b * t, self.num_heads * self.head_dim)).reshape(b, t, d)
         return self.dropout(out, rngs=dropout_rngs, deterministic=dropout_rngs is None), (k, v)
+
+    def _project(self, name: str, x_ND):
+        """x through the projection `name`, plus its LoRA adapter when it has one."""
+        out = x_ND @ getattr(self, name)[...].astype(x_ND.dtype)
+        lora = getattr(self, f"{name}_lora", None)
+        return out if lora is None else out + lora(x_ND)
 
 
 def swiglu(x_BTD, gate_DF, up_DF, down_FD, batch_axes: tuple[str, ...] = ()):

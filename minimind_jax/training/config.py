@@ -10,11 +10,19 @@ import pathlib
 from typing import Any
 
 from minimind_jax.errors import UserError
-from minimind_jax.model.config import ARCHS, ATTENTION_IMPLS, REMATS, TRAIN_DTYPES, ModelConfig, weight_stem
+from minimind_jax.model.config import (
+    ARCHS,
+    ATTENTION_IMPLS,
+    LORA_TARGETS,
+    REMATS,
+    TRAIN_DTYPES,
+    ModelConfig,
+    weight_stem,
+)
 
 LOSS_NORMS = ("tokens", "minimind")  # see training/step.py
 CHOICES = {
-    "mode": ("sft", "pretrain"),
+    "mode": ("sft", "pretrain", "lora", "dpo"),
     "arch": ARCHS,
     "dtype": TRAIN_DTYPES,
     "remat": REMATS,
@@ -53,6 +61,7 @@ AT_LEAST = {
     "loss_chunk_size": 0,
     "num_attention_heads": 1,
     "max_consecutive_skips": 1,
+    "lora_rank": 1,
 }
 
 
@@ -64,18 +73,20 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def flag(default, help_text: str, *, minimind: bool = False, switch: bool = False):
+def flag(default, help_text: str, *, minimind: bool = False, switch: bool = False, only: str | None = None):
     """A TrainConfig field that is also the flag --{name} (cli/train.py builds the parser from these fields).
 
     help_text: its --help line. minimind: one of MiniMind's own trainer flags (listed first in --help).
     switch: given without a value (store_true); otherwise a bool field is given as 0/1, as MiniMind's are.
+    only: the one command (mode) that has the flag; None: every training command.
     """
-    return dataclasses.field(default=default, metadata={"help": help_text, "minimind": minimind, "switch": switch})
+    metadata = {"help": help_text, "minimind": minimind, "switch": switch, "only": only}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    mode: str = "sft"  # sft | pretrain: the subcommand, not a flag
+    mode: str = "sft"  # sft | pretrain | lora | dpo: the subcommand, not a flag
     # ---- MiniMind's flags (train_full_sft.py defaults; pretrain's differ, see defaults_for) ----
     save_dir: str = flag("out", "where {save_weight}_{hidden}{_moe}.pth and logs go", minimind=True)
     save_weight: str = flag("full_sft", "weight file prefix (full_sft / pretrain)", minimind=True)
@@ -110,6 +121,14 @@ class TrainConfig:
     num_workers: int | None = flag(
         None, "tokenizing processes (default: one per CPU; 0: in this process)", minimind=True
     )  # MiniMind: data-loader workers
+    lora_name: str = flag(
+        "lora_identity",
+        "LoRA weight name: {save_dir}/{lora_name}_{hidden}.pth (v3: {_moe} too)",
+        minimind=True,
+        only="lora",
+    )
+    beta: float = flag(0.1, "DPO's β: how far the policy may move from the reference (MiniMind: 0.1 in 2510, 0.15 in v3)",
+                       minimind=True, only="dpo")  # fmt: skip
     # ---- ours ----
     arch: str = flag("minimind2", "minimind2: the 2510 era; minimind3: v3")
     tokenizer_path: str = flag("model", "MiniMind tokenizer directory or SentencePiece .model")
@@ -157,6 +176,13 @@ class TrainConfig:
     drop_empty_think_ratio: float | None = flag(None, "v3: chance of dropping an empty think block (MiniMind: 0.8)")
     max_consecutive_skips: int = flag(10, "stop after N consecutive non-finite updates")
     packing: bool = flag(False, "1 = pack several examples per row")
+    from_lora: str | None = flag(None, "start from these MiniMind LoRA weights (load_lora's file)", only="lora")
+    lora_rank: int | None = flag(None, "adapter rank (MiniMind: 8 in 2510, 16 in v3)", only="lora")
+    lora_targets: str | None = flag(
+        None,
+        "comma-separated projections to adapt, of q_proj,k_proj,v_proj,o_proj (MiniMind: the square ones)",
+        only="lora",
+    )
     strict: bool = flag(False, "a bad jsonl line is an error, not a skip", switch=True)
     # ---- not flags (the Python API's; --no_progress sets progress) ----
     shuffle: bool = True
@@ -173,7 +199,7 @@ class TrainConfig:
         for name, minimum in AT_LEAST.items():
             if name in given and not (_is_integer(given[name]) and given[name] >= minimum):
                 raise UserError(f"--{name} must be an integer >= {minimum}, got {given[name]!r}")
-        for name in ("learning_rate", "grad_clip"):
+        for name in ("learning_rate", "grad_clip", "beta"):
             if not (_is_number(given[name]) and given[name] > 0):
                 raise UserError(f"--{name} must be a number > 0, got {given[name]!r}")
         for name in ("system_prompt_ratio", "drop_empty_think_ratio"):
@@ -190,12 +216,31 @@ class TrainConfig:
             )
         except ValueError as error:  # its message names the fields, which are the flags' names
             raise UserError(str(error)) from None
+        if self.mode == "dpo" and self.packing:
+            raise UserError("--packing 1: DPO keeps each pair's chosen and rejected rows apart and together; give 0")
         if self.from_resume and self.overwrite:
             raise UserError("--from_resume 1 continues the earlier run and --overwrite 1 starts over; give one")
+        unknown = sorted(set(self.lora_target_names or ()) - set(LORA_TARGETS))
+        if unknown:
+            raise UserError(
+                f"--lora_targets {self.lora_targets}: {', '.join(unknown)} not among {', '.join(LORA_TARGETS)}"
+            )
+
+    @property
+    def data_kind(self) -> str:
+        """The records the run trains on: pretrain, dpo (preference pairs), or sft (also LoRA's)."""
+        return self.mode if self.mode in ("pretrain", "dpo") else "sft"
+
+    @property
+    def lora_target_names(self) -> tuple[str, ...] | None:
+        return tuple(name.strip() for name in self.lora_targets.split(",")) if self.lora_targets else None
 
     @property
     def run_name(self) -> str:
-        """MiniMind's weight file stem: {save_weight}_{hidden}{_moe}."""
+        """MiniMind's weight file stem: {save_weight}_{hidden}{_moe}; LoRA's {lora_name}_{hidden}, with {_moe}
+        in v3 only (2510's train_lora.py leaves it out)."""
+        if self.mode == "lora":
+            return weight_stem(self.lora_name, self.hidden_size, self.use_moe and self.arch == "minimind3")
         return weight_stem(self.save_weight, self.hidden_size, self.use_moe)
 
     @property
@@ -230,6 +275,43 @@ def defaults_for(mode: str, arch: str) -> dict[str, Any]:
                 max_seq_len=340,
                 save_interval=1000,
                 data_path="dataset/pretrain_t2t_mini.jsonl",
+            )
+        return fields
+    if mode == "dpo":  # train_dpo.py
+        fields = dict(
+            save_weight="dpo",
+            epochs=1,
+            batch_size=4,
+            learning_rate=4e-8,
+            max_seq_len=1024,
+            data_path="dataset/dpo.jsonl",
+            from_weight="full_sft",
+            wandb_project="MiniMind-DPO",
+        )
+        if v3:
+            fields.update(hidden_size=768, beta=0.15)
+        return fields
+    if mode == "lora":  # train_lora.py
+        fields = dict(
+            save_dir="out/lora",
+            epochs=50,
+            batch_size=32,
+            learning_rate=1e-4,
+            log_interval=10,
+            save_interval=1,
+            data_path="dataset/lora_identity.jsonl",
+            from_weight="full_sft",
+            wandb_project="MiniMind-LoRA",
+        )
+        if v3:
+            fields.update(
+                save_dir="out",
+                lora_name="lora_medical",
+                epochs=10,
+                save_interval=1000,
+                hidden_size=768,
+                max_seq_len=340,
+                data_path="dataset/lora_medical.jsonl",
             )
         return fields
     if v3:

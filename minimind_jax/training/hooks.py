@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import pathlib
 import signal
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -13,12 +13,12 @@ from flax import nnx
 from minimind_jax.training.evaluation import evaluate
 from minimind_jax.training.loop import RunState, StopRun
 from minimind_jax.training.metrics import MetricLogger
-from minimind_jax.weights import save_pth
 from minimind_jax.weights.orbax import TrainCheckpoints
 
 
 class Checkpointer:
-    """Saves the train state as an Orbax checkpoint and the model as MiniMind's `.pth` (process 0 writes it).
+    """Saves the train state as an Orbax checkpoint and the model as MiniMind's `.pth` (process 0 writes it,
+    with `export(model)`: save_pth, or save_lora for adapters).
 
     A checkpoint is written only after its update's metrics (so a resumed run never lacks them) and once per
     update (SIGTERM or the end can follow a periodic save of the same update).
@@ -29,13 +29,13 @@ class Checkpointer:
         checkpoints: TrainCheckpoints,
         logger: MetricLogger,
         graphdef: nnx.GraphDef,
-        pth_path: pathlib.Path,
+        export: Callable[[nnx.Module], object],
         run_meta: dict,
         resumed_update: int,
         is_main: bool,
     ):
         self.checkpoints, self.logger, self.graphdef = checkpoints, logger, graphdef
-        self.pth_path, self.run_meta, self.is_main = pth_path, run_meta, is_main
+        self.export, self.run_meta, self.is_main = export, run_meta, is_main
         self.checkpointed = resumed_update or None  # the update of the newest checkpoint, None before one
 
     def __call__(self, state: RunState) -> None:
@@ -58,7 +58,7 @@ class Checkpointer:
             )
             self.checkpointed = state.update
         if self.is_main:
-            save_pth(nnx.merge(self.graphdef, state.params), self.pth_path)
+            self.export(nnx.merge(self.graphdef, state.params))
         if wait:
             self.checkpoints.wait()
 

@@ -16,6 +16,8 @@ from minimind_jax.training.optimizer import minimind_lr
 from minimind_jax.training.wandb_log import WandbRun
 
 THROUGHPUT_WINDOW = 20  # updates per tokens/s window
+# What every step reports (training/step.py); an objective's own metrics (DPO's rewards) are recorded as they come.
+STEP_METRICS = ("loss", "logits_loss", "aux_loss", "micro_losses", "loss_tokens", "grad_norm", "skipped")
 
 
 def drop_metrics_after(path: pathlib.Path, update: int) -> None:
@@ -179,7 +181,7 @@ class MetricLogger:
         metrics = jax.device_get(device_metrics)
         micro_step = update * cfg.accumulation_steps  # MiniMind counts micro-steps (1-based within the epoch)
         epoch, step_in_epoch = divmod(micro_step - 1, self.steps_per_epoch)
-        lr = float(minimind_lr(cfg.arch, micro_step, self.total_micro_steps, cfg.learning_rate, cfg.warmup_steps))
+        lr = float(minimind_lr(cfg.arch, micro_step, self.total_micro_steps, cfg.learning_rate, cfg.warmup_steps, np))
         if metrics["skipped"]:
             self.consecutive_skips += 1
             self.total_skips += 1
@@ -208,6 +210,7 @@ class MetricLogger:
             "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
             "skipped": int(metrics["skipped"]),
         }
+        record.update({name: float(value) for name, value in metrics.items() if name not in STEP_METRICS})
         self.history.append(record)
         self.writer.write(record)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)

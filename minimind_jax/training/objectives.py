@@ -66,14 +66,19 @@ class Objective(abc.ABC):
 
 @dataclasses.dataclass(frozen=True)
 class NextTokenLoss(Objective):
-    """Pretraining and SFT: Σ cross-entropy · loss_mask over the targets, weighted by Σ loss_mask.
+    """Pretraining, SFT and LoRA: Σ cross-entropy · loss_mask over the targets, weighted by Σ loss_mask.
 
     loss_chunk_size: compute the tied lm_head and CE that many loss positions at a time, never holding the
     [B, T, V] logits; None computes them in one piece, as MiniMind does.
+    adapters_only: train the LoRA adapters alone (the model's `*_lora` modules), as train_lora.py does.
     """
 
     loss_chunk_size: int | None = None
+    adapters_only: bool = False
     batch_fields = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+
+    def trainable(self, path):
+        return not self.adapters_only or any(name.endswith("_lora") for name in path)
 
     def weight_sum(self, batch):
         return batch["loss_mask"].astype(jnp.float32).sum()
@@ -127,3 +132,50 @@ def _leaves(tree: dict, prefix: tuple = ()):
             yield from _leaves(value, (*prefix, key))
         else:
             yield (*prefix, key), value
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOLoss(Objective):
+    """MiniMind's DPO (train_dpo.py): −log σ(β·((πc − πr) − (ρc − ρr))), averaged over pairs, where π and ρ are
+    the policy's and the frozen reference's log-probability of a side's targets over its mask: summed (v3) or
+    averaged over the mask (2510). Rows come in pairs, chosen then rejected (data/preference.py).
+
+    Metrics: reward_margin, the mean of β·((πc − ρc) − (πr − ρr)), and reward_accuracy, how often the chosen
+    side's reward β·(π − ρ) beats the rejected side's. add_aux_loss: v3 adds the policy's MoE aux loss.
+    """
+
+    beta: float
+    mean_over_mask: bool
+    add_aux_loss: bool
+    batch_fields = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "pair_weight")
+    frozen_models = ("reference",)
+
+    def weight_sum(self, batch):
+        return batch["pair_weight"].sum() / 2  # each pair weighs on its two rows
+
+    def loss_sums(self, model, batch, frozen, *, rng, batch_axes):
+        dropout = nnx.Rngs(dropout=rng) if model.config.dropout > 0 else None
+        policy = model.forward(batch["inputs"], segment_ids_BT=batch["segment_ids"], positions_BT=batch["positions"],
+                               train=True, dropout_rngs=dropout, batch_axes=batch_axes)  # fmt: skip
+        reference = frozen["reference"].forward(
+            batch["inputs"], segment_ids_BT=batch["segment_ids"], positions_BT=batch["positions"]
+        )
+        policy_R2, reference_R2 = (self._side_log_probs(out.logits, batch) for out in (policy, reference))
+        weight_R = batch["pair_weight"].reshape(-1, 2)[:, 0]
+        rewards_R2 = self.beta * (policy_R2 - reference_R2)
+        margin_R = rewards_R2[:, 0] - rewards_R2[:, 1]  # = β·((πc − πr) − (ρc − ρr))
+        loss_R = -jax.nn.log_sigmoid(margin_R)
+        metrics = {"reward_margin": (margin_R * weight_R).sum(),
+                   "reward_accuracy": ((margin_R > 0) * weight_R).sum()}  # fmt: skip
+        aux = policy.aux_loss if self.add_aux_loss else jnp.zeros((), jnp.float32)
+        return LossSums((loss_R * weight_R).sum(), aux, metrics)
+
+    def _side_log_probs(self, logits_BTV, batch):
+        """[pairs, 2]: each row's log-probability of its targets over its mask (summed, or its mean)."""
+        log_probs_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+        target_BT = jnp.take_along_axis(log_probs_BTV, batch["targets"][..., None], axis=-1)[..., 0]
+        mask_BT = batch["loss_mask"].astype(jnp.float32)
+        per_row_B = (target_BT * mask_BT).sum(-1)
+        if self.mean_over_mask:
+            per_row_B = per_row_B / jnp.maximum(mask_BT.sum(-1), 1e-8)
+        return per_row_B.reshape(-1, 2)

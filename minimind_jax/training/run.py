@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import time
@@ -13,14 +14,23 @@ from typing import Any
 
 import jax
 import jax.experimental.multihost_utils
+import jax.numpy as jnp
 import tqdm
 from flax import nnx
 
 from minimind_jax.data.examples import ExampleConfig, load_dataset
 from minimind_jax.data.pipeline import make_batches
+from minimind_jax.data.preference import PairBatches, load_preference_data
 from minimind_jax.data.tokenizer import check_fits, load_tokenizer
 from minimind_jax.errors import UserError
-from minimind_jax.model.config import LITERAL_STEP, ModelConfig, default_dtype, train_step_settings, weight_stem
+from minimind_jax.model.config import (
+    LITERAL_STEP,
+    ModelConfig,
+    default_dtype,
+    square_projections,
+    train_step_settings,
+    weight_stem,
+)
 from minimind_jax.model.transformer import MiniMind
 from minimind_jax.runtime import maybe_initialize_distributed, use_compilation_cache
 from minimind_jax.training import sharding
@@ -36,34 +46,62 @@ from minimind_jax.training.metrics import (
     drop_metrics_after,
     plot_loss_curves,
 )
-from minimind_jax.training.objectives import NextTokenLoss
+from minimind_jax.training.objectives import DPOLoss, NextTokenLoss, Objective, split_trainable
 from minimind_jax.training.optimizer import make_optimizer, update_lr_schedule
 from minimind_jax.training.perf import attention_flops_per_token, model_flops_per_token, total_peak_flops
 from minimind_jax.training.step import init_train_state, make_train_step
 from minimind_jax.training.wandb_log import WandbRun, require_wandb
-from minimind_jax.weights import load
+from minimind_jax.weights import load, save_pth
+from minimind_jax.weights.lora import load_lora, save_lora, with_adapters
 from minimind_jax.weights.orbax import TrainCheckpoints, complete_steps
 
 
 def resolve_weight(cfg: TrainConfig) -> pathlib.Path | None:
-    """MiniMind's `{save_dir}/{from_weight}_{hidden}{_moe}.pth`, or a path / checkpoint of ours."""
+    """MiniMind's `{save_dir}/{from_weight}_{hidden}{_moe}.pth`, or a path / checkpoint of ours. LoRA also looks
+    one level up, where 2510's train_lora.py (save_dir out/lora) finds its base in out/."""
     if cfg.from_weight == "none":
         return None
     direct = pathlib.Path(cfg.from_weight)
     if direct.exists():
         return direct
-    minimind_path = pathlib.Path(cfg.save_dir) / f"{weight_stem(cfg.from_weight, cfg.hidden_size, cfg.use_moe)}.pth"
-    if minimind_path.exists():
-        return minimind_path
-    raise UserError(
-        f"--from_weight {cfg.from_weight}: neither {direct} nor {minimind_path} exists "
-        f"(use --from_weight none to start from random weights)"
-    )
+    name = f"{weight_stem(cfg.from_weight, cfg.hidden_size, cfg.use_moe)}.pth"
+    save_dir = pathlib.Path(cfg.save_dir)
+    candidates = [save_dir / name] + ([save_dir.parent / name] if cfg.mode == "lora" else [])
+    found = next((path for path in candidates if path.exists()), None)
+    if found is None:
+        raise UserError(
+            f"--from_weight {cfg.from_weight}: none of {', '.join(map(str, [direct, *candidates]))} exists "
+            f"(use --from_weight none to start from random weights)"
+        )
+    return found
+
+
+def attach_adapters(cfg: TrainConfig, model: MiniMind) -> MiniMind:
+    """LoRA: --from_lora's adapters, or new ones of --lora_rank on --lora_targets (MiniMind's defaults: rank 8 in
+    2510, 16 in v3, on every square projection)."""
+    if cfg.from_lora:
+        model = load_lora(model, cfg.from_lora)
+        if cfg.lora_rank is not None and cfg.lora_rank != model.config.lora_rank:
+            raise UserError(f"--lora_rank {cfg.lora_rank} but {cfg.from_lora} has rank {model.config.lora_rank}")
+        if cfg.lora_target_names is not None and set(cfg.lora_target_names) != set(model.config.lora_targets):
+            raise UserError(
+                f"--lora_targets {cfg.lora_targets} but {cfg.from_lora} adapts {','.join(model.config.lora_targets)}"
+            )
+        return model
+    rank = cfg.lora_rank or (16 if model.config.is_v3 else 8)
+    return with_adapters(model, rank, cfg.lora_target_names or square_projections(model.config), seed=cfg.seed)
+
+
+def row_length(cfg: TrainConfig) -> int:
+    """T, the positions of a row fed to the model: DPO feeds ids[:-1] in both eras; see ExampleConfig."""
+    if cfg.data_kind == "dpo":
+        return cfg.max_seq_len - 1
+    return ExampleConfig(kind=cfg.data_kind, arch=cfg.arch, max_seq_len=cfg.max_seq_len).seq_len
 
 
 def step_settings(cfg: TrainConfig, dtype: str) -> dict[str, Any]:
     """The run's attention_impl, loss_chunk_size and scan_layers on this backend (model.config.train_step_settings)."""
-    seq_len = ExampleConfig(kind=cfg.mode, arch=cfg.arch, max_seq_len=cfg.max_seq_len).seq_len
+    seq_len = row_length(cfg)
     return train_step_settings(
         cfg.fast_path,
         jax.devices()[0].platform,
@@ -105,15 +143,20 @@ def build_model(cfg: TrainConfig, dtype: str, step: dict[str, Any]) -> MiniMind:
 
 
 def load_run_data(cfg: TrainConfig, data_path: str, model_config: ModelConfig):
-    """data_path's examples as the run's flags make them, for this model (its RoPE table and vocabulary)."""
+    """data_path's examples (or DPO's pairs) as the run's flags make them, for this model (its RoPE table and
+    vocabulary)."""
     if cfg.max_seq_len > model_config.max_position_embeddings:
         raise UserError(
             f"--max_seq_len {cfg.max_seq_len} exceeds the model's max_position_embeddings "
             f"{model_config.max_position_embeddings} (the end of MiniMind's RoPE table)"
         )
-    check_fits(load_tokenizer(cfg.tokenizer_path), model_config.arch, model_config.vocab_size)
+    tokenizer = load_tokenizer(cfg.tokenizer_path)
+    check_fits(tokenizer, model_config.arch, model_config.vocab_size)
+    if cfg.data_kind == "dpo":
+        return load_preference_data(data_path, tokenizer, model_config.arch, cfg.max_seq_len, seed=cfg.seed,
+                                    strict=cfg.strict)  # fmt: skip
     examples = ExampleConfig(
-        kind=cfg.mode,
+        kind=cfg.data_kind,
         arch=model_config.arch,
         max_seq_len=cfg.max_seq_len,
         system_prompt_ratio=cfg.system_prompt_ratio,
@@ -171,6 +214,23 @@ def _move_aside(directory: pathlib.Path, stamp: str) -> pathlib.Path:
         number += 1
         aside = directory.with_name(f"{directory.name}.{stamp}-{number}")
     return directory.rename(aside)
+
+
+def run_batches(cfg: TrainConfig, dataset, sharding):
+    """The run's global batches over its epochs. Like MiniMind's DataLoader, the short last batch is kept,
+    filled with loss-free rows (or pairs): iters = ceil(N / B)."""
+    if cfg.data_kind == "dpo":
+        return PairBatches(dataset, batch_size=cfg.batch_size, seed=cfg.seed, epochs=cfg.epochs, shuffle=cfg.shuffle,
+                           sharding=sharding)  # fmt: skip
+    return make_batches(dataset, batch_size=cfg.batch_size, seed=cfg.seed, epochs=cfg.epochs, packing=cfg.packing,
+                        shuffle=cfg.shuffle, sharding=sharding, drop_remainder=False)  # fmt: skip
+
+
+def objective_for(cfg: TrainConfig, model_config: ModelConfig, step: dict[str, Any]) -> Objective:
+    """What the run's command optimizes."""
+    if cfg.mode == "dpo":
+        return DPOLoss(cfg.beta, mean_over_mask=not model_config.is_v3, add_aux_loss=model_config.is_v3)
+    return NextTokenLoss(step["loss_chunk_size"], adapters_only=cfg.mode == "lora")
 
 
 def resume(
@@ -232,35 +292,35 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     dtype = cfg.dtype or default_dtype(jax.devices()[0].platform)
     step = step_settings(cfg, dtype)
     model = build_model(cfg, dtype, step)
+    if cfg.mode == "lora":
+        model = attach_adapters(cfg, model)
     model_config = model.config
     dataset = load_run_data(cfg, cfg.data_path, model_config)
     batch_sharding = sharding.batch_sharding(mesh)
-    # Like MiniMind's DataLoader, keep the short last batch (filled with loss-free rows): iters = ceil(N / B).
-    batches = make_batches(
-        dataset,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        epochs=cfg.epochs,
-        packing=cfg.packing,
-        shuffle=cfg.shuffle,
-        sharding=batch_sharding,
-        drop_remainder=False,
-    )
+    batches = run_batches(cfg, dataset, batch_sharding)
     acc = cfg.accumulation_steps
     total_micro = batches.total_steps - batches.total_steps % acc
     total_updates = total_micro // acc
     if total_updates < 1:
         raise UserError(f"{cfg.data_path}: {batches.total_steps} batches are fewer than --accumulation_steps {acc}")
-    objective = NextTokenLoss(step["loss_chunk_size"])
+    objective = objective_for(cfg, model_config, step)
     schedule = update_lr_schedule(model_config.arch, cfg.learning_rate, acc, total_micro, cfg.warmup_steps)
     optimizer = make_optimizer(schedule, cfg.grad_clip)
     graphdef, params, opt_state, param_shardings, opt_shardings = init_train_state(model, optimizer, mesh, objective)
     del model
+    sizes = {  # what trains, and what its optimizer holds (LoRA: the adapters' moments alone)
+        "params": sum(x.size for x in jax.tree.leaves(params)),
+        "trainable_params": sum(x.size for x in jax.tree.leaves(split_trainable(objective, params)[0])),
+        "optimizer_state_bytes": sum(x.nbytes for x in jax.tree.leaves(opt_state)),
+    }
+    # DPO's reference: the policy as it starts, frozen (the checkpoints need not keep it: --from_weight has it).
+    frozen_params = {"reference": jax.tree.map(jnp.copy, params)} if cfg.mode == "dpo" else {}
     step_fn = make_train_step(
         graphdef,
         optimizer,
         mesh,
         objective=objective,
+        frozen_graphdefs=dict.fromkeys(frozen_params, graphdef),
         accumulation_steps=acc,
         loss_norm=cfg.loss_norm,
         param_shardings=param_shardings,
@@ -291,7 +351,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         total_micro_steps=total_micro,
         last_update=last_update,
         start_update=state.update,
-        tokens_per_update=cfg.batch_size * dataset.seq_len * acc,
+        tokens_per_update=(2 if cfg.mode == "dpo" else 1) * cfg.batch_size * dataset.seq_len * acc,  # DPO: pairs
         flops_per_token=model_flops_per_token(model_config) + attention_flops_per_token(model_config, dataset.seq_len),
         peak_flops=peak_flops,
         writer=MetricsWriter(cfg.log_dir, is_main, wandb_run),
@@ -308,9 +368,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "wandb_id": wandb_id,
     }
     pth_path = pathlib.Path(cfg.save_dir) / f"{cfg.run_name}.pth"
-    checkpointer = Checkpointer(checkpoints, logger, graphdef, pth_path, run_meta, state.update, is_main)
+    export = functools.partial(save_lora if cfg.mode == "lora" else save_pth, path=pth_path)
+    checkpointer = Checkpointer(checkpoints, logger, graphdef, export, run_meta, state.update, is_main)
     preemption = Preemption(checkpointer)
-    trainer = Trainer(step_fn, accumulation_steps=acc, last_update=last_update)
+    trainer = Trainer(step_fn, accumulation_steps=acc, last_update=last_update, frozen_params=frozen_params)
     trainer.add_hook(logger)
     # MiniMind saves every save_interval micro-steps: after each update that crosses a multiple of it.
     trainer.add_hook(
@@ -334,6 +395,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         trainer.add_hook(evaluation, every=lambda update: update == last_update)
     if is_main:
         tqdm.tqdm.write(describe_run(cfg, model_config, mesh, dtype, step, len(dataset), batches, total_updates))
+        tqdm.tqdm.write(
+            f"trainable parameters {sizes['trainable_params']:,} of {sizes['params']:,} "
+            f"({sizes['trainable_params'] / sizes['params']:.2%}); optimizer state "
+            f"{sizes['optimizer_state_bytes'] / 2**20:,.2f} MiB"
+        )
     try:
         finished = trainer.train(state)
         logger.flush()
@@ -351,6 +417,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         evaluation(state)
     summary = {
         "updates": state.update,
+        **sizes,
         **logger.summary(),
         "weights": str(pth_path),
         "checkpoints": str(checkpoints.directory),

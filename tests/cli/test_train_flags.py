@@ -12,6 +12,12 @@ from minimind_jax.cli.train import add_arguments, config_from_args, train_flags
 from minimind_jax.training.config import TrainConfig
 
 FLAG_FIELDS = [field for field in dataclasses.fields(TrainConfig) if "help" in field.metadata]
+COMMANDS = ("sft", "pretrain", "lora", "dpo")
+
+
+def command_fields(command: str) -> list[dataclasses.Field]:
+    """The flag fields of a command: every command's, and its own (config.flag's `only`)."""
+    return [field for field in FLAG_FIELDS if field.metadata["only"] in (None, command)]
 
 
 def listed_flags(capsys, command: str) -> tuple[list[str], str]:
@@ -39,21 +45,23 @@ def test_only_the_subcommand_and_python_api_settings_are_not_flags():
     }
 
 
-@pytest.mark.parametrize("command", ["sft", "pretrain"])
+@pytest.mark.parametrize("command", COMMANDS)
 def test_every_flag_field_is_listed_in_help_with_its_help_text(capsys, command):
     listed, help_text = listed_flags(capsys, command)
-    for field in FLAG_FIELDS:
+    for field in command_fields(command):
         assert field.metadata["help"].strip(), field.name
         assert field.name in listed, field.name
         assert "".join(field.metadata["help"].split()) in help_text, field.name
     # Besides the fields: the run config, and --no_progress for TrainConfig.progress.
-    assert set(listed) == {field.name for field in FLAG_FIELDS} | {"config", "no_progress"}
+    assert set(listed) == {field.name for field in command_fields(command)} | {"config", "no_progress"}
 
 
-def test_help_lists_minimind_flags_before_ours(capsys):
-    listed, _ = listed_flags(capsys, "sft")
-    minimind = [listed.index(field.name) for field in FLAG_FIELDS if field.metadata["minimind"]]
-    ours = [listed.index(field.name) for field in FLAG_FIELDS if not field.metadata["minimind"]]
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_lists_minimind_flags_before_ours(capsys, command):
+    listed, _ = listed_flags(capsys, command)
+    fields = command_fields(command)
+    minimind = [listed.index(field.name) for field in fields if field.metadata["minimind"]]
+    ours = [listed.index(field.name) for field in fields if not field.metadata["minimind"]]
     assert {"save_dir", "learning_rate", "from_resume", "use_wandb"} <= {
         field.name for field in FLAG_FIELDS if field.metadata["minimind"]
     }
@@ -61,7 +69,7 @@ def test_help_lists_minimind_flags_before_ours(capsys):
 
 
 def test_flag_values_reach_the_config_as_the_field_types():
-    kinds = {field.name: kind for field, kind in train_flags()}
+    kinds = {field.name: kind for field, kind in train_flags("sft")}
     assert (kinds["packing"], kinds["max_steps"], kinds["dtype"]) == (int, int, str)  # a bool is given as 0/1
     cfg = parsed(
         "--epochs",

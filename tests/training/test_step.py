@@ -113,25 +113,31 @@ def assert_update_near_truth(metrics, params, config, torch_run, label):
     assert_near_truth(state_dict_of(params, config), fp32_weights, exact_weights, label=label)
 
 
-def test_optimizer_updates_match_torch_adamw_in_float64():
-    """Clipping + AdamW on fixed gradients, against torch.optim.AdamW in float64: each update within fp32
-    rounding (1e-6 of lr) in the first steps, where the bias corrections matter most."""
+def test_optimizer_steps_are_torch_adamw():
+    """Clipping + AdamW on fixed gradients: after each of 4 steps the parameters are no farther from
+    torch.optim.AdamW in float64 than torch's own fp32 AdamW is, and at least 97% of them are bit-equal to the
+    fp32 one, whose order of operations the step follows (measured 97.8-99.5%; optax's order gave 33-65%)."""
     rng = np.random.default_rng(0)
     weights = rng.normal(size=(64, 32)).astype(np.float32)
     grads = [rng.normal(scale=0.05, size=weights.shape).astype(np.float32) for _ in range(4)]
     optimizer = make_optimizer(1e-3, grad_clip=1.0)
     params, state = {"w": jax.numpy.asarray(weights)}, optimizer.init({"w": weights})
-    truth = torch.nn.Parameter(torch.from_numpy(weights).double())
-    torch_optimizer = torch.optim.AdamW([truth], lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    torch_runs = {}
+    for dtype in (torch.float64, torch.float32):
+        parameter = torch.nn.Parameter(torch.from_numpy(weights).to(dtype))
+        adamw = torch.optim.AdamW([parameter], lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, foreach=False)
+        torch_runs[dtype] = (parameter, adamw)
     for grad in grads:
-        before = truth.detach().numpy().copy()
-        truth.grad = torch.from_numpy(grad).double()
-        torch.nn.utils.clip_grad_norm_([truth], 1.0)
-        torch_optimizer.step()
+        for parameter, adamw in torch_runs.values():
+            parameter.grad = torch.from_numpy(grad).to(parameter.dtype)
+            torch.nn.utils.clip_grad_norm_([parameter], 1.0)
+            adamw.step()
         updates, state = optimizer.update({"w": jax.numpy.asarray(grad)}, state, params)
         params = optax.apply_updates(params, updates)
-        expected_update = truth.detach().numpy() - before
-        np.testing.assert_allclose(np.asarray(updates["w"], np.float64), expected_update, rtol=0, atol=1e-6 * 1e-3)
+        ours, fp32 = np.asarray(params["w"]), torch_runs[torch.float32][0].detach().numpy()
+        exact = torch_runs[torch.float64][0].detach().numpy()
+        assert np.abs(ours - exact).max() <= np.abs(fp32 - exact).max()
+        assert (ours == fp32).mean() >= 0.97
 
 
 # ---- one step against MiniMind's recorded step ----
