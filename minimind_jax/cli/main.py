@@ -20,6 +20,10 @@ SUBCOMMANDS = {
         "minimind_jax.cli.train",
         "preference alignment against a frozen reference (MiniMind's train_dpo.py flags)",
     ),
+    "distill": (
+        "minimind_jax.cli.train",
+        "white-box distillation from a teacher (MiniMind's train_distillation.py flags)",
+    ),
     "convert": ("minimind_jax.cli.convert", "convert MiniMind .pth <-> minimind-jax checkpoint"),
     "inspect": ("minimind_jax.cli.inspect", "show which tokens of a jsonl record are learned"),
     "tokenizer": ("minimind_jax.cli.tokenizer", "train a SentencePiece tokenizer for MiniMind"),

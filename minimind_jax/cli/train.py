@@ -16,7 +16,7 @@ import typing
 import yaml
 
 from minimind_jax.errors import UserError, first_line
-from minimind_jax.training.config import CHOICES, TrainConfig, defaults_for
+from minimind_jax.training.config import CHOICES, STUDENT_FLAGS, TrainConfig, defaults_for
 
 IGNORED_FLAGS = {"device": str, "use_compile": int}  # MiniMind's, accepted so its command lines run unchanged
 
@@ -36,7 +36,7 @@ def train_flags(command: str) -> list[tuple[dataclasses.Field, type]]:
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     what = {"sft": "full SFT", "pretrain": "pretraining", "lora": "LoRA adapters on a frozen model",
-            "dpo": "DPO against a frozen reference"}[command]  # fmt: skip
+            "dpo": "DPO against a frozen reference", "distill": "distillation from a frozen teacher"}[command]  # fmt: skip
     parser.description = f"MiniMind-compatible {what}. " + " ".join(__doc__.split("\n\n")[1].split())
     parser.add_argument("--config", help="YAML run preset (see configs/)")
     # Every default is None, so a flag not given leaves the value to --config and MiniMind's defaults.
@@ -51,9 +51,17 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                 help=field.metadata["help"],
                 metavar=_choices_metavar(field.name),
             )
+    if command == "distill":
+        for alias, name in STUDENT_FLAGS.items():
+            parser.add_argument(f"--{alias}", dest=name, default=None, type=_flag_types(command)[name],
+                                help=f"MiniMind's name for --{name}")  # fmt: skip
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     for name, kind in IGNORED_FLAGS.items():
         parser.add_argument(f"--{name}", type=kind, help=argparse.SUPPRESS)
+
+
+def _flag_types(command: str) -> dict[str, type]:
+    return {field.name: kind for field, kind in train_flags(command)}
 
 
 def _choices_metavar(name: str) -> str | None:

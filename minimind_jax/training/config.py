@@ -22,7 +22,7 @@ from minimind_jax.model.config import (
 
 LOSS_NORMS = ("tokens", "minimind")  # see training/step.py
 CHOICES = {
-    "mode": ("sft", "pretrain", "lora", "dpo"),
+    "mode": ("sft", "pretrain", "lora", "dpo", "distill"),
     "arch": ARCHS,
     "dtype": TRAIN_DTYPES,
     "remat": REMATS,
@@ -31,6 +31,7 @@ CHOICES = {
     **dict.fromkeys(
         (
             "use_moe",
+            "teacher_use_moe",
             "from_resume",
             "overwrite",
             "use_wandb",
@@ -62,6 +63,15 @@ AT_LEAST = {
     "num_attention_heads": 1,
     "max_consecutive_skips": 1,
     "lora_rank": 1,
+    "teacher_hidden_size": 1,
+    "teacher_num_layers": 1,
+}
+# MiniMind's distillation names the student's sizes and weights; here they are the run's own fields.
+STUDENT_FLAGS = {
+    "student_hidden_size": "hidden_size",
+    "student_num_layers": "num_hidden_layers",
+    "student_use_moe": "use_moe",
+    "from_student_weight": "from_weight",
 }
 
 
@@ -86,7 +96,7 @@ def flag(default, help_text: str, *, minimind: bool = False, switch: bool = Fals
 
 @dataclasses.dataclass
 class TrainConfig:
-    mode: str = "sft"  # sft | pretrain | lora | dpo: the subcommand, not a flag
+    mode: str = "sft"  # sft | pretrain | lora | dpo | distill: the subcommand, not a flag
     # ---- MiniMind's flags (train_full_sft.py defaults; pretrain's differ, see defaults_for) ----
     save_dir: str = flag("out", "where {save_weight}_{hidden}{_moe}.pth and logs go", minimind=True)
     save_weight: str = flag("full_sft", "weight file prefix (full_sft / pretrain)", minimind=True)
@@ -129,6 +139,17 @@ class TrainConfig:
     )
     beta: float = flag(0.1, "DPO's β: how far the policy may move from the reference (MiniMind: 0.1 in 2510, 0.15 in v3)",
                        minimind=True, only="dpo")  # fmt: skip
+    teacher_hidden_size: int = flag(768, "the teacher's hidden size", minimind=True, only="distill")
+    teacher_num_layers: int = flag(16, "the teacher's layers", minimind=True, only="distill")
+    teacher_use_moe: int | None = flag(
+        None, "1 = the teacher is MoE (default: as --use_moe, as in 2510)", minimind=True, only="distill"
+    )
+    from_teacher_weight: str = flag(
+        "full_sft", "the teacher's weights: a MiniMind name, a .pth or our checkpoint", minimind=True, only="distill"
+    )
+    alpha: float = flag(0.5, "weight of the CE; 1 - alpha weighs the distillation KL", minimind=True, only="distill")
+    temperature: float = flag(1.5, "softens both logits in the KL, which is scaled by its square", minimind=True,
+                              only="distill")  # fmt: skip
     # ---- ours ----
     arch: str = flag("minimind2", "minimind2: the 2510 era; minimind3: v3")
     tokenizer_path: str = flag("model", "MiniMind tokenizer directory or SentencePiece .model")
@@ -199,10 +220,10 @@ class TrainConfig:
         for name, minimum in AT_LEAST.items():
             if name in given and not (_is_integer(given[name]) and given[name] >= minimum):
                 raise UserError(f"--{name} must be an integer >= {minimum}, got {given[name]!r}")
-        for name in ("learning_rate", "grad_clip", "beta"):
+        for name in ("learning_rate", "grad_clip", "beta", "temperature"):
             if not (_is_number(given[name]) and given[name] > 0):
                 raise UserError(f"--{name} must be a number > 0, got {given[name]!r}")
-        for name in ("system_prompt_ratio", "drop_empty_think_ratio"):
+        for name in ("system_prompt_ratio", "drop_empty_think_ratio", "alpha"):
             if name in given and not (_is_number(given[name]) and 0 <= given[name] <= 1):
                 raise UserError(f"--{name} must be a number in [0, 1], got {given[name]!r}")
         try:  # the model the flags describe (a loaded weight file must match it: build_model)
@@ -230,6 +251,11 @@ class TrainConfig:
     def data_kind(self) -> str:
         """The records the run trains on: pretrain, dpo (preference pairs), or sft (also LoRA's)."""
         return self.mode if self.mode in ("pretrain", "dpo") else "sft"
+
+    @property
+    def teacher_moe(self) -> bool:
+        """The teacher's MoE layout: --teacher_use_moe, else the student's (2510 has one --use_moe for both)."""
+        return bool(self.use_moe if self.teacher_use_moe is None else self.teacher_use_moe)
 
     @property
     def lora_target_names(self) -> tuple[str, ...] | None:
@@ -276,6 +302,19 @@ def defaults_for(mode: str, arch: str) -> dict[str, Any]:
                 save_interval=1000,
                 data_path="dataset/pretrain_t2t_mini.jsonl",
             )
+        return fields
+    if mode == "distill":  # train_distillation.py
+        fields = dict(
+            save_weight="full_dist",
+            epochs=6,
+            batch_size=32,
+            learning_rate=5e-6,
+            from_weight="full_sft",
+            wandb_project="MiniMind-Distillation",
+        )
+        if v3:
+            fields.update(hidden_size=768, teacher_num_layers=8, teacher_use_moe=1, max_seq_len=340,
+                          data_path="dataset/sft_t2t_mini.jsonl")  # fmt: skip
         return fields
     if mode == "dpo":  # train_dpo.py
         fields = dict(

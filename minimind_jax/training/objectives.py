@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from minimind_jax.training.loss import chunked_masked_ce_sums, masked_ce_sums
+from minimind_jax.training.loss import chunked_masked_ce_sums, masked_ce_sums, token_cross_entropy
 
 ParamPath = tuple[str, ...]
 
@@ -179,3 +179,41 @@ class DPOLoss(Objective):
         if self.mean_over_mask:
             per_row_B = per_row_B / jnp.maximum(mask_BT.sum(-1), 1e-8)
         return per_row_B.reshape(-1, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillLoss(Objective):
+    """MiniMind's white-box distillation (train_distillation.py): α·CE + (1 − α)·T²·KL(teacher ‖ student) over the
+    loss positions, each a mean over those positions, the teacher's logits cut to the student's vocabulary and
+    both softened by the temperature T. The student's MoE aux loss joins the CE (so it is scaled by α).
+
+    ignore_pad_targets: 2510's CE ignores targets of id 0 (its ignore_index) while still counting them in the
+    mean. Metrics: ce and distill, the two parts.
+    """
+
+    alpha: float
+    temperature: float
+    ignore_pad_targets: bool
+    batch_fields = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+    frozen_models = ("teacher",)
+
+    def weight_sum(self, batch):
+        return batch["loss_mask"].astype(jnp.float32).sum()
+
+    def loss_sums(self, model, batch, frozen, *, rng, batch_axes):
+        dropout = nnx.Rngs(dropout=rng) if model.config.dropout > 0 else None
+        inputs = dict(segment_ids_BT=batch["segment_ids"], positions_BT=batch["positions"])
+        student = model.forward(batch["inputs"], **inputs, train=True, dropout_rngs=dropout, batch_axes=batch_axes)
+        teacher_BTV = frozen["teacher"].forward(batch["inputs"], **inputs).logits[..., : student.logits.shape[-1]]
+        mask_BT = batch["loss_mask"].astype(jnp.float32)
+        ce_BT = token_cross_entropy(student.logits, batch["targets"])
+        if self.ignore_pad_targets:
+            ce_BT = jnp.where(batch["targets"] == 0, 0.0, ce_BT)
+        t = self.temperature
+        teacher_probs_BTV = jax.nn.softmax(teacher_BTV.astype(jnp.float32) / t, axis=-1)
+        student_log_probs_BTV = jax.nn.log_softmax(student.logits.astype(jnp.float32) / t, axis=-1)
+        kl_BT = (jax.scipy.special.xlogy(teacher_probs_BTV, teacher_probs_BTV)
+                 - teacher_probs_BTV * student_log_probs_BTV).sum(-1)  # fmt: skip
+        ce_sum, distill_sum = (ce_BT * mask_BT).sum(), t * t * (kl_BT * mask_BT).sum()
+        loss = self.alpha * ce_sum + (1 - self.alpha) * distill_sum
+        return LossSums(loss, self.alpha * student.aux_loss, {"ce": ce_sum, "distill": distill_sum})

@@ -46,7 +46,7 @@ from minimind_jax.training.metrics import (
     drop_metrics_after,
     plot_loss_curves,
 )
-from minimind_jax.training.objectives import DPOLoss, NextTokenLoss, Objective, split_trainable
+from minimind_jax.training.objectives import DistillLoss, DPOLoss, NextTokenLoss, Objective, split_trainable
 from minimind_jax.training.optimizer import make_optimizer, update_lr_schedule
 from minimind_jax.training.perf import attention_flops_per_token, model_flops_per_token, total_peak_flops
 from minimind_jax.training.step import init_train_state, make_train_step
@@ -56,24 +56,42 @@ from minimind_jax.weights.lora import load_lora, save_lora, with_adapters
 from minimind_jax.weights.orbax import TrainCheckpoints, complete_steps
 
 
-def resolve_weight(cfg: TrainConfig) -> pathlib.Path | None:
+def resolve_weight(cfg: TrainConfig, role: str = "") -> pathlib.Path | None:
     """MiniMind's `{save_dir}/{from_weight}_{hidden}{_moe}.pth`, or a path / checkpoint of ours. LoRA also looks
-    one level up, where 2510's train_lora.py (save_dir out/lora) finds its base in out/."""
-    if cfg.from_weight == "none":
+    one level up, where 2510's train_lora.py (save_dir out/lora) finds its base in out/. role "teacher": the
+    distillation teacher's (--from_teacher_weight, its size)."""
+    flag, weight, hidden, moe = (
+        ("from_teacher_weight", cfg.from_teacher_weight, cfg.teacher_hidden_size, cfg.teacher_moe)
+        if role == "teacher"
+        else ("from_weight", cfg.from_weight, cfg.hidden_size, cfg.use_moe)
+    )
+    if weight == "none":
         return None
-    direct = pathlib.Path(cfg.from_weight)
+    direct = pathlib.Path(weight)
     if direct.exists():
         return direct
-    name = f"{weight_stem(cfg.from_weight, cfg.hidden_size, cfg.use_moe)}.pth"
+    name = f"{weight_stem(weight, hidden, moe)}.pth"
     save_dir = pathlib.Path(cfg.save_dir)
     candidates = [save_dir / name] + ([save_dir.parent / name] if cfg.mode == "lora" else [])
     found = next((path for path in candidates if path.exists()), None)
     if found is None:
         raise UserError(
-            f"--from_weight {cfg.from_weight}: none of {', '.join(map(str, [direct, *candidates]))} exists "
-            f"(use --from_weight none to start from random weights)"
+            f"--{flag} {weight}: none of {', '.join(map(str, [direct, *candidates]))} exists"
+            + ("" if role else " (use --from_weight none to start from random weights)")
         )
     return found
+
+
+def load_checked(path: pathlib.Path, expected: dict[str, Any], **overrides) -> MiniMind:
+    """The model in `path`, which must have the sizes, MoE layout and era the flags name (`expected`: flag ->
+    (ModelConfig field, value))."""
+    model = load(path, **overrides)
+    for flag, (field, value) in expected.items():
+        found = getattr(model.config, field)
+        same = bool(found) == bool(value) if field == "use_moe" else found == value
+        if not same:
+            raise UserError(f"--{flag} {value} but {path} has {field} {found}")
+    return model
 
 
 def attach_adapters(cfg: TrainConfig, model: MiniMind) -> MiniMind:
@@ -119,17 +137,9 @@ def build_model(cfg: TrainConfig, dtype: str, step: dict[str, Any]) -> MiniMind:
     weight = resolve_weight(cfg)
     if weight is not None:
         overrides = dict(ours, **({"num_attention_heads": cfg.num_attention_heads} if cfg.num_attention_heads else {}))
-        model = load(weight, **overrides)
-        loaded = model.config
-        for name in ("hidden_size", "num_hidden_layers"):
-            if getattr(loaded, name) != getattr(cfg, name):
-                raise UserError(f"--{name} {getattr(cfg, name)} but {weight} has {getattr(loaded, name)}")
-        if bool(loaded.use_moe) != bool(cfg.use_moe) or loaded.arch != cfg.arch:
-            raise UserError(
-                f"{weight} is a {loaded.arch}{' MoE' if loaded.use_moe else ''} model, but the run asks "
-                f"for --arch {cfg.arch} --use_moe {cfg.use_moe}"
-            )
-        return model
+        expected = {"hidden_size": ("hidden_size", cfg.hidden_size), "num_hidden_layers": ("num_hidden_layers",
+                    cfg.num_hidden_layers), "use_moe": ("use_moe", cfg.use_moe), "arch": ("arch", cfg.arch)}  # fmt: skip
+        return load_checked(weight, expected, **overrides)
     fields = dict(
         arch=cfg.arch,
         hidden_size=cfg.hidden_size,
@@ -140,6 +150,15 @@ def build_model(cfg: TrainConfig, dtype: str, step: dict[str, Any]) -> MiniMind:
     if cfg.num_attention_heads:
         fields["num_attention_heads"] = cfg.num_attention_heads
     return MiniMind(ModelConfig(**fields), rngs=nnx.Rngs(cfg.seed))
+
+
+def build_teacher(cfg: TrainConfig, dtype: str, step: dict[str, Any]) -> MiniMind:
+    """The distillation teacher, checked against the --teacher_* flags."""
+    expected = {"teacher_hidden_size": ("hidden_size", cfg.teacher_hidden_size),
+                "teacher_num_layers": ("num_hidden_layers", cfg.teacher_num_layers),
+                "teacher_use_moe": ("use_moe", cfg.teacher_moe), "arch": ("arch", cfg.arch)}  # fmt: skip
+    return load_checked(resolve_weight(cfg, "teacher"), expected, dtype=dtype, scan_layers=step["scan_layers"],
+                        attention_impl=step["attention_impl"])  # fmt: skip
 
 
 def load_run_data(cfg: TrainConfig, data_path: str, model_config: ModelConfig):
@@ -230,6 +249,8 @@ def objective_for(cfg: TrainConfig, model_config: ModelConfig, step: dict[str, A
     """What the run's command optimizes."""
     if cfg.mode == "dpo":
         return DPOLoss(cfg.beta, mean_over_mask=not model_config.is_v3, add_aux_loss=model_config.is_v3)
+    if cfg.mode == "distill":
+        return DistillLoss(cfg.alpha, cfg.temperature, ignore_pad_targets=not model_config.is_v3)
     return NextTokenLoss(step["loss_chunk_size"], adapters_only=cfg.mode == "lora")
 
 
@@ -315,12 +336,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     }
     # DPO's reference: the policy as it starts, frozen (the checkpoints need not keep it: --from_weight has it).
     frozen_params = {"reference": jax.tree.map(jnp.copy, params)} if cfg.mode == "dpo" else {}
+    frozen_graphdefs = dict.fromkeys(frozen_params, graphdef)
+    if cfg.mode == "distill":
+        teacher = build_teacher(cfg, dtype, step)
+        frozen_graphdefs["teacher"], teacher_state = nnx.split(teacher, nnx.Param)
+        teacher_params = nnx.to_pure_dict(teacher_state)
+        frozen_params["teacher"] = jax.device_put(
+            teacher_params, sharding.tree_shardings(teacher_params, mesh, teacher.config)
+        )
+        del teacher
     step_fn = make_train_step(
         graphdef,
         optimizer,
         mesh,
         objective=objective,
-        frozen_graphdefs=dict.fromkeys(frozen_params, graphdef),
+        frozen_graphdefs=frozen_graphdefs,
         accumulation_steps=acc,
         loss_norm=cfg.loss_norm,
         param_shardings=param_shardings,
