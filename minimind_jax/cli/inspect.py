@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from minimind_jax.data import examples, records
+from minimind_jax.data import examples, preference, records
 from minimind_jax.data.tokenizer import load_tokenizer
 from minimind_jax.errors import UserError
 from minimind_jax.model.config import ARCHS
@@ -40,7 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 def learned_view(encoders: dict[str, examples.RecordEncoder], record: dict[str, Any], line_no: int) -> dict[str, Any]:
     """The record as training sees it: prompt, ids (padding that teaches nothing cut off), which ids are
     targets, and why training would drop it (None when it would not)."""
-    encoder = encoders[records.record_kind(record)]
+    kind = records.record_kind(record)
+    if kind == "dpo":
+        return {side: pair_side_view(encoders["sft"], record[side], line_no) for side in preference.SIDES}
+    encoder = encoders[kind]
     prompt = encoder.prompt(record, line_no)
     tokens, learned = encoder.compact(prompt)
     try:
@@ -49,6 +52,22 @@ def learned_view(encoders: dict[str, examples.RecordEncoder], record: dict[str, 
     except records.DroppedRecord as drop:
         dropped = drop.reason
     return {"prompt": prompt, "input_ids": tokens.tolist(), "loss_mask": learned.tolist(), "dropped": dropped}
+
+
+def pair_side_view(encoder: examples.RecordEncoder, messages: list[dict], line_no: int) -> dict[str, Any]:
+    """One side of a DPO pair as train_dpo.py's DPODataset builds it (data/preference.py)."""
+    config, tokenizer = encoder.config, encoder.tokenizer
+    try:
+        row = preference.preference_row(tokenizer, messages, config.arch, config.max_seq_len,
+                                        examples.sft_markers(tokenizer, config.arch), rng=None)  # fmt: skip
+    except records.DroppedRecord as drop:
+        return {"prompt": "", "input_ids": [], "loss_mask": [], "dropped": drop.reason}
+    ids, learned = row["inputs"] + row["targets"][-1:], [0] + list(row["loss_mask"])
+    end = len(ids)
+    while end and ids[end - 1] == tokenizer.pad_id and not learned[end - 1]:  # padding that teaches nothing
+        end -= 1
+    prompt = tokenizer.decode(ids[:end])
+    return {"prompt": prompt, "input_ids": ids[:end], "loss_mask": learned[:end], "dropped": None}
 
 
 def token_pieces(tokenizer, ids: Sequence[int]) -> Iterator[tuple[str, int, int]]:
@@ -102,15 +121,20 @@ def run(args: argparse.Namespace) -> int:
                 raise UserError(f"{args.data_path}:{line_no}: {bad}") from None
             report.add(line_no, bad.reason, malformed=True)
             continue
+        kind = records.record_kind(record)
+        sides = view if kind == "dpo" else {"": view}
         if args.json:
-            print(json.dumps({key: view[key] for key in ("prompt", "input_ids", "loss_mask")}, ensure_ascii=False))
+            fields = ("prompt", "input_ids", "loss_mask")
+            shown = {side: {key: part[key] for key in fields} for side, part in sides.items()}
+            print(json.dumps(shown if kind == "dpo" else shown[""], ensure_ascii=False))
         else:
-            note = f", dropped in training: {view['dropped']}" if view["dropped"] else ""
-            print(
-                f"\n── record {index} ({args.data_path}:{line_no}, {records.record_kind(record)}, {arch}): "
-                f"{len(view['input_ids'])} tokens, {sum(view['loss_mask'])} learned{note}"
-            )
-            print(coloured(tokenizer, view))
+            for side, part in sides.items():
+                note = f", dropped in training: {part['dropped']}" if part["dropped"] else ""
+                print(
+                    f"\n── record {index}{' ' + side if side else ''} ({args.data_path}:{line_no}, {kind}, {arch}): "
+                    f"{len(part['input_ids'])} tokens, {sum(part['loss_mask'])} learned{note}"
+                )
+                print(coloured(tokenizer, part))
         if args.index is not None:
             break
     report.warn()

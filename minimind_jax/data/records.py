@@ -202,9 +202,12 @@ def read_jsonl(
 
 
 def record_kind(record: dict[str, Any]) -> str:
-    """'sft' for a record with `conversations` (or `messages`), 'pretrain' for one with `text`."""
+    """'sft' for a record with `conversations` (or `messages`), 'pretrain' for one with `text`, 'dpo' for a
+    preference pair (`chosen` and `rejected`)."""
     if conversations_key(record):
         return "sft"
     if "text" in record:
         return "pretrain"
-    raise BadRecord("neither 'conversations' (or 'messages') nor 'text' key")
+    if "chosen" in record and "rejected" in record:
+        return "dpo"
+    raise BadRecord("neither 'conversations' (or 'messages'), 'text' nor 'chosen'/'rejected' keys")

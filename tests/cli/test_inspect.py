@@ -109,3 +109,25 @@ def test_index_and_errors(capsys, caplog, tmp_path, small_tokenizer):
         capsys, "--data_path", tmp_path / "missing.jsonl", "--tokenizer_path", small_tokenizer, "--arch", "minimind2"
     )
     assert code == 1 and err == f"error: {tmp_path / 'missing.jsonl'}: cannot read (No such file or directory)\n"
+
+
+@pytest.mark.parametrize("era, arch", [("2510", "minimind2"), ("v3", "minimind3")])
+def test_shows_both_sides_of_a_dpo_pair_as_dpo_trains_on_them(capsys, era, arch):
+    from minimind_jax.data.preference import load_preference_data
+
+    path = require_shared(f"golden/post_sft/{era}/inputs/dpo.jsonl")
+    tokenizer_path = require_shared(f"minimind/{era}")
+    argv = ["inspect", "--data_path", str(path), "--tokenizer_path", str(tokenizer_path), "--max_seq_len", "64"]
+    assert main.main([*argv, "--json"]) == 0
+    shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    pairs = load_preference_data(path, load_tokenizer(tokenizer_path), arch, 64)
+    assert len(shown) == len(pairs) == 4
+    for record, inputs, mask in zip(shown, pairs.inputs, pairs.loss_mask):
+        for side, side_inputs, side_mask in zip(("chosen", "rejected"), inputs, mask):
+            view = record[side]
+            n = len(view["input_ids"])
+            assert view["input_ids"][: n - 1] == side_inputs.tolist()[: n - 1]  # the ids fed, padding cut
+            assert view["loss_mask"][1:] == side_mask.tolist()[: n - 1] and sum(side_mask[n - 1 :]) == 0
+    assert main.main([*argv, "--index", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "record 0 chosen" in out and "record 0 rejected" in out

@@ -281,7 +281,7 @@ def test_read_jsonl_tells_kinds_apart(tmp_path):
     report = records.SkipReport(str(path))
     read = list(records.read_jsonl(path, kind=None, report=report))
     assert [records.record_kind(record) for _, record in read] == ["sft", "pretrain"]
-    assert report.skipped == {"neither 'conversations' (or 'messages') nor 'text' key": 1}
+    assert report.skipped == {"neither 'conversations' (or 'messages'), 'text' nor 'chosen'/'rejected' keys": 1}
 
 
 @pytest.mark.parametrize("arch", ["minimind2", "minimind3"])
