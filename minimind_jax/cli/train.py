@@ -36,7 +36,8 @@ def train_flags(command: str) -> list[tuple[dataclasses.Field, type]]:
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     what = {"sft": "full SFT", "pretrain": "pretraining", "lora": "LoRA adapters on a frozen model",
-            "dpo": "DPO against a frozen reference", "distill": "distillation from a frozen teacher"}[command]  # fmt: skip
+            "dpo": "DPO against a frozen reference", "distill": "distillation from a frozen teacher",
+            "distill_reason": "reasoning distillation (2510)"}[command]  # fmt: skip
     parser.description = f"MiniMind-compatible {what}. " + " ".join(__doc__.split("\n\n")[1].split())
     parser.add_argument("--config", help="YAML run preset (see configs/)")
     # Every default is None, so a flag not given leaves the value to --config and MiniMind's defaults.

@@ -22,7 +22,7 @@ from minimind_jax.model.config import (
 
 LOSS_NORMS = ("tokens", "minimind")  # see training/step.py
 CHOICES = {
-    "mode": ("sft", "pretrain", "lora", "dpo", "distill"),
+    "mode": ("sft", "pretrain", "lora", "dpo", "distill", "distill_reason"),
     "arch": ARCHS,
     "dtype": TRAIN_DTYPES,
     "remat": REMATS,
@@ -96,7 +96,7 @@ def flag(default, help_text: str, *, minimind: bool = False, switch: bool = Fals
 
 @dataclasses.dataclass
 class TrainConfig:
-    mode: str = "sft"  # sft | pretrain | lora | dpo | distill: the subcommand, not a flag
+    mode: str = "sft"  # sft | pretrain | lora | dpo | distill | distill_reason: the subcommand, not a flag
     # ---- MiniMind's flags (train_full_sft.py defaults; pretrain's differ, see defaults_for) ----
     save_dir: str = flag("out", "where {save_weight}_{hidden}{_moe}.pth and logs go", minimind=True)
     save_weight: str = flag("full_sft", "weight file prefix (full_sft / pretrain)", minimind=True)
@@ -237,6 +237,10 @@ class TrainConfig:
             )
         except ValueError as error:  # its message names the fields, which are the flags' names
             raise UserError(str(error)) from None
+        if self.mode == "distill_reason" and self.arch != "minimind2":
+            raise UserError(
+                "distill_reason is 2510's recipe (train_distill_reason.py); v3 has none: give --arch minimind2"
+            )
         if self.mode == "dpo" and self.packing:
             raise UserError("--packing 1: DPO keeps each pair's chosen and rejected rows apart and together; give 0")
         if self.from_resume and self.overwrite:
@@ -303,6 +307,17 @@ def defaults_for(mode: str, arch: str) -> dict[str, Any]:
                 data_path="dataset/pretrain_t2t_mini.jsonl",
             )
         return fields
+    if mode == "distill_reason":  # 2510's train_distill_reason.py
+        return dict(
+            save_weight="reason",
+            epochs=1,
+            batch_size=8,
+            learning_rate=1e-6,
+            max_seq_len=1024,
+            data_path="dataset/r1_mix_1024.jsonl",
+            from_weight="dpo",
+            wandb_project="MiniMind-Reasoning",
+        )
     if mode == "distill":  # train_distillation.py
         fields = dict(
             save_weight="full_dist",

@@ -217,3 +217,25 @@ class DistillLoss(Objective):
         ce_sum, distill_sum = (ce_BT * mask_BT).sum(), t * t * (kl_BT * mask_BT).sum()
         loss = self.alpha * ce_sum + (1 - self.alpha) * distill_sum
         return LossSums(loss, self.alpha * student.aux_loss, {"ce": ce_sum, "distill": distill_sum})
+
+
+@dataclasses.dataclass(frozen=True)
+class TagWeightedLoss(Objective):
+    """2510's reasoning distillation (train_distill_reason.py): SFT's CE where every target that is one of the
+    tag ids (the ids of `<think>`, `</think>`, `<answer>`, `</answer>`) weighs `tag_weight` instead of its mask
+    value (inside the loss positions or not), divided by the sum of the mask alone; plus the MoE aux loss."""
+
+    tag_ids: tuple[int, ...]
+    tag_weight: float = 10.0
+    batch_fields = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+
+    def weight_sum(self, batch):
+        return batch["loss_mask"].astype(jnp.float32).sum()
+
+    def loss_sums(self, model, batch, frozen, *, rng, batch_axes):
+        dropout = nnx.Rngs(dropout=rng) if model.config.dropout > 0 else None
+        out = model.forward(batch["inputs"], segment_ids_BT=batch["segment_ids"], positions_BT=batch["positions"],
+                            train=True, dropout_rngs=dropout, batch_axes=batch_axes)  # fmt: skip
+        is_tag_BT = jnp.isin(batch["targets"], jnp.asarray(self.tag_ids, jnp.int32))
+        weight_BT = jnp.where(is_tag_BT, self.tag_weight, batch["loss_mask"].astype(jnp.float32))
+        return LossSums((token_cross_entropy(out.logits, batch["targets"]) * weight_BT).sum(), out.aux_loss, {})

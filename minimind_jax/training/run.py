@@ -46,7 +46,14 @@ from minimind_jax.training.metrics import (
     drop_metrics_after,
     plot_loss_curves,
 )
-from minimind_jax.training.objectives import DistillLoss, DPOLoss, NextTokenLoss, Objective, split_trainable
+from minimind_jax.training.objectives import (
+    DistillLoss,
+    DPOLoss,
+    NextTokenLoss,
+    Objective,
+    TagWeightedLoss,
+    split_trainable,
+)
 from minimind_jax.training.optimizer import make_optimizer, update_lr_schedule
 from minimind_jax.training.perf import attention_flops_per_token, model_flops_per_token, total_peak_flops
 from minimind_jax.training.step import init_train_state, make_train_step
@@ -247,6 +254,12 @@ def run_batches(cfg: TrainConfig, dataset, sharding):
 
 def objective_for(cfg: TrainConfig, model_config: ModelConfig, step: dict[str, Any]) -> Objective:
     """What the run's command optimizes."""
+    if (
+        cfg.mode == "distill_reason"
+    ):  # the ids MiniMind's tokenizer gives each tag, as train_distill_reason.py takes them
+        tokenizer = load_tokenizer(cfg.tokenizer_path)
+        tags = ("<think>", "</think>", "<answer>", "</answer>")
+        return TagWeightedLoss(tuple(sorted({i for tag in tags for i in tokenizer.encode(tag)})))
     if cfg.mode == "dpo":
         return DPOLoss(cfg.beta, mean_over_mask=not model_config.is_v3, add_aux_loss=model_config.is_v3)
     if cfg.mode == "distill":
