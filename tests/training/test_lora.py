@@ -101,7 +101,7 @@ def test_merged_adapters_give_the_adapted_model_logits(tmp_path):
     for key in params:  # a trained-looking B
         if key.endswith("B.weight"):
             params[key] = np.random.default_rng(1).normal(0, 0.05, params[key].shape).astype(np.float32)
-    torch.save({k: torch.from_numpy(v) for k, v in params.items()}, tmp_path / "trained.pth")
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in params.items()}, tmp_path / "trained.pth")
     trained = load_lora(model, tmp_path / "trained.pth")
     assert not np.allclose(trained(ids), model(ids))
     np.testing.assert_allclose(merge_adapters(trained)(ids), trained(ids), rtol=1e-5, atol=1e-5)
