@@ -197,7 +197,9 @@ def kill_at_random_moment(run: Run, mode: str, rng: random.Random) -> dict:
     if mode == "checkpoint_write":
         # The first checkpoint this link starts writing after it has logged an update of its own.
         run.wait_until(lambda: records_written(run) > start_records, "first update")
-        target = max(r["update"] for r in read_metrics(run.metrics)) + rng.randint(0, 1)
+        logged = [r["update"] for r in read_metrics(run.metrics)]
+        assert logged, f"the run ended before logging an update\n{run.output()}"
+        target = max(logged) + rng.randint(0, 1)
         run.wait_until(
             lambda: any(step >= target for step in steps_being_written(run.checkpoints, run.started_ns)),
             "checkpoint write",
