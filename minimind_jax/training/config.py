@@ -241,6 +241,8 @@ class TrainConfig:
             raise UserError(
                 "distill_reason is 2510's recipe (train_distill_reason.py); v3 has none: give --arch minimind2"
             )
+        if self.mode == "dpo" and self.eval_data_path:
+            raise UserError("--eval_data_path scores a masked LM loss; DPO's pairs have none (drop it for dpo)")
         if self.mode == "dpo" and self.packing:
             raise UserError("--packing 1: DPO keeps each pair's chosen and rejected rows apart and together; give 0")
         if self.from_resume and self.overwrite:

@@ -254,6 +254,13 @@ def test_impossible_run_settings_fail_before_training(tmp_path, small_tokenizer)
         "--batch_size 12 is not divisible by the data-parallel size 8": dict(batch_size=12),
         "--max_seq_len 40000 exceeds the model's max_position_embeddings 32768": dict(max_seq_len=40000),
         "--max_seq_len must be an integer >= 1, got 0": dict(max_seq_len=0),
+        "--packing 1: DPO keeps each pair's chosen and rejected rows apart and together": dict(
+            mode="dpo", packing=True
+        ),
+        "--eval_data_path scores a masked LM loss; DPO's pairs have none": dict(mode="dpo", eval_data_path=chats),
+        "--lora_targets q_proj,gate_proj: gate_proj not among": dict(mode="lora", lora_targets="q_proj,gate_proj"),
+        "--alpha must be a number in [0, 1], got 2": dict(mode="distill", alpha=2),
+        "distill_reason is 2510's recipe": dict(mode="distill_reason", arch="minimind3"),
     }
     for expected, overrides in cases.items():
         with pytest.raises(UserError) as error:
