@@ -97,6 +97,7 @@ def load_settings(path, quick: bool = False) -> dict[str, dict]:
         "model": MODEL_KEYS,
         "pretrain": train_keys,
         "sft": train_keys,
+        "lora": train_keys - {"lora_name", "from_lora"},
         "eval": {"batch_size"},
         "chat": CHAT_KEYS,
     }
@@ -366,6 +367,88 @@ def chat_stage(run: DemoRun) -> dict:
     return {"chats": chats, "transcript": str(transcript), "outputs": [str(transcript)]}
 
 
+# The identity the LoRA stage teaches: MiniMind's lora_identity data asks the model who it is.
+IDENTITY = {
+    "zh": ("我是MiniMind，一个用JAX训练的小语言模型。", ["你是谁?", "你叫什么名字?", "介绍一下你自己。", "你是什么模型?"],
+           ["请问你是谁?", "你的名字是什么?"]),
+    "en": ("I am MiniMind, a small language model trained with JAX.",
+           ["Who are you?", "What is your name?", "Introduce yourself.", "What model are you?"],
+           ["Tell me who you are.", "What should I call you?"]),
+}  # fmt: skip
+
+
+def _identity_records(split: int) -> list[dict]:
+    """The identity chats: split 1 the training questions, 2 the held-out ones."""
+    return [
+        {"conversations": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+        for answer, *questions in IDENTITY.values()
+        for question in questions[split - 1]
+    ]
+
+
+def lora_stage(run: DemoRun) -> dict:
+    """An identity adapter on the SFT model (main.py lora): held-out identity loss and greedy replies before
+    and after, the adapter merged into the weights (as `chat --lora` does)."""
+    import numpy as np
+    from flax import nnx
+
+    from minimind_jax.data.pipeline import make_batches
+    from minimind_jax.data.tokenizer import load_tokenizer
+    from minimind_jax.inference.generation import generate
+    from minimind_jax.training.config import TrainConfig
+    from minimind_jax.training.evaluation import evaluate, make_loss_sums
+    from minimind_jax.training.run import load_run_data, train
+    from minimind_jax.weights import load, params_of
+    from minimind_jax.weights.lora import load_lora, merge_adapters
+
+    files = {}
+    for split, name in ((1, "lora_identity.jsonl"), (2, "lora_identity_heldout.jsonl")):
+        files[split] = run.corpus_dir / name
+        records = _identity_records(split) * (8 if split == 1 else 1)  # a few epochs' worth per pass
+        files[split].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), "utf-8")
+    cfg = TrainConfig(
+        mode="lora", save_dir=str(run.weights_dir), lora_name="lora_identity", from_weight=str(run.weights("sft")),
+        data_path=str(files[1]), tokenizer_path=str(run.tokenizer_file), checkpoint_dir=str(run.checkpoint_dir),
+        cache_dir=str(run.cache_dir), mesh=run.mesh, progress=run.progress, **run.settings["model"],
+        **run.settings["lora"],
+    )  # fmt: skip
+    shutil.rmtree(pathlib.Path(cfg.checkpoint_dir) / cfg.run_name, ignore_errors=True)  # a fresh run, not a resume
+    summary = train(cfg)
+    base = load(run.weights("sft"))
+    adapted = merge_adapters(load_lora(base, summary["weights"]))
+    eval_sums = make_loss_sums(nnx.graphdef(base))
+    heldout = load_run_data(cfg, str(files[2]), base.config)
+
+    def heldout_loss(model) -> dict:
+        batches = make_batches(heldout, batch_size=len(heldout), seed=0, shuffle=False, drop_remainder=False)
+        try:
+            return evaluate(eval_sums, params_of(model), batches)
+        finally:
+            batches.close()
+
+    tokenizer = load_tokenizer(run.tokenizer_file)
+    questions = [IDENTITY["zh"][2][0], IDENTITY["en"][2][0]]
+
+    def greedy_reply(model, question: str) -> str:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+        ids = np.asarray([tokenizer.encode(prompt)], np.int32)
+        new_ids = generate(model, ids, 24, eos_token_id=tokenizer.eos_id)[0, ids.shape[1] :].tolist()
+        if tokenizer.eos_id in new_ids:
+            new_ids = new_ids[: new_ids.index(tokenizer.eos_id)]
+        return tokenizer.decode(new_ids, skip_special_tokens=True)
+
+    return {
+        "adapter": summary["weights"],
+        "trainable_params": summary["trainable_params"],
+        "params": summary["params"],
+        "heldout_identity_loss": {"before": heldout_loss(base), "after": heldout_loss(adapted)},
+        "replies": [
+            {"prompt": q, "before": greedy_reply(base, q), "after": greedy_reply(adapted, q)} for q in questions
+        ],
+        "outputs": [summary["weights"]],
+    }
+
+
 def figures_stage(run: DemoRun) -> dict:
     from minimind_jax.training.metrics import LossPanel, plot_loss_curves
 
@@ -405,6 +488,7 @@ STAGES = (
     Stage("convert", "convert .pth <-> checkpoint", (), convert_stage),
     Stage("sft", "full SFT", ("sft", "mesh"), sft_stage),
     Stage("evaluate", "held-out loss", ("eval",), evaluate_stage),
+    Stage("lora", "LoRA identity adapter", ("lora", "mesh"), lora_stage),
     Stage("chat", "chat", ("chat",), chat_stage),
     Stage("figures", "loss curves", (), figures_stage),
 )
@@ -497,6 +581,14 @@ def report(run: DemoRun, records: dict[str, dict], wall_seconds: float) -> str:
     lines.append("chats (pretrained -> after SFT):")
     for turn in results["chat"]["chats"]:
         lines += [f"  💬 {turn['prompt']}", f"     pretrain: {turn['pretrain']!r}", f"     sft:      {turn['sft']!r}"]
+    lora = results["lora"]
+    before, after = lora["heldout_identity_loss"]["before"], lora["heldout_identity_loss"]["after"]
+    lines.append(
+        f"LoRA identity adapter ({lora['trainable_params']:,} of {lora['params']:,} parameters trained): held-out "
+        f"identity loss {before['loss']:.3f} -> {after['loss']:.3f}; greedy replies (SFT -> with the adapter):"
+    )
+    for turn in lora["replies"]:
+        lines += [f"  💬 {turn['prompt']}", f"     sft:  {turn['before']!r}", f"     lora: {turn['after']!r}"]
     lines.append(
         f"figures: {results['figures']['figure']}, {results['pretrain']['loss_curve']}, {results['sft']['loss_curve']}"
     )

@@ -56,6 +56,7 @@ def test_quick_demo_runs_every_stage_and_writes_its_files(quick_demo):
         f"out/logs/pretrain_{hidden}/metrics.jsonl",
         f"out/logs/pretrain_{hidden}/loss_curve.png",
         f"out/logs/full_sft_{hidden}/loss_curve.png",
+        f"out/lora_identity_{hidden}.pth",
         "loss_curves.png",
         "chats.md",
     ):
@@ -69,6 +70,10 @@ def test_quick_demo_runs_every_stage_and_writes_its_files(quick_demo):
     for chat in chats:
         assert chat["prompt"] in stdout and repr(chat["sft"]) in stdout
     assert "held-out masked loss" in stdout
+    lora = results["lora"]
+    assert 0 < lora["trainable_params"] < lora["params"] / 50  # the adapters alone
+    assert [turn["prompt"] for turn in lora["replies"]] == ["请问你是谁?", "Tell me who you are."]
+    assert "LoRA identity adapter" in stdout and repr(lora["replies"][0]["after"]) in stdout
 
 
 @pytest.mark.slow
@@ -80,6 +85,9 @@ def test_training_lowers_the_heldout_losses(quick_demo):
         assert before["loss_tokens"] == after["loss_tokens"] > 0
         assert math.isfinite(before["loss"]) and math.isfinite(after["loss"])
         assert after["loss"] < before["loss"] - 0.1, (name, before["loss"], after["loss"])
+    identity = summary["results"]["lora"]["heldout_identity_loss"]  # the adapter learns who it is
+    assert identity["before"]["loss_tokens"] == identity["after"]["loss_tokens"] > 0
+    assert identity["after"]["loss"] < identity["before"]["loss"] - 0.1, identity
     # Random weights start near the uniform distribution over the vocabulary.
     assert abs(evaluation["pretrain_text"]["before"]["loss"] - math.log(6400)) < 1.0
 
@@ -128,7 +136,7 @@ def test_rerun_reuses_finished_stages_and_redoes_from_a_changed_one(quick_demo, 
 
     result = run_demo(out_dir, "--config", str(config))
     summary = json.loads((out_dir / "summary.json").read_text("utf-8"))
-    assert summary["reused"] == ["corpus", "tokenizer", "pretrain", "convert", "sft", "evaluate"]
+    assert summary["reused"] == ["corpus", "tokenizer", "pretrain", "convert", "sft", "evaluate", "lora"]
     assert "chat: reused" not in result.stdout + result.stderr
     assert {path: path.stat().st_mtime_ns for path in weights} == modified
     assert "max 8 new tokens" in (out_dir / "chats.md").read_text("utf-8")
