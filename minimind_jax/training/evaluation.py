@@ -1,7 +1,8 @@
-"""Masked eval loss, Σ(ce·mask) / Σmask over a whole dataset, with the same masks as training.
+"""Held-out scores: the masked eval loss, Σ(ce·mask) / Σmask over a whole dataset with the same masks as
+training, and a DPO objective's reward margin and accuracy on held-out pairs.
 
-Used by `main.py eval`, by the trainer's `--eval_data_path` and by the demo. The model runs in eval mode
-(no dropout, MoE without aux loss). Sums are accumulated on the host in float64.
+Used by `main.py eval`, by the trainer's `--eval_data_path` and by the demo. The masked loss runs the model in
+eval mode (no dropout, MoE without aux loss). Sums are accumulated on the host in float64.
 """
 
 from __future__ import annotations
@@ -49,3 +50,24 @@ def evaluate(loss_sums, params, batches, num_batches: int | None = None, progres
         raise UserError("no token carries loss in the evaluated examples")
     loss = ce_total / tokens
     return {"loss": loss, "perplexity": math.exp(loss), "loss_tokens": int(tokens)}
+
+
+def evaluate_preferences(objective, graphdef: nnx.GraphDef, params, reference_params, batches) -> dict:
+    """A DPO objective's loss and metrics (reward margin and accuracy) on held-out pairs (data.preference's
+    PairBatches), the policy `params` against the frozen reference; averaged over the pairs."""
+
+    @jax.jit
+    def sums(params, reference_params, batch):
+        model, frozen = nnx.merge(graphdef, params), {"reference": nnx.merge(graphdef, reference_params)}
+        out = objective.loss_sums(model, batch, frozen, rng=jax.random.key(0), batch_axes=())
+        return out.loss, out.metrics, objective.weight_sum(batch)
+
+    totals, pairs = {}, 0.0
+    for batch in batches:
+        loss, metrics, weight = jax.device_get(sums(params, reference_params, batch))
+        for name, value in {"loss": loss, **metrics}.items():
+            totals[name] = totals.get(name, 0.0) + float(value)
+        pairs += float(weight)
+    if not pairs:
+        raise UserError("no preference pair in the evaluated data")
+    return {name: total / pairs for name, total in totals.items()} | {"pairs": int(pairs)}

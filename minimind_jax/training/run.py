@@ -302,9 +302,12 @@ def describe_run(cfg, model_config, mesh, dtype, step, num_examples, batches, to
         f"layers, mesh {dict(mesh.shape)}, dtype {dtype}, {num_examples} examples, {len(batches)} batches/epoch, "
         f"{total_updates} updates; step: {step['attention_impl']} attention, loss chunk "
         f"{step['loss_chunk_size'] or 'none (full logits)'}, layers {layers}"
-        f"{'' if cfg.fast_path else ' (--fast_path 0)'}; packing efficiency "
-        f"{batches.stats.get('token_fraction', float('nan')):.1%}, loss tokens "
-        f"{batches.stats.get('loss_fraction', float('nan')):.1%}"
+        f"{'' if cfg.fast_path else ' (--fast_path 0)'}"
+        + (
+            f"; packing efficiency {batches.stats['token_fraction']:.1%}, loss tokens {batches.stats['loss_fraction']:.1%}"
+            if batches.stats  # DPO's pairs are never packed
+            else ""
+        )
     )
 
 

@@ -57,6 +57,7 @@ def test_quick_demo_runs_every_stage_and_writes_its_files(quick_demo):
         f"out/logs/pretrain_{hidden}/loss_curve.png",
         f"out/logs/full_sft_{hidden}/loss_curve.png",
         f"out/lora_identity_{hidden}.pth",
+        f"out/dpo_{hidden}.pth",
         "loss_curves.png",
         "chats.md",
     ):
@@ -74,6 +75,12 @@ def test_quick_demo_runs_every_stage_and_writes_its_files(quick_demo):
     assert 0 < lora["trainable_params"] < lora["params"] / 50  # the adapters alone
     assert [turn["prompt"] for turn in lora["replies"]] == ["请问你是谁?", "Tell me who you are."]
     assert "LoRA identity adapter" in stdout and repr(lora["replies"][0]["after"]) in stdout
+    dpo = results["dpo"]
+    assert dpo["pairs"]["train"] > 0 and dpo["pairs"]["heldout"] > 0 and "DPO (" in stdout
+    before, after = dpo["heldout"]["before"], dpo["heldout"]["after"]
+    # The policy starts as its reference: no margin, no pair won; DPO moves it toward the real replies.
+    assert before["reward_margin"] == 0 and before["reward_accuracy"] == 0 and before["pairs"] == after["pairs"]
+    assert after["reward_margin"] > 0 and after["reward_accuracy"] > 0
 
 
 @pytest.mark.slow
@@ -136,7 +143,7 @@ def test_rerun_reuses_finished_stages_and_redoes_from_a_changed_one(quick_demo, 
 
     result = run_demo(out_dir, "--config", str(config))
     summary = json.loads((out_dir / "summary.json").read_text("utf-8"))
-    assert summary["reused"] == ["corpus", "tokenizer", "pretrain", "convert", "sft", "evaluate", "lora"]
+    assert summary["reused"] == ["corpus", "tokenizer", "pretrain", "convert", "sft", "evaluate", "lora", "dpo"]
     assert "chat: reused" not in result.stdout + result.stderr
     assert {path: path.stat().st_mtime_ns for path in weights} == modified
     assert "max 8 new tokens" in (out_dir / "chats.md").read_text("utf-8")
