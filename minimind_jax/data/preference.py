@@ -37,9 +37,9 @@ V3_DROP_EMPTY_THINK = 0.8
 
 
 def preference_row(tokenizer: Tokenizer, messages: list[dict], arch: str, max_seq_len: int, markers,
-                   rng: np.random.Generator) -> dict:  # fmt: skip
+                   rng: np.random.Generator | None) -> dict:  # fmt: skip
     """One side of a pair: inputs, targets and loss_mask, each max_seq_len - 1 long. rng: v3's
-    post_processing_chat, which drops an empty think block 80% of the time."""
+    post_processing_chat, which drops an empty think block 80% of the time (None: never)."""
     prompt = chat_prompt(tokenizer, messages, arch=arch, rng=rng, drop_empty_think_ratio=V3_DROP_EMPTY_THINK)
     ids = pad_to(tokenizer.encode(prompt)[:max_seq_len], max_seq_len, tokenizer.pad_id)
     if arch == "minimind3":  # its DPO mask covers what its SFT labels cover

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from minimind_jax.data.preference import BATCH_KEYS as PAIR_BATCH_KEYS
 from minimind_jax.training.loss import chunked_masked_ce_sums, masked_ce_sums, token_cross_entropy
 
 ParamPath = tuple[str, ...]
@@ -147,7 +148,7 @@ class DPOLoss(Objective):
     beta: float
     mean_over_mask: bool
     add_aux_loss: bool
-    batch_fields = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "pair_weight")
+    batch_fields = PAIR_BATCH_KEYS
     frozen_models = ("reference",)
 
     def weight_sum(self, batch):
