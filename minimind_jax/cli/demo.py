@@ -146,10 +146,12 @@ class DemoRun:
         weight = "pretrain" if mode == "pretrain" else "full_sft"
         return self.weights_dir / f"{weight_stem(weight, self.hidden_size, use_moe=False)}.pth"
 
-    def train_config(self, mode: str):
+    def train_config(self, mode: str, **changes):
+        """The demo's run of `mode` (its settings section): pretraining from random weights and SFT from the
+        pretrained ones as MiniMind names them; `changes` give the other commands their data and weights."""
         from minimind_jax.training.config import TrainConfig
 
-        return TrainConfig(
+        fields = dict(
             mode=mode,
             save_dir=str(self.weights_dir),
             save_weight="pretrain" if mode == "pretrain" else "full_sft",
@@ -163,6 +165,14 @@ class DemoRun:
             **self.settings["model"],
             **self.settings[mode],
         )
+        return TrainConfig(**{**fields, **changes})
+
+    def fresh_run(self, cfg) -> dict:
+        """training.run.train from the start (not resuming a run of an earlier demo); its summary."""
+        from minimind_jax.training.run import train
+
+        shutil.rmtree(pathlib.Path(cfg.checkpoint_dir) / cfg.run_name, ignore_errors=True)
+        return train(cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -205,11 +215,8 @@ def tokenizer_stage(run: DemoRun) -> dict:
 
 
 def _train_stage(run: DemoRun, mode: str) -> dict:
-    from minimind_jax.training.run import train
-
     cfg = run.train_config(mode)
-    shutil.rmtree(pathlib.Path(cfg.checkpoint_dir) / cfg.run_name, ignore_errors=True)  # a fresh run, not a resume
-    summary = train(cfg)
+    summary = run.fresh_run(cfg)
     log_dir = run.weights_dir / "logs" / cfg.run_name
     return {
         "weights": summary["weights"],
@@ -336,9 +343,8 @@ def dpo_stage(run: DemoRun) -> dict:
     from flax import nnx
 
     from minimind_jax.data.preference import PairBatches
-    from minimind_jax.training.config import TrainConfig
     from minimind_jax.training.evaluation import evaluate_preferences
-    from minimind_jax.training.run import load_run_data, objective_for, train
+    from minimind_jax.training.run import load_run_data, objective_for
     from minimind_jax.weights import load, params_of
 
     train_pairs, heldout_pairs = run.corpus_dir / "dpo.jsonl", run.corpus_dir / "dpo_heldout.jsonl"
@@ -346,14 +352,8 @@ def dpo_stage(run: DemoRun) -> dict:
         "train": _preference_pairs(run.corpus_dir / "sft.jsonl", train_pairs),
         "heldout": _preference_pairs(run.corpus_dir / "sft_heldout.jsonl", heldout_pairs),
     }
-    cfg = TrainConfig(
-        mode="dpo", save_dir=str(run.weights_dir), save_weight="dpo", from_weight=str(run.weights("sft")),
-        data_path=str(train_pairs), tokenizer_path=str(run.tokenizer_file), checkpoint_dir=str(run.checkpoint_dir),
-        cache_dir=str(run.cache_dir), mesh=run.mesh, progress=run.progress, **run.settings["model"],
-        **run.settings["dpo"],
-    )  # fmt: skip
-    shutil.rmtree(pathlib.Path(cfg.checkpoint_dir) / cfg.run_name, ignore_errors=True)  # a fresh run, not a resume
-    summary = train(cfg)
+    cfg = run.train_config("dpo", save_weight="dpo", from_weight=str(run.weights("sft")), data_path=str(train_pairs))
+    summary = run.fresh_run(cfg)
     reference = load(run.weights("sft"))
     heldout = load_run_data(cfg, str(heldout_pairs), reference.config)
     objective = objective_for(cfg, reference.config, {})
@@ -453,9 +453,8 @@ def lora_stage(run: DemoRun) -> dict:
     from minimind_jax.data.pipeline import make_batches
     from minimind_jax.data.tokenizer import load_tokenizer
     from minimind_jax.inference.generation import generate
-    from minimind_jax.training.config import TrainConfig
     from minimind_jax.training.evaluation import evaluate, make_loss_sums
-    from minimind_jax.training.run import load_run_data, train
+    from minimind_jax.training.run import load_run_data
     from minimind_jax.weights import load, params_of
     from minimind_jax.weights.lora import load_lora, merge_adapters
 
@@ -464,14 +463,10 @@ def lora_stage(run: DemoRun) -> dict:
         files[split] = run.corpus_dir / name
         records = _identity_records(split) * (8 if split == 1 else 1)  # a few epochs' worth per pass
         files[split].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), "utf-8")
-    cfg = TrainConfig(
-        mode="lora", save_dir=str(run.weights_dir), lora_name="lora_identity", from_weight=str(run.weights("sft")),
-        data_path=str(files[1]), tokenizer_path=str(run.tokenizer_file), checkpoint_dir=str(run.checkpoint_dir),
-        cache_dir=str(run.cache_dir), mesh=run.mesh, progress=run.progress, **run.settings["model"],
-        **run.settings["lora"],
-    )  # fmt: skip
-    shutil.rmtree(pathlib.Path(cfg.checkpoint_dir) / cfg.run_name, ignore_errors=True)  # a fresh run, not a resume
-    summary = train(cfg)
+    cfg = run.train_config(
+        "lora", lora_name="lora_identity", from_weight=str(run.weights("sft")), data_path=str(files[1])
+    )
+    summary = run.fresh_run(cfg)
     base = load(run.weights("sft"))
     adapted = merge_adapters(load_lora(base, summary["weights"]))
     eval_sums = make_loss_sums(nnx.graphdef(base))
