@@ -3,6 +3,9 @@
 IN.pth  -> OUT/   MiniMind weights (plain fp16/fp32 state dict or resume dict) to our Orbax checkpoint;
                   era, sizes and MoE layout are read off the keys and shapes.
 IN/     -> OUT.pth  our checkpoint (or a training run's newest step) to MiniMind's .pth, fp16 by default.
+IN -> OUT/ --format hf  to the Hugging Face format (safetensors, config.json, generation_config.json and, with
+                  --tokenizer_path, the tokenizer files): LlamaForCausalLM (2510 dense), Qwen3ForCausalLM (v3
+                  dense), Qwen3MoeForCausalLM (v3 MoE). A Hugging Face directory as IN goes to .pth or a checkpoint.
 --merge_lora LORA.pth  folds a MiniMind LoRA file into the weights first (MiniMind's merge_lora).
 """
 
@@ -18,8 +21,17 @@ from minimind_jax.errors import UserError
 def add_arguments(parser: argparse.ArgumentParser, command: str = "convert") -> None:
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("input", help="a MiniMind .pth, or a minimind-jax checkpoint directory")
-    parser.add_argument("output", help="a checkpoint directory (from .pth) or a .pth path (from a checkpoint)")
+    parser.add_argument("input", help="a MiniMind .pth, a minimind-jax checkpoint or a Hugging Face directory")
+    parser.add_argument("output", help="a .pth path, or a directory: a checkpoint, or with --format hf a HF model")
+    parser.add_argument(
+        "--format",
+        default="minimind",
+        choices=("minimind", "hf"),
+        help="minimind: a .pth or our checkpoint, by OUT's suffix (default); hf: the Hugging Face format",
+    )
+    parser.add_argument(
+        "--tokenizer_path", default=None, help="--format hf: the MiniMind tokenizer directory to add (model/)"
+    )
     parser.add_argument("--arch", choices=("minimind2", "minimind3"), help="override the inferred era")
     parser.add_argument("--num_attention_heads", type=int, help="2510 shapes cannot tell the head count (default 8)")
     parser.add_argument("--num_experts_per_tok", type=int, help="MoE top-k (default: the era's)")
@@ -27,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "convert") -> 
         "--dtype",
         default="float16",
         choices=("float16", "float32", "bfloat16"),
-        help="dtype of an exported .pth (MiniMind saves float16)",
+        help="dtype of an exported .pth or Hugging Face model (MiniMind saves float16)",
     )
     parser.add_argument("--merge_lora", default=None, help="a MiniMind LoRA file to merge into the weights: W + A·B")
 
@@ -40,13 +52,21 @@ def run(args) -> int:
         k: v for k in ("arch", "num_attention_heads", "num_experts_per_tok") if (v := getattr(args, k)) is not None
     }
     source, target = pathlib.Path(args.input), pathlib.Path(args.output)
+    if args.tokenizer_path is not None and args.format != "hf":
+        raise UserError("--tokenizer_path is for --format hf only (a .pth or checkpoint holds no tokenizer)")
     model = load(source, **overrides)
     if args.merge_lora:
         from minimind_jax.weights.lora import load_lora, merge_adapters
 
         model = merge_adapters(load_lora(model, args.merge_lora))
     cfg = model.config
-    if target.suffix == ".pth":
+    if args.format == "hf":
+        from minimind_jax.weights.hf import save_hf
+
+        save_hf(model, target, dtype=args.dtype, tokenizer_path=args.tokenizer_path)
+        if args.tokenizer_path is None:
+            print(f"note: no --tokenizer_path, so {target} has no tokenizer files")
+    elif target.suffix == ".pth":
         save_pth(model, target, dtype=args.dtype)
     else:
         save_model_checkpoint(model, target)
