@@ -22,6 +22,7 @@ import numpy as np
 from minimind_jax.data.tokenizer import Tokenizer, check_fits, load_tokenizer
 from minimind_jax.errors import UserError
 from minimind_jax.inference.generation import Decoder, check_room
+from minimind_jax.inference.text import StreamPrinter
 from minimind_jax.model.config import DTYPES, weight_stem
 from minimind_jax.model.transformer import MiniMind
 
@@ -141,48 +142,6 @@ def add_arguments(parser, command: str) -> None:
         "of a new length bucket includes compiling)",
     )
     parser.add_argument("--seed", default=DEFAULT_SEED, type=int, help="sampling seed of every turn")
-
-
-class StreamPrinter:
-    """Prints a reply as tokens arrive, decoding only the newest tokens each time.
-
-    New tokens are decoded after the piece printed before them, since a token's text can depend on what
-    precedes it (SentencePiece's word-initial space). A character split over several byte tokens is held
-    back until it is whole, for at most MAX_HELD_TOKENS tokens: bytes that no more tokens can complete are
-    printed as U+FFFD, so the output never stalls on them.
-    """
-
-    MAX_HELD_TOKENS = 3  # a UTF-8 character is at most 4 bytes, and every token adds at least one
-
-    def __init__(self, tokenizer: Tokenizer, write: Callable[[str], None]):
-        self.tokenizer, self.write = tokenizer, write
-        self.ids: list[int] = []
-        self.context_start = 0  # ids[context_start:printed_end]: the piece printed last, decoded again as context
-        self.printed_end = 0
-
-    def add(self, token: int) -> None:
-        self.ids.append(token)
-        end = len(self.ids)
-        for cut in range(end, max(end - self.MAX_HELD_TOKENS, self.printed_end), -1):
-            if not self._decode(cut).endswith("\ufffd"):  # ids[:cut] end on a whole character
-                self._print_to(cut)
-                return
-        if end - self.MAX_HELD_TOKENS > self.printed_end:
-            self._print_to(end - self.MAX_HELD_TOKENS)
-
-    def finish(self) -> str:
-        """Prints what is still held back (an unfinished character at the very end); returns the whole text."""
-        self._print_to(len(self.ids))
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
-
-    def _decode(self, end: int) -> str:
-        return self.tokenizer.decode(self.ids[self.context_start : end], skip_special_tokens=True)
-
-    def _print_to(self, end: int) -> None:
-        context, text = self._decode(self.printed_end), self._decode(end)
-        if len(text) > len(context):
-            self.write(text[len(context) :])
-            self.context_start, self.printed_end = self.printed_end, end
 
 
 class ChatSession:

@@ -30,6 +30,7 @@ SUBCOMMANDS = {
     "tokenizer": ("minimind_jax.cli.tokenizer", "train a SentencePiece tokenizer for MiniMind"),
     "chat": ("minimind_jax.cli.chat", "chat with a model (REPL or --prompt)"),
     "eval": ("minimind_jax.cli.eval", "masked loss and perplexity on a jsonl"),
+    "serve": ("minimind_jax.cli.serve", "an OpenAI-compatible chat server (MiniMind's serve_openai_api.py)"),
     "bench": ("minimind_jax.bench.train_step", "side-by-side SFT step benchmark against PyTorch"),
     "demo": ("minimind_jax.cli.demo", "end-to-end: corpus, tokenizer, pretrain, SFT, export, chat"),
 }

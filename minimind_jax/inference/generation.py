@@ -56,9 +56,10 @@ def bucket_length(length: int) -> int:
 
 
 class Sampling(NamedTuple):
-    """Sampling settings, held as traced scalars so that changing them never recompiles."""
+    """Sampling settings, held as traced arrays so that changing them never recompiles: scalars for every
+    row (`create`), or [B] with one setting per row (`per_row`)."""
 
-    temperature: jax.Array  # fp32; only used when sampling
+    temperature: jax.Array  # fp32; only used when sampling; a row's 0 (per_row) picks its most likely token
     top_k: jax.Array  # int32; <= 0 turns top-k off
     top_p: jax.Array  # fp32; >= 1 turns top-p off
     repetition_penalty: jax.Array  # fp32; 1 turns it off
@@ -75,6 +76,24 @@ class Sampling(NamedTuple):
             raise UserError(f"top_p must be > 0, got {top_p}")
         return cls(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.float32(repetition_penalty))
 
+    @classmethod
+    def per_row(cls, temperature, top_k, top_p, repetition_penalty) -> Sampling:
+        """One setting per row (sequences of length B), for a batch of unrelated requests. Decode it with
+        do_sample=True; rows with temperature 0 are greedy (the argmax after the repetition penalty)."""
+        temperature, top_p, repetition_penalty = (
+            np.asarray(x, np.float32) for x in (temperature, top_p, repetition_penalty)
+        )
+        if not (np.all(temperature >= 0) and np.all(top_p > 0) and np.all(repetition_penalty > 0)):
+            raise UserError("per-row sampling needs temperature >= 0, top_p > 0 and repetition_penalty > 0")
+        return cls(
+            jnp.asarray(temperature), jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p), jnp.asarray(repetition_penalty)
+        )
+
+
+def _per_row(setting):
+    """A scalar or [B] setting as [1, 1] or [B, 1], to broadcast against [B, V]."""
+    return jnp.reshape(setting, (-1, 1))
+
 
 def penalize_repeats(logits_BV, seen_BV, penalty):
     """Seen tokens: positive logits are divided by the penalty, the others multiplied by it."""
@@ -88,30 +107,37 @@ def filter_top_k_top_p(logits_BV, top_k, top_p):
     Top-k keeps the logits >= the k-th largest. Top-p keeps the shortest prefix of the sorted distribution
     whose probability exceeds top_p (always at least one token). Logits tied at either cut-off are all kept.
     """
-    vocab = logits_BV.shape[-1]
+    batch, vocab = logits_BV.shape
+    top_k_B1, top_p_B1 = _per_row(top_k), _per_row(top_p)
     sorted_BV = -jnp.sort(-logits_BV, axis=-1)  # descending
-    kth_B1 = jnp.where(top_k > 0, sorted_BV[:, jnp.clip(top_k - 1, 0, vocab - 1)][:, None], -jnp.inf)
+    kth_index_B1 = jnp.broadcast_to(jnp.clip(top_k_B1 - 1, 0, vocab - 1), (batch, 1))
+    kth_B1 = jnp.where(top_k_B1 > 0, jnp.take_along_axis(sorted_BV, kth_index_B1, axis=-1), -jnp.inf)
     logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
     sorted_BV = jnp.where(sorted_BV < kth_B1, -jnp.inf, sorted_BV)
 
     # Sorted position j is removed when the probability mass of positions < j already exceeds top_p.
     cumulative_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
-    num_kept_B = 1 + jnp.sum(cumulative_BV[:, :-1] <= top_p, axis=-1)
+    num_kept_B = 1 + jnp.sum(cumulative_BV[:, :-1] <= top_p_B1, axis=-1)
     cutoff_B1 = jnp.take_along_axis(sorted_BV, (num_kept_B - 1)[:, None], axis=-1)
-    cutoff_B1 = jnp.where(top_p < 1.0, cutoff_B1, -jnp.inf)
+    cutoff_B1 = jnp.where(top_p_B1 < 1.0, cutoff_B1, -jnp.inf)
     return jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
 
 
 def choose_tokens(logits_BV, seen_BV, sampling: Sampling, key, do_sample: bool):
     """The next token [B]: MiniMind's temperature, repetition penalty, top-k, top-p, then a draw or argmax.
 
-    Greedy decoding skips the temperature and the filters, which cannot change the argmax.
+    Greedy decoding (and a row with temperature 0) skips the temperature and the filters, which cannot
+    change the argmax.
     """
+    penalty_B1, temperature_B1 = _per_row(sampling.repetition_penalty), _per_row(sampling.temperature)
+    greedy_B = jnp.argmax(penalize_repeats(logits_BV, seen_BV, penalty_B1), axis=-1).astype(jnp.int32)
     if not do_sample:
-        return jnp.argmax(penalize_repeats(logits_BV, seen_BV, sampling.repetition_penalty), axis=-1).astype(jnp.int32)
-    logits_BV = penalize_repeats(logits_BV / sampling.temperature, seen_BV, sampling.repetition_penalty)
+        return greedy_B
+    sampled_B1 = temperature_B1 > 0
+    logits_BV = penalize_repeats(logits_BV / jnp.where(sampled_B1, temperature_B1, 1.0), seen_BV, penalty_B1)
     logits_BV = filter_top_k_top_p(logits_BV, sampling.top_k, sampling.top_p)
-    return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+    drawn_B = jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+    return jnp.where(sampled_B1[:, 0], drawn_B, greedy_B)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -334,10 +360,14 @@ class Decoder:
         top_p: float = 0.85,
         repetition_penalty: float = 1.0,
         eos_token_id: int | None = 2,
+        sampling: Sampling | None = None,
     ):
+        """`sampling` (e.g. `Sampling.per_row`) replaces the scalar settings when given."""
         self.vocab_size = model.config.vocab_size
         self.do_sample = do_sample
-        self.sampling = Sampling.create(do_sample, temperature, top_k, top_p, repetition_penalty)
+        if sampling is None:
+            sampling = Sampling.create(do_sample, temperature, top_k, top_p, repetition_penalty)
+        self.sampling = sampling
         self.eos_id = jnp.int32(-1 if eos_token_id is None else eos_token_id)
         self.params, self.compiled = _compiled_for(model)
 

@@ -9,7 +9,14 @@ from flax import nnx
 
 from minimind_jax import weights
 from minimind_jax.errors import UserError
-from minimind_jax.inference.generation import Decoder, bucket_length, filter_top_k_top_p, generate, stream
+from minimind_jax.inference.generation import (
+    Decoder,
+    Sampling,
+    bucket_length,
+    filter_top_k_top_p,
+    generate,
+    stream,
+)
 from minimind_jax.model.config import ModelConfig
 from minimind_jax.model.transformer import MiniMind
 from tests.conftest import require_shared
@@ -190,6 +197,24 @@ def test_sampling_is_reproducible_per_seed(tiny_model):
     np.testing.assert_array_equal(first, draw(5))
     assert not np.array_equal(first, draw(6))
     assert not np.array_equal(first[0], first[1])  # rows draw independently
+
+
+def test_per_row_settings_decode_each_row_by_its_own(tiny_model):
+    """One batch, three requests: greedy (temperature 0), top_k 1 (the argmax too) and free sampling."""
+    ids, mask = left_padded(prompts([5, 9, 7], seed=6))
+    greedy = generate(tiny_model, ids, 12, attention_mask=mask, repetition_penalty=1.1, eos_token_id=None)[:, 9:]
+    sampling = Sampling.per_row([0.0, 1.0, 1.5], [50, 1, 0], [0.9, 1.0, 1.0], [1.1, 1.1, 1.1])
+    decoder = Decoder(tiny_model, do_sample=True, eos_token_id=None, sampling=sampling)
+    state = decoder.start(ids, mask, seed=3, expected_new_tokens=12)
+    tokens = [state.tokens_B]
+    for _ in range(11):
+        state = decoder.step(state)
+        tokens.append(state.tokens_B)
+    tokens = np.stack(tokens, 1)
+    np.testing.assert_array_equal(tokens[:2], greedy[:2])
+    assert not np.array_equal(tokens[2], greedy[2])
+    with pytest.raises(UserError, match="per-row"):
+        Sampling.per_row([-1.0], [0], [1.0], [1.0])
 
 
 @pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (40, 0.3)])

@@ -1,0 +1,258 @@
+"""`main.py serve` as a real server process, driven by the official `openai` client: the replies are greedy
+`generate`'s, concurrent requests each get their own, bad requests get OpenAI's 4xx errors. Plus the reply
+parsing (thinking, tool calls) on its own."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from flax import nnx
+
+import main
+from minimind_jax import weights
+from minimind_jax.data.tokenizer import load_tokenizer
+from minimind_jax.inference.generation import generate
+from minimind_jax.inference.text import ReplyStream, split_reply
+from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.transformer import MiniMind
+from tests.conftest import REPO_ROOT
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+MAX_TOKENS = 12
+QUESTIONS = [
+    "hello there",
+    "how are you today",
+    "what is your name",
+    "tell me about cats",
+    "where do birds go in winter",
+    "is the sky blue",
+    "name a colour",
+    "what time is it",
+    "do you like music",
+    "what is two plus two",
+    "say something nice",
+    "why is the sea salty",
+    "who are you",
+    "what do you eat",
+    "can you sing",
+    "good night",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(chat_data, tmp_path_factory):
+    """A tiny random 2510 model as a MiniMind .pth, served by `main.py serve` in its own process."""
+    root = tmp_path_factory.mktemp("serve")
+    tokenizer = load_tokenizer(chat_data["tokenizer"])
+    config = ModelConfig(arch="minimind2", hidden_size=64, num_hidden_layers=2, vocab_size=tokenizer.vocab_size)
+    pth = weights.save_pth(MiniMind(config, rngs=nnx.Rngs(5)), root / "full_sft_64.pth")
+    port = free_port()
+    log = open(root / "server.log", "w+")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    command = [
+        sys.executable,
+        "main.py",
+        "serve",
+        "--load_from",
+        str(pth),
+        "--tokenizer_path",
+        str(chat_data["tokenizer"]),
+    ]
+    server = subprocess.Popen(
+        [*command, "--port", str(port)], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            if server.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"the server exited with {server.returncode}:\n{log.read()}")
+            try:
+                if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("the server did not answer /health within two minutes")
+        yield {
+            "base_url": base_url,
+            "client": openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=300),
+            "model": weights.load(pth),
+            "tokenizer": tokenizer,
+        }
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def greedy_content(served, messages, max_tokens=MAX_TOKENS):
+    """What the server must answer: the project's `generate`, greedy, on the chat template's prompt."""
+    tokenizer = served["tokenizer"]
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    new = list(
+        generate(served["model"], np.asarray([prompt]), max_tokens, eos_token_id=tokenizer.eos_id)[0, len(prompt) :]
+    )
+    if tokenizer.eos_id in new:
+        new = new[: new.index(tokenizer.eos_id)]
+    return tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def test_greedy_replies_streamed_or_not_are_generates(served):
+    client, messages = served["client"], [{"role": "system", "content": "be brief"}, *user("hello there")]
+    expected = greedy_content(served, messages)
+    assert expected  # a reply with text in it, so the comparisons below mean something
+
+    reply = client.chat.completions.create(model="any-name", messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+    assert reply.choices[0].message.content == expected
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens <= MAX_TOKENS
+
+    chunks = list(
+        client.chat.completions.create(
+            model="gpt-4o",
+            messages=messages,
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reply.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+
+def test_models_and_health(served):
+    listed = served["client"].models.list().data
+    assert [m.id for m in listed] == ["full_sft_64"]
+    assert httpx.get(f"{served['base_url']}/health").json()["status"] == "ok"
+
+
+def test_concurrent_clients_each_get_their_own_reply(served):
+    expected = [greedy_content(served, user(q)) for q in QUESTIONS]
+    assert len(set(expected)) > len(QUESTIONS) // 2  # the prompts lead to different replies
+    batches_before = httpx.get(f"{served['base_url']}/health").json()["batches"]
+
+    def ask(question):
+        reply = served["client"].chat.completions.create(
+            model="minimind", messages=user(question), max_tokens=MAX_TOKENS, temperature=0
+        )
+        return reply.choices[0].message.content
+
+    with ThreadPoolExecutor(len(QUESTIONS)) as pool:
+        got = list(pool.map(ask, QUESTIONS))
+    assert got == expected
+    batches = httpx.get(f"{served['base_url']}/health").json()["batches"] - batches_before
+    assert batches < len(QUESTIONS)  # requests were decoded together
+
+
+def test_sampled_and_greedy_requests_share_a_batch(served):
+    """A sampled request decoded beside greedy ones leaves their greedy replies unchanged."""
+    settings = [(q, 0.0 if i % 2 else 1.0) for i, q in enumerate(QUESTIONS[:6])]
+
+    def ask(question_and_temperature):
+        question, temperature = question_and_temperature
+        reply = served["client"].chat.completions.create(
+            model="m", messages=user(question), max_tokens=MAX_TOKENS, temperature=temperature, top_p=0.9
+        )
+        return reply.choices[0].message.content
+
+    with ThreadPoolExecutor(len(settings)) as pool:
+        got = list(pool.map(ask, settings))
+    for (question, temperature), content in zip(settings, got):
+        if temperature == 0:
+            assert content == greedy_content(served, user(question))
+
+
+@pytest.mark.parametrize(
+    "body, param, code",
+    [
+        (b'{"model": "m", "messages": [', None, None),
+        ({"model": "m", "messages": "hello"}, "messages", None),
+        ({"model": "m", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.[0].role", None),
+        ({"model": "m", "messages": user("hi"), "max_tokens": -5}, "max_tokens", None),
+        ({"model": "m", "messages": user("hi"), "temperature": "hot"}, "temperature", None),
+        ({"model": "m", "messages": user("word " * 40000)}, "messages", "context_length_exceeded"),
+        ({"model": "m", "messages": user("hi"), "max_tokens": 40000}, "max_tokens", "context_length_exceeded"),
+    ],
+)
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served, body, param, code):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(f"{served['base_url']}/v1/chat/completions", content=content, timeout=60)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["code"] == code
+    assert "\n" not in error["message"]
+
+    with pytest.raises(openai.BadRequestError):
+        served["client"].chat.completions.create(model="m", messages=[{"role": "wizard", "content": "hi"}])
+    reply = served["client"].chat.completions.create(model="m", messages=user("hi"), max_tokens=2, temperature=0)
+    assert reply.choices[0].message.content == greedy_content(served, user("hi"), max_tokens=2)
+
+
+def test_serve_without_fastapi_says_what_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else find_spec(name, *a)
+    )
+    assert main.main(["serve", "--load_from", "no/such/weights.pth"]) == 1
+    assert capsys.readouterr().err.strip() == "error: main.py serve needs fastapi: pip install minimind-jax[serve]"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reply parsing
+
+
+THOUGHT_AND_CALL = (
+    "the user wants the weather\n</think>\n\nLet me look. "
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+)
+
+
+def test_reasoning_and_tool_calls_are_split_out():
+    content, reasoning, calls = split_reply(THOUGHT_AND_CALL)
+    assert (content, reasoning) == ("Let me look.", "the user wants the weather")
+    assert [c["function"] for c in calls] == [{"name": "get_weather", "arguments": '{"city": "Paris"}'}]
+    assert calls[0]["type"] == "function" and calls[0]["id"].startswith("call_")
+    assert split_reply("<think>hm</think> ok <tool_call>not json</tool_call>") == (
+        "ok <tool_call>not json</tool_call>",
+        "hm",
+        [],
+    )
+    assert split_reply("  plain  ") == ("plain", None, [])
+
+
+@pytest.mark.parametrize("cut", [1, 3, 7])
+def test_streamed_pieces_add_up_to_the_split_reply(cut):
+    stream = ReplyStream(thinking=True)
+    deltas = [stream.add(THOUGHT_AND_CALL[i : i + cut]) for i in range(0, len(THOUGHT_AND_CALL), cut)]
+    reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
+    content = "".join(d.get("content", "") for d in deltas)
+    assert reasoning == "the user wants the weather"
+    assert "</" not in reasoning
+    assert content == THOUGHT_AND_CALL.split("</think>")[1].strip()  # tool calls stream as text, as MiniMind's
