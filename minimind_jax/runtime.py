@@ -15,6 +15,8 @@ import os
 import pathlib
 import sys
 
+from minimind_jax.errors import UserError, first_line
+
 KEEP_FREED_MEMORY_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
 OPT_OUT_ENV = "MINIMIND_JAX_SYSTEM_MALLOC"
 
@@ -50,17 +52,76 @@ def use_compilation_cache(directory: str | None, cache_every_compile: bool = Fal
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
-def maybe_initialize_distributed() -> None:
-    """jax.distributed for multi-process launches (TPU pod slices, SLURM, or explicit coordinator env)."""
+DISTRIBUTED_ENV = {  # JAX's variables for what the flags give
+    "coordinator_address": "JAX_COORDINATOR_ADDRESS",
+    "num_processes": "JAX_NUM_PROCESSES",
+    "process_id": "JAX_PROCESS_ID",
+}
+
+
+def distributed_settings(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> dict[str, str | int]:
+    """The settings of jax.distributed that the flags give, else JAX's environment variables; those neither
+    gives are left to JAX's cluster detection. Checked: a bad one is a UserError naming its flag or variable."""
+    given = {"coordinator_address": coordinator_address, "num_processes": num_processes, "process_id": process_id}
+    settings, origin = {}, {}
+    for name, value in given.items():
+        if value is not None:
+            settings[name], origin[name] = value, f"--{name} {value}"
+        elif os.environ.get(DISTRIBUTED_ENV[name]):
+            value = os.environ[DISTRIBUTED_ENV[name]]
+            settings[name], origin[name] = value, f"{DISTRIBUTED_ENV[name]}={value}"
+    for name in ("num_processes", "process_id"):
+        if name in settings:
+            value = str(settings[name])
+            minimum = 1 if name == "num_processes" else 0
+            if not value.isdigit() or int(value) < minimum:
+                raise UserError(f"{origin[name]}: must be an integer >= {minimum}")
+            settings[name] = int(value)
+    if "process_id" in settings and "num_processes" in settings and settings["process_id"] >= settings["num_processes"]:
+        raise UserError(f"{origin['process_id']} is out of range for {origin['num_processes']} (ids 0 to N - 1)")
+    if "coordinator_address" in settings:
+        host, _, port = str(settings["coordinator_address"]).rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 2**16:
+            raise UserError(f"{origin['coordinator_address']}: expected host:port (process 0's host, a free port)")
+    return settings
+
+
+def cluster_detected() -> bool:
+    """A launch of several processes that jax.distributed recognizes by itself: a TPU pod slice, SLURM or
+    Open MPI."""
+    return (
+        int(os.environ.get("SLURM_NTASKS", "1")) > 1
+        or len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
+        or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    )
+
+
+def maybe_initialize_distributed(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
+    """jax.distributed for a multi-process launch: with the settings the flags or JAX's variables give
+    (`distributed_settings`), or on a cluster JAX detects. Before anything starts JAX's backend.
+
+    On CPU the processes' collectives go through gloo (unless JAX_CPU_COLLECTIVES_IMPLEMENTATION says mpi).
+    """
     import jax
 
-    multi_process = (
-        os.environ.get("JAX_COORDINATOR_ADDRESS")
-        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-        or len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
-    )
-    if multi_process and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+    settings = distributed_settings(coordinator_address, num_processes, process_id)
+    if settings.get("num_processes") == 1 or jax.distributed.is_initialized():
+        return
+    if not settings and not cluster_detected():
+        return
+    if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(**settings)
+    except ValueError as error:  # a setting neither given nor detected (JAX names it)
+        raise UserError(
+            f"jax.distributed: {first_line(error)} Give --coordinator_address host:port --num_processes N "
+            "--process_id I (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)"
+        ) from None
 
 
 def default_cache_dir() -> pathlib.Path:

@@ -124,6 +124,25 @@ def packing_stats(dataset: TokenizedDataset, rows: list[np.ndarray] | None) -> d
 # Batches
 
 
+def process_rows(sharding: jax.sharding.Sharding, num_rows: int) -> np.ndarray:
+    """The rows of a global batch of `num_rows` that this process's devices hold under `sharding` (split on
+    its first axis), in the order jax.make_array_from_process_local_data takes them: all rows when the batch
+    is replicated over the processes."""
+    spans = {
+        (index[0].start or 0, num_rows if index[0].stop is None else index[0].stop)
+        for index in sharding.addressable_devices_indices_map((num_rows,)).values()
+    }
+    return np.concatenate([np.arange(start, stop) for start, stop in sorted(spans)])
+
+
+def global_batch(sharding: jax.sharding.Sharding, local: dict[str, np.ndarray], num_rows: int) -> dict[str, Any]:
+    """jax.Arrays of `num_rows` rows from this process's rows (`process_rows`) of each array in `local`."""
+    return {
+        key: jax.make_array_from_process_local_data(sharding, value, (num_rows, *value.shape[1:]))
+        for key, value in local.items()
+    }
+
+
 class BatchIterator:
     """Global batches over `epochs` epochs; see `make_batches`.
 
@@ -146,7 +165,7 @@ class BatchIterator:
         num_threads: int,
     ):
         process_count, process_index = jax.process_count(), jax.process_index()
-        if batch_size < 1 or batch_size % process_count:
+        if batch_size < 1 or (sharding is None and batch_size % process_count):
             raise UserError(f"--batch_size {batch_size} must be a positive multiple of the {process_count} processes")
         self.dataset = dataset
         self.batch_size = batch_size
@@ -158,8 +177,13 @@ class BatchIterator:
         self.drop_remainder = drop_remainder
         self._prefetch = prefetch
         self._num_threads = num_threads
-        self._local_rows = slice(
-            process_index * batch_size // process_count, (process_index + 1) * batch_size // process_count
+        # The rows of each global batch this process reads: those its devices hold, or without a sharding its
+        # contiguous share.
+        share = batch_size // process_count
+        self._local_rows = (
+            np.arange(process_index * share, (process_index + 1) * share)
+            if sharding is None
+            else process_rows(sharding, batch_size)
         )
         self.rows = plan_rows(dataset, seed=seed, packing=packing, shuffle=shuffle)
         self.num_rows = len(dataset) if self.rows is None else len(self.rows)
@@ -206,12 +230,13 @@ class BatchIterator:
         return packed_row(self.dataset, self.rows[row])
 
     def host_batch(self, step: int) -> dict[str, np.ndarray]:
-        """This process's share of global batch `step`, as numpy [batch_size / process_count, T]."""
+        """This process's rows of global batch `step` (only those are read), as numpy [local rows, T]."""
         epoch, index = divmod(step, self.steps_per_epoch)
         chosen = self.row_order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
-        rows = [self.row(int(r)) for r in chosen]
-        rows += [empty_row(self.dataset.seq_len)] * (self.batch_size - len(rows))  # a short last batch
-        rows = rows[self._local_rows]
+        # A short last batch is filled with empty rows.
+        rows = [
+            self.row(int(chosen[i])) if i < len(chosen) else empty_row(self.dataset.seq_len) for i in self._local_rows
+        ]
         return {key: np.stack([row[key] for row in rows]) for key in BATCH_KEYS}
 
     def _start(self) -> Iterator[dict[str, np.ndarray]]:
@@ -231,11 +256,7 @@ class BatchIterator:
         self._next_step += 1
         if self.sharding is None:
             return batch
-        global_shape = (self.batch_size, self.dataset.seq_len)
-        return {
-            key: jax.make_array_from_process_local_data(self.sharding, value, global_shape)
-            for key, value in batch.items()
-        }
+        return global_batch(self.sharding, batch, self.batch_size)
 
     def _identity(self) -> dict[str, Any]:
         """What must match for a saved position to mean the same batches."""

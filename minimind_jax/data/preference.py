@@ -27,6 +27,7 @@ from minimind_jax.data.examples import (
     pad_to,
     sft_markers,
 )
+from minimind_jax.data.pipeline import global_batch, process_rows
 from minimind_jax.data.records import BadRecord, DroppedRecord, SkipReport, read_jsonl
 from minimind_jax.data.tokenizer import Tokenizer
 from minimind_jax.errors import UserError
@@ -98,8 +99,6 @@ class PairBatches:
 
     def __init__(self, data: PreferenceData, *, batch_size: int, seed: int, epochs: int = 1, shuffle: bool = True,
                  sharding: jax.sharding.Sharding | None = None):  # fmt: skip
-        if jax.process_count() > 1:
-            raise UserError("dpo runs in one process (its pairs are loaded whole); use a mesh of local devices")
         self.data, self.batch_size, self.seed, self.epochs = data, batch_size, seed, epochs
         self.shuffle, self.sharding = shuffle, sharding
         self.steps_per_epoch = math.ceil(len(data) / batch_size)
@@ -123,6 +122,9 @@ class PairBatches:
     def __iter__(self):
         return self
 
+    def close(self) -> None:
+        """As make_batches' iterator has it; the pairs are in memory, with no worker to stop."""
+
     def __next__(self) -> dict:
         if self.step >= self.total_steps:
             raise StopIteration
@@ -143,4 +145,7 @@ class PairBatches:
             positions=np.broadcast_to(np.arange(t, dtype=np.int32), (2 * self.batch_size, t)).copy(),
             pair_weight=weight,
         )
-        return batch if self.sharding is None else jax.device_put(batch, self.sharding)
+        if self.sharding is None:
+            return batch
+        local = process_rows(self.sharding, 2 * self.batch_size)  # a pair's rows sit on one device
+        return global_batch(self.sharding, {key: value[local] for key, value in batch.items()}, 2 * self.batch_size)

@@ -65,6 +65,8 @@ AT_LEAST = {
     "lora_rank": 1,
     "teacher_hidden_size": 1,
     "teacher_num_layers": 1,
+    "num_processes": 1,
+    "process_id": 0,
 }
 # MiniMind's distillation names the student's sizes and weights; here they are the run's own fields.
 STUDENT_FLAGS = {
@@ -154,6 +156,16 @@ class TrainConfig:
     arch: str = flag("minimind2", "minimind2: the 2510 era; minimind3: v3")
     tokenizer_path: str = flag("model", "MiniMind tokenizer directory or SentencePiece .model")
     mesh: str | None = flag(None, "device mesh, e.g. data=8 or data=2,fsdp=2,tensor=2 (default: all devices on data)")
+    # Several processes (hosts): jax.distributed; see runtime.maybe_initialize_distributed.
+    coordinator_address: str | None = flag(
+        None,
+        "host:port of process 0 in a multi-process run (default: $JAX_COORDINATOR_ADDRESS, or what "
+        "jax.distributed detects on a TPU pod slice, under SLURM or Open MPI)",
+    )
+    num_processes: int | None = flag(None, "processes in the run (default: $JAX_NUM_PROCESSES, or detected)")
+    process_id: int | None = flag(
+        None, "this process's id, 0 to num_processes - 1 (default: $JAX_PROCESS_ID, or detected)"
+    )
     seed: int = flag(42, "seed for init, shuffling and dropout")
     loss_norm: str = flag(
         "tokens", "tokens (global token-weighted) | minimind (per micro-batch mean / accumulation_steps)"

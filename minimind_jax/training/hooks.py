@@ -6,6 +6,7 @@ import signal
 from collections.abc import Callable
 
 import jax
+import jax.experimental.multihost_utils
 import numpy as np
 import tqdm
 from flax import nnx
@@ -57,8 +58,11 @@ class Checkpointer:
                 force=True,
             )
             self.checkpointed = state.update
+        params = state.params
+        if jax.process_count() > 1:  # the arrays span processes: all of them gather, process 0 writes
+            params = jax.experimental.multihost_utils.process_allgather(params, tiled=True)
         if self.is_main:
-            self.export(nnx.merge(self.graphdef, state.params))
+            self.export(nnx.merge(self.graphdef, params))
         if wait:
             self.checkpoints.wait()
 

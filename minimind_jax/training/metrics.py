@@ -185,10 +185,11 @@ class MetricLogger:
         if metrics["skipped"]:
             self.consecutive_skips += 1
             self.total_skips += 1
-            tqdm.tqdm.write(
-                f"update {update}: non-finite loss or gradient (loss {float(metrics['loss'])}, grad norm "
-                f"{float(metrics['grad_norm'])}) at data batches {list(data_batches)}; update skipped"
-            )
+            if self.is_main:
+                tqdm.tqdm.write(
+                    f"update {update}: non-finite loss or gradient (loss {float(metrics['loss'])}, grad norm "
+                    f"{float(metrics['grad_norm'])}) at data batches {list(data_batches)}; update skipped"
+                )
         else:
             self.consecutive_skips = 0
         self.window_updates += 1

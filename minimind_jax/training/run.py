@@ -313,7 +313,7 @@ def describe_run(cfg, model_config, mesh, dtype, step, num_examples, batches, to
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Runs the whole training job; returns a summary (final losses, throughput, paths)."""
-    maybe_initialize_distributed()
+    maybe_initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
     use_compilation_cache(cfg.compilation_cache_dir)
     is_main = jax.process_index() == 0
     if cfg.use_wandb:

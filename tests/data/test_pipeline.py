@@ -221,3 +221,22 @@ def test_benchmark_reports_measured_figures(tmp_path, small_tokenizer):
     assert figures["cold_records_per_s"] > 0 and figures["cached_examples_per_s"] > 0
     assert figures["packed"]["token_fraction"] > figures["unpacked"]["token_fraction"]
     assert set(figures) == {"records", "examples", "cold_records_per_s", "cached_examples_per_s", "unpacked", "packed"}
+
+
+class _Placement:
+    """A sharding as process_rows sees it: the batch slice of each of this process's devices."""
+
+    def __init__(self, *slices):
+        self.slices = slices
+
+    def addressable_devices_indices_map(self, shape):
+        return {device: (rows,) for device, rows in enumerate(self.slices)}
+
+
+def test_process_rows_are_the_rows_this_process_devices_hold():
+    assert pipeline.process_rows(_Placement(slice(4, 6), slice(6, 8)), 8).tolist() == [4, 5, 6, 7]
+    # devices in any order, rows apart: in row order, as make_array_from_process_local_data takes them
+    assert pipeline.process_rows(_Placement(slice(12, 14), slice(2, 4)), 16).tolist() == [2, 3, 12, 13]
+    assert pipeline.process_rows(_Placement(slice(None), slice(None)), 3).tolist() == [0, 1, 2]  # replicated
+    mesh = Mesh(np.asarray(jax.devices()).reshape(4, 2), ("data", "fsdp"))
+    assert pipeline.process_rows(NamedSharding(mesh, P(("data", "fsdp"))), 16).tolist() == list(range(16))
