@@ -1,16 +1,22 @@
 """Hugging Face format, both ways: safetensors and config.json in transformers' own architectures.
 
-era 2510 dense -> LlamaForCausalLM, v3 dense -> Qwen3ForCausalLM, v3 MoE -> Qwen3MoeForCausalLM, so
-`AutoModelForCausalLM.from_pretrained(DIR)`, llama.cpp and vLLM take the directory without remote code.
+era 2510 dense -> LlamaForCausalLM, 2510 MoE -> Qwen2MoeForCausalLM, v3 dense -> Qwen3ForCausalLM, v3 MoE ->
+Qwen3MoeForCausalLM, so `AutoModelForCausalLM.from_pretrained(DIR)`, llama.cpp and vLLM take the directory
+without remote code.
 MiniMind's state-dict keys are already these architectures' keys (v3's q_norm/k_norm are Qwen3's, v3's
 `mlp.gate` and `mlp.experts.{e}.*` are Qwen3-MoE's, per expert as on the Hub); the tied `lm_head.weight` is
 left out, as save_pretrained leaves it out. The rest of the model is in config.json: RoPE theta, RMSNorm eps,
 head_dim, top-k and whether the top-k weights are renormalised (both MiniMind and Qwen3-MoE take the softmax
 over all experts first; MiniMind's + 1e-20 in the denominator changes nothing in fp32 at weights > 1e-13).
 
-Not expressible, refused in one line: 2510 MoE (its shared experts are added ungated; Qwen2-MoE gates its
-shared expert with a sigmoid, Mixtral and Qwen3-MoE have none) and 2510's YaRN (a per-dimension ramp that is not transformers' "yarn"). v3's
-YaRN is transformers' "yarn" with attention_factor 1.0, exported as such.
+2510 MoE adds its shared experts ungated, where Qwen2-MoE multiplies its one shared expert by
+sigmoid(gate · x). The export makes that exact: a zero gate (sigmoid(0) = 0.5) and the shared down_proj doubled
+in the file's dtype (powers of two scale floats exactly), MiniMind's S shared experts side by side as one of S
+times the width, and zero q/k/v biases (Qwen2-MoE has them; most readers expect them). Reading back undoes this
+and refuses a nonzero gate or bias. 2510's top-1 routing keeps the raw softmax weight: norm_topk_prob false.
+
+Not expressible, refused in one line: 2510 MoE without shared experts and 2510's YaRN (a per-dimension ramp that
+is not transformers' "yarn"). v3's YaRN is transformers' "yarn" with attention_factor 1.0, exported as such.
 
 Only what this model computes is read back: any other setting (biases, sliding windows, dense MLP layers
 among the MoE ones, untied lm_head, ...) is refused, as is a missing, extra or misshapen tensor.
@@ -27,7 +33,7 @@ import numpy as np
 
 from minimind_jax.errors import UserError, first_line
 from minimind_jax.model.config import ModelConfig
-from minimind_jax.weights.mapping import EMBED, LM_HEAD, params_from_state_dict, state_dict_from_params
+from minimind_jax.weights.mapping import EMBED, LM_HEAD, PROJ, params_from_state_dict, state_dict_from_params
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -39,6 +45,7 @@ DTYPES = ("float16", "float32", "bfloat16")
 # (arch, use_moe) -> (transformers architecture, model_type)
 ARCHITECTURES = {
     ("minimind2", False): ("LlamaForCausalLM", "llama"),
+    ("minimind2", True): ("Qwen2MoeForCausalLM", "qwen2_moe"),
     ("minimind3", False): ("Qwen3ForCausalLM", "qwen3"),
     ("minimind3", True): ("Qwen3MoeForCausalLM", "qwen3_moe"),
 }
@@ -83,10 +90,10 @@ def _yarn(config: ModelConfig) -> dict | None:
 
 def hf_config(config: ModelConfig, dtype: str = "float16") -> dict:
     """config.json of the transformers architecture that computes what `config` computes."""
-    if (config.arch, config.use_moe) not in ARCHITECTURES:
+    if config.use_moe and not config.is_v3 and config.num_shared_experts == 0:
         raise UserError(
-            "2510 MoE cannot be exported: its shared experts are added ungated, and transformers' MoE architectures "
-            "either have no shared expert or gate it with a sigmoid (Qwen2-MoE)"
+            "2510 MoE without shared experts cannot be exported: Qwen2-MoE always has one, and Mixtral renormalises "
+            "the top-k weights where MiniMind's top-1 does not"
         )
     architecture, model_type = ARCHITECTURES[config.arch, config.use_moe]
     yarn = _yarn(config)
@@ -108,7 +115,6 @@ def hf_config(config: ModelConfig, dtype: str = "float16") -> dict:
         "rope_scaling": yarn,
         "rope_parameters": {"rope_type": "default", **(yarn or {}), "rope_theta": config.rope_theta},
         "tie_word_embeddings": True,
-        "attention_bias": False,
         "attention_dropout": 0.0,
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
@@ -117,19 +123,26 @@ def hf_config(config: ModelConfig, dtype: str = "float16") -> dict:
         "use_cache": True,
     }
     if model_type == "llama":
-        fields.update(mlp_bias=False, pretraining_tp=1)
+        fields.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
     else:
         fields.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.num_hidden_layers)
+    if model_type == "qwen3" or model_type == "qwen3_moe":
+        fields.update(attention_bias=False)
     if config.use_moe:
         fields.update(
-            num_experts=config.num_experts,
+            num_experts=config.num_routed_experts,
             num_experts_per_tok=config.num_experts_per_tok,
-            moe_intermediate_size=config.moe_intermediate_size,
-            norm_topk_prob=config.norm_topk_prob,
+            moe_intermediate_size=config.expert_intermediate_size,
+            # MiniMind renormalises top-k weights in v3 always, in 2510 only for k > 1
+            norm_topk_prob=config.norm_topk_prob and (config.is_v3 or config.num_experts_per_tok > 1),
             decoder_sparse_step=1,
             mlp_only_layers=[],
-            router_aux_loss_coef=config.router_aux_loss_coef,
+            router_aux_loss_coef=config.router_aux_loss_coef if config.is_v3 else config.aux_loss_alpha,
             output_router_logits=False,
+        )
+    if model_type == "qwen2_moe":
+        fields.update(
+            qkv_bias=True, shared_expert_intermediate_size=config.num_shared_experts * config.intermediate_size
         )
     return fields
 
@@ -176,13 +189,31 @@ def config_from_hf(fields: dict, source: str, **overrides) -> ModelConfig:
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if isinstance(fields.get(name), int):
             config_fields[name] = fields[name]
-    if use_moe:
+    top_k, norm_topk_prob = fields.get("num_experts_per_tok"), bool(fields.get("norm_topk_prob", False))
+    if use_moe and arch == "minimind3":
         config_fields.update(
             num_experts=fields["num_experts"],
-            num_experts_per_tok=fields["num_experts_per_tok"],
+            num_experts_per_tok=top_k,
             moe_intermediate_size=fields["moe_intermediate_size"],
-            norm_topk_prob=bool(fields.get("norm_topk_prob", False)),
+            norm_topk_prob=norm_topk_prob,
             router_aux_loss_coef=fields.get("router_aux_loss_coef", 5e-4),
+        )
+    elif use_moe:
+        width, shared_width = fields["moe_intermediate_size"], fields.get("shared_expert_intermediate_size") or 0
+        refuse_unless(
+            shared_width > 0 and shared_width % width == 0,
+            f"a shared expert {shared_width} wide, not a multiple of the experts' {width}",
+        )
+        refuse_unless(
+            top_k > 1 or not norm_topk_prob, "norm_topk_prob with one expert per token (2510 keeps the softmax weight)"
+        )
+        config_fields.update(
+            n_routed_experts=fields["num_experts"],
+            n_shared_experts=shared_width // width,
+            num_experts_per_tok=top_k,
+            intermediate_size=width,
+            norm_topk_prob=norm_topk_prob or top_k == 1,
+            aux_loss_alpha=fields.get("router_aux_loss_coef", 0.1),
         )
     try:
         config = ModelConfig.from_dict({**config_fields, **overrides})
@@ -263,10 +294,8 @@ def save_hf(model, directory, dtype: str = "float16", tokenizer_path=None) -> pa
         raise UserError(f"{directory}: exists and is not empty; choose a new output directory")
 
     params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params_of(model))
-    tensors = {
-        k: np.ascontiguousarray(v.astype(numpy_dtype)) for k, v in state_dict_from_params(params, config).items()
-    }
-    del tensors[LM_HEAD]  # tied: transformers builds it from the embedding
+    state_dict = {k: v.astype(numpy_dtype) for k, v in state_dict_from_params(params, config).items()}
+    tensors = {k: np.ascontiguousarray(v) for k, v in hf_tensors(state_dict, config).items()}
     partial = directory.with_name(directory.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
@@ -290,6 +319,81 @@ def save_hf(model, directory, dtype: str = "float16", tokenizer_path=None) -> pa
         shutil.rmtree(partial, ignore_errors=True)
         raise UserError(f"{directory}: cannot write ({(error.strerror or str(error)).lower()})") from None
     return directory
+
+
+def _shared_expert_keys(config: ModelConfig, layer: int):
+    """(MiniMind's keys of layer `layer`'s shared experts per projection, Qwen2-MoE's key) for each projection."""
+    prefix = f"model.layers.{layer}.mlp."
+    return [
+        (
+            [f"{prefix}shared_experts.{s}.{p}.weight" for s in range(config.num_shared_experts)],
+            f"{prefix}shared_expert.{p}.weight",
+        )
+        for p in PROJ
+    ]
+
+
+def _qkv_bias_keys(layer: int) -> list[str]:
+    return [f"model.layers.{layer}.self_attn.{p}_proj.bias" for p in ("q", "k", "v")]
+
+
+def hf_tensors(state_dict: dict, config: ModelConfig) -> dict[str, np.ndarray]:
+    """MiniMind's state dict (one dtype) as the architecture's tensors: the tied lm_head left out, and for 2510
+    MoE the Qwen2-MoE shared expert (see the module's docstring)."""
+    tensors = {k: v for k, v in state_dict.items() if k != LM_HEAD}
+    if config.is_v3 or not config.use_moe:
+        return tensors
+    embed = state_dict[EMBED]
+    for layer in range(config.num_hidden_layers):
+        for (ours, theirs), proj in zip(_shared_expert_keys(config, layer), PROJ):
+            parts = [tensors.pop(key) for key in ours]
+            if proj == "down_proj":  # [D, F] each, side by side; doubled against the gate's 0.5
+                tensors[theirs] = np.concatenate(parts, axis=1) * np.asarray(2, embed.dtype)
+                if not np.isfinite(tensors[theirs]).all():
+                    raise UserError(f"{ours[0]}: twice its values overflow {embed.dtype}; export in a wider --dtype")
+            else:
+                tensors[theirs] = np.concatenate(parts, axis=0)
+        tensors[f"model.layers.{layer}.mlp.shared_expert_gate.weight"] = np.zeros((1, config.hidden_size), embed.dtype)
+        for key, width in zip(
+            _qkv_bias_keys(layer), (config.num_attention_heads, config.num_key_value_heads, config.num_key_value_heads)
+        ):
+            tensors[key] = np.zeros(width * config.head_dim, embed.dtype)
+    return tensors
+
+
+def minimind_state_dict(tensors: dict, config: ModelConfig, source: str) -> dict[str, np.ndarray]:
+    """The inverse of `hf_tensors`, with the tied lm_head; a missing or nonzero gate or bias is refused."""
+    state_dict = dict(tensors)
+    if EMBED in state_dict:
+        state_dict.setdefault(LM_HEAD, state_dict[EMBED])  # tied, left out as save_pretrained leaves it out
+    if config.is_v3 or not config.use_moe:
+        return state_dict
+
+    def take(key):
+        if key not in state_dict:
+            raise UserError(f"{source}: missing key {key} (a Qwen2-MoE model as 2510 MoE)")
+        return state_dict.pop(key)
+
+    for layer in range(config.num_hidden_layers):
+        gate = f"model.layers.{layer}.mlp.shared_expert_gate.weight"
+        # the biases are absent when config.json says qkv_bias false
+        checked = {gate: take(gate), **{k: state_dict.pop(k) for k in _qkv_bias_keys(layer) if k in state_dict}}
+        nonzero = [key for key, value in checked.items() if np.any(value)]
+        if nonzero:
+            raise UserError(
+                f"{source}: {nonzero[0]} is not zero; MiniMind 2510 has no gate on its shared experts, no q/k/v biases"
+            )
+        for (ours, theirs), proj in zip(_shared_expert_keys(config, layer), PROJ):
+            merged = take(theirs)
+            width = config.num_shared_experts * config.intermediate_size
+            expected = (config.hidden_size, width) if proj == "down_proj" else (width, config.hidden_size)
+            if merged.shape != expected:
+                raise UserError(f"{source}: {theirs} has shape {list(merged.shape)}, expected {list(expected)}")
+            if proj == "down_proj":
+                merged = merged / np.asarray(2, merged.dtype)
+            for key, part in zip(ours, np.split(merged, len(ours), axis=1 if proj == "down_proj" else 0)):
+                state_dict[key] = part
+    return state_dict
 
 
 def _write_json(path: pathlib.Path, value) -> None:
@@ -337,7 +441,5 @@ def load_hf(directory, **overrides):
     """(config, params) of a Hugging Face directory: every tensor present with its exact shape, or a UserError."""
     directory = pathlib.Path(directory)
     config = config_from_hf(_read_json(directory / CONFIG_FILE), str(directory / CONFIG_FILE), **overrides)
-    state_dict, source = read_hf_state_dict(directory)
-    if EMBED in state_dict:
-        state_dict.setdefault(LM_HEAD, state_dict[EMBED])  # tied, left out as save_pretrained leaves it out
-    return config, params_from_state_dict(state_dict, config, source=source)
+    tensors, source = read_hf_state_dict(directory)
+    return config, params_from_state_dict(minimind_state_dict(tensors, config, source), config, source=source)

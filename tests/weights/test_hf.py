@@ -1,5 +1,5 @@
-"""The Hugging Face format: transformers loads our export as Llama / Qwen3 / Qwen3-MoE and computes our logits
-(fp32, 1e-4) and greedy tokens; hf -> ours -> hf is bit-equal; what transformers cannot express, and bad
+"""The Hugging Face format: transformers loads our export as Llama / Qwen2-MoE / Qwen3 / Qwen3-MoE and computes
+our logits (fp32, 1e-4) and greedy tokens; hf -> ours -> hf is bit-equal; what transformers cannot express, and bad
 directories, are refused in one line; the exported tokenizer renders MiniMind's chat template."""
 
 import json
@@ -25,6 +25,7 @@ from tests.support.models import random_torch_model, tiny  # noqa: E402
 
 ARCHITECTURES = {
     "minimind2-small": "LlamaForCausalLM",
+    "minimind2-moe": "Qwen2MoeForCausalLM",
     "minimind3": "Qwen3ForCausalLM",
     "minimind3-moe": "Qwen3MoeForCausalLM",
 }
@@ -48,17 +49,23 @@ def directory_contents(directory) -> dict:
     return {"tensors": {k: (v.dtype.str, v.shape, v.tobytes()) for k, v in tensors.items()}, "files": files}
 
 
-# v3's YaRN is transformers' yarn; 2510's is refused (test_what_transformers_cannot_express_is_refused).
-@pytest.mark.parametrize(
-    ("preset", "rope_scaling"), [(preset, False) for preset in ARCHITECTURES] + [("minimind3-moe", True)]
-)
-def test_transformers_computes_our_logits_and_greedy_tokens(tmp_path, preset, rope_scaling):
-    config = tiny(preset).replace(inference_rope_scaling=rope_scaling)
+# Beyond the presets' layouts: v3's YaRN (transformers' yarn; 2510's is refused), and 2510 MoE with two
+# shared experts (one Qwen2-MoE shared expert twice as wide) and top-1 routing (no renormalisation).
+VARIANTS = {
+    "minimind3-moe-yarn": ("minimind3-moe", {"inference_rope_scaling": True}),
+    "minimind2-moe-2shared-top1": ("minimind2-moe", {"n_shared_experts": 2, "num_experts_per_tok": 1}),
+}
+
+
+@pytest.mark.parametrize("name", [*ARCHITECTURES, *VARIANTS])
+def test_transformers_computes_our_logits_and_greedy_tokens(tmp_path, name):
+    preset, changes = VARIANTS.get(name, (name, {}))
+    config = tiny(preset).replace(**changes)
     model = random_model(config, seed=1)
     save_hf(model, tmp_path / "hf", dtype="float32")
     reference = transformers_model(tmp_path / "hf")
     assert type(reference).__name__ == ARCHITECTURES[preset]
-    assert reference.config.tie_word_embeddings and not any("lm_head" in k for k in reference.config.to_dict())
+    assert reference.config.tie_word_embeddings
 
     ids_BT = np.random.RandomState(0).randint(3, config.vocab_size, (2, 24))
     mask_BT = np.ones_like(ids_BT)
@@ -81,9 +88,10 @@ def test_transformers_computes_our_logits_and_greedy_tokens(tmp_path, preset, ro
     np.testing.assert_array_equal(ours, theirs)
 
 
-@pytest.mark.parametrize("preset", ARCHITECTURES)
-def test_hf_to_ours_to_hf_is_bit_equal(tmp_path, preset):
-    config = tiny(preset)
+@pytest.mark.parametrize("name", [*ARCHITECTURES, *VARIANTS])
+def test_hf_to_ours_to_hf_is_bit_equal(tmp_path, name):
+    preset, changes = VARIANTS.get(name, (name, {}))
+    config = tiny(preset).replace(**changes)
     save_hf(random_model(config, seed=2), tmp_path / "first", dtype="bfloat16")
     again = minimind_jax.load(tmp_path / "first")
     assert again.config == config
@@ -116,12 +124,24 @@ def test_cli_round_trips_through_pth_and_checkpoint(tmp_path):
 
 
 def test_what_transformers_cannot_express_is_refused(tmp_path):
-    with pytest.raises(UserError, match="shared experts are added ungated") as refused:
-        save_hf(random_model(tiny("minimind2-moe")), tmp_path / "moe")
+    no_shared = tiny("minimind2-moe").replace(n_shared_experts=0)
+    with pytest.raises(UserError, match="2510 MoE without shared experts cannot be exported") as refused:
+        save_hf(random_model(no_shared), tmp_path / "moe")
     assert "\n" not in str(refused.value)
     with pytest.raises(UserError, match="2510's YaRN .* transformers' yarn cannot express"):
         save_hf(random_model(tiny("minimind2-small").replace(inference_rope_scaling=True)), tmp_path / "yarn")
     assert not (tmp_path / "moe").exists() and not (tmp_path / "yarn").exists()
+
+
+def test_a_gated_shared_expert_is_refused(tmp_path):
+    save_hf(random_model(tiny("minimind2-moe")), tmp_path / "hf", dtype="float32")
+    weights = tmp_path / "hf" / WEIGHTS_FILE
+    tensors = safetensors_numpy.load_file(str(weights))
+    gate = "model.layers.1.mlp.shared_expert_gate.weight"
+    assert not tensors[gate].any()
+    safetensors_numpy.save_file({**tensors, gate: tensors[gate] + 0.5}, str(weights), metadata={"format": "pt"})
+    with pytest.raises(UserError, match=f"{weights}: {gate} is not zero"):
+        minimind_jax.load(tmp_path / "hf")
 
 
 def test_bad_directories_are_refused_in_one_line(tmp_path):
