@@ -88,6 +88,23 @@ def test_transformers_computes_our_logits_and_greedy_tokens(tmp_path, name):
     np.testing.assert_array_equal(ours, theirs)
 
 
+@pytest.mark.parametrize("era", ["2510", "v3"])
+@pytest.mark.parametrize("layout", ["dense", "moe"])
+def test_transformers_on_the_export_of_minimind_weights_gives_minimind_logits(tmp_path, era, layout):
+    """MiniMind's own weights and logits (../shared/golden), its .pth through our export into transformers."""
+    weights = require_shared("golden", era, f"{layout}.pth")
+    golden = np.load(weights.with_suffix(".npz"))
+    save_hf(minimind_jax.load(weights), tmp_path / "hf", dtype="float32")
+    reference = transformers_model(tmp_path / "hf")
+    ids_BT, mask_BT = (torch.from_numpy(golden[k]).long() for k in ("input_ids", "attention_mask"))
+    with torch.no_grad():
+        logits = reference(ids_BT).logits.numpy()
+        masked = reference(ids_BT, attention_mask=mask_BT).logits.numpy()
+    np.testing.assert_allclose(logits, golden["logits"], atol=1e-4, rtol=0)
+    real = golden["attention_mask"].astype(bool)
+    np.testing.assert_allclose(masked[real], golden["logits_masked"][real], atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("name", [*ARCHITECTURES, *VARIANTS])
 def test_hf_to_ours_to_hf_is_bit_equal(tmp_path, name):
     preset, changes = VARIANTS.get(name, (name, {}))
