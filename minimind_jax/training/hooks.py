@@ -68,27 +68,37 @@ class Checkpointer:
 
 
 class Preemption:
-    """SIGTERM (a preempted TPU or spot VM): checkpoint at the next update boundary and stop the run."""
+    """SIGTERM (a preempted TPU or spot VM): checkpoint at the next update boundary and stop the run.
+
+    With several processes, all must save the same update: JAX's preemption service (started by
+    jax.distributed, it takes over SIGTERM) tells every process of a notice any one got, and names an
+    update that all of them reach.
+    """
 
     def __init__(self, checkpointer: Checkpointer):
         self.checkpointer = checkpointer
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.shared = jax.process_count() > 1
+        self._previous = None if self.shared else signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
 
     def __call__(self, state: RunState) -> None:
+        if self.shared:  # every process asks after every update
+            self.requested = jax.experimental.multihost_utils.reached_preemption_sync_point(state.update)
         if self.requested:
             self.checkpointer.save(state, wait=True)
-            tqdm.tqdm.write(
-                f"SIGTERM: saved update {state.update} to {self.checkpointer.checkpoints.directory}; "
-                "resume with --from_resume 1"
-            )
+            if self.checkpointer.is_main:
+                tqdm.tqdm.write(
+                    f"SIGTERM: saved update {state.update} to {self.checkpointer.checkpoints.directory}; "
+                    "resume with --from_resume 1"
+                )
             raise StopRun
 
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 class Evaluation:

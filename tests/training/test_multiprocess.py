@@ -1,7 +1,7 @@
 """Multi-process training for real: `main.py sft` in 2 processes of 4 CPU devices each, joined by
 jax.distributed (--coordinator_address, gloo collectives), against 1 process of 8 devices with the same flags
-and mesh. The same global batches, sharded the same way, give the same losses and weights; the 2-process run is
-SIGKILLed after a checkpoint and resumed by both processes with --from_resume 1.
+and mesh. The same global batches, sharded the same way, give the same losses and weights, through a SIGKILL of
+both processes after a checkpoint and a SIGTERM to one of them, each followed by --from_resume 1.
 """
 
 import json
@@ -19,7 +19,7 @@ from minimind_jax.weights.orbax import complete_steps
 from tests.conftest import REPO_ROOT
 
 RUN_NAME = "full_sft_32"
-UPDATES = 8
+UPDATES = 12
 TIMEOUT_S = 300  # for one run; ~20 s on 2 idle cores
 
 
@@ -87,43 +87,63 @@ def setup(chat_data, tmp_path_factory):
     flags += ["--from_weight", "none", "--hidden_size", "32", "--num_hidden_layers", "2", "--max_seq_len", "48"]
     flags += ["--batch_size", "8", "--epochs", "1", "--max_steps", str(UPDATES), "--learning_rate", "1e-3"]
     flags += ["--log_interval", "1", "--save_interval", "2", "--num_workers", "0", "--no_progress"]
+    flags += ["--eval_data_path", str(chat_data["sft_heldout"])]  # at the end, over both processes' rows too
     # data splits the batch over the processes; fsdp and tensor split the weights within each
     flags += ["--mesh", "data=2,fsdp=2,tensor=2"]
     flags += ["--cache_dir", str(work / "data_cache"), "--compilation_cache_dir", str(work / "xla_cache")]
     return {"work": work, "env": env, "flags": flags}
 
 
+def wait_for(processes, directory, condition) -> None:
+    """Polls `condition` while every process runs."""
+    started = time.monotonic()
+    while not condition():
+        assert all(process.poll() is None for process in processes), output(directory, len(processes))
+        assert time.monotonic() - started < TIMEOUT_S, output(directory, len(processes))
+        time.sleep(0.01)
+
+
 @pytest.mark.slow
-def test_two_processes_equal_one_and_resume_after_sigkill(setup):
+def test_two_processes_equal_one_through_sigkill_and_sigterm(setup):
     one, two = setup["work"] / "one_process", setup["work"] / "two_processes"
+    checkpoints = two / "checkpoints" / RUN_NAME
     finish(launch(setup, one, 1), one)
     expected = metrics(one)
     assert [record["update"] for record in expected] == list(range(1, UPDATES + 1))
 
     # Both processes are killed once a checkpoint is complete, mid-run.
     processes = launch(setup, two, 2)
-    started = time.monotonic()
-    while not complete_steps(two / "checkpoints" / RUN_NAME):
-        assert all(process.poll() is None for process in processes), output(two, 2)
-        assert time.monotonic() - started < TIMEOUT_S, output(two, 2)
-        time.sleep(0.01)
+    wait_for(processes, two, lambda: complete_steps(checkpoints))
     for process in processes:
         process.send_signal(signal.SIGKILL)
     assert [process.wait() for process in processes] == [-signal.SIGKILL] * 2
-    killed_at = complete_steps(two / "checkpoints" / RUN_NAME)[-1]
-    assert killed_at < UPDATES
+    killed_at = complete_steps(checkpoints)[-1]
+
+    # Both resume from it; a preemption notice to process 1 alone, an update later, stops both at one update.
+    processes = launch(setup, two, 2, resume=True)
+    wait_for(processes, two, lambda: "Epoch:[" in open(f"{two}.p0.log").read().partition("resumed ")[2])
+    processes[1].send_signal(signal.SIGTERM)
+    finish(processes, two)
+    log = output(two, 2)
+    assert f"resumed {checkpoints.resolve()} at update {killed_at}" in log
+    (stopped_at,) = {int(line.split()[3]) for line in log.splitlines() if line.startswith("SIGTERM: saved update")}
+    assert log.count('"preempted": true') == 2 and complete_steps(checkpoints)[-1] == stopped_at < UPDATES
 
     finish(launch(setup, two, 2, resume=True), two)
-    log = output(two, 2)
-    assert f"resumed {(two / 'checkpoints' / RUN_NAME).resolve()} at update {killed_at}" in log
-    assert log.count("resumed ") == 1  # process 0 alone reports
+    logs = [open(f"{two}.p{process_id}.log").read() for process_id in range(2)]
+    assert logs[0].count("resumed ") == 2 and "resumed " not in logs[1]  # process 0 alone reports
     records = metrics(two)
     assert [record["update"] for record in records] == list(range(1, UPDATES + 1))
-    print(f"killed at checkpoint {killed_at}; loss per update, 2 processes (resumed) | 1 process:")
+    print(f"SIGKILL after checkpoint {killed_at}, SIGTERM saved update {stopped_at}; loss, 2 processes | 1 process:")
     print("\n".join(f"{got['update']}: {got['loss']!r} | {want['loss']!r}" for got, want in zip(records, expected)))
     for got, want in zip(records, expected):
         for key in ("loss", "logits_loss", "grad_norm", "lr"):
             assert got[key] == pytest.approx(want[key], rel=1e-5), (key, got["update"])
+
+    evals = [json.loads((run / "out" / "logs" / RUN_NAME / "summary.json").read_text())["eval"] for run in (two, one)]
+    print("eval loss, 2 processes | 1 process:", evals[0]["loss"], "|", evals[1]["loss"])
+    assert evals[0]["loss"] == pytest.approx(evals[1]["loss"], rel=1e-5)
+    assert evals[0]["loss_tokens"] == evals[1]["loss_tokens"]
 
     import jax
 
