@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -19,10 +20,11 @@ import main
 from minimind_jax import weights
 from minimind_jax.data.tokenizer import load_tokenizer
 from minimind_jax.inference.generation import generate
+from minimind_jax.inference.server import RequestError, parse_request
 from minimind_jax.inference.text import ReplyStream, split_reply
 from minimind_jax.model.config import ModelConfig
 from minimind_jax.model.transformer import MiniMind
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, require_shared
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -256,3 +258,26 @@ def test_streamed_pieces_add_up_to_the_split_reply(cut):
     assert reasoning == "the user wants the weather"
     assert "</" not in reasoning
     assert content == THOUGHT_AND_CALL.split("</think>")[1].strip()  # tool calls stream as text, as MiniMind's
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"open_thinking": True},
+        {"chat_template_kwargs": {"enable_thinking": True}},
+        {"chat_template_kwargs": {"open_thinking": True}},
+    ],
+)
+def test_v3_thinking_requests_open_the_think_block(fields):
+    tokenizer = load_tokenizer(require_shared("minimind", "v3"))
+    v3 = types.SimpleNamespace(config=ModelConfig(arch="minimind3", hidden_size=64, num_hidden_layers=2))
+    plain = parse_request({"messages": user("hi")}, tokenizer, v3)
+    thinking = parse_request({"messages": user("hi"), **fields}, tokenizer, v3)
+    assert not plain.thinking and thinking.thinking
+    assert tokenizer.decode(plain.prompt_ids).endswith("<think>\n\n</think>\n\n")
+    assert tokenizer.decode(thinking.prompt_ids).endswith("<|im_start|>assistant\n<think>\n")
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    with_tools = parse_request({"messages": user("hi"), "tools": tools}, tokenizer, v3)
+    assert "get_weather" in tokenizer.decode(with_tools.prompt_ids)
+    with pytest.raises(RequestError, match="tools"):
+        parse_request({"messages": user("hi"), "tools": "get_weather"}, tokenizer, v3)
