@@ -123,10 +123,10 @@ def hf_config(config: ModelConfig, dtype: str = "float16") -> dict:
         "use_cache": True,
     }
     if model_type == "llama":
-        fields.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+        fields.update(mlp_bias=False, pretraining_tp=1)
     else:
         fields.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.num_hidden_layers)
-    if model_type == "qwen3" or model_type == "qwen3_moe":
+    if model_type != "qwen2_moe":  # Qwen2-MoE says qkv_bias instead (below)
         fields.update(attention_bias=False)
     if config.use_moe:
         fields.update(
@@ -160,6 +160,11 @@ def config_from_hf(fields: dict, source: str, **overrides) -> ModelConfig:
         if not ok:
             raise UserError(f"{source}: {what}; MiniMind's model has no such setting")
 
+    def required(name: str):
+        if not isinstance(fields.get(name), int):
+            raise UserError(f"{source}: {name} is missing or not an integer ({fields.get(name)!r})")
+        return fields[name]
+
     refuse_unless(fields.get("hidden_act", "silu") == "silu", f"hidden_act {fields.get('hidden_act')!r}")
     refuse_unless(fields.get("tie_word_embeddings") is True, "tie_word_embeddings is not true")
     for flag in ("attention_bias", "mlp_bias", "use_sliding_window"):
@@ -175,13 +180,13 @@ def config_from_hf(fields: dict, source: str, **overrides) -> ModelConfig:
     config_fields = dict(
         arch=arch,
         use_moe=use_moe,
-        vocab_size=fields["vocab_size"],
-        hidden_size=fields["hidden_size"],
-        intermediate_size=fields["intermediate_size"],
-        num_hidden_layers=fields["num_hidden_layers"],
-        num_attention_heads=fields["num_attention_heads"],
-        num_key_value_heads=fields.get("num_key_value_heads") or fields["num_attention_heads"],
-        head_dim=fields.get("head_dim") or fields["hidden_size"] // fields["num_attention_heads"],
+        vocab_size=required("vocab_size"),
+        hidden_size=required("hidden_size"),
+        intermediate_size=required("intermediate_size"),
+        num_hidden_layers=required("num_hidden_layers"),
+        num_attention_heads=required("num_attention_heads"),
+        num_key_value_heads=fields.get("num_key_value_heads") or required("num_attention_heads"),
+        head_dim=fields.get("head_dim") or required("hidden_size") // required("num_attention_heads"),
         max_position_embeddings=fields.get("max_position_embeddings", 32768),
         rms_norm_eps=fields.get("rms_norm_eps", 1e-6),
         rope_theta=float(rope_theta),
@@ -189,17 +194,21 @@ def config_from_hf(fields: dict, source: str, **overrides) -> ModelConfig:
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if isinstance(fields.get(name), int):
             config_fields[name] = fields[name]
-    top_k, norm_topk_prob = fields.get("num_experts_per_tok"), bool(fields.get("norm_topk_prob", False))
+    norm_topk_prob = bool(fields.get("norm_topk_prob", False))
     if use_moe and arch == "minimind3":
         config_fields.update(
-            num_experts=fields["num_experts"],
-            num_experts_per_tok=top_k,
-            moe_intermediate_size=fields["moe_intermediate_size"],
+            num_experts=required("num_experts"),
+            num_experts_per_tok=required("num_experts_per_tok"),
+            moe_intermediate_size=required("moe_intermediate_size"),
             norm_topk_prob=norm_topk_prob,
             router_aux_loss_coef=fields.get("router_aux_loss_coef", 5e-4),
         )
     elif use_moe:
-        width, shared_width = fields["moe_intermediate_size"], fields.get("shared_expert_intermediate_size") or 0
+        width, shared_width, top_k = (
+            required("moe_intermediate_size"),
+            fields.get("shared_expert_intermediate_size") or 0,
+            required("num_experts_per_tok"),
+        )
         refuse_unless(
             shared_width > 0 and shared_width % width == 0,
             f"a shared expert {shared_width} wide, not a multiple of the experts' {width}",
@@ -208,7 +217,7 @@ def config_from_hf(fields: dict, source: str, **overrides) -> ModelConfig:
             top_k > 1 or not norm_topk_prob, "norm_topk_prob with one expert per token (2510 keeps the softmax weight)"
         )
         config_fields.update(
-            n_routed_experts=fields["num_experts"],
+            n_routed_experts=required("num_experts"),
             n_shared_experts=shared_width // width,
             num_experts_per_tok=top_k,
             intermediate_size=width,
@@ -222,11 +231,11 @@ def config_from_hf(fields: dict, source: str, **overrides) -> ModelConfig:
     if rope_type != "default":
         # The one rescaling the model has: v3's YaRN, with MiniMind's parameters exactly.
         scaled = config.replace(inference_rope_scaling=True)
-        expected = _yarn(scaled) if rope_type == "yarn" and config.is_v3 else None
-        given = {k: rope.get(k, expected.get(k) if expected else None) for k in (expected or {})}
+        expected = (_yarn(scaled) or {}) if rope_type == "yarn" and config.is_v3 else {}
+        expected.pop("rope_type", None)
         refuse_unless(
-            expected is not None and given == expected and rope.keys() <= expected.keys(),
-            f"RoPE scaling {rope_type} {json.dumps(rope)} (only v3's YaRN {json.dumps(expected)} is MiniMind's)",
+            expected and {"truncate": True, **rope} == expected,
+            f"RoPE scaling {rope_type} {json.dumps(rope)} (MiniMind has only v3's YaRN: {json.dumps(expected)})",
         )
         config = scaled
     return config
@@ -300,7 +309,8 @@ def save_hf(model, directory, dtype: str = "float16", tokenizer_path=None) -> pa
     shutil.rmtree(partial, ignore_errors=True)
     try:
         partial.mkdir(parents=True)
-        _safetensors().save_file(tensors, str(partial / WEIGHTS_FILE), metadata={"format": "pt"})
+        # serialised here and written by Python, so the file gets the usual permissions
+        (partial / WEIGHTS_FILE).write_bytes(_safetensors().save(tensors, metadata={"format": "pt"}))
         _write_json(partial / CONFIG_FILE, fields)
         generation = {
             "bos_token_id": config.bos_token_id,

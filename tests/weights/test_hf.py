@@ -181,13 +181,17 @@ def test_bad_directories_are_refused_in_one_line(tmp_path):
         ),
         variant("shape", {**tensors, key: tensors[key][:-1]}): f"{key} has shape",
         variant("bias", attention_bias=True): "attention_bias is true",
+        variant("untied", tie_word_embeddings=False): "tie_word_embeddings is not true",
+        variant("linear_rope", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}): (
+            'RoPE scaling linear {"factor": 2.0}'
+        ),
         variant("llama_type", model_type="mistral"): "model_type 'mistral' is not one MiniMind can load",
     }
     for directory, message in cases.items():
         with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")) as refused:
             minimind_jax.load(directory)
         assert "\n" not in str(refused.value)
-        where = "config.json" if "model_type" in message or "attention_bias" in message else WEIGHTS_FILE
+        where = WEIGHTS_FILE if "key" in message or "shape" in message else "config.json"
         assert str(directory / where) in str(refused.value)
 
     done = subprocess.run(
