@@ -155,6 +155,8 @@ def config_from_hf(fields: dict, source: str, **overrides) -> ModelConfig:
         names = ", ".join(f"{name} ({t})" for name, t in ARCHITECTURES.values())
         raise UserError(f"{source}: model_type {model_type!r} is not one MiniMind can load; expected {names}")
     arch, use_moe = by_type[model_type]
+    if "num_local_experts" in fields:  # transformers 5 writes num_experts under this name
+        fields = {"num_experts": fields["num_local_experts"], **fields}
 
     def refuse_unless(ok: bool, what: str):
         if not ok:

@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -17,7 +18,7 @@ torch = pytest.importorskip("torch")
 import minimind_jax  # noqa: E402
 from minimind_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from minimind_jax.errors import UserError  # noqa: E402
-from minimind_jax.model.params import model_from_params  # noqa: E402
+from minimind_jax.model.params import model_from_params, params_of  # noqa: E402
 from minimind_jax.weights.hf import TOKENIZER_FILES, WEIGHTS_FILE, save_hf  # noqa: E402
 from minimind_jax.weights.mapping import params_from_state_dict  # noqa: E402
 from tests.conftest import REPO_ROOT, require_shared  # noqa: E402
@@ -117,6 +118,19 @@ def test_hf_to_ours_to_hf_is_bit_equal(tmp_path, name):
     assert first == second
     assert set(first["files"]) == {"config.json", "generation_config.json"}
     assert "lm_head.weight" not in first["tensors"] and all(d == "<V2" for d, *_ in first["tensors"].values())
+
+
+@pytest.mark.parametrize("preset", ["minimind2-moe", "minimind3-moe"])
+def test_what_transformers_saves_of_the_export_loads_back_unchanged(tmp_path, preset):
+    """A model fine-tuned in transformers comes back: its save_pretrained (config.json in its own spelling)."""
+    config = tiny(preset)
+    model = random_model(config, seed=5)
+    save_hf(model, tmp_path / "ours", dtype="float32")
+    transformers_model(tmp_path / "ours").save_pretrained(tmp_path / "theirs")
+    back = minimind_jax.load(tmp_path / "theirs")
+    assert back.config == config
+    for ours, theirs in zip(jax.tree.leaves(params_of(model)), jax.tree.leaves(params_of(back))):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
 
 
 def test_cli_round_trips_through_pth_and_checkpoint(tmp_path):
