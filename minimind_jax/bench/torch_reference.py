@@ -307,6 +307,28 @@ class MiniMindTorch(nn.Module):
         )
 
 
+class LoRA(nn.Module):
+    """MiniMind's adapter on a square projection: B(A x), added to the projection's output."""
+
+    def __init__(self, features: int, rank: int):
+        super().__init__()
+        self.A = nn.Linear(features, rank, bias=False)
+        self.B = nn.Linear(rank, features, bias=False)
+
+    def forward(self, x):
+        return self.B(self.A(x))
+
+
+def add_lora(model: MiniMindTorch, rank: int, targets: tuple[str, ...]) -> None:
+    """Adapters (state keys `...{target}.lora.A.weight`, as MiniMind's) on the attention projections named in
+    `targets`; load their weights with load_state_dict."""
+    for layer in model.model.layers:
+        for target in targets:
+            projection = getattr(layer.self_attn, target)
+            projection.lora = LoRA(projection.in_features, rank)
+            projection.forward = lambda x, base=projection.forward, lora=projection.lora: base(x) + lora(x)
+
+
 @torch.no_grad()
 def greedy_decode(model: MiniMindTorch, prompt_ids_1T, max_new_tokens: int):
     """MiniMind's generate with do_sample=False: prefill, then one token per forward through the KV cache.

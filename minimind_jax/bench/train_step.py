@@ -44,6 +44,7 @@ from minimind_jax.model.config import ATTENTION_IMPLS, LITERAL_STEP, REMATS, fas
 
 PACKAGE_PARENT = pathlib.Path(__file__).resolve().parents[2]  # the directory that holds minimind_jax/
 DEFAULT_DATA_DIR = pathlib.Path.home() / ".cache" / "minimind_jax" / "bench"
+OBJECTIVES = ("sft", "lora", "dpo", "distill")
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
@@ -54,6 +55,19 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "bench") -> No
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument(
         "--max_seq_len", type=int, default=512, help="MiniMind's max_seq_len (2510 rows are one shorter)"
+    )
+    parser.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="sft",
+        help="what every side trains: MiniMind's train_full_sft, train_lora, train_dpo (pairs built from the "
+        "corpus) or train_distillation, with its script's defaults for the era (β, α, T, LoRA rank)",
+    )
+    parser.add_argument(
+        "--teacher_preset",
+        default=None,
+        help="distill: the teacher's preset or YAML (default: MiniMind's teacher for the era, "
+        "--teacher_hidden_size and --teacher_num_layers of train_distillation.py)",
     )
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side first (the first compiles)")
@@ -152,10 +166,10 @@ class Variant:
 
 
 def variants_for(args, platform: str, dtype: str, seq_len: int) -> list[Variant]:
-    """The step the flags ask for (by default the one `main.py sft` runs), MiniMind's literal computation, then
+    """The step the flags ask for (by default the one `main.py {--objective}` runs), MiniMind's literal computation, then
     (--ablation) each fast-path switch alone on the literal step, and the fast path with and without packing."""
     fast = fast_path_settings(platform, dtype, seq_len)
-    default = Variant("default (main.py sft)", **fast)
+    default = Variant(f"default (main.py {args.objective})", **fast)
     literal = Variant("--fast_path 0 (MiniMind's literal)", **LITERAL_STEP)
     ablation = [
         Variant("literal + loss chunks", loss_chunk_size=fast["loss_chunk_size"]),
@@ -211,11 +225,11 @@ class StepRecord:
 # Data
 
 
-def bench_dataset(args, arch: str):
-    """(TokenizedDataset of the first --num_records SFT records of the real chat corpus, tokenizer label)."""
-    from minimind_jax.data.corpus import build_corpus
-    from minimind_jax.data.examples import ExampleConfig, load_dataset
-    from minimind_jax.data.tokenizer import check_fits, load_tokenizer, train_sentencepiece
+def bench_data(args) -> tuple[pathlib.Path, pathlib.Path, str]:
+    """(jsonl of the first --num_records SFT records of the real chat corpus, or DPO pairs built from them;
+    tokenizer path; its label)."""
+    from minimind_jax.data.corpus import build_corpus, write_preference_pairs
+    from minimind_jax.data.tokenizer import train_sentencepiece
 
     if args.num_records < 1:
         raise UserError(f"--num_records must be at least 1, got {args.num_records}")
@@ -230,6 +244,11 @@ def bench_dataset(args, arch: str):
         partial = subset.with_name(subset.name + ".tmp")
         partial.write_text("".join(lines), "utf-8")
         os.replace(partial, subset)
+    data_path = subset
+    if args.objective == "dpo":
+        data_path = data_dir / f"dpo_first_{args.num_records}.jsonl"
+        if not data_path.exists():
+            write_preference_pairs(subset, data_path)
 
     tokenizer_path = args.tokenizer_path
     checkout_tokenizer = pathlib.Path(args.minimind_dir or "", "model")  # where a MiniMind checkout keeps it
@@ -239,25 +258,85 @@ def bench_dataset(args, arch: str):
         model_file = data_dir / f"tokenizer_{args.num_records}.model"
         if not model_file.exists():
             train_sentencepiece([subset], model_file.with_suffix(""))
-        tokenizer_path, label = model_file, f"SentencePiece trained on {subset.name}"
-    else:
-        label = str(tokenizer_path)
-    tokenizer = load_tokenizer(tokenizer_path)
-    check_fits(tokenizer, arch)
-    examples = ExampleConfig(kind="sft", arch=arch, max_seq_len=args.max_seq_len)
-    dataset = load_dataset(subset, tokenizer, examples, cache_dir=data_dir / "cache", progress=False)
-    return dataset, label
+        return data_path, model_file, f"SentencePiece trained on {subset.name}"
+    return data_path, pathlib.Path(tokenizer_path), str(tokenizer_path)
+
+
+def bench_run_config(args, config, dtype: str, data_path, tokenizer_path, workdir: pathlib.Path):
+    """The TrainConfig `main.py {--objective}` gets for this bench, with MiniMind's defaults for its script and
+    era (β, α, T, LoRA rank, the teacher's sizes), and the initial weights it starts from, written to `workdir`
+    in fp32 as MiniMind .pth files: init.pth (the model of --preset, seeded), teacher.pth (distill) and
+    lora_init.pth (LoRA's adapters). Returns (TrainConfig, {name: (ModelConfig, params)} of those models)."""
+    from flax import nnx
+
+    from minimind_jax.model.config import ModelConfig, load_preset
+    from minimind_jax.model.transformer import MiniMind
+    from minimind_jax.training.config import TrainConfig, defaults_for
+    from minimind_jax.training.run import attach_adapters
+    from minimind_jax.weights import params_of, save_pth
+    from minimind_jax.weights.lora import save_lora
+
+    fields = {
+        **defaults_for(args.objective, config.arch),
+        "mode": args.objective,
+        "arch": config.arch,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "use_moe": int(config.use_moe),
+        "num_attention_heads": config.num_attention_heads,
+        "from_weight": str(workdir / "init.pth"),
+        "tokenizer_path": str(tokenizer_path),
+        "data_path": str(data_path),
+        "cache_dir": str(pathlib.Path(args.data_dir) / "cache"),
+        "save_dir": str(workdir),
+        "batch_size": args.batch_size,
+        "max_seq_len": args.max_seq_len,
+        "learning_rate": args.learning_rate,
+        "seed": args.seed,
+        "dtype": dtype,
+        "progress": False,
+    }
+    model = MiniMind(config, rngs=nnx.Rngs(args.seed))
+    save_pth(model, workdir / "init.pth", dtype="float32")
+    models = {"init": (config, params_of(model))}
+    if args.objective == "distill":
+        cfg = TrainConfig(**fields)
+        teacher_config = (
+            load_preset(args.teacher_preset, dtype=dtype)
+            if args.teacher_preset
+            else ModelConfig(arch=config.arch, hidden_size=cfg.teacher_hidden_size,
+                             num_hidden_layers=cfg.teacher_num_layers, use_moe=cfg.teacher_moe, dtype=dtype)
+        )  # fmt: skip
+        teacher = MiniMind(teacher_config, rngs=nnx.Rngs(args.seed + 1))
+        save_pth(teacher, workdir / "teacher.pth", dtype="float32")
+        models["teacher"] = (teacher_config, params_of(teacher))
+        fields.update(from_teacher_weight=str(workdir / "teacher.pth"), teacher_hidden_size=teacher_config.hidden_size,
+                      teacher_num_layers=teacher_config.num_hidden_layers, teacher_use_moe=int(teacher_config.use_moe))  # fmt: skip
+    if args.objective == "lora":
+        save_lora(attach_adapters(TrainConfig(**fields), model), workdir / "lora_init.pth")
+        fields["from_lora"] = str(workdir / "lora_init.pth")
+    return TrainConfig(**fields), models
 
 
 def enough_epochs(dataset, args, packing: bool) -> int:
-    """Epochs for the iterator to yield warmup + steps batches."""
+    """Epochs for the iterator to yield warmup + steps batches (DPO: of pairs; a short last batch is filled)."""
     from minimind_jax.data.pipeline import plan_rows
 
-    rows = plan_rows(dataset, seed=args.seed, packing=packing)
-    steps_per_epoch = (len(dataset) if rows is None else len(rows)) // args.batch_size
-    if steps_per_epoch < 1:
-        raise UserError(f"--num_records {args.num_records} gives fewer rows than --batch_size {args.batch_size}")
+    if args.objective == "dpo":
+        rows = len(dataset)
+    else:
+        plan = plan_rows(dataset, seed=args.seed, packing=packing)
+        rows = len(dataset) if plan is None else len(plan)
+    steps_per_epoch = math.ceil(rows / args.batch_size)
     return math.ceil((args.warmup + args.steps) / steps_per_epoch)
+
+
+def bench_batches(run_cfg, dataset, args, packing: bool, sharding=None):
+    """The batches `main.py {objective}` feeds its step, over enough epochs for the bench's turns."""
+    from minimind_jax.training.run import run_batches
+
+    cfg = dataclasses.replace(run_cfg, packing=packing, epochs=enough_epochs(dataset, args, packing))
+    return run_batches(cfg, dataset, sharding)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -293,56 +372,59 @@ class CompileWatch:
 
 
 class JaxSide:
-    """Our train step for one Variant, with its own batch iterator."""
+    """Our train step for one Variant, built as `main.py {objective}` builds it, with its own batch iterator."""
 
-    def __init__(self, variant: Variant, config, dataset, init_params, mesh, args, watch: CompileWatch):
+    def __init__(self, variant: Variant, run_cfg, dataset, mesh, args, watch: CompileWatch):
         import jax
 
-        from minimind_jax.data.pipeline import BATCH_KEYS, make_batches
         from minimind_jax.training import sharding
-        from minimind_jax.training.objectives import NextTokenLoss
         from minimind_jax.training.optimizer import make_optimizer
+        from minimind_jax.training.run import attach_adapters, build_model, frozen_models, objective_for
         from minimind_jax.training.step import init_train_state, make_train_step
-        from minimind_jax.weights import model_from_params
 
+        step = {name: getattr(variant, name) for name in ("attention_impl", "loss_chunk_size", "scan_layers")}
+        cfg = dataclasses.replace(run_cfg, remat=variant.remat)
+        model = build_model(cfg, cfg.dtype, step)
+        if cfg.mode == "lora":
+            model = attach_adapters(cfg, model)
+        objective = objective_for(cfg, model.config, step)
+        # DPO and distillation read every position's logits: loss chunks are the next-token losses' alone.
+        variant = dataclasses.replace(variant, loss_chunk_size=getattr(objective, "loss_chunk_size", None))
         self.name, self.variant, self.watch = describe(variant), variant, watch
-        self.config = config.replace(
-            remat=variant.remat, attention_impl=variant.attention_impl, scan_layers=variant.scan_layers
-        )
         optimizer = make_optimizer(args.learning_rate)
         graphdef, self.params, self.opt_state, param_shardings, opt_shardings = init_train_state(
-            model_from_params(self.config, init_params), optimizer, mesh
+            model, optimizer, mesh, objective
         )
+        frozen_graphdefs, self.frozen_params = frozen_models(cfg, graphdef, self.params, mesh, cfg.dtype, step)
         self.step_fn = make_train_step(
             graphdef,
             optimizer,
             mesh,
-            objective=NextTokenLoss(variant.loss_chunk_size),
+            objective=objective,
+            frozen_graphdefs=frozen_graphdefs,
             param_shardings=param_shardings,
             opt_shardings=opt_shardings,
         )
         batch_sharding = sharding.batch_sharding(mesh)
-        self.batches = make_batches(
-            dataset,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            epochs=enough_epochs(dataset, args, variant.packing),
-            packing=variant.packing,
-            sharding=batch_sharding,
-        )
+        self.batches = bench_batches(cfg, dataset, args, variant.packing, batch_sharding)
         self.packing_stats = self.batches.stats
         self.key = jax.random.key_data(jax.random.key(args.seed))
         # Compiled ahead of the first step (which then reuses the executable): the compile time, and XLA's
         # own account of the step's memory (arguments + outputs + temporaries, donated buffers once).
-        shape = (args.batch_size, dataset.seq_len)
+        rows = 2 * args.batch_size if cfg.mode == "dpo" else args.batch_size
         batch = {
-            key: jax.ShapeDtypeStruct(shape, "float32" if key == "loss_mask" else "int32", sharding=batch_sharding)
-            for key in BATCH_KEYS
+            key: jax.ShapeDtypeStruct(
+                (rows,) if key == "pair_weight" else (rows, dataset.seq_len),
+                "float32" if key in ("loss_mask", "pair_weight") else "int32",
+                sharding=batch_sharding,
+            )
+            for key in objective.batch_fields
         }
         watch.reset()
         start = time.perf_counter()
-        stats = self.step_fn.lower(self.params, self.opt_state, [batch], self.key).compile().memory_analysis()
+        compiled = self.step_fn.lower(self.params, self.opt_state, [batch], self.key, self.frozen_params).compile()
         self.compile_s, self.compile_cache_hits = time.perf_counter() - start, watch.cache_hits
+        stats = compiled.memory_analysis()
         self.memory_bytes = (
             stats.argument_size_in_bytes
             + stats.output_size_in_bytes
@@ -353,12 +435,15 @@ class JaxSide:
 
     def step(self) -> StepRecord:
         import jax
+        import numpy as np
 
         self.watch.reset()
         start, cpu_start = time.perf_counter(), process_cpu_seconds()
         batch = next(self.batches)
         got_batch = time.perf_counter()
-        self.params, self.opt_state, metrics = self.step_fn(self.params, self.opt_state, [batch], self.key)
+        self.params, self.opt_state, metrics = self.step_fn(
+            self.params, self.opt_state, [batch], self.key, self.frozen_params
+        )
         metrics = jax.device_get(jax.block_until_ready((self.params, metrics))[1])
         done = time.perf_counter()
         self.recompilations += self.watch.compiles
@@ -367,7 +452,7 @@ class JaxSide:
             got_batch - start,
             process_cpu_seconds() - cpu_start,
             batch["inputs"].size,
-            float(metrics["loss_tokens"]),
+            float(np.asarray(batch["loss_mask"]).sum()),  # DPO's metrics count pairs; both its sides carry loss
             float(metrics["loss"]),
         )
 
@@ -379,7 +464,8 @@ class TorchProcess:
     """A PyTorch side in its own process (minimind_jax/bench_torch.py): it builds the model, then takes one
     step each time it is asked, so the turns still alternate with ours; its step times are its own."""
 
-    def __init__(self, model: str, config, init_params, torch_batches: dict, args, dtype: str, workdir: pathlib.Path):
+    def __init__(self, model: str, run_cfg, models: dict, torch_batches: dict, args, workdir: pathlib.Path):
+        """models: {"init": (ModelConfig, params)}, and "teacher" for distill (bench_run_config)."""
         import numpy as np
 
         from minimind_jax.weights.mapping import state_dict_from_params
@@ -392,18 +478,28 @@ class TorchProcess:
         self.compile_s, self.recompilations, self.memory_bytes, self.compile_cache_hits = 0.0, 0, None, 0
         directory = workdir / model
         directory.mkdir()
-        state = state_dict_from_params(init_params, config)
-        np.savez(directory / "init.npz", **{key: np.asarray(value, np.float32) for key, value in state.items()})
+        for name, (config, params) in models.items():
+            state = state_dict_from_params(params, config)
+            np.savez(directory / f"{name}.npz", **{key: np.asarray(value, np.float32) for key, value in state.items()})
         np.savez(directory / "batches.npz", **torch_batches)
+        config = models["init"][0]
         spec = {
             "model": model,
+            "objective": run_cfg.mode,
             "arch": config.arch,
-            "dtype": dtype,
+            "dtype": run_cfg.dtype,
             "learning_rate": args.learning_rate,
             "model_config": config.to_dict(),
             "minimind_config": minimind_config_fields(config),
             "minimind_dir": args.minimind_dir,
+            "beta": run_cfg.beta,
+            "alpha": run_cfg.alpha,
+            "temperature": run_cfg.temperature,
+            "lora_file": run_cfg.from_lora,
         }
+        if "teacher" in models:
+            spec["teacher_model_config"] = models["teacher"][0].to_dict()
+            spec["teacher_minimind_config"] = minimind_config_fields(models["teacher"][0])
         (directory / "spec.json").write_text(json.dumps(spec))
         # MiniMind's scripts run with glibc's default malloc, so this process does too.
         env = {name: value for name, value in os.environ.items() if name not in runtime.KEEP_FREED_MEMORY_ENV}
@@ -460,15 +556,12 @@ def minimind_checkout_arch(minimind_dir: str) -> str:
     return "minimind2" if "n_routed_experts" in path.read_text(encoding="utf-8") else "minimind3"
 
 
-def padded_batches(dataset, args) -> dict:
-    """warmup + steps of MiniMind's padded batches, stacked [steps, B, T]: the same ones our padded side sees."""
+def padded_batches(run_cfg, dataset, args) -> dict:
+    """warmup + steps of MiniMind's padded batches, stacked [steps, rows, T]: the same ones our padded side
+    sees (DPO: each pair's chosen row, then its rejected row)."""
     import numpy as np
 
-    from minimind_jax.data.pipeline import make_batches
-
-    batches = make_batches(
-        dataset, batch_size=args.batch_size, seed=args.seed, epochs=enough_epochs(dataset, args, False), packing=False
-    )
+    batches = bench_batches(run_cfg, dataset, args, packing=False)
     try:
         taken = [next(batches) for _ in range(args.warmup + args.steps)]
     finally:
@@ -596,14 +689,24 @@ def table_rows(rows: list[dict]) -> list[str]:
     return [header, "-" * len(header)] + [line([cell(row) for _, _, cell in TABLE_COLUMNS]) for row in rows]
 
 
+def objective_label(setup: dict[str, Any]) -> str:
+    """What the step trains, as MiniMind's script names it."""
+    script = {"sft": "train_full_sft", "lora": "train_lora", "dpo": "train_dpo", "distill": "train_distillation"}
+    label = f"{script[setup['objective']]} step"
+    return label + (f" (teacher {setup['teacher']})" if setup.get("teacher") else "")
+
+
 def format_table(result: dict[str, Any]) -> str:
     setup = result["setup"]
     lines = [
-        f"{setup['preset']} ({setup['arch']}, {setup['params'] / 1e6:.1f}M params), batch {setup['batch_size']} × "
+        f"{objective_label(setup)}: {setup['preset']} ({setup['arch']}, {setup['params'] / 1e6:.1f}M params), "
+        f"batch {setup['batch_size']}{' pairs' if setup['objective'] == 'dpo' else ''} × "
         f"{setup['seq_len']} positions, {setup['dtype']}, {setup['devices']} × {setup['device_kind']} "
         f"(mesh {setup['mesh']}), peak {setup['peak_flops'] / 1e9:,.0f} GFLOP/s ({setup['peak_flops_source']})",
-        f"data: {setup['records']} SFT records of the chat corpus, tokenizer {setup['tokenizer']}; loss-bearing "
-        f"positions {setup['padded_loss_fraction']:.1%} of padded rows, {setup['packed_loss_fraction']:.1%} of packed",
+        f"data: {setup['records']} {'DPO pairs built from SFT' if setup['objective'] == 'dpo' else 'SFT'} records "
+        f"of the chat corpus, tokenizer {setup['tokenizer']}; loss-bearing "
+        f"positions {setup['padded_loss_fraction']:.1%} of padded rows"
+        + (f", {setup['packed_loss_fraction']:.1%} of packed" if setup["packed_loss_fraction"] is not None else ""),
         f"{setup['steps']} timed steps per side after {setup['warmup']} warm-up, sides taking turns; medians, and "
         f"the range of the per-turn ratios to the baseline ({result['baseline'] or 'none: --no_torch'}); "
         f"CPU-time ×: the baseline's process CPU seconds per token over the row's",
@@ -646,14 +749,10 @@ def run(args) -> int:
         from minimind_jax.runtime import use_compilation_cache
 
         use_compilation_cache(args.compilation_cache_dir, cache_every_compile=True)
-    import numpy as np
-    from flax import nnx
-
     from minimind_jax.model.config import default_dtype, load_preset, num_params
-    from minimind_jax.model.transformer import MiniMind
     from minimind_jax.training import sharding
-    from minimind_jax.training.perf import attention_flops_per_token, model_flops_per_token
-    from minimind_jax.weights import params_of
+    from minimind_jax.training.perf import objective_flops_per_token
+    from minimind_jax.training.run import load_run_data
 
     progress = lambda message: print(message, file=sys.stderr, flush=True)
     platform = jax.devices()[0].platform
@@ -675,10 +774,8 @@ def run(args) -> int:
             f"--batch_size {args.batch_size} is not divisible by the data-parallel size "
             f"{sharding.batch_size_per_step(mesh)} of mesh {dict(mesh.shape)}"
         )
-    dataset, tokenizer_label = bench_dataset(args, config.arch)
-    init_params = jax.tree.map(np.asarray, params_of(MiniMind(config, rngs=nnx.Rngs(args.seed))))
+    data_path, tokenizer_path, tokenizer_label = bench_data(args)
     peak = PeakFlops(dtype, platform)
-    flops_per_token = model_flops_per_token(config) + attention_flops_per_token(config, dataset.seq_len)
     torch_models = (
         [] if args.no_torch else (["reference"] * args.torch_reference + ["minimind"] * bool(args.minimind_dir))
     )
@@ -687,16 +784,18 @@ def run(args) -> int:
     jax_sides, torch_sides, failed = [], [], []
     with tempfile.TemporaryDirectory(prefix="minimind_jax_bench_") as workdir:
         try:
-            torch_batches = padded_batches(dataset, args) if torch_models else None
+            run_cfg, models = bench_run_config(args, config, dtype, data_path, tokenizer_path, pathlib.Path(workdir))
+            dataset = load_run_data(run_cfg, run_cfg.data_path, config)
+            teacher_config = models["teacher"][0] if "teacher" in models else None
+            flops_per_token = objective_flops_per_token(config, dataset.seq_len, args.objective, teacher_config)
+            torch_batches = padded_batches(run_cfg, dataset, args) if torch_models else None
             for model in torch_models:  # first, so that a PyTorch environment that cannot run fails fast
                 progress(f"starting a PyTorch process: {model}")
-                torch_sides.append(
-                    TorchProcess(model, config, init_params, torch_batches, args, dtype, pathlib.Path(workdir))
-                )
+                torch_sides.append(TorchProcess(model, run_cfg, models, torch_batches, args, pathlib.Path(workdir)))
             for index, variant in enumerate(variants_for(args, platform, dtype, dataset.seq_len)):
                 progress(f"building our step: {describe(variant)}")
                 try:
-                    jax_sides.append(JaxSide(variant, config, dataset, init_params, mesh, args, watch))
+                    jax_sides.append(JaxSide(variant, run_cfg, dataset, mesh, args, watch))
                 except Exception as error:  # an ablation variant this device cannot run is reported, not fatal
                     if index == 0:
                         raise
@@ -728,12 +827,16 @@ def run(args) -> int:
         if baseline is not None and side is not baseline:
             row.update(ratio_figures(records[side.name], records[baseline.name]))
         rows.append(row)
-    padded = next((s.packing_stats for s in jax_sides if not s.variant.packing), None)
-    packed = next((s.packing_stats for s in jax_sides if s.variant.packing), None)
     from minimind_jax.data.pipeline import packing_stats, plan_rows
 
-    padded = padded or packing_stats(dataset, None)
-    packed = packed or packing_stats(dataset, plan_rows(dataset, seed=args.seed, packing=True))
+    if args.objective == "dpo":  # pairs are never packed
+        padded = {"loss_fraction": float(dataset.loss_mask.mean())}
+        packed = {"loss_fraction": None, "token_fraction": None}
+    else:
+        padded = next((s.packing_stats for s in jax_sides if not s.variant.packing), None)
+        packed = next((s.packing_stats for s in jax_sides if s.variant.packing), None)
+        padded = padded or packing_stats(dataset, None)
+        packed = packed or packing_stats(dataset, plan_rows(dataset, seed=args.seed, packing=True))
     main_row = rows[0]
     torch_row = next(row for row in rows if row["name"] == baseline.name) if baseline else None
     platform_memory = "host RSS (getrusage)" if platform == "cpu" else "peak_bytes_in_use of the devices"
@@ -753,6 +856,13 @@ def run(args) -> int:
         "torch_mfu": torch_row["mfu"] if torch_row else None,
         "data_wait_fraction": main_row["data_wait_fraction"],
         "setup": {
+            "objective": args.objective,
+            "teacher": (
+                f"{teacher_config.hidden_size} × {teacher_config.num_hidden_layers}"
+                f"{' MoE' if teacher_config.use_moe else ''}, {num_params(teacher_config) / 1e6:.1f}M params"
+                if teacher_config
+                else None
+            ),
             "preset": args.preset,
             "arch": config.arch,
             "params": num_params(config),

@@ -321,27 +321,12 @@ def evaluate_stage(run: DemoRun) -> dict:
     }
 
 
-def _preference_pairs(conversations_file: pathlib.Path, target: pathlib.Path) -> int:
-    """DPO pairs from chats: each first exchange's real reply is chosen, the next chat's first reply rejected."""
-    exchanges = []
-    for line in conversations_file.read_text("utf-8").splitlines():
-        turns = json.loads(line)["conversations"]
-        if len(turns) >= 2 and turns[0]["role"] == "user" and turns[1]["role"] == "assistant":
-            exchanges.append(turns[:2])
-    pairs = [
-        {"chosen": [user, reply], "rejected": [user, exchanges[(i + 1) % len(exchanges)][1]]}
-        for i, (user, reply) in enumerate(exchanges)
-        if reply["content"] != exchanges[(i + 1) % len(exchanges)][1]["content"]
-    ]
-    target.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), "utf-8")
-    return len(pairs)
-
-
 def dpo_stage(run: DemoRun) -> dict:
     """main.py dpo on the SFT model, with pairs built from the corpus; the held-out pairs' reward margin and
     accuracy (how often the real reply is preferred) before and after, against the SFT model as reference."""
     from flax import nnx
 
+    from minimind_jax.data.corpus import write_preference_pairs
     from minimind_jax.data.preference import PairBatches
     from minimind_jax.training.evaluation import evaluate_preferences
     from minimind_jax.training.run import load_run_data, objective_for
@@ -349,8 +334,8 @@ def dpo_stage(run: DemoRun) -> dict:
 
     train_pairs, heldout_pairs = run.corpus_dir / "dpo.jsonl", run.corpus_dir / "dpo_heldout.jsonl"
     counts = {
-        "train": _preference_pairs(run.corpus_dir / "sft.jsonl", train_pairs),
-        "heldout": _preference_pairs(run.corpus_dir / "sft_heldout.jsonl", heldout_pairs),
+        "train": write_preference_pairs(run.corpus_dir / "sft.jsonl", train_pairs),
+        "heldout": write_preference_pairs(run.corpus_dir / "sft_heldout.jsonl", heldout_pairs),
     }
     cfg = run.train_config("dpo", save_weight="dpo", from_weight=str(run.weights("sft")), data_path=str(train_pairs))
     summary = run.fresh_run(cfg)

@@ -93,6 +93,23 @@ def _write_jsonl(path: pathlib.Path, records: Iterable[dict]) -> None:
     os.replace(tmp, path)  # never leave a half-written file under the final name
 
 
+def write_preference_pairs(conversations_file: pathlib.Path, target: pathlib.Path) -> int:
+    """DPO pairs ({"chosen", "rejected"}) from SFT chats: each first exchange's real reply is chosen, the next
+    chat's first reply rejected. Returns how many were written."""
+    exchanges = []
+    for line in pathlib.Path(conversations_file).read_text("utf-8").splitlines():
+        turns = json.loads(line)["conversations"]
+        if len(turns) >= 2 and turns[0]["role"] == "user" and turns[1]["role"] == "assistant":
+            exchanges.append(turns[:2])
+    pairs = [
+        {"chosen": [user, reply], "rejected": [user, exchanges[(i + 1) % len(exchanges)][1]]}
+        for i, (user, reply) in enumerate(exchanges)
+        if reply["content"] != exchanges[(i + 1) % len(exchanges)][1]["content"]
+    ]
+    _write_jsonl(pathlib.Path(target), pairs)
+    return len(pairs)
+
+
 def build_corpus(
     out_dir,
     *,

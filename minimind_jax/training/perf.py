@@ -74,3 +74,19 @@ def attention_flops_per_token(config, seq_len: int) -> float:
     """Training FLOPs per token of the QK^T and PV products (causal: half of the T×T scores)."""
     per_layer = 2 * 2 * config.num_attention_heads * config.head_dim * seq_len / 2
     return 3 * config.num_hidden_layers * per_layer
+
+
+def objective_flops_per_token(config, seq_len: int, mode: str = "sft", teacher_config=None) -> float:
+    """FLOPs per token of a run's step: the model's forward and backward; LoRA's backward reaches the
+    activations but gives the frozen weights no gradient (2 of the 3 forwards' worth); DPO's frozen reference
+    (the policy's size) and the distillation teacher add a forward each."""
+    trained = model_flops_per_token(config) + attention_flops_per_token(config, seq_len)
+    if mode == "lora":
+        return trained * 2 / 3
+    if mode == "dpo":
+        return trained * 4 / 3
+    if mode == "distill":
+        return (
+            trained + (model_flops_per_token(teacher_config) + attention_flops_per_token(teacher_config, seq_len)) / 3
+        )
+    return trained

@@ -252,6 +252,22 @@ def run_batches(cfg: TrainConfig, dataset, sharding):
                         shuffle=cfg.shuffle, sharding=sharding, drop_remainder=False)  # fmt: skip
 
 
+def frozen_models(cfg: TrainConfig, graphdef, params, mesh, dtype: str, step: dict[str, Any]) -> tuple[dict, dict]:
+    """(graphdefs, params) of the models the objective reads but does not train, sharded like the policy: DPO's
+    reference, the policy as it starts (the checkpoints need not keep it: --from_weight has it), and the
+    distillation teacher."""
+    frozen_params = {"reference": jax.tree.map(jnp.copy, params)} if cfg.mode == "dpo" else {}
+    frozen_graphdefs = dict.fromkeys(frozen_params, graphdef)
+    if cfg.mode == "distill":
+        teacher = build_teacher(cfg, dtype, step)
+        frozen_graphdefs["teacher"], teacher_state = nnx.split(teacher, nnx.Param)
+        teacher_params = nnx.to_pure_dict(teacher_state)
+        frozen_params["teacher"] = jax.device_put(
+            teacher_params, sharding.tree_shardings(teacher_params, mesh, teacher.config)
+        )
+    return frozen_graphdefs, frozen_params
+
+
 def objective_for(cfg: TrainConfig, model_config: ModelConfig, step: dict[str, Any]) -> Objective:
     """What the run's command optimizes."""
     if (
@@ -350,17 +366,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "trainable_params": sum(x.size for x in jax.tree.leaves(split_trainable(objective, params)[0])),
         "optimizer_state_bytes": sum(x.nbytes for x in jax.tree.leaves(opt_state)),
     }
-    # DPO's reference: the policy as it starts, frozen (the checkpoints need not keep it: --from_weight has it).
-    frozen_params = {"reference": jax.tree.map(jnp.copy, params)} if cfg.mode == "dpo" else {}
-    frozen_graphdefs = dict.fromkeys(frozen_params, graphdef)
-    if cfg.mode == "distill":
-        teacher = build_teacher(cfg, dtype, step)
-        frozen_graphdefs["teacher"], teacher_state = nnx.split(teacher, nnx.Param)
-        teacher_params = nnx.to_pure_dict(teacher_state)
-        frozen_params["teacher"] = jax.device_put(
-            teacher_params, sharding.tree_shardings(teacher_params, mesh, teacher.config)
-        )
-        del teacher
+    frozen_graphdefs, frozen_params = frozen_models(cfg, graphdef, params, mesh, dtype, step)
     step_fn = make_train_step(
         graphdef,
         optimizer,

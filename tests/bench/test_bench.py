@@ -21,6 +21,7 @@ TINY_PRESET = "arch: minimind2\nhidden_size: 64\nnum_hidden_layers: 2\n"
 
 def bench_args(**changes):
     fields = dict(
+        objective="sft",
         packing=False,
         loss_chunk_size=None,
         attention_impl=None,
@@ -180,6 +181,55 @@ def test_bench_times_minimind_own_model_from_the_same_weights(era, arch, capsys,
     assert result["setup"]["torch_processes"][1]["model_class"].endswith("MiniMindForCausalLM")
     for row in result["rows"][:3]:
         np.testing.assert_allclose(row["losses"], result["rows"][3]["losses"], rtol=1e-4)
+
+
+def objective_bench(capsys, data_dir, tmp_path, objective: str, arch: str, *flags) -> dict:
+    """A tiny (MoE) model of the era, and for distillation a wider dense teacher: 2 turns of every side."""
+    preset, teacher = tmp_path / "tiny_moe.yaml", tmp_path / "teacher.yaml"
+    preset.write_text(f"arch: {arch}\nhidden_size: 64\nnum_hidden_layers: 2\nuse_moe: true\n")
+    teacher.write_text(f"arch: {arch}\nhidden_size: 96\nnum_hidden_layers: 2\n")
+    out = run_bench(
+        capsys,
+        *("--objective", objective, "--preset", str(preset), "--teacher_preset", str(teacher)),
+        *("--batch_size", "8", "--max_seq_len", "64", "--steps", "2", "--warmup", "0"),
+        *("--num_records", "80", "--data_dir", str(data_dir), "--json", *flags),
+    )
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("objective, arch", [("lora", "minimind2"), ("dpo", "minimind3"), ("distill", "minimind3"),
+                                             ("dpo", "minimind2")])  # fmt: skip
+def test_bench_objective_steps_agree_with_the_torch_reference(objective, arch, capsys, data_dir, tmp_path):
+    """--objective: our default and literal steps, built as `main.py {objective}` builds them, and the torch
+    reference's step of MiniMind's script (own process), from the same weights (LoRA: the same adapters) on
+    the same batches (DPO: pairs), log the same losses before and after an update."""
+    result = objective_bench(capsys, data_dir, tmp_path, objective, arch)
+    ours, literal, reference = result["rows"]
+    assert ours["name"].startswith(f"ours, default (main.py {objective})")
+    assert reference["name"] == result["baseline"] == "PyTorch: project torch reference, own process"
+    assert result["setup"]["objective"] == objective and result["recompilations"] == 0
+    assert ours["settings"]["loss_chunk_size"] == (None if objective in ("dpo", "distill") else 512)
+    teacher = result["setup"]["teacher"]
+    assert teacher.startswith("96 × 2, ") if objective == "distill" else teacher is None
+    if (objective, arch) == ("dpo", "minimind2"):  # policy = reference: log 2 (v3 adds the MoE aux loss)
+        assert ours["losses"][0] == pytest.approx(math.log(2), rel=1e-6)
+    for row in (ours, literal):
+        np.testing.assert_allclose(row["losses"], reference["losses"], rtol=1e-4)
+    assert ours["losses"][1] != ours["losses"][0]
+
+
+@pytest.mark.parametrize("objective", ["lora", "dpo", "distill"])
+@pytest.mark.parametrize("era, arch", [("2510", "minimind2"), ("v3", "minimind3")])
+def test_bench_objective_times_minimind_own_code(objective, era, arch, capsys, data_dir, tmp_path):
+    """With a MiniMind checkout: its own model class (and model_lora.apply_lora) with its script's loss logs
+    the losses of our step."""
+    directory, python = minimind_checkout(era)
+    flags = ("--minimind_dir", str(directory), "--torch_python", python, "--torch_reference", "0")
+    result = objective_bench(capsys, data_dir, tmp_path, objective, arch, *flags)
+    ours, literal, minimind = result["rows"]
+    assert minimind["name"] == result["baseline"] == "PyTorch: MiniMind's model_minimind.py, own process"
+    for row in (ours, literal):
+        np.testing.assert_allclose(row["losses"], minimind["losses"], rtol=1e-4)
 
 
 def test_bench_table_without_torch_reports_variants_that_cannot_run(capsys, data_dir, tiny_preset, monkeypatch):
