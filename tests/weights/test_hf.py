@@ -133,6 +133,24 @@ def test_what_transformers_saves_of_the_export_loads_back_unchanged(tmp_path, pr
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
 
 
+def test_sharded_directory_loads_as_the_single_file(tmp_path):
+    save_hf(random_model(tiny("minimind3")), tmp_path / "single", dtype="float32")
+    tensors = safetensors_numpy.load_file(str(tmp_path / "single" / WEIGHTS_FILE))
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / "config.json").write_bytes((tmp_path / "single" / "config.json").read_bytes())
+    names = sorted(tensors)
+    weight_map = {}
+    for index, part in enumerate((names[::2], names[1::2])):
+        shard = f"model-0000{index + 1}-of-00002.safetensors"
+        safetensors_numpy.save_file({k: tensors[k] for k in part}, str(sharded / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, shard))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    single, split = minimind_jax.load(tmp_path / "single"), minimind_jax.load(sharded)
+    for a, b in zip(jax.tree.leaves(params_of(single)), jax.tree.leaves(params_of(split))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_cli_round_trips_through_pth_and_checkpoint(tmp_path):
     config = tiny("minimind3-moe")
     source = tmp_path / "full_sft_64_moe.pth"
