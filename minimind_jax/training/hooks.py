@@ -70,15 +70,15 @@ class Checkpointer:
 class Preemption:
     """SIGTERM (a preempted TPU or spot VM): checkpoint at the next update boundary and stop the run.
 
-    With several processes, all must save the same update: JAX's preemption service (started by
-    jax.distributed, it takes over SIGTERM) tells every process of a notice any one got, and names an
-    update that all of them reach.
+    With several processes joined by jax.distributed, all must save the same update: JAX's preemption service
+    (jax.distributed starts it; it takes over SIGTERM) tells every process of a notice any one got, and names
+    an update that all of them reach.
     """
 
     def __init__(self, checkpointer: Checkpointer):
         self.checkpointer = checkpointer
         self.requested = False
-        self.shared = jax.process_count() > 1
+        self.shared = jax.process_count() > 1 and jax.distributed.is_initialized()
         self._previous = None if self.shared else signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
