@@ -258,10 +258,14 @@ def test_exported_tokenizer_renders_minimind_chat_template(tmp_path, era, preset
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     ours = load_tokenizer(tokenizer_dir)
     assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == (ours.bos_id, ours.eos_id, ours.pad_id)
-    for messages in CONVERSATIONS:
+    weather = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+    calls = [*CONVERSATIONS, CONVERSATIONS[0]]
+    extras = [{}] * len(CONVERSATIONS) + [{"tools": [weather], "open_thinking": True}]  # open_thinking: v3's
+    for messages, extra in zip(calls, extras):
         for add_generation_prompt in (False, True):
-            text = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-            assert text == ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+            settings = {"add_generation_prompt": add_generation_prompt, **extra}
+            text = theirs.apply_chat_template(messages, tokenize=False, **settings)
+            assert text == ours.apply_chat_template(messages, **settings)
             assert theirs(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
 
 
@@ -269,3 +273,9 @@ def test_other_eras_tokenizer_is_refused(tmp_path):
     tokenizer_dir = require_shared("minimind", "2510")
     with pytest.raises(UserError, match="minimind2 tokenizer but the model is minimind3"):
         save_hf(random_model(tiny("minimind3")), tmp_path / "hf", tokenizer_path=tokenizer_dir)
+
+
+def test_a_sentencepiece_tokenizer_is_refused(tmp_path, small_tokenizer):
+    with pytest.raises(UserError, match="takes a tokenizer directory .* not a SentencePiece model"):
+        save_hf(random_model(tiny("minimind3")), tmp_path / "hf", tokenizer_path=small_tokenizer)
+    assert not (tmp_path / "hf").exists()
