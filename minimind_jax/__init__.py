@@ -1,6 +1,6 @@
 """minimind-jax: MiniMind in JAX/Flax NNX.
 
-Public API (stable): `load`, `save_pth`, `generate`, `ModelConfig`, `MiniMind`, `load_preset`.
+Public API (stable): `load`, `save_pth`, `save_hf`, `generate`, `ModelConfig`, `MiniMind`, `load_preset`.
 Submodules are imported on first use so that light tools (the CLI's --help, `convert`) start quickly.
 """
 
@@ -12,6 +12,7 @@ _EXPORTS = {
     "MiniMind": "minimind_jax.model.transformer",
     "load": "minimind_jax.weights",
     "save_pth": "minimind_jax.weights",
+    "save_hf": "minimind_jax.weights.hf",
     "generate": "minimind_jax.inference.generation",
 }
 
