@@ -292,6 +292,7 @@ def save_hf(model, directory, dtype: str = "float16", tokenizer_path=None) -> pa
     config = model.config
     fields = hf_config(config, dtype)  # refuses what cannot be exported before anything is written
     numpy_dtype = _numpy_dtype(dtype)
+    safetensors_numpy = _safetensors()
     tokenizer = None if tokenizer_path is None else load_tokenizer(tokenizer_path)
     if tokenizer is not None:
         if not isinstance(tokenizer, HFTokenizer):
@@ -312,7 +313,7 @@ def save_hf(model, directory, dtype: str = "float16", tokenizer_path=None) -> pa
     try:
         partial.mkdir(parents=True)
         # serialised here and written by Python, so the file gets the usual permissions
-        (partial / WEIGHTS_FILE).write_bytes(_safetensors().save(tensors, metadata={"format": "pt"}))
+        (partial / WEIGHTS_FILE).write_bytes(safetensors_numpy.save(tensors, metadata={"format": "pt"}))
         _write_json(partial / CONFIG_FILE, fields)
         generation = {
             "bos_token_id": config.bos_token_id,
