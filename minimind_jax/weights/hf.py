@@ -335,7 +335,7 @@ def save_hf(model, directory, dtype: str = "float16", tokenizer_path=None) -> pa
 
 
 def _shared_expert_keys(config: ModelConfig, layer: int):
-    """(MiniMind's keys of layer `layer`'s shared experts per projection, Qwen2-MoE's key) for each projection."""
+    """For each projection in PROJ order: MiniMind's keys of the layer's shared experts, and Qwen2-MoE's one key."""
     prefix = f"model.layers.{layer}.mlp."
     return [
         (
