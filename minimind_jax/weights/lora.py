@@ -7,6 +7,7 @@ them in float32, v3's in float16.
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import re
 from collections import OrderedDict
@@ -18,17 +19,23 @@ from flax import nnx
 from minimind_jax.errors import UserError
 from minimind_jax.model.config import LORA_TARGETS
 from minimind_jax.model.params import model_from_params, params_of
-from minimind_jax.model.transformer import MiniMind
+from minimind_jax.model.transformer import LoRA, MiniMind
 from minimind_jax.weights.pth import read_state_dict, write_state_dict
 
 KEY = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(\w+)\.lora\.([AB])\.weight$")
 
 
 def with_adapters(model: MiniMind, rank: int, targets: tuple[str, ...], seed: int) -> MiniMind:
-    """The model with new adapters (A ~ N(0, 0.02), B = 0) on `targets`; its own weights unchanged."""
+    """The model with new adapters (LoRA's init: A ~ N(0, 0.02), B = 0) on `targets`; its own weights unchanged.
+    Only the adapters are initialised, not a whole model (seconds at MiniMind's sizes)."""
     config = model.config.replace(lora_rank=rank, lora_targets=tuple(targets))
-    fresh = params_of(MiniMind(config, rngs=nnx.Rngs(seed)))
-    return model_from_params(config, _with_base(fresh, params_of(model)))
+    params = params_of(model)
+    attention = params["layers"]["self_attn"]  # every leaf stacked over the layers
+    layer_keys = jax.random.split(jax.random.key(seed), (len(targets), config.num_hidden_layers))
+    for target, keys in zip(targets, layer_keys):
+        new_adapter = functools.partial(LoRA, *attention[target].shape[1:], rank)  # (d_in, d_out, rank)
+        attention[f"{target}_lora"] = jax.vmap(lambda key, new=new_adapter: params_of(new(nnx.Rngs(key))))(keys)
+    return model_from_params(config, params)
 
 
 def without_adapters(model: MiniMind) -> MiniMind:
@@ -102,14 +109,6 @@ def load_lora(model: MiniMind, path) -> MiniMind:
                 )
             attention[f"{target}_lora"][matrix] = stacked
     return model_from_params(adapted.config, params)
-
-
-def _with_base(params: dict, base: dict) -> dict:
-    """params with every leaf that `base` has taken from `base`."""
-    return {
-        key: (_with_base(value, base[key]) if isinstance(value, dict) else base[key]) if key in base else value
-        for key, value in params.items()
-    }
 
 
 def _base_only(params: dict) -> dict:

@@ -3,6 +3,7 @@
 import json
 import re
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -11,7 +12,15 @@ from flax import nnx
 import minimind_jax
 from minimind_jax.cli.main import main
 from minimind_jax.errors import UserError
-from minimind_jax.weights.lora import load_lora, lora_state_dict, merge_adapters, save_lora, with_adapters
+from minimind_jax.model.params import params_of
+from minimind_jax.weights.lora import (
+    load_lora,
+    lora_state_dict,
+    merge_adapters,
+    save_lora,
+    with_adapters,
+    without_adapters,
+)
 from tests.conftest import require_shared
 from tests.support.parity import assert_near_truth, distance_from_truth
 
@@ -89,6 +98,20 @@ def test_lora_files_read_and_write_as_minimind_writes_them(era, tmp_path):
     assert list(written) == list(original)
     for key, value in original.items():
         assert written[key].dtype == value.dtype and torch.equal(written[key], value), key
+
+
+def test_new_adapters_are_minimind_init_and_leave_the_weights_alone():
+    """A ~ N(0, 0.02), drawn afresh for every layer and projection, B = 0; the model's own weights unchanged."""
+    config = minimind_jax.ModelConfig(hidden_size=64, num_hidden_layers=3, vocab_size=64)
+    model = minimind_jax.MiniMind(config, rngs=nnx.Rngs(0))
+    adapted = with_adapters(model, 8, ("q_proj", "o_proj"), seed=3)
+    state = lora_state_dict(adapted)
+    a_matrices = [value for key, value in state.items() if key.endswith("A.weight")]
+    assert len(a_matrices) == 6 and all(a.shape == (8, 64) for a in a_matrices)
+    assert np.std(np.stack(a_matrices)) == pytest.approx(0.02, rel=0.1)
+    assert len({a.tobytes() for a in a_matrices}) == 6
+    assert all(not value.any() for key, value in state.items() if key.endswith("B.weight"))
+    jax.tree.map(np.testing.assert_array_equal, params_of(model), params_of(without_adapters(adapted)))
 
 
 def test_merged_adapters_give_the_adapted_model_logits(tmp_path):
