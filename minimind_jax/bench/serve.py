@@ -56,6 +56,7 @@ def add_arguments(parser, command: str = "bench_serve") -> None:
     parser.add_argument("--max_tokens", default=128, type=int, help="greedy tokens asked for in every request")
     parser.add_argument("--port", default=18998, type=int)
     parser.add_argument("--dtype", default=None, help="the server's --dtype (default: its own)")
+    parser.add_argument("--batch_window_ms", default=None, help="the server's --batch_window_ms (default: its own)")
 
 
 def _post(base_url: str, question: str, max_tokens: int) -> int:
@@ -80,8 +81,14 @@ def _wait_for(server: subprocess.Popen, base_url: str, log_path: pathlib.Path) -
     raise UserError("the server did not answer /health within 10 minutes")
 
 
+def _batches(base_url: str) -> int:
+    with urllib.request.urlopen(f"{base_url}/health", timeout=60) as response:
+        return json.load(response)["batches"]
+
+
 def _timed(base_url: str, questions: list[str], clients: int, max_tokens: int) -> dict:
     """Sends `questions` from `clients` threads (each takes the next question when its reply is back)."""
+    batches = _batches(base_url)
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         tokens = list(pool.map(lambda q: _post(base_url, q, max_tokens), questions))
@@ -89,6 +96,7 @@ def _timed(base_url: str, questions: list[str], clients: int, max_tokens: int) -
     return {
         "clients": clients,
         "requests": len(questions),
+        "mean_batch": round(len(questions) / (_batches(base_url) - batches), 1),
         "completion_tokens": sum(tokens),
         "seconds": round(seconds, 2),
         "tokens_per_s": round(sum(tokens) / seconds, 1),
@@ -114,6 +122,7 @@ def run(args) -> int:
         command = [sys.executable, "-c", SERVE_MAIN, "serve", "--load_from", weights_file]
         command += ["--tokenizer_path", args.tokenizer_path, "--port", str(args.port)]
         command += ["--max_batch_size", str(batch_size)] + (["--dtype", args.dtype] if args.dtype else [])
+        command += ["--batch_window_ms", args.batch_window_ms] if args.batch_window_ms else []
         log_path = pathlib.Path(scratch) / "server.log"
         base_url = f"http://127.0.0.1:{args.port}"
         with open(log_path, "w") as log:

@@ -24,9 +24,9 @@ def add_arguments(parser, command: str) -> None:
     )
     parser.add_argument(
         "--batch_window_ms",
-        default=5.0,
+        default=20.0,
         type=float,
-        help="how long the first waiting request waits for others to join its batch",
+        help="the longest a batch waits for as many requests as the last batch held",
     )
 
 

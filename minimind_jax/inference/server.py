@@ -5,12 +5,13 @@ It takes the request fields of MiniMind's scripts/serve_openai_api.py: `temperat
 `tool_calls`) and, for v3, `open_thinking` or `chat_template_kwargs` (the reasoning comes back as
 `reasoning_content`). Any `model` name is accepted. Bad requests get OpenAI's error body with a 4xx status.
 
-Requests that arrive together are decoded together (`BatchEngine`): its thread takes the first waiting
-request, gathers those that arrive within a few milliseconds, left-pads their prompts into one batch and
-decodes it step by step with each row's own sampling settings; a row stops at its eos or its max_tokens, the
-batch when every row has stopped. Requests that arrive meanwhile wait for the next batch. Batch sizes are
-padded to a power of two and prompt and cache lengths are bucketed (`generation.Decoder`), so the server
-compiles a few programs per size and never one per request.
+Requests that arrive together are decoded together (`BatchEngine`). Its thread takes the waiting requests,
+after waiting at most a short window for as many as the last batch held (a batch's clients tend to come back
+together; after a batch of one nobody waits), left-pads their prompts into one batch and decodes it step by
+step with each row's own sampling settings; a row stops at its eos or its max_tokens, the batch when every
+row has stopped. Requests that arrive meanwhile wait for the next batch. Batch sizes are padded to a power of
+two and prompt and cache lengths are bucketed (`generation.Decoder`), so the server compiles a few programs
+per size and never one per request.
 """
 
 from __future__ import annotations
@@ -208,13 +209,14 @@ def batch_bucket(rows: int, max_batch_size: int) -> int:
 class BatchEngine:
     """Decodes the submitted jobs in batches, on a thread of its own (see the module docstring)."""
 
-    def __init__(self, model: MiniMind, eos_id: int, max_batch_size: int = 16, batch_window_s: float = 0.005):
+    def __init__(self, model: MiniMind, eos_id: int, max_batch_size: int = 16, batch_window_s: float = 0.02):
         self.model, self.eos_id = model, eos_id
         self.max_batch_size, self.batch_window_s = max_batch_size, batch_window_s
         self.positions = model.config.max_position_embeddings
         self._waiting: collections.deque[Job] = collections.deque()
         self._wakeup = threading.Condition()
         self.batches = 0  # decoded so far (/health reports it)
+        self._last_batch_size = 1
         threading.Thread(target=self._serve_forever, name="batch-engine", daemon=True).start()
 
     def submit(self, job: Job) -> None:
@@ -230,8 +232,8 @@ class BatchEngine:
     def _next_batch(self) -> list[Job]:
         with self._wakeup:
             self._wakeup.wait_for(lambda: self._waiting)
-            deadline = time.monotonic() + self.batch_window_s
-            while len(self._waiting) < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
+            expected, deadline = self._last_batch_size, time.monotonic() + self.batch_window_s
+            while len(self._waiting) < expected and (left := deadline - time.monotonic()) > 0:
                 self._wakeup.wait(left)
             batch, later = [], []
             while self._waiting and len(batch) < self.max_batch_size:
@@ -240,6 +242,7 @@ class BatchEngine:
                     continue
                 (batch if self._fits([*batch, job]) else later).append(job)
             self._waiting.extendleft(reversed(later))
+            self._last_batch_size = max(len(batch), 1)
             return batch
 
     def _serve_forever(self) -> None:
@@ -296,7 +299,7 @@ class BatchEngine:
 
 
 def create_app(
-    model: MiniMind, tokenizer: Tokenizer, model_id: str, max_batch_size: int = 16, batch_window_s: float = 0.005
+    model: MiniMind, tokenizer: Tokenizer, model_id: str, max_batch_size: int = 16, batch_window_s: float = 0.02
 ) -> FastAPI:
     """The FastAPI app over one model; its engine thread starts here."""
     engine = BatchEngine(model, tokenizer.eos_id, max_batch_size, batch_window_s)
