@@ -26,7 +26,7 @@ def add_arguments(parser, command: str) -> None:
         "--batch_window_ms",
         default=20.0,
         type=float,
-        help="the longest a batch waits for as many requests as the last batch held",
+        help="after a batch of several requests, the longest the next one waits to fill up",
     )
 
 

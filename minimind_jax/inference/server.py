@@ -5,13 +5,13 @@ It takes the request fields of MiniMind's scripts/serve_openai_api.py: `temperat
 `tool_calls`) and, for v3, `open_thinking` or `chat_template_kwargs` (the reasoning comes back as
 `reasoning_content`). Any `model` name is accepted. Bad requests get OpenAI's error body with a 4xx status.
 
-Requests that arrive together are decoded together (`BatchEngine`). Its thread takes the waiting requests,
-after waiting at most a short window for as many as the last batch held (a batch's clients tend to come back
-together; after a batch of one nobody waits), left-pads their prompts into one batch and decodes it step by
-step with each row's own sampling settings; a row stops at its eos or its max_tokens, the batch when every
-row has stopped. Requests that arrive meanwhile wait for the next batch. Batch sizes are padded to a power of
-two and prompt and cache lengths are bucketed (`generation.Decoder`), so the server compiles a few programs
-per size and never one per request.
+Requests that arrive together are decoded together (`BatchEngine`). Its thread takes the waiting requests
+(after a batch of several, it first waits at most a short window for a full batch, since a batch's clients
+tend to come back together; after a batch of one nobody waits), left-pads their prompts into one batch and
+decodes it step by step with each row's own sampling settings; a row stops at its eos or its max_tokens, the
+batch when every row has stopped. Requests that arrive meanwhile wait for the next batch. Batch sizes are
+padded to a power of two and prompt and cache lengths are bucketed (`generation.Decoder`), so the server
+compiles a few programs per size and never one per request.
 """
 
 from __future__ import annotations
@@ -232,7 +232,8 @@ class BatchEngine:
     def _next_batch(self) -> list[Job]:
         with self._wakeup:
             self._wakeup.wait_for(lambda: self._waiting)
-            expected, deadline = self._last_batch_size, time.monotonic() + self.batch_window_s
+            expected = self.max_batch_size if self._last_batch_size > 1 else 1
+            deadline = time.monotonic() + self.batch_window_s
             while len(self._waiting) < expected and (left := deadline - time.monotonic()) > 0:
                 self._wakeup.wait(left)
             batch, later = [], []
