@@ -265,16 +265,18 @@ def bench_data(args) -> tuple[pathlib.Path, pathlib.Path, str]:
 def bench_run_config(args, config, dtype: str, data_path, tokenizer_path, workdir: pathlib.Path):
     """The TrainConfig `main.py {--objective}` gets for this bench, with MiniMind's defaults for its script and
     era (β, α, T, LoRA rank, the teacher's sizes), and the initial weights it starts from, written to `workdir`
-    in fp32 as MiniMind .pth files: init.pth (the model of --preset, seeded), teacher.pth (distill) and
-    lora_init.pth (LoRA's adapters). Returns (TrainConfig, {name: (ModelConfig, params)} of those models)."""
+    as our checkpoints, which keep every field of the preset: init (the model of --preset, seeded), teacher
+    (distill); and lora_init.pth, LoRA's adapters as MiniMind's file. Returns (TrainConfig, {name: (ModelConfig,
+    params)} of those models)."""
     from flax import nnx
 
     from minimind_jax.model.config import ModelConfig, load_preset
     from minimind_jax.model.transformer import MiniMind
     from minimind_jax.training.config import TrainConfig, defaults_for
     from minimind_jax.training.run import attach_adapters
-    from minimind_jax.weights import params_of, save_pth
+    from minimind_jax.weights import params_of
     from minimind_jax.weights.lora import save_lora
+    from minimind_jax.weights.orbax import save_model_checkpoint
 
     fields = {
         **defaults_for(args.objective, config.arch),
@@ -284,7 +286,7 @@ def bench_run_config(args, config, dtype: str, data_path, tokenizer_path, workdi
         "num_hidden_layers": config.num_hidden_layers,
         "use_moe": int(config.use_moe),
         "num_attention_heads": config.num_attention_heads,
-        "from_weight": str(workdir / "init.pth"),
+        "from_weight": str(workdir / "init"),
         "tokenizer_path": str(tokenizer_path),
         "data_path": str(data_path),
         "cache_dir": str(pathlib.Path(args.data_dir) / "cache"),
@@ -297,7 +299,7 @@ def bench_run_config(args, config, dtype: str, data_path, tokenizer_path, workdi
         "progress": False,
     }
     model = MiniMind(config, rngs=nnx.Rngs(args.seed))
-    save_pth(model, workdir / "init.pth", dtype="float32")
+    save_model_checkpoint(model, workdir / "init")
     models = {"init": (config, params_of(model))}
     if args.objective == "distill":
         cfg = TrainConfig(**fields)
@@ -308,9 +310,9 @@ def bench_run_config(args, config, dtype: str, data_path, tokenizer_path, workdi
                              num_hidden_layers=cfg.teacher_num_layers, use_moe=cfg.teacher_moe, dtype=dtype)
         )  # fmt: skip
         teacher = MiniMind(teacher_config, rngs=nnx.Rngs(args.seed + 1))
-        save_pth(teacher, workdir / "teacher.pth", dtype="float32")
+        save_model_checkpoint(teacher, workdir / "teacher")
         models["teacher"] = (teacher_config, params_of(teacher))
-        fields.update(from_teacher_weight=str(workdir / "teacher.pth"), teacher_hidden_size=teacher_config.hidden_size,
+        fields.update(from_teacher_weight=str(workdir / "teacher"), teacher_hidden_size=teacher_config.hidden_size,
                       teacher_num_layers=teacher_config.num_hidden_layers, teacher_use_moe=int(teacher_config.use_moe))  # fmt: skip
     if args.objective == "lora":
         save_lora(attach_adapters(TrainConfig(**fields), model), workdir / "lora_init.pth")
@@ -795,6 +797,10 @@ def run(args) -> int:
             for index, variant in enumerate(variants_for(args, platform, dtype, dataset.seq_len)):
                 progress(f"building our step: {describe(variant)}")
                 try:
+                    try:  # a setting this dtype cannot run is refused in the config's own words
+                        config.replace(attention_impl=variant.attention_impl, remat=variant.remat)
+                    except ValueError as error:
+                        raise UserError(str(error)) from None
                     jax_sides.append(JaxSide(variant, run_cfg, dataset, mesh, args, watch))
                 except Exception as error:  # an ablation variant this device cannot run is reported, not fatal
                     if index == 0:

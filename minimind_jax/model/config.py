@@ -70,7 +70,7 @@ class ModelConfig:
     remat: str = "none"  # none | full | dots (jax.checkpoint policy for each scanned block)
     attention_impl: str = "xla"  # see ATTENTION_IMPLS; "xla" is the exact path the parity tests check
     attention_block_size: int = 128  # queries per block of attention_impl="causal_blocks"
-    expert_tile_size: int = 128  # MoE: rows per routed-expert matmul, an expert's last ones in quarter tiles
+    expert_tile_size: int = 256  # MoE: rows per routed-expert matmul, an expert's last ones in quarter tiles
     # LoRA (MiniMind's model_lora.py): W x + B(A x) on each projection named in lora_targets, rank lora_rank.
     lora_rank: int = 0
     lora_targets: tuple[str, ...] = ()

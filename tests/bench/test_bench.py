@@ -263,7 +263,7 @@ def test_bench_table_without_torch_reports_variants_that_cannot_run(capsys, data
     assert "ours, --fast_path 0 (MiniMind's literal) (padded, full logits, xla, scanned)" in out
     assert "PyTorch" not in out and "tokens/s" in out
     assert (
-        "cudnn attention in float32 (padded, full logits, cudnn, scanned): could not run here (ValueError: "
+        "cudnn attention in float32 (padded, full logits, cudnn, scanned): could not run here (UserError: "
         "attention_impl=cudnn needs dtype" in out
     )
 
