@@ -44,7 +44,7 @@ DEFAULT_TOP_P = 0.92
 DEFAULT_MAX_TOKENS = 8192
 TOP_K = 50
 ROLES = ("system", "user", "assistant", "tool")
-PROMPT_STEP_TOKENS = 256  # the cache starts with room for this many new tokens and doubles as needed
+FIRST_NEW_TOKEN_SLOTS = 256  # the cache starts with room for this many new tokens and doubles as needed
 
 
 class RequestError(Exception):
@@ -274,7 +274,9 @@ class BatchEngine:
         )
         longest = max(job.max_tokens for job in batch)
         self.batches += 1
-        state = decoder.start(ids_BT, mask_BT, seed=self.batches, expected_new_tokens=min(longest, PROMPT_STEP_TOKENS))
+        state = decoder.start(
+            ids_BT, mask_BT, seed=self.batches, expected_new_tokens=min(longest, FIRST_NEW_TOKEN_SLOTS)
+        )
         running = dict(enumerate(batch))
         for step in range(longest):
             if step:
