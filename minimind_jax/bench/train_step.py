@@ -1,15 +1,17 @@
-"""`python main.py bench`: our SFT train step against PyTorch MiniMind's, side by side, in one run.
+"""`python main.py bench`: our train step against PyTorch MiniMind's, side by side, in one run.
 
-Every side trains the same model (same preset and initial weights) on the same real chat batches
-(chatterbot-corpus + chitchat-dataset through MiniMind's tokenizer) with the same masked loss:
-- ours, in this process: `train.make_train_step` + `init_train_state` on a mesh of every present device, on
-  MiniMind's padded rows or on packed rows (--packing): the step `main.py sft` runs by default (the backend's
-  fast path, config.fast_path_settings), the flags' step if they ask for another, and MiniMind's literal
-  computation (--fast_path 0);
-- PyTorch, each in a process of its own (minimind_jax/bench_torch.py, --torch_python, glibc's default malloc):
-  the project's `torch_reference.sft_step`, and with --minimind_dir MiniMind's own MiniMindForCausalLM with its
-  train_full_sft loss; eager mode (forward, masked CE, backward, clip_grad_norm, AdamW), always on MiniMind's
-  padded rows, with bf16 autocast under --dtype bfloat16, on CUDA when there is a GPU.
+--objective picks what every side trains: MiniMind's train_full_sft (default), train_lora, train_dpo or
+train_distillation, with the script's loss and defaults for the era. Every side trains the same model (same
+preset and initial weights; LoRA: the same adapters; distillation: the same teacher) on the same real chat
+batches (chatterbot-corpus + chitchat-dataset through MiniMind's tokenizer; DPO: pairs built from them):
+- ours, in this process: the step `main.py {objective}` builds (training/run.py's builders, make_train_step,
+  init_train_state) on a mesh of every present device, on MiniMind's padded rows or on packed rows
+  (--packing): by default the backend's fast path (config.fast_path_settings), the flags' step if they ask
+  for another, and MiniMind's literal computation (--fast_path 0);
+- PyTorch, each in a process of its own (bench/torch_side.py, --torch_python, glibc's default malloc): the
+  project's torch reference, and with --minimind_dir MiniMind's own MiniMindForCausalLM (and model_lora) with
+  its script's loss; eager mode (forward, loss, backward, clip_grad_norm, AdamW), always on MiniMind's padded
+  rows, with bf16 autocast under --dtype bfloat16, on CUDA when there is a GPU.
 
 The sides take turns step by step (and so do the variants of --ablation), so a machine that is busy with
 other work slows all of them alike; every figure is the median over the timed steps, after warm-up.
@@ -463,7 +465,7 @@ class JaxSide:
 
 
 class TorchProcess:
-    """A PyTorch side in its own process (minimind_jax/bench_torch.py): it builds the model, then takes one
+    """A PyTorch side in its own process (bench/torch_side.py): it builds the model, then takes one
     step each time it is asked, so the turns still alternate with ours; its step times are its own."""
 
     def __init__(self, model: str, run_cfg, models: dict, torch_batches: dict, args, workdir: pathlib.Path):
