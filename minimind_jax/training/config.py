@@ -298,96 +298,46 @@ class TrainConfig:
         return pathlib.Path(self.save_dir) / "logs" / self.run_name
 
 
+# MiniMind's defaults per script: (2510's, what v3 changes). TrainConfig's own defaults are 2510's
+# train_full_sft.py.
+SCRIPT_DEFAULTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "sft": (
+        {},
+        dict(learning_rate=1e-5, hidden_size=768, max_seq_len=768, save_interval=1000,
+             data_path="dataset/sft_t2t_mini.jsonl"),
+    ),
+    "pretrain": (
+        dict(save_weight="pretrain", epochs=1, batch_size=32, learning_rate=5e-4, accumulation_steps=8,
+             data_path="dataset/pretrain_hq.jsonl", from_weight="none", wandb_project="MiniMind-Pretrain"),
+        dict(epochs=2, hidden_size=768, max_seq_len=340, save_interval=1000,
+             data_path="dataset/pretrain_t2t_mini.jsonl"),
+    ),
+    "distill_reason": (  # 2510's train_distill_reason.py; v3 has none (TrainConfig refuses it)
+        dict(save_weight="reason", epochs=1, batch_size=8, learning_rate=1e-6, max_seq_len=1024,
+             data_path="dataset/r1_mix_1024.jsonl", from_weight="dpo", wandb_project="MiniMind-Reasoning"),
+        {},
+    ),
+    "distill": (  # train_distillation.py
+        dict(save_weight="full_dist", epochs=6, batch_size=32, learning_rate=5e-6, from_weight="full_sft",
+             wandb_project="MiniMind-Distillation"),
+        dict(hidden_size=768, teacher_num_layers=8, teacher_use_moe=1, max_seq_len=340,
+             data_path="dataset/sft_t2t_mini.jsonl"),
+    ),
+    "dpo": (  # train_dpo.py
+        dict(save_weight="dpo", epochs=1, batch_size=4, learning_rate=4e-8, max_seq_len=1024,
+             data_path="dataset/dpo.jsonl", from_weight="full_sft", wandb_project="MiniMind-DPO"),
+        dict(hidden_size=768, beta=0.15),
+    ),
+    "lora": (  # train_lora.py
+        dict(save_dir="out/lora", epochs=50, batch_size=32, learning_rate=1e-4, log_interval=10, save_interval=1,
+             data_path="dataset/lora_identity.jsonl", from_weight="full_sft", wandb_project="MiniMind-LoRA"),
+        dict(save_dir="out", lora_name="lora_medical", epochs=10, save_interval=1000, hidden_size=768,
+             max_seq_len=340, data_path="dataset/lora_medical.jsonl"),
+    ),
+}  # fmt: skip
+
+
 def defaults_for(mode: str, arch: str) -> dict[str, Any]:
-    """MiniMind's defaults per script and era (TrainConfig's own defaults are 2510's train_full_sft.py)."""
-    v3 = arch == "minimind3"
-    if mode == "pretrain":
-        fields = dict(
-            save_weight="pretrain",
-            epochs=1,
-            batch_size=32,
-            learning_rate=5e-4,
-            accumulation_steps=8,
-            data_path="dataset/pretrain_hq.jsonl",
-            from_weight="none",
-            wandb_project="MiniMind-Pretrain",
-        )
-        if v3:
-            fields.update(
-                epochs=2,
-                hidden_size=768,
-                max_seq_len=340,
-                save_interval=1000,
-                data_path="dataset/pretrain_t2t_mini.jsonl",
-            )
-        return fields
-    if mode == "distill_reason":  # 2510's train_distill_reason.py
-        return dict(
-            save_weight="reason",
-            epochs=1,
-            batch_size=8,
-            learning_rate=1e-6,
-            max_seq_len=1024,
-            data_path="dataset/r1_mix_1024.jsonl",
-            from_weight="dpo",
-            wandb_project="MiniMind-Reasoning",
-        )
-    if mode == "distill":  # train_distillation.py
-        fields = dict(
-            save_weight="full_dist",
-            epochs=6,
-            batch_size=32,
-            learning_rate=5e-6,
-            from_weight="full_sft",
-            wandb_project="MiniMind-Distillation",
-        )
-        if v3:
-            fields.update(hidden_size=768, teacher_num_layers=8, teacher_use_moe=1, max_seq_len=340,
-                          data_path="dataset/sft_t2t_mini.jsonl")  # fmt: skip
-        return fields
-    if mode == "dpo":  # train_dpo.py
-        fields = dict(
-            save_weight="dpo",
-            epochs=1,
-            batch_size=4,
-            learning_rate=4e-8,
-            max_seq_len=1024,
-            data_path="dataset/dpo.jsonl",
-            from_weight="full_sft",
-            wandb_project="MiniMind-DPO",
-        )
-        if v3:
-            fields.update(hidden_size=768, beta=0.15)
-        return fields
-    if mode == "lora":  # train_lora.py
-        fields = dict(
-            save_dir="out/lora",
-            epochs=50,
-            batch_size=32,
-            learning_rate=1e-4,
-            log_interval=10,
-            save_interval=1,
-            data_path="dataset/lora_identity.jsonl",
-            from_weight="full_sft",
-            wandb_project="MiniMind-LoRA",
-        )
-        if v3:
-            fields.update(
-                save_dir="out",
-                lora_name="lora_medical",
-                epochs=10,
-                save_interval=1000,
-                hidden_size=768,
-                max_seq_len=340,
-                data_path="dataset/lora_medical.jsonl",
-            )
-        return fields
-    if v3:
-        return dict(
-            learning_rate=1e-5,
-            hidden_size=768,
-            max_seq_len=768,
-            save_interval=1000,
-            data_path="dataset/sft_t2t_mini.jsonl",
-        )
-    return {}
+    """MiniMind's defaults for the script of `mode` in the era of `arch`."""
+    era_2510, v3_changes = SCRIPT_DEFAULTS[mode]
+    return {**era_2510, **(v3_changes if arch == "minimind3" else {})}
