@@ -37,6 +37,7 @@ from minimind_jax.training.run import load_run_data, train
 from minimind_jax.weights.orbax import TrainCheckpoints, save_model_checkpoint
 from tests.conftest import REPO_ROOT, require_shared
 from tests.support.data import GOOD, random_chats, write_jsonl
+from tests.support.runs import tiny_config
 
 SFT_32 = examples.ExampleConfig("sft", "minimind2", 32)
 
@@ -231,21 +232,8 @@ def test_shortest_prompt_of_minimind_templates(minimind_tokenizers, era, arch):
 
 
 def run_config(tmp_path, tokenizer, data_path, **overrides) -> TrainConfig:
-    fields = dict(
-        tokenizer_path=str(tokenizer),
-        data_path=str(data_path),
-        from_weight="none",
-        hidden_size=32,
-        num_hidden_layers=2,
-        max_seq_len=48,
-        batch_size=8,
-        num_workers=0,
-        progress=False,
-        cache_dir=str(tmp_path / "cache"),
-        save_dir=str(tmp_path / "out"),
-        checkpoint_dir=str(tmp_path / "checkpoints"),
-    )
-    return TrainConfig(**{**fields, **overrides})
+    fields = dict(from_weight="none", hidden_size=32, cache_dir=str(tmp_path / "cache"))
+    return tiny_config(tmp_path, data_path, tokenizer, **{**fields, **overrides})
 
 
 def test_impossible_run_settings_fail_before_training(tmp_path, small_tokenizer):

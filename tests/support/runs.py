@@ -5,28 +5,35 @@ import json
 from minimind_jax.training.config import TrainConfig
 
 
-def run_config(tmp_path, chat_data, **changes) -> TrainConfig:
+def tiny_config(tmp_path, data_path, tokenizer_path, **changes) -> TrainConfig:
+    """A tiny SFT run: 2 layers, rows of 48 ids, a global batch of 8 over the 8 devices, no worker processes or
+    progress bars, its weights and checkpoints under tmp_path; `changes` set the rest."""
     fields = dict(
-        mode="sft",
-        save_dir=str(tmp_path / "out"),
-        checkpoint_dir=str(tmp_path / "checkpoints"),
-        cache_dir=str(tmp_path.parent / "cache"),
-        data_path=str(chat_data["sft"]),
-        tokenizer_path=str(chat_data["tokenizer"]),
-        hidden_size=64,
+        data_path=str(data_path),
+        tokenizer_path=str(tokenizer_path),
         num_hidden_layers=2,
         max_seq_len=48,
         batch_size=8,
+        num_workers=0,
+        progress=False,
+        save_dir=str(tmp_path / "out"),
+        checkpoint_dir=str(tmp_path / "checkpoints"),
+    )
+    return TrainConfig(**{**fields, **changes})
+
+
+def run_config(tmp_path, chat_data, **changes) -> TrainConfig:
+    fields = dict(
+        mode="sft",
+        cache_dir=str(tmp_path.parent / "cache"),
+        hidden_size=64,
         epochs=1,
         learning_rate=1e-3,
         log_interval=1,
         save_interval=1000,
-        num_workers=0,
-        progress=False,
         mesh=None,
     )
-    fields.update(changes)
-    return TrainConfig(**fields)
+    return tiny_config(tmp_path, chat_data["sft"], chat_data["tokenizer"], **{**fields, **changes})
 
 
 def metrics_of(cfg: TrainConfig):

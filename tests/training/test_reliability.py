@@ -28,6 +28,7 @@ from minimind_jax.training.config import TrainConfig
 from minimind_jax.training.run import train
 from minimind_jax.weights.orbax import TrainCheckpoints
 from tests.support.data import random_chats, write_jsonl
+from tests.support.runs import metrics_of, tiny_config
 
 RUN_NAME = "full_sft_32"
 
@@ -38,32 +39,10 @@ def chats(tmp_path_factory) -> pathlib.Path:
 
 
 def train_config(tmp_path, data_path, tokenizer_path, **overrides) -> TrainConfig:
-    """Tiny SFT run: hidden 32, 2 layers, rows of 47 tokens, a global batch of 8 over the 8 devices."""
-    fields = dict(
-        tokenizer_path=str(tokenizer_path),
-        data_path=str(data_path),
-        from_weight="none",
-        hidden_size=32,
-        num_hidden_layers=2,
-        max_seq_len=48,
-        batch_size=8,
-        epochs=1,
-        learning_rate=1e-3,
-        log_interval=1,
-        save_interval=1,
-        keep_checkpoints=20,
-        num_workers=0,
-        progress=False,
-        cache_dir=str(tmp_path.parent / "data_cache"),
-        save_dir=str(tmp_path / "out"),
-        checkpoint_dir=str(tmp_path / "checkpoints"),
-    )
-    return TrainConfig(**{**fields, **overrides})
-
-
-def read_metrics(cfg: TrainConfig) -> list[dict]:
-    path = pathlib.Path(cfg.save_dir) / "logs" / cfg.run_name / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """Tiny SFT run (tiny_config): hidden 32, a checkpoint after every update."""
+    fields = dict(from_weight="none", hidden_size=32, epochs=1, learning_rate=1e-3, log_interval=1, save_interval=1,
+                  keep_checkpoints=20, cache_dir=str(tmp_path.parent / "data_cache"))  # fmt: skip
+    return tiny_config(tmp_path, data_path, tokenizer_path, **{**fields, **overrides})
 
 
 def saved_state(cfg: TrainConfig, step: int) -> dict:
@@ -122,7 +101,7 @@ def test_non_finite_updates_are_skipped_counted_logged_and_stop_the_run(
     assert "\n" not in message
     assert message.startswith("3 consecutive non-finite updates (last: update 7); saved the last good state to ")
 
-    records = read_metrics(cfg)
+    records = metrics_of(cfg)
     assert [r["update"] for r in records] == [1, 2, 3, 4, 5, 6, 7]
     assert [r["skipped"] for r in records] == [0, 0, 1, 0, 1, 1, 1]
     assert all(np.isnan(r["grad_norm"]) for r in records if r["skipped"])
@@ -158,7 +137,7 @@ def test_non_finite_weights_stop_after_max_consecutive_skips(tmp_path, chats, sm
     cfg = train_config(tmp_path, chats, small_tokenizer, from_weight=str(weights), max_consecutive_skips=2)
     with pytest.raises(UserError, match=r"^2 consecutive non-finite updates \(last: update 2\); saved the last good"):
         train(cfg)
-    assert [r["skipped"] for r in read_metrics(cfg)] == [1, 1]
+    assert [r["skipped"] for r in metrics_of(cfg)] == [1, 1]
     loaded = minimind_jax.load(weights)
     state = saved_state(cfg, 2)
     assert_same_tree(state["params"], jax.tree.map(np.asarray, minimind_jax.weights.params_of(loaded)))
@@ -179,7 +158,7 @@ def test_a_checkpoint_is_never_newer_than_the_logged_metrics(tmp_path, chats, sm
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     assert TrainCheckpoints(pathlib.Path(cfg.checkpoint_dir) / RUN_NAME, create=False).latest_step() == 3
-    assert [r["update"] for r in read_metrics(cfg)] == [1, 2, 3]
+    assert [r["update"] for r in metrics_of(cfg)] == [1, 2, 3]
 
 
 @contextlib.contextmanager
