@@ -124,5 +124,16 @@ def maybe_initialize_distributed(
         ) from None
 
 
+def seconds_since_process_start() -> float | None:
+    """Wall seconds since this process was started (the command, as the re-exec in keep_freed_memory keeps its
+    process); None where /proc does not say."""
+    try:
+        ticks_after_boot = int(pathlib.Path("/proc/self/stat").read_text().rpartition(")")[2].split()[19])
+        uptime = float(pathlib.Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - ticks_after_boot / os.sysconf("SC_CLK_TCK")
+
+
 def default_cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "minimind_jax"

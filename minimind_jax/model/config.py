@@ -21,8 +21,13 @@ CONFIG_DIR = importlib.resources.files("minimind_jax") / "configs"
 # How attention without a KV cache is computed (model.Attention): "xla" the explicit einsum/softmax path;
 # "causal_blocks" the same math per block of queries against only the keys at or before the block (about
 # half the work, no [T,T] scores beyond the diagonal); "dot_product_attention" jax.nn.dot_product_attention
-# (XLA); "cudnn" its cuDNN flash-attention kernel (GPU, bfloat16/float16).
-ATTENTION_IMPLS = ("xla", "causal_blocks", "dot_product_attention", "cudnn")
+# (XLA); "cudnn" its cuDNN flash-attention kernel (GPU, bfloat16/float16, rows padded to its multiple);
+# "splash" Pallas' Splash attention kernel (TPU; elsewhere Pallas' interpreter runs it, for tests). The fused
+# kernels serve training and evaluation; decoding with a KV cache and dropout take the exact path.
+ATTENTION_IMPLS = ("xla", "causal_blocks", "dot_product_attention", "cudnn", "splash")
+# Attention kernels that run on each device's rows by a shard_map of their own (Pallas kernels fail the varying-axes
+# checks of the train step's shard_map): a step with one leaves the batch's partitioning to XLA instead.
+SELF_MAPPED_ATTENTION = ("splash",)
 REMATS = ("none", "full", "dots")  # activation recomputation in the backward pass (model._REMAT_POLICIES)
 DTYPES = ("float32", "bfloat16", "float16")  # compute dtypes; the parameters stay float32
 TRAIN_DTYPES = ("float32", "bfloat16")  # float16 would need loss scaling, which the trainer does not do
@@ -231,13 +236,13 @@ def fast_path_settings(platform: str, dtype: str, seq_len: int) -> dict[str, Any
 
     Everywhere, the tied lm_head and CE run only at loss positions, 512 at a time. CPU: causal_blocks attention
     and unrolled layers (minimind2-small, 8 × 511, fp32: 1.13× MiniMind's own step, the literal step 0.93×; README).
-    GPU: cuDNN's fused attention in bfloat16/float16 (Ampere or newer); with the attention bias it needs an even
-    row length, so MiniMind 2510's rows of max_seq_len - 1 and float32 take causal_blocks. TPU: causal_blocks
-    (jax.nn.dot_product_attention has no TPU kernel). Accelerators keep lax.scan: shorter compiles.
+    GPU: cuDNN's fused attention in bfloat16/float16 (Ampere or newer) for any row length (seq_len), the rows
+    padded inside attention to its multiple; float32 takes causal_blocks. TPU: Pallas' Splash attention, any
+    dtype. Accelerators keep lax.scan: one layer to compile, not L.
     """
-    cudnn = platform == "gpu" and dtype in ("bfloat16", "float16") and seq_len % 2 == 0
+    fused = {"gpu": "cudnn" if dtype in ("bfloat16", "float16") else None, "tpu": "splash"}.get(platform)
     return {
-        "attention_impl": "cudnn" if cudnn else "causal_blocks",
+        "attention_impl": fused or "causal_blocks",
         "loss_chunk_size": 512,
         "scan_layers": platform != "cpu",
     }

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.splash import splash_attention
 
 MASKED_PAD = -1e9  # MiniMind adds (1 - mask) * -1e9 to padded keys (not -inf: fully padded rows stay finite)
 
@@ -145,6 +146,16 @@ def attention_bias(
     return bias[:, None]
 
 
+class AttentionMask(NamedTuple):
+    """Which keys each query sees, in the form each attention path takes: the additive bias of the exact paths
+    (attention_bias), and the segment ids of packed rows for the TPU kernel, which applies the causal mask
+    itself. The fused kernels run only when `fusable`: no KV cache and no padded keys (no attention_mask)."""
+
+    bias_B1TS: jax.Array
+    segment_ids_BT: jax.Array | None
+    fusable: bool
+
+
 def grouped_attention(q_BTNHd, k_BSKHd, v_BSKHd, bias_B1TS, dropout=None):
     """softmax(q·kᵀ/√Hd + bias)·v in fp32 scores -> [B,T,N,Hd]. Query head h reads kv head h // G, as MiniMind's
     repeat_interleave does, without materialising the repeat. `dropout` is applied to the probabilities."""
@@ -192,6 +203,36 @@ def causal_block_attention(q_BTNHd, k_BTKHd, v_BTKHd, bias_B1TT, block_size: int
     return jnp.concatenate(blocks, axis=3).transpose(0, 3, 1, 2, 4).reshape(q_BTNHd.shape)
 
 
+# cuDNN's fused attention with a bias needs an even row length; rows padded to whole 64-row tiles also keep its
+# blocks full. MiniMind 2510's rows of max_seq_len - 1 positions are padded by one.
+CUDNN_ROW_MULTIPLE = 64
+
+
+def padded_causal_attention(q_BTNHd, k_BTKHd, v_BTKHd, bias_B1TT, multiple: int, implementation: str):
+    """jax.nn.dot_product_attention, causal, with the rows padded at their end to a multiple of `multiple`.
+
+    The padded keys come after every real query, so the causal mask hides them from all real positions; a
+    padded query sees at least itself (bias 0), so nothing turns NaN; the padded outputs are dropped, and with
+    them any gradient through them. The bias's -inf become the dtype's most negative half: the same
+    probabilities (exactly 0), and a fused kernel's running maximum never meets -inf - (-inf).
+    """
+    t, head_dim = q_BTNHd.shape[1], q_BTNHd.shape[-1]
+    pad = -t % multiple
+    pad_rows = lambda x_BT: jnp.pad(x_BT, ((0, 0), (0, pad)) + ((0, 0),) * (x_BT.ndim - 2))
+    dtype = q_BTNHd.dtype
+    bias_B1TT = jnp.maximum(bias_B1TT, jnp.finfo(dtype).min / 2).astype(dtype)
+    out_BTNHd = jax.nn.dot_product_attention(
+        pad_rows(q_BTNHd),
+        pad_rows(k_BTKHd),
+        pad_rows(v_BTKHd),
+        jnp.pad(bias_B1TT, ((0, 0), (0, 0), (0, pad), (0, pad))),
+        scale=1 / math.sqrt(head_dim),
+        is_causal=True,  # lets cuDNN skip the blocks above the diagonal
+        implementation=implementation,
+    )
+    return out_BTNHd[:, :t]
+
+
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
         d, hd = config.hidden_size, config.head_dim
@@ -211,7 +252,7 @@ class Attention(nnx.Module):
         self.impl, self.block_size = config.attention_impl, config.attention_block_size
         self.recompute_scores = config.remat != "none"  # causal_blocks keeps its probabilities only without remat
 
-    def __call__(self, x_BTD, cos, sin, bias_B1TS, kv_cache=None, cache_index=None, dropout_rngs=None):
+    def __call__(self, x_BTD, cos, sin, mask: AttentionMask, kv_cache=None, cache_index=None, dropout_rngs=None):
         """Returns (out_BTD, (k_BSKHd, v_BSKHd)) where S is T without a cache, the cache size with one."""
         dtype = x_BTD.dtype
         b, t, d = x_BTD.shape
@@ -228,21 +269,19 @@ class Attention(nnx.Module):
             k_cache, v_cache = kv_cache
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0)).astype(dtype)
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0)).astype(dtype)
-        if kv_cache is not None or dropout_rngs is not None or self.impl == "xla":
+        fused = mask.fusable and dropout_rngs is None
+        if fused and self.impl == "cudnn":
+            out = padded_causal_attention(q, k, v, mask.bias_B1TS, CUDNN_ROW_MULTIPLE, implementation="cudnn")
+        elif fused and self.impl == "splash":  # off TPU, Pallas' interpreter runs the kernel (for tests)
+            out = splash_attention(q, k, v, mask.segment_ids_BT, interpret=jax.default_backend() != "tpu")
+        elif kv_cache is not None or dropout_rngs is not None or self.impl in ("xla", "cudnn", "splash"):
             dropout = functools.partial(self.dropout, rngs=dropout_rngs, deterministic=dropout_rngs is None)
-            out = grouped_attention(q, k, v, bias_B1TS, dropout)
+            out = grouped_attention(q, k, v, mask.bias_B1TS, dropout)
         elif self.impl == "causal_blocks":
-            out = causal_block_attention(q, k, v, bias_B1TS, self.block_size, recompute=self.recompute_scores)
-        else:  # The bias already holds the causal mask; is_causal also lets cuDNN skip the blocks above it.
-            cudnn = self.impl == "cudnn"
+            out = causal_block_attention(q, k, v, mask.bias_B1TS, self.block_size, recompute=self.recompute_scores)
+        else:
             out = jax.nn.dot_product_attention(
-                q,
-                k,
-                v,
-                bias_B1TS.astype(dtype) if cudnn else bias_B1TS,
-                scale=1 / math.sqrt(self.head_dim),
-                is_causal=cudnn,
-                implementation="cudnn" if cudnn else "xla",
+                q, k, v, mask.bias_B1TS, scale=1 / math.sqrt(self.head_dim), implementation="xla"
             )
         out = self._project("o_proj", out.reshape(b * t, self.num_heads * self.head_dim)).reshape(b, t, d)
         return self.dropout(out, rngs=dropout_rngs, deterministic=dropout_rngs is None), (k, v)
@@ -508,9 +547,9 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fp32_norm)
         self.mlp = MoE(config, rngs) if config.use_moe else MLP(config, rngs)
 
-    def __call__(self, h_BTD, cos, sin, bias, kv_cache, cache_index, train, dropout_rngs, batch_axes):
+    def __call__(self, h_BTD, cos, sin, mask, kv_cache, cache_index, train, dropout_rngs, batch_axes):
         attn_out, new_kv = self.self_attn(
-            self.input_layernorm(h_BTD), cos, sin, bias, kv_cache, cache_index, dropout_rngs
+            self.input_layernorm(h_BTD), cos, sin, mask, kv_cache, cache_index, dropout_rngs
         )
         h_BTD = h_BTD + attn_out
         mlp_out, aux = self.mlp(self.post_attention_layernorm(h_BTD), train, dropout_rngs, batch_axes)
@@ -578,6 +617,7 @@ class MiniMind(nnx.Module):
         cos, sin = rope_cos_sin(rope_inv_freq(cfg), positions_BT, attention_factor)
         num_keys = t if cache is None else cache.k_LBSKHd.shape[2]
         bias = attention_bias(b, t, num_keys, offset, segment_ids_BT=segment_ids_BT, attention_mask_BS=attention_mask)
+        mask = AttentionMask(bias, segment_ids_BT, fusable=cache is None and attention_mask is None)
 
         h = self.embed_tokens[...][input_ids].astype(dtype)
         h = self.embed_dropout(h, rngs=dropout_rngs, deterministic=dropout_rngs is None)
@@ -595,7 +635,7 @@ class MiniMind(nnx.Module):
             state, kv, key = per_layer
             block = nnx.merge(graphdef, state)
             rngs = nnx.Rngs(dropout=key) if dropout_rngs is not None else None
-            h_BTD, aux, new_kv = block(h_BTD, cos, sin, bias, kv, offset, train, rngs, batch_axes)
+            h_BTD, aux, new_kv = block(h_BTD, cos, sin, mask, kv, offset, train, rngs, batch_axes)
             return h_BTD, (aux, new_kv if cache is not None else None)
 
         if cfg.remat != "none":

@@ -8,11 +8,12 @@ them and training/run.py assembles a run from them.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
+
+from minimind_jax.training.compilation import CompiledStep, compile_ahead
 
 
 @dataclasses.dataclass
@@ -26,7 +27,6 @@ class RunState:
     batches: Any  # the data.pipeline.BatchIterator, whose position checkpoints keep
     metrics: dict | None = None  # the newest update's metrics, still on the device
     data_batches: range = range(0)  # the data batches of the newest update (for messages)
-    dispatched_at: float = 0.0  # time.perf_counter() when the newest update was dispatched
 
 
 class StopRun(Exception):
@@ -34,10 +34,21 @@ class StopRun(Exception):
 
 
 class Trainer:
-    def __init__(self, step_fn: Callable, *, accumulation_steps: int, last_update: int, frozen_params=None):
-        """step_fn: training/step.make_train_step's step. frozen_params: the objective's frozen models."""
+    def __init__(
+        self,
+        step_fn: Callable,
+        *,
+        accumulation_steps: int,
+        last_update: int,
+        frozen_params=None,
+        on_compiled: Callable[[CompiledStep], None] = lambda compiled: None,
+    ):
+        """step_fn: training/step.make_train_step's jitted step, compiled ahead of the first update, after which
+        on_compiled(the CompiledStep) runs. frozen_params: the objective's frozen models."""
         self.step_fn, self.accumulation_steps, self.last_update = step_fn, accumulation_steps, last_update
         self.frozen_params = frozen_params or {}
+        self.on_compiled = on_compiled
+        self.compiled: CompiledStep | None = None
         self.hooks: list[tuple[Callable[[RunState], None], Callable[[int], bool]]] = []
 
     def add_hook(self, hook: Callable[[RunState], None], every: int | Callable[[int], bool] = 1) -> None:
@@ -52,10 +63,11 @@ class Trainer:
             first = state.batches.step
             micro_batches = [next(state.batches) for _ in range(self.accumulation_steps)]
             key = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.update))
-            state.dispatched_at = time.perf_counter()
-            state.params, state.opt_state, state.metrics = self.step_fn(
-                state.params, state.opt_state, micro_batches, key, self.frozen_params
-            )
+            args = (state.params, state.opt_state, micro_batches, key, self.frozen_params)
+            if self.compiled is None:
+                self.compiled = compile_ahead(self.step_fn, *args)
+                self.on_compiled(self.compiled)
+            state.params, state.opt_state, state.metrics = self.compiled.executable(*args)
             state.update += 1
             state.data_batches = range(first, first + self.accumulation_steps)
             try:

@@ -12,6 +12,8 @@ import jax
 import numpy as np
 import tqdm
 
+from minimind_jax.runtime import seconds_since_process_start
+from minimind_jax.training.compilation import CompiledStep, peak_device_memory_bytes
 from minimind_jax.training.optimizer import minimind_lr
 from minimind_jax.training.wandb_log import WandbRun
 
@@ -155,7 +157,8 @@ class MetricLogger:
         )
         self.history: list[dict] = []
         self.pending = None  # (update, metrics on the device, its data batches)
-        self.compile_seconds = None
+        self.compiled: dict = {}  # compile_s, compile_cache, planned_memory_bytes (XLA's plan)
+        self.first_update_s = None  # from the command's start to the first update's metrics
         self.consecutive_skips = self.total_skips = 0
         self.train_start = time.perf_counter()
         self._reset_window()
@@ -163,11 +166,18 @@ class MetricLogger:
     def _reset_window(self) -> None:
         self.window_start, self.window_updates, self.window_loss_tokens = time.perf_counter(), 0, 0.0
 
+    def step_compiled(self, compiled: CompiledStep) -> None:
+        """Trainer's on_compiled: the one line that says how the compile went; throughput counts from here."""
+        self.compiled = {
+            "compile_s": compiled.seconds,
+            "compile_cache": compiled.cache,
+            "planned_memory_bytes": compiled.memory_bytes,
+        }
+        if self.is_main:
+            tqdm.tqdm.write(compiled.describe())
+        self._reset_window()
+
     def __call__(self, state) -> None:
-        if self.compile_seconds is None:  # the first update compiled the step
-            jax.block_until_ready(state.metrics)
-            self.compile_seconds = time.perf_counter() - state.dispatched_at
-            self._reset_window()
         self.flush()
         self.pending = (state.update, state.metrics, state.data_batches)
 
@@ -179,6 +189,8 @@ class MetricLogger:
     def _finish(self, update: int, device_metrics: dict, data_batches: range) -> None:
         cfg = self.cfg
         metrics = jax.device_get(device_metrics)
+        if self.first_update_s is None:
+            self.first_update_s = seconds_since_process_start()
         micro_step = update * cfg.accumulation_steps  # MiniMind counts micro-steps (1-based within the epoch)
         epoch, step_in_epoch = divmod(micro_step - 1, self.steps_per_epoch)
         lr = float(minimind_lr(cfg.arch, micro_step, self.total_micro_steps, cfg.learning_rate, cfg.warmup_steps, np))
@@ -234,8 +246,15 @@ class MetricLogger:
             raise TooManySkips(update, cfg.max_consecutive_skips)
 
     def summary(self) -> dict:
-        """compile_s, skipped_updates, and over the last window: final_loss, tokens_per_s, mfu."""
-        summary = {"compile_s": self.compile_seconds, "skipped_updates": self.total_skips, "history": self.history}
+        """compile_s, compile_cache, planned_memory_bytes, first_update_s, peak_memory_bytes (the device's own
+        account, where it keeps one), skipped_updates, and over the last window: final_loss, tokens_per_s, mfu."""
+        summary = {
+            **self.compiled,
+            "first_update_s": self.first_update_s,
+            "peak_memory_bytes": peak_device_memory_bytes(),
+            "skipped_updates": self.total_skips,
+            "history": self.history,
+        }
         if self.history:
             recent = self.history[-min(len(self.history), THROUGHPUT_WINDOW) :]
             summary.update(

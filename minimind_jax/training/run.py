@@ -423,7 +423,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     export = functools.partial(save_lora if cfg.mode == "lora" else save_pth, path=pth_path)
     checkpointer = Checkpointer(checkpoints, logger, graphdef, export, run_meta, state.update, is_main)
     preemption = Preemption(checkpointer)
-    trainer = Trainer(step_fn, accumulation_steps=acc, last_update=last_update, frozen_params=frozen_params)
+    trainer = Trainer(step_fn, accumulation_steps=acc, last_update=last_update, frozen_params=frozen_params,
+                      on_compiled=logger.step_compiled)  # fmt: skip
     trainer.add_hook(logger)
     # MiniMind saves every save_interval micro-steps: after each update that crosses a multiple of it.
     trainer.add_hook(

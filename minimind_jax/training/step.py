@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from minimind_jax.model.config import SELF_MAPPED_ATTENTION
 from minimind_jax.training.config import LOSS_NORMS
 from minimind_jax.training.loss import safe_divide
 from minimind_jax.training.objectives import NextTokenLoss, Objective, merge_params, split_trainable
@@ -62,9 +63,8 @@ def make_train_step(
             f"the objective reads frozen models {objective.frozen_models}, given {tuple(frozen_graphdefs)}"
         )
     num_micro = accumulation_steps
-    batch_axes = split_batch_axes(mesh)
 
-    def micro_objective(trainable, fixed, frozen, batch, rng, weight_total, micro_weight_total):
+    def micro_objective(batch_axes, trainable, fixed, frozen, batch, rng, weight_total, micro_weight_total):
         model = nnx.merge(graphdef, merge_params(trainable, fixed))
         sums = objective.loss_sums(model, batch, frozen, rng=rng, batch_axes=batch_axes)
         loss_total = jax.lax.psum(sums.loss, batch_axes)
@@ -76,8 +76,9 @@ def make_train_step(
         metric_totals = {name: jax.lax.psum(total, batch_axes) for name, total in sums.metrics.items()}
         return value, (micro_loss, sums.aux_loss, metric_totals)
 
-    def local_loss_and_grads(trainable, fixed, frozen_params, micro_batches, rng):
-        """Runs on each device's rows of every micro-batch; returns globally reduced values."""
+    def local_loss_and_grads(batch_axes, trainable, fixed, frozen_params, micro_batches, rng):
+        """Runs on each device's rows of every micro-batch (all rows with no batch_axes); returns globally
+        reduced values."""
         missing = [name for name in objective.batch_fields if name not in micro_batches[0]]
         if missing:
             raise ValueError(f"{type(objective).__name__} needs batch fields {missing}")
@@ -89,7 +90,7 @@ def make_train_step(
         micro_weight_totals = jax.lax.psum(jax.vmap(objective.weight_sum)(stacked), batch_axes)
         weight_total = micro_weight_totals.sum()
         device_rng = jax.random.fold_in(rng, jax.lax.axis_index(batch_axes))
-        grad_fn = jax.value_and_grad(micro_objective, has_aux=True)
+        grad_fn = jax.value_and_grad(functools.partial(micro_objective, batch_axes), has_aux=True)
 
         def accumulate(grads_sum, micro):
             batch, micro_total, index = micro
@@ -118,11 +119,12 @@ def make_train_step(
     # manual axis has size 1 and `tensor` does not, XLA's partitioner rejects the psums ("Cross-partition
     # allreduce must be in (partial) manual partitioning mode"). With no split batch axis the local function
     # runs as it is, its psums over no axes being the identity.
+    batch_axes = split_batch_axes(mesh)
     sharded_loss_and_grads = (
-        local_loss_and_grads
+        functools.partial(local_loss_and_grads, ())
         if not batch_axes
         else jax.shard_map(
-            local_loss_and_grads,
+            functools.partial(local_loss_and_grads, batch_axes),
             mesh=mesh,
             in_specs=(P(), P(), P(), P(batch_axes), P()),
             out_specs=(P(), P()),
@@ -130,9 +132,17 @@ def make_train_step(
         )
     )
 
+    def partitioned_loss_and_grads(*args):
+        """The same on the global batch, partitioned by XLA, for a model whose attention kernel maps itself over
+        the devices (it finds the mesh in the context)."""
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return local_loss_and_grads((), *args)
+
     def step(params, opt_state, micro_batches, rng, frozen_params=None):
         trainable, fixed = split_trainable(objective, params)
-        grads, metrics = sharded_loss_and_grads(trainable, fixed, frozen_params or {}, micro_batches, rng)
+        self_mapped = nnx.merge(graphdef, params).config.attention_impl in SELF_MAPPED_ATTENTION
+        loss_and_grads = partitioned_loss_and_grads if self_mapped else sharded_loss_and_grads
+        grads, metrics = loss_and_grads(trainable, fixed, frozen_params or {}, micro_batches, rng)
         grad_norm = optax.tree.norm(grads)
         updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
         new_params = merge_params(optax.apply_updates(trainable, updates), fixed)

@@ -2,12 +2,19 @@
 logits and gradients, on packed and padded rows; which implementations a config accepts."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from minimind_jax.model.config import ModelConfig
-from minimind_jax.model.transformer import MiniMind
+from minimind_jax.model.transformer import (
+    CUDNN_ROW_MULTIPLE,
+    MiniMind,
+    attention_bias,
+    grouped_attention,
+    padded_causal_attention,
+)
 
 
 def attention_loss_and_grads(arch: str, attention_impl: str, **config_fields):
@@ -65,3 +72,25 @@ def test_cudnn_attention_needs_half_precision():
     with pytest.raises(ValueError, match="attention_impl must be one of"):
         ModelConfig(attention_impl="flash")
     assert ModelConfig(attention_impl="cudnn", dtype="bfloat16").attention_impl == "cudnn"
+
+
+@pytest.mark.parametrize("t", [29, 32, 63])
+def test_rows_padded_for_a_fused_kernel_give_the_unpadded_attention_and_gradients(t):
+    """cuDNN's path pads rows at their end to its multiple (2510's rows of 511 positions to 512). With XLA in
+    the kernel's place: the same outputs and q, k, v gradients as the exact path on the unpadded rows, on packed
+    rows (segments) with grouped kv heads, and nothing NaN."""
+    rng = np.random.default_rng(t)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, t, heads, 16)), jnp.float32) for heads in (4, 2, 2))
+    segments = np.ones((2, t), np.int32)
+    segments[1, t // 3 :], segments[1, t - 4 :] = 2, 3
+    bias = attention_bias(2, t, t, 0, segment_ids_BT=jnp.asarray(segments))
+    cotangent = jnp.asarray(rng.normal(size=(2, t, 4, 16)), jnp.float32)
+    padded = lambda q, k, v: padded_causal_attention(q, k, v, bias, CUDNN_ROW_MULTIPLE, implementation="xla")
+    exact = lambda q, k, v: grouped_attention(q, k, v, bias)
+    outputs = {}
+    for name, attend in (("padded", padded), ("exact", exact)):
+        out, vjp = jax.vjp(attend, q, k, v)
+        outputs[name] = (out, *vjp(cotangent))
+    for got, expected in zip(outputs["padded"], outputs["exact"]):
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, expected, atol=2e-6, rtol=1e-5)

@@ -16,11 +16,23 @@ def test_fast_path_settings_per_backend_and_what_the_trainer_takes():
         "loss_chunk_size": 512,
         "scan_layers": False,
     }
-    assert fast_path_settings("gpu", "bfloat16", 512)["attention_impl"] == "cudnn"
-    # cuDNN with a bias needs an even row length (MiniMind 2510's rows are max_seq_len - 1), and half precision
-    assert fast_path_settings("gpu", "bfloat16", 511)["attention_impl"] == "causal_blocks"
-    assert fast_path_settings("gpu", "float32", 512)["attention_impl"] == "causal_blocks"
-    assert fast_path_settings("tpu", "bfloat16", 512)["attention_impl"] == "causal_blocks"
+    # cuDNN for every row length (MiniMind 2510's rows are max_seq_len - 1: padded inside attention), in half
+    # precision; float32 on a GPU keeps causal_blocks
+    for seq_len in (511, 512, 1023):
+        for dtype in ("bfloat16", "float16"):
+            assert fast_path_settings("gpu", dtype, seq_len) == {
+                "attention_impl": "cudnn",
+                "loss_chunk_size": 512,
+                "scan_layers": True,
+            }
+        assert fast_path_settings("gpu", "float32", seq_len)["attention_impl"] == "causal_blocks"
+        # TPU: Pallas' Splash kernel in any dtype
+        for dtype in ("bfloat16", "float32"):
+            assert fast_path_settings("tpu", dtype, seq_len) == {
+                "attention_impl": "splash",
+                "loss_chunk_size": 512,
+                "scan_layers": True,
+            }
     assert train_step_settings(False, "gpu", "bfloat16", 512) == LITERAL_STEP
     assert train_step_settings(True, "cpu", "float32", 511, scan_layers=True, loss_chunk_size=0) == {
         "attention_impl": "causal_blocks",

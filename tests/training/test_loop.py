@@ -18,6 +18,7 @@ class CountingBatches:
         return self.step - 1
 
 
+@jax.jit
 def add_step(params, opt_state, micro_batches, key, frozen_params):
     """params grows by the micro-batches' sum; the metrics keep the step key and the frozen models."""
     return params + sum(micro_batches), opt_state + 1, {"key": key, "frozen": frozen_params}
@@ -44,6 +45,17 @@ def test_each_update_takes_its_micro_batches_and_its_own_step_key():
     resumed.add_hook(lambda state: resumed_keys.append(np.asarray(state.metrics["key"])))
     resumed.train(new_state(update=2))
     np.testing.assert_array_equal(resumed_keys, keys[2:])
+
+
+def test_the_step_is_compiled_once_ahead_of_the_first_update():
+    compiled = []
+    trainer = Trainer(add_step, accumulation_steps=2, last_update=3, on_compiled=compiled.append)
+    trainer.add_hook(lambda state: compiled.append(state.update))
+    trainer.train(new_state())
+    report = compiled[0]
+    assert compiled[1:] == [1, 2, 3] and report is trainer.compiled
+    assert report.seconds > 0 and report.cache in ("hit", "miss", "off")
+    assert report.describe().startswith(f"compiled in {report.seconds:.1f} s (cache {report.cache})")
 
 
 def test_hooks_run_in_order_when_due():

@@ -11,7 +11,7 @@ from flax import nnx
 import minimind_jax
 from minimind_jax.bench.torch_reference import MiniMindTorch, batch_from_v3, reference_train_loop, sft_step
 from minimind_jax.bench.torch_reference import make_optimizer as torch_adamw
-from minimind_jax.model.config import LITERAL_STEP, ModelConfig, train_step_settings
+from minimind_jax.model.config import LITERAL_STEP, ModelConfig, fast_path_settings, train_step_settings
 from minimind_jax.model.transformer import MiniMind
 from minimind_jax.training.objectives import NextTokenLoss
 from minimind_jax.training.optimizer import make_optimizer, minimind_lr
@@ -300,12 +300,13 @@ def test_mesh_invariance(arch, use_moe, accumulation, packed):
 # ---- the default step against MiniMind's literal one ----
 
 
-def train_step_metrics(config: ModelConfig, settings: dict, batches: list[dict]) -> list[dict]:
-    """Loss and gradient norm of consecutive updates of a step built with `settings` (as the trainer builds it)."""
+def train_step_metrics(config: ModelConfig, settings: dict, batches: list[dict], mesh_spec=None) -> list[dict]:
+    """Loss and gradient norm of consecutive updates of a step built with `settings` (as the trainer builds it),
+    on one device or on the mesh `mesh_spec` asks for."""
     model = MiniMind(
         config.replace(attention_impl=settings["attention_impl"], scan_layers=settings["scan_layers"]), rngs=nnx.Rngs(0)
     )
-    mesh = make_mesh(None, jax.devices()[:1])
+    mesh = make_mesh(mesh_spec, jax.devices() if mesh_spec else jax.devices()[:1])
     optimizer = make_optimizer(1e-3)
     graphdef, params, opt_state, param_shardings, opt_shardings = init_train_state(model, optimizer, mesh)
     step = make_train_step(
@@ -325,26 +326,51 @@ def train_step_metrics(config: ModelConfig, settings: dict, batches: list[dict])
     return history
 
 
+def long_row_batches(num_updates: int, batch: int, packed: bool = False) -> list[dict]:
+    """Rows of 150 positions (longer than one causal block, 128) with a padded tail; packed: a second segment
+    from position 90 on, positions restarting."""
+    rng = np.random.default_rng(1)
+    batches = []
+    for _ in range(num_updates):
+        rows = {
+            "inputs": rng.integers(1, 300, (batch, 150)).astype(np.int32),
+            "targets": rng.integers(1, 300, (batch, 150)).astype(np.int32),
+            "loss_mask": (rng.random((batch, 150)) < 0.4).astype(np.float32),
+            "segment_ids": np.ones((batch, 150), np.int32),
+            "positions": np.tile(np.arange(150, dtype=np.int32), (batch, 1)),
+        }
+        rows["loss_mask"][1, 120:] = 0
+        if packed:
+            rows["segment_ids"][:, 90:] = 2
+            rows["positions"][:, 90:] -= 90
+        batches.append(rows)
+    return batches
+
+
 @pytest.mark.parametrize("arch, use_moe", [("minimind2", False), ("minimind3", True)])
 def test_default_step_matches_minimind_literal_step(arch, use_moe):
     """What `main.py sft` runs by default on this backend against `--fast_path 0`: same losses and gradient
     norms over three updates, on rows longer than one causal block (128) with a padded tail."""
     config = ModelConfig(arch=arch, hidden_size=64, num_hidden_layers=2, vocab_size=300, use_moe=use_moe)
-    rng = np.random.default_rng(1)
-    batches = []
-    for _ in range(3):
-        batch = {
-            "inputs": rng.integers(1, 300, (2, 150)).astype(np.int32),
-            "targets": rng.integers(1, 300, (2, 150)).astype(np.int32),
-            "loss_mask": (rng.random((2, 150)) < 0.4).astype(np.float32),
-            "segment_ids": np.ones((2, 150), np.int32),
-            "positions": np.tile(np.arange(150, dtype=np.int32), (2, 1)),
-        }
-        batch["loss_mask"][1, 120:] = 0
-        batches.append(batch)
+    batches = long_row_batches(3, batch=2)
     default = train_step_settings(True, jax.devices()[0].platform, "float32", 150)
     assert default != LITERAL_STEP
     got, expected = train_step_metrics(config, default, batches), train_step_metrics(config, LITERAL_STEP, batches)
     for ours, literal in zip(got, expected):
+        np.testing.assert_allclose(ours["loss"], literal["loss"], rtol=2e-6)
+        np.testing.assert_allclose(ours["grad_norm"], literal["grad_norm"], rtol=2e-5)
+
+
+@pytest.mark.parametrize("arch, use_moe", [("minimind2", False), ("minimind3", True)])
+def test_tpu_fast_path_on_a_mesh_matches_minimind_literal_step(arch, use_moe):
+    """The TPU default (Splash attention, here in Pallas' interpreter) on a data=2, fsdp=2 mesh, where the
+    step leaves the batch's partitioning to XLA and the kernel runs on each device's rows: on packed rows of
+    150 positions (padded to 256 inside the kernel), the single-device literal step's losses and gradient norms."""
+    config = ModelConfig(arch=arch, hidden_size=64, num_hidden_layers=2, vocab_size=300, use_moe=use_moe)
+    batches = long_row_batches(2, batch=4, packed=True)
+    tpu = fast_path_settings("tpu", "float32", 150)
+    assert tpu["attention_impl"] == "splash"
+    got = train_step_metrics(config, tpu, batches, mesh_spec="data=2,fsdp=2")
+    for ours, literal in zip(got, train_step_metrics(config, LITERAL_STEP, batches)):
         np.testing.assert_allclose(ours["loss"], literal["loss"], rtol=2e-6)
         np.testing.assert_allclose(ours["grad_norm"], literal["grad_norm"], rtol=2e-5)
