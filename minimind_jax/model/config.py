@@ -28,6 +28,9 @@ ATTENTION_IMPLS = ("xla", "causal_blocks", "dot_product_attention", "cudnn", "sp
 # Attention kernels that run on each device's rows by a shard_map of their own (Pallas kernels fail the varying-axes
 # checks of the train step's shard_map): a step with one leaves the batch's partitioning to XLA instead.
 SELF_MAPPED_ATTENTION = ("splash",)
+# How a MoE layer runs its routed experts: "tiles" (model.routed_swiglu: each expert on its own tokens, in tiles)
+# or "ragged_dot" (model.ragged_swiglu: jax.lax.ragged_dot's grouped matmuls, fast where the backend has them).
+MOE_IMPLS = ("tiles", "ragged_dot")
 REMATS = ("none", "full", "dots")  # activation recomputation in the backward pass (model._REMAT_POLICIES)
 DTYPES = ("float32", "bfloat16", "float16")  # compute dtypes; the parameters stay float32
 TRAIN_DTYPES = ("float32", "bfloat16")  # float16 would need loss scaling, which the trainer does not do
@@ -75,7 +78,8 @@ class ModelConfig:
     remat: str = "none"  # none | full | dots (jax.checkpoint policy for each scanned block)
     attention_impl: str = "xla"  # see ATTENTION_IMPLS; "xla" is the exact path the parity tests check
     attention_block_size: int = 128  # queries per block of attention_impl="causal_blocks"
-    expert_tile_size: int = 256  # MoE: rows per routed-expert matmul, an expert's last ones in quarter tiles
+    moe_impl: str = "tiles"  # see MOE_IMPLS
+    expert_tile_size: int = 256  # MoE tiles: rows per routed-expert matmul, an expert's last ones in quarter tiles
     # LoRA (MiniMind's model_lora.py): W x + B(A x) on each projection named in lora_targets, rank lora_rank.
     lora_rank: int = 0
     lora_targets: tuple[str, ...] = ()
@@ -115,6 +119,8 @@ class ModelConfig:
             )
         if self.remat not in REMATS:
             raise ValueError(f"remat must be one of {REMATS}, got {self.remat!r}")
+        if self.moe_impl not in MOE_IMPLS:
+            raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "float16"):

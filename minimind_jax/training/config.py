@@ -14,6 +14,7 @@ from minimind_jax.model.config import (
     ARCHS,
     ATTENTION_IMPLS,
     LORA_TARGETS,
+    MOE_IMPLS,
     REMATS,
     TRAIN_DTYPES,
     ModelConfig,
@@ -27,6 +28,7 @@ CHOICES = {
     "dtype": TRAIN_DTYPES,
     "remat": REMATS,
     "attention_impl": ATTENTION_IMPLS,
+    "moe_impl": MOE_IMPLS,
     "loss_norm": LOSS_NORMS,
     **dict.fromkeys(
         (
@@ -194,8 +196,11 @@ class TrainConfig:
     )
     scan_layers: bool | None = flag(None, "1 = the layers in lax.scan; 0 = unrolled: faster on CPU, slower to compile")
     attention_impl: str | None = flag(
-        None, "xla is MiniMind's explicit softmax; causal_blocks skips keys above the diagonal; cudnn: GPU, bf16"
+        None,
+        "xla is MiniMind's explicit softmax; causal_blocks skips keys above the diagonal; cudnn: GPU, bf16/fp16; "
+        "splash: TPU (elsewhere Pallas' interpreter, slow)",
     )
+    moe_impl: str = flag("tiles", "MoE experts: tiles (each on its own tokens) or ragged_dot (jax.lax.ragged_dot)")
     loss_chunk_size: int | None = flag(
         None, "lm_head + CE only at loss positions, this many at a time; 0 = the full logits"
     )
@@ -245,6 +250,7 @@ class TrainConfig:
                 num_hidden_layers=self.num_hidden_layers,
                 use_moe=bool(self.use_moe),
                 remat=self.remat,
+                moe_impl=self.moe_impl,
                 **{name: given[name] for name in ("dtype", "num_attention_heads", "attention_impl") if name in given},
             )
         except ValueError as error:  # its message names the fields, which are the flags' names

@@ -140,7 +140,8 @@ def step_settings(cfg: TrainConfig, dtype: str) -> dict[str, Any]:
 
 def build_model(cfg: TrainConfig, dtype: str, step: dict[str, Any]) -> MiniMind:
     """The model to train: --from_weight's, checked against the flags, or a new one. step: step_settings."""
-    ours = dict(dtype=dtype, remat=cfg.remat, scan_layers=step["scan_layers"], attention_impl=step["attention_impl"])
+    ours = dict(dtype=dtype, remat=cfg.remat, moe_impl=cfg.moe_impl, scan_layers=step["scan_layers"],
+                attention_impl=step["attention_impl"])  # fmt: skip
     weight = resolve_weight(cfg)
     if weight is not None:
         overrides = dict(ours, **({"num_attention_heads": cfg.num_attention_heads} if cfg.num_attention_heads else {}))
@@ -315,9 +316,10 @@ def describe_run(cfg, model_config, mesh, dtype, step, num_examples, batches, to
     layers = "scanned" if step["scan_layers"] else "unrolled"
     return (
         f"{cfg.mode}: {model_config.arch} hidden {model_config.hidden_size} × {model_config.num_hidden_layers} "
-        f"layers, mesh {dict(mesh.shape)}, dtype {dtype}, {num_examples} examples, {len(batches)} batches/epoch, "
-        f"{total_updates} updates; step: {step['attention_impl']} attention, loss chunk "
+        f"layers, mesh {dict(mesh.shape)}, compute {dtype} (weights and optimizer float32), {num_examples} examples, "
+        f"{len(batches)} batches/epoch, {total_updates} updates; step: {step['attention_impl']} attention, loss chunk "
         f"{step['loss_chunk_size'] or 'none (full logits)'}, layers {layers}"
+        f"{f', MoE {model_config.moe_impl}' if model_config.use_moe else ''}"
         f"{'' if cfg.fast_path else ' (--fast_path 0)'}"
         + (
             f"; packing efficiency {batches.stats['token_fraction']:.1%}, loss tokens {batches.stats['loss_fraction']:.1%}"
@@ -412,7 +414,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # How the step ran is in train_config; the model config keeps the literal settings, so that a checkpoint
     # written with cuDNN attention on a GPU loads on any backend.
     portable_config = model_config.replace(
-        attention_impl=LITERAL_STEP["attention_impl"], scan_layers=LITERAL_STEP["scan_layers"]
+        attention_impl=LITERAL_STEP["attention_impl"],
+        scan_layers=LITERAL_STEP["scan_layers"],
+        moe_impl=ModelConfig.moe_impl,
     )
     run_meta = {
         "model_config": portable_config.to_dict(),

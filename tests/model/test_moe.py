@@ -18,7 +18,7 @@ def every_expert_swiglu(x_ND, expert_index_NK, gate_EDF, up_EDF, down_EFD, batch
     return jnp.take_along_axis(out_NED, expert_index_NK[:, :, None], axis=1)
 
 
-def _moe_and_inputs(arch, top_k, batch, seq_len, unused_expert, expert_tile_size=128):
+def _moe_and_inputs(arch, top_k, batch, seq_len, unused_expert, expert_tile_size=128, moe_impl="tiles"):
     config = ModelConfig(
         arch=arch,
         hidden_size=32,
@@ -32,6 +32,7 @@ def _moe_and_inputs(arch, top_k, batch, seq_len, unused_expert, expert_tile_size
         n_routed_experts=4,
         num_experts_per_tok=top_k,
         expert_tile_size=expert_tile_size,
+        moe_impl=moe_impl,
     )
     moe = model_lib.MoE(config, nnx.Rngs(0))
     keys = jax.random.split(jax.random.key(1), 2)
@@ -83,3 +84,18 @@ def test_routed_moe_on_one_token(arch, monkeypatch):
     y, _ = moe(x_BTD, train=False)
     monkeypatch.setattr(model_lib, "routed_swiglu", every_expert_swiglu)
     np.testing.assert_allclose(y, moe(x_BTD, train=False)[0], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("arch,top_k,train", [("minimind2", 2, True), ("minimind3", 1, True), ("minimind3", 2, False)])
+def test_ragged_dot_moe_matches_every_expert_on_every_token(arch, top_k, train, monkeypatch):
+    """moe_impl="ragged_dot" (jax.lax.ragged_dot's grouped matmuls): the dense formulation's outputs, aux loss
+    and gradients, an expert without tokens included."""
+    moe, x_BTD, cotangent_BTD = _moe_and_inputs(arch, top_k, 2, 24, unused_expert=3, moe_impl="ragged_dot")
+    y, aux, grads = _outputs_and_grads(moe, x_BTD, cotangent_BTD, train)
+    dense, *_ = _moe_and_inputs(arch, top_k, 2, 24, unused_expert=3)
+    monkeypatch.setattr(model_lib, "routed_swiglu", every_expert_swiglu)
+    y_dense, aux_dense, grads_dense = _outputs_and_grads(dense, x_BTD, cotangent_BTD, train)
+    np.testing.assert_allclose(y, y_dense, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(aux, aux_dense, rtol=1e-6)
+    for (path, got), want in zip(jax.tree.leaves_with_path(grads), jax.tree.leaves(grads_dense)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
