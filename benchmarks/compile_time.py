@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import time
@@ -86,7 +87,8 @@ def main():
         settings = {**fast_path_settings(platform, dtype, seq_len), **VARIANTS[name]}
         times = compile_times(args.preset, args.batch_size, seq_len, dtype, settings)
         row = {"preset": args.preset, "variant": name, "batch": [args.batch_size, seq_len], "dtype": dtype}
-        print(json.dumps({**row, **settings, **times, "device": jax.devices()[0].device_kind}), flush=True)
+        device = {"device": jax.devices()[0].device_kind, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+        print(json.dumps({**row, **settings, **times, **device}), flush=True)
 
 
 if __name__ == "__main__":

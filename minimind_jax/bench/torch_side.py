@@ -11,6 +11,8 @@ spec["model"] picks the model:
 - "reference": minimind_jax.bench.torch_reference's MiniMindTorch, the project's MiniMind in plain torch;
 - "minimind": MiniMind's own MiniMindForCausalLM from {spec["minimind_dir"]}/model/model_minimind.py (needs
   transformers), and for LoRA its model/model_lora.py.
+spec["torch_compile"] (a torch.compile backend, or null) runs the forward through `torch.compile(model)`, as v3's
+trainers do with --use_compile 1; the step's timing then also counts the graphs compiled during it.
 spec["objective"] picks the step, as MiniMind's script for the era computes it: train_full_sft, train_lora
 (only the adapters train), train_dpo (a frozen reference) or train_distillation (a frozen teacher); eager
 mode, clip_grad_norm 1.0 and AdamW in every one.
@@ -166,6 +168,10 @@ class Side:
                 param.requires_grad = "lora" in name
         self.trainable = [param for param in self.model.parameters() if param.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=spec["learning_rate"])  # as MiniMind's trainers
+        self.model_class = f"{type(self.model).__module__}.{type(self.model).__name__}"
+        self.compiled = bool(spec.get("torch_compile"))
+        if self.compiled:  # after the optimizer, as train_full_sft: the wrapper shares the model's parameters
+            self.model = torch.compile(self.model, backend=spec["torch_compile"])
         if objective == "dpo":
             reference = frozen_copy(spec, "", state, self.device)
             self.loss_fn = dpo_loss(self.model, reference, spec["beta"], v3)
@@ -183,9 +189,10 @@ class Side:
     def ready(self) -> dict:
         return {
             "torch": torch.__version__,
+            "transformers": getattr(sys.modules.get("transformers"), "__version__", None),  # MiniMind's model
             "threads": torch.get_num_threads(),
             "device": str(self.device),
-            "model_class": f"{type(self.model).__module__}.{type(self.model).__name__}",
+            "model_class": self.model_class,
             "pid": os.getpid(),
         }
 
@@ -199,6 +206,7 @@ class Side:
         return loss.detach()
 
     def step(self) -> dict:
+        graphs_before = compiled_graphs() if self.compiled else 0
         start, cpu_start = time.perf_counter(), process_cpu_seconds()
         inputs, targets, mask = (
             torch.from_numpy(self.batches[key][self.turn]).to(self.device) for key in ("inputs", "targets", "loss_mask")
@@ -216,12 +224,27 @@ class Side:
             "loss_tokens": float(mask.sum()),
             "loss": loss,
             "memory_bytes": memory,
+            "compiles": compiled_graphs() - graphs_before if self.compiled else 0,
         }
 
 
-def main(spec_path: str) -> None:
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def protocol_stream():
+    """A line-buffered copy of stdout for the protocol's JSON lines; stdout itself then goes to stderr, so that
+    stray prints (model code, libraries) cannot garble the protocol."""
     protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints (model code, libraries) go to stderr
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    return protocol
+
+
+def main(spec_path: str) -> None:
+    protocol = protocol_stream()
     spec_file = pathlib.Path(spec_path)
     side = Side(json.loads(spec_file.read_text()), spec_file.parent)
     protocol.write(json.dumps({"ready": side.ready()}) + "\n")

@@ -11,7 +11,8 @@ batches (chatterbot-corpus + chitchat-dataset through MiniMind's tokenizer; DPO:
 - PyTorch, each in a process of its own (bench/torch_side.py, --torch_python, glibc's default malloc): the
   project's torch reference, and with --minimind_dir MiniMind's own MiniMindForCausalLM (and model_lora) with
   its script's loss; eager mode (forward, loss, backward, clip_grad_norm, AdamW), always on MiniMind's padded
-  rows, with bf16 autocast under --dtype bfloat16, on CUDA when there is a GPU.
+  rows, with bf16 autocast under --dtype bfloat16, on CUDA when there is a GPU; with --torch_compile also
+  MiniMind's model under torch.compile (v3's --use_compile 1), a row of its own (ratios stay to eager).
 
 The sides take turns step by step (and so do the variants of --ablation), so a machine that is busy with
 other work slows all of them alike; every figure is the median over the timed steps, after warm-up.
@@ -21,6 +22,8 @@ per-turn ratios), the ratio of CPU time per token (on CPU, less sensitive to oth
 the device's peak from `perf`), compile time (trace, lower and XLA compile, ahead of the first step), compiles
 during the steps (must be 0), the step's memory (XLA's account for ours, torch.cuda.max_memory_allocated for
 torch on GPU) and the fraction of the step spent waiting for the input iterator.
+--decode (--decode_only: alone) times generate on the preset, and with --minimind_dir MiniMind's own generate
+(bench/minimind_decode.py, own process) on the same prompts.
 """
 
 from __future__ import annotations
@@ -38,17 +41,25 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from minimind_jax import runtime
 from minimind_jax.errors import UserError
-from minimind_jax.model.config import ATTENTION_IMPLS, LITERAL_STEP, REMATS, fast_path_settings, train_step_settings
+from minimind_jax.model.config import (
+    ATTENTION_IMPLS,
+    LITERAL_STEP,
+    MOE_IMPLS,
+    REMATS,
+    fast_path_settings,
+    train_step_settings,
+)
+
+if TYPE_CHECKING:
+    from minimind_jax.training.compilation import CompileWatch
 
 PACKAGE_PARENT = pathlib.Path(__file__).resolve().parents[2]  # the directory that holds minimind_jax/
 DEFAULT_DATA_DIR = pathlib.Path.home() / ".cache" / "minimind_jax" / "bench"
 OBJECTIVES = ("sft", "lora", "dpo", "distill")
-BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str = "bench") -> None:
@@ -96,6 +107,20 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "bench") -> No
         "model, which saves a process's memory on the big MoE presets)",
     )
     parser.add_argument(
+        "--torch_compile",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="1 = also time MiniMind's own model under torch.compile (v3's train_full_sft --use_compile 1), in a "
+        "process of its own; needs --minimind_dir. Its compile_s: the extra time of the steps that compiled",
+    )
+    parser.add_argument(
+        "--torch_compile_backend",
+        default="inductor",
+        help="torch.compile's backend for --torch_compile (inductor: torch's default; eager: dynamo's capture "
+        "alone, a quick check of the plumbing)",
+    )
+    parser.add_argument(
         "--torch_python",
         default=sys.executable,
         help="interpreter of the PyTorch processes; with --minimind_dir it needs transformers (default: this one)",
@@ -122,12 +147,31 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "bench") -> No
         help="1 = the layers in lax.scan, 0 = unrolled (default: per --fast_path)",
     )
     parser.add_argument("--remat", default="none", choices=REMATS)
+    parser.add_argument("--moe_impl", default="tiles", choices=MOE_IMPLS, help="as main.py sft's, for MoE presets")
+    parser.add_argument(
+        "--literal_row",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="1 = also time MiniMind's literal computation (--fast_path 0) as a row; 0 = only the asked step, "
+        "so the process's peak memory is that step's",
+    )
     parser.add_argument(
         "--ablation",
         action="store_true",
         help="also run each fast-path switch on its own and all together (one row each)",
     )
-    parser.add_argument("--decode", action="store_true", help="also run generate.benchmark_decode on the preset")
+    parser.add_argument(
+        "--decode",
+        action="store_true",
+        help="also run generate.benchmark_decode on the preset in the bench's dtype, and with --minimind_dir "
+        "MiniMind's own generate (bench/minimind_decode.py, own process) on the same prompts",
+    )
+    parser.add_argument("--decode_only", action="store_true", help="only the --decode benchmark, no train step")
+    parser.add_argument(
+        "--decode_batch_sizes", default=None, help="comma-separated batch sizes of --decode (default: 1,--batch_size)"
+    )
+    parser.add_argument("--decode_new_tokens", type=int, default=64, help="tokens generated per row by --decode")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=2,tensor=2 (default: all devices on data)")
     parser.add_argument(
@@ -194,7 +238,7 @@ def variants_for(args, platform: str, dtype: str, seq_len: int) -> list[Variant]
         **train_step_settings(bool(args.fast_path), platform, dtype, seq_len, **given),
     )
     asked = next((v for v in [literal, *ablation] if settings_of(v) == settings_of(asked)), asked)
-    rows = [asked, literal, *(ablation if args.ablation else [])]
+    rows = [asked, *([literal] * args.literal_row), *(ablation if args.ablation else [])]
     return [v for i, v in enumerate(rows) if settings_of(v) not in map(settings_of, rows[:i])]
 
 
@@ -298,6 +342,7 @@ def bench_run_config(args, config, dtype: str, data_path, tokenizer_path, workdi
         "learning_rate": args.learning_rate,
         "seed": args.seed,
         "dtype": dtype,
+        "moe_impl": args.moe_impl,
         "progress": False,
     }
     model = MiniMind(config, rngs=nnx.Rngs(args.seed))
@@ -347,34 +392,6 @@ def bench_batches(run_cfg, dataset, args, packing: bool, sharding=None):
 # The two sides
 
 
-class CompileWatch:
-    """Counts XLA compiles and persistent-cache hits since the last reset (JAX's monitoring events)."""
-
-    def __init__(self):
-        import jax
-
-        self.reset()
-        jax.monitoring.register_event_duration_secs_listener(self._on_duration)
-        jax.monitoring.register_event_listener(self._on_event)
-
-    def reset(self) -> None:
-        self.compiles, self.cache_hits = 0, 0
-
-    def _on_duration(self, event: str, duration: float, **_) -> None:
-        if event == BACKEND_COMPILE_EVENT:
-            self.compiles += 1
-
-    def _on_event(self, event: str, **_) -> None:
-        if event == CACHE_HIT_EVENT:
-            self.cache_hits += 1
-
-    def close(self) -> None:
-        import jax
-
-        jax.monitoring.unregister_event_duration_listener(self._on_duration)
-        jax.monitoring.unregister_event_listener(self._on_event)
-
-
 class JaxSide:
     """Our train step for one Variant, built as `main.py {objective}` builds it, with its own batch iterator."""
 
@@ -382,6 +399,7 @@ class JaxSide:
         import jax
 
         from minimind_jax.training import sharding
+        from minimind_jax.training.compilation import planned_memory_bytes
         from minimind_jax.training.optimizer import make_optimizer
         from minimind_jax.training.run import attach_adapters, build_model, frozen_models, objective_for
         from minimind_jax.training.step import init_train_state, make_train_step
@@ -428,13 +446,7 @@ class JaxSide:
         start = time.perf_counter()
         compiled = self.step_fn.lower(self.params, self.opt_state, [batch], self.key, self.frozen_params).compile()
         self.compile_s, self.compile_cache_hits = time.perf_counter() - start, watch.cache_hits
-        stats = compiled.memory_analysis()
-        self.memory_bytes = (
-            stats.argument_size_in_bytes
-            + stats.output_size_in_bytes
-            + stats.temp_size_in_bytes
-            - stats.alias_size_in_bytes
-        )
+        self.memory_bytes = planned_memory_bytes(compiled)
         self.recompilations = 0
 
     def step(self) -> StepRecord:
@@ -464,22 +476,38 @@ class JaxSide:
         self.batches.close()
 
 
+TORCH_SIDES = {  # model of TorchProcess: its row's name
+    "reference": "PyTorch: project torch reference, own process",
+    "minimind": "PyTorch: MiniMind's model_minimind.py, own process",
+    "minimind_compiled": "PyTorch: MiniMind's model_minimind.py + torch.compile, own process",
+}
+
+
+def torch_process_env() -> dict[str, str]:
+    """The environment of a PyTorch process: this package importable, and glibc's default malloc, as MiniMind's
+    scripts run with."""
+    env = {name: value for name, value in os.environ.items() if name not in runtime.KEEP_FREED_MEMORY_ENV}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), env.get("PYTHONPATH")]))
+    return env
+
+
 class TorchProcess:
     """A PyTorch side in its own process (bench/torch_side.py): it builds the model, then takes one
-    step each time it is asked, so the turns still alternate with ours; its step times are its own."""
+    step each time it is asked, so the turns still alternate with ours; its step times are its own.
+    Under torch.compile its first step compiles (and a later one may compile again, for new shapes):
+    compile_s is the time of the steps that compiled less a steady step's each (the median of the others),
+    and recompilations count the graphs compiled after the first step."""
 
     def __init__(self, model: str, run_cfg, models: dict, torch_batches: dict, args, workdir: pathlib.Path):
-        """models: {"init": (ModelConfig, params)}, and "teacher" for distill (bench_run_config)."""
+        """models: {"init": (ModelConfig, params)}, and "teacher" for distill (bench_run_config). The process
+        starts here; wait_ready waits until it has built its model."""
         import numpy as np
 
         from minimind_jax.weights.mapping import state_dict_from_params
 
-        self.name = (
-            "PyTorch: MiniMind's model_minimind.py, own process"
-            if model == "minimind"
-            else "PyTorch: project torch reference, own process"
-        )
+        self.name, self.compiled = TORCH_SIDES[model], model == "minimind_compiled"
         self.compile_s, self.recompilations, self.memory_bytes, self.compile_cache_hits = 0.0, 0, None, 0
+        self.history: list[tuple[float, int]] = []  # (seconds, graphs compiled) of every step, warm-up included
         directory = workdir / model
         directory.mkdir()
         for name, (config, params) in models.items():
@@ -488,7 +516,8 @@ class TorchProcess:
         np.savez(directory / "batches.npz", **torch_batches)
         config = models["init"][0]
         spec = {
-            "model": model,
+            "model": "reference" if model == "reference" else "minimind",
+            "torch_compile": args.torch_compile_backend if self.compiled else None,
             "objective": run_cfg.mode,
             "arch": config.arch,
             "dtype": run_cfg.dtype,
@@ -505,16 +534,15 @@ class TorchProcess:
             spec["teacher_model_config"] = models["teacher"][0].to_dict()
             spec["teacher_minimind_config"] = minimind_config_fields(models["teacher"][0])
         (directory / "spec.json").write_text(json.dumps(spec))
-        # MiniMind's scripts run with glibc's default malloc, so this process does too.
-        env = {name: value for name, value in os.environ.items() if name not in runtime.KEEP_FREED_MEMORY_ENV}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), env.get("PYTHONPATH")]))  # this package
         self.log_path = directory / "stderr.log"
         command = [args.torch_python, "-m", "minimind_jax.bench.torch_side", str(directory / "spec.json")]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env, text=True
+                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=torch_process_env(), text=True
             )
-        self.info = {**self._receive()["ready"], "python": args.torch_python}
+
+    def wait_ready(self) -> None:
+        self.info = {**self._receive()["ready"], "python": self.process.args[0]}
 
     def _receive(self) -> dict:
         line = self.process.stdout.readline()
@@ -534,6 +562,12 @@ class TorchProcess:
             pass
         timing = self._receive()
         self.memory_bytes = timing.pop("memory_bytes")
+        self.history.append((timing["seconds"], timing.pop("compiles")))
+        if self.compiled:
+            steady = [seconds for seconds, graphs in self.history if not graphs]
+            steady_s = statistics.median(steady) if steady else min(seconds for seconds, _ in self.history)
+            self.compile_s = sum(seconds - steady_s for seconds, graphs in self.history if graphs)
+            self.recompilations = sum(graphs for _, graphs in self.history[1:])
         return StepRecord(**timing)
 
     def close(self) -> None:
@@ -656,6 +690,15 @@ def peak_memory_bytes(platform: str) -> int:
     return sum((device.memory_stats() or {}).get("peak_bytes_in_use", 0) for device in jax.local_devices())
 
 
+def memory_limit_bytes(platform: str) -> int | None:
+    """What the devices' allocators may take in all (JAX's bytes_limit); None on CPU."""
+    import jax
+
+    if platform == "cpu":
+        return None
+    return sum((device.memory_stats() or {}).get("bytes_limit", 0) for device in jax.local_devices())
+
+
 def _ratio(row: dict, key: str, low: str, high: str) -> str:
     if key not in row:
         return "-"
@@ -725,13 +768,90 @@ def format_table(result: dict[str, Any]) -> str:
     lines += table_rows(result["rows"])
     lines += [f"{row['name']}: could not run here ({row['error']})" for row in result.get("failed_variants", [])]
     lines.append(f"process peak memory {result['peak_memory_bytes'] / 2**20:,.0f} MB ({result['peak_memory_source']})")
+    return "\n".join(lines + decode_lines(result))
+
+
+def decode_lines(result: dict[str, Any]) -> list[str]:
+    lines = []
     for row in result.get("decode", []):
-        lines.append(
+        line = (
             f"decode batch {row['batch']}: {row['tokens_per_s']:,.1f} tokens/s "
             f"(decode loop {row['decode_tokens_per_s']:,.1f}), prefill {row['prefill_s']:.3f}s, "
             f"compile {row['compile_s']:.1f}s"
         )
-    return "\n".join(lines)
+        if "minimind_tokens_per_s" in row:
+            line += f"; MiniMind's generate {row['minimind_tokens_per_s']:,.1f} tokens/s, ours × {row['speedup']:.2f}"
+        lines.append(line)
+    if result.get("minimind_decode_error"):
+        lines.append(f"MiniMind's generate could not run: {result['minimind_decode_error']}")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decode
+
+DECODE_PROMPT_LEN = 64
+
+
+def decode_batch_sizes(args) -> tuple[int, ...]:
+    if args.decode_batch_sizes is None:
+        return (1, args.batch_size)
+    try:
+        sizes = tuple(int(size) for size in args.decode_batch_sizes.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise UserError(f"--decode_batch_sizes {args.decode_batch_sizes}: comma-separated positive integers")
+    return sizes
+
+
+def decode_figures(args, config, progress) -> dict[str, Any]:
+    """{"decode": benchmark_decode's rows for the preset in the bench's dtype (config.dtype)}; with --minimind_dir
+    each row also has MiniMind's own generate's tokens/s on the same prompts and our speedup over it, and the
+    result "minimind_decode" (that process's info) or "minimind_decode_error" (why it could not run)."""
+    import yaml
+
+    from minimind_jax.inference.generation import benchmark_decode
+
+    sizes, result = decode_batch_sizes(args), {}
+    with tempfile.TemporaryDirectory(prefix="minimind_jax_decode_") as workdir:
+        fields = {name: list(value) if isinstance(value, tuple) else value for name, value in config.to_dict().items()}
+        preset = pathlib.Path(workdir, "preset.yaml")  # the preset's fields with the bench's dtype
+        preset.write_text(yaml.safe_dump(fields))
+        progress(f"decode benchmark: ours, batch sizes {sizes}")
+        rows = benchmark_decode(str(preset), sizes, DECODE_PROMPT_LEN, args.decode_new_tokens, args.seed)
+        for row in rows:
+            row["preset"] = args.preset
+        result["decode"] = rows
+        if args.minimind_dir:
+            progress("decode benchmark: MiniMind's generate, own process")
+            spec = {
+                "minimind_dir": args.minimind_dir,
+                "minimind_config": minimind_config_fields(config),
+                "dtype": config.dtype,
+                "batch_sizes": list(sizes),
+                "prompt_len": DECODE_PROMPT_LEN,
+                "new_tokens": args.decode_new_tokens,
+                "seed": args.seed,
+            }
+            result.update(minimind_decode(args.torch_python, spec, pathlib.Path(workdir)))
+    for row, theirs in zip(rows, result.get("minimind_decode", {}).get("rows", [])):
+        row["minimind_tokens_per_s"] = theirs["tokens_per_s"]
+        row["minimind_decode_tokens_per_s"] = theirs["decode_tokens_per_s"]
+        row["speedup"] = row["tokens_per_s"] / theirs["tokens_per_s"]
+    return result
+
+
+def minimind_decode(python: str, spec: dict, workdir: pathlib.Path) -> dict[str, Any]:
+    """{"minimind_decode": MiniMind's generate timed by bench/minimind_decode.py in a process of its own}, or
+    {"minimind_decode_error": its last line of stderr}: the rest of the bench's figures stand without it."""
+    (workdir / "minimind_decode.json").write_text(json.dumps(spec))
+    command = [python, "-m", "minimind_jax.bench.minimind_decode", str(workdir / "minimind_decode.json")]
+    done = subprocess.run(command, capture_output=True, text=True, env=torch_process_env())
+    if done.returncode:
+        tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
+        return {"minimind_decode_error": f"exit status {done.returncode}: {tail[0]}"}
+    return {"minimind_decode": json.loads(done.stdout)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -745,6 +865,12 @@ def run(args) -> int:
         raise UserError(f"--loss_chunk_size must be at least 0 (0: full logits), got {args.loss_chunk_size}")
     if args.minimind_dir and args.no_torch:
         raise UserError("--minimind_dir times a PyTorch side, which --no_torch leaves out")
+    if args.torch_compile and not args.minimind_dir:
+        raise UserError("--torch_compile compiles MiniMind's own model: it needs --minimind_dir")
+    if args.decode or args.decode_only:
+        decode_batch_sizes(args)  # a bad list is refused before anything runs
+        if args.decode_new_tokens < 1:
+            raise UserError(f"--decode_new_tokens must be at least 1, got {args.decode_new_tokens}")
     if not args.no_torch and shutil.which(args.torch_python) is None:
         raise UserError(f"--torch_python {args.torch_python}: not an executable")
     import jax
@@ -755,6 +881,7 @@ def run(args) -> int:
         use_compilation_cache(args.compilation_cache_dir, cache_every_compile=True)
     from minimind_jax.model.config import default_dtype, load_preset, num_params
     from minimind_jax.training import sharding
+    from minimind_jax.training.compilation import CompileWatch
     from minimind_jax.training.perf import objective_flops_per_token
     from minimind_jax.training.run import load_run_data
 
@@ -772,6 +899,11 @@ def run(args) -> int:
             f"{args.preset} is {config.arch}; use a checkout of that era (minimind2: 2510, commit "
             f"6b86ea3; minimind3: v3)"
         )
+    if args.decode_only:
+        result = {"setup": {"preset": args.preset, "dtype": dtype, "device_kind": jax.devices()[0].device_kind}}
+        result.update(decode_figures(args, config, progress))
+        print(json.dumps(result) if args.json else "\n".join(decode_lines(result)))
+        return 0
     mesh = sharding.make_mesh(args.mesh)
     if args.batch_size % sharding.batch_size_per_step(mesh):
         raise UserError(
@@ -781,7 +913,11 @@ def run(args) -> int:
     data_path, tokenizer_path, tokenizer_label = bench_data(args)
     peak = PeakFlops(dtype, platform)
     torch_models = (
-        [] if args.no_torch else (["reference"] * args.torch_reference + ["minimind"] * bool(args.minimind_dir))
+        []
+        if args.no_torch
+        else ["reference"] * args.torch_reference
+        + ["minimind"] * bool(args.minimind_dir)
+        + ["minimind_compiled"] * args.torch_compile
     )
 
     watch = CompileWatch()
@@ -796,6 +932,8 @@ def run(args) -> int:
             for model in torch_models:  # first, so that a PyTorch environment that cannot run fails fast
                 progress(f"starting a PyTorch process: {model}")
                 torch_sides.append(TorchProcess(model, run_cfg, models, torch_batches, args, pathlib.Path(workdir)))
+            for side in torch_sides:  # they start side by side
+                side.wait_ready()
             for index, variant in enumerate(variants_for(args, platform, dtype, dataset.seq_len)):
                 progress(f"building our step: {describe(variant)}")
                 try:
@@ -819,7 +957,8 @@ def run(args) -> int:
             for side in jax_sides + torch_sides:
                 side.close()
 
-    baseline = torch_sides[-1] if torch_sides else None  # MiniMind's own model when it runs
+    # MiniMind's own model in eager mode when it runs, else the reference.
+    baseline = next((side for side in reversed(torch_sides) if not side.compiled), None)
     rows = []
     for side in sides:
         row = {
@@ -860,6 +999,7 @@ def run(args) -> int:
         "recompilations": main_row["recompilations"],
         "peak_memory_bytes": peak_memory_bytes(platform),
         "peak_memory_source": platform_memory,
+        "memory_limit_bytes": memory_limit_bytes(platform),
         "mfu": main_row["mfu"],
         "torch_mfu": torch_row["mfu"] if torch_row else None,
         "data_wait_fraction": main_row["data_wait_fraction"],
@@ -873,6 +1013,7 @@ def run(args) -> int:
             ),
             "preset": args.preset,
             "arch": config.arch,
+            "moe_impl": args.moe_impl if config.use_moe else None,
             "params": num_params(config),
             "dtype": dtype,
             "batch_size": args.batch_size,
@@ -904,9 +1045,6 @@ def run(args) -> int:
         "failed_variants": failed,
     }
     if args.decode:
-        from minimind_jax.inference.generation import benchmark_decode
-
-        progress("decode benchmark")
-        result["decode"] = benchmark_decode(args.preset, batch_sizes=(1, args.batch_size), new_tokens=64)
+        result.update(decode_figures(args, config, progress))
     print(json.dumps(result) if args.json else format_table(result))
     return 0

@@ -60,10 +60,11 @@ def compile_ahead(jitted, *args) -> CompiledStep:
     seconds = time.perf_counter() - start
     cache_on = bool(jax.config.jax_compilation_cache_dir) and jax.config.jax_enable_compilation_cache
     cache = ("hit" if watch.cache_hits else "miss") if cache_on else "off"
-    return CompiledStep(executable, seconds, cache, _planned_bytes(executable))
+    return CompiledStep(executable, seconds, cache, planned_memory_bytes(executable))
 
 
-def _planned_bytes(executable) -> int | None:
+def planned_memory_bytes(executable) -> int | None:
+    """XLA's plan for a compiled executable, per device: arguments + outputs + temporaries, less donated buffers."""
     stats = executable.memory_analysis()
     if stats is None:  # not every backend reports it
         return None

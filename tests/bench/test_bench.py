@@ -29,6 +29,7 @@ def bench_args(**changes):
         scan_layers=None,
         fast_path=1,
         ablation=False,
+        literal_row=1,
     )
     return argparse.Namespace(**{**fields, **changes})
 
@@ -39,6 +40,7 @@ def test_bench_rows_default_literal_and_ablation():
     assert bench.settings_of(variants[0]) == (False, 512, "causal_blocks", "none", False)
     assert bench.settings_of(variants[1]) == (False, None, "xla", "none", True)
     assert bench.variants_for(bench_args(fast_path=0), "cpu", "float32", 511) == variants[1:]
+    assert bench.variants_for(bench_args(literal_row=0), "cpu", "float32", 511) == variants[:1]
     asked = bench.variants_for(bench_args(packing=True, loss_chunk_size=0), "cpu", "float32", 511)[0]
     assert (asked.name, bench.settings_of(asked)) == ("", (True, None, "causal_blocks", "none", False))
 
@@ -183,6 +185,57 @@ def test_bench_times_minimind_own_model_from_the_same_weights(era, arch, capsys,
         np.testing.assert_allclose(row["losses"], result["rows"][3]["losses"], rtol=1e-4)
 
 
+@pytest.mark.parametrize("era, arch, moe", [("2510", "minimind2", False), ("v3", "minimind3", True)])
+def test_bench_times_minimind_under_torch_compile(era, arch, moe, capsys, data_dir, tmp_path):
+    """--torch_compile: MiniMind's own model through torch.compile (dynamo's eager backend: the plumbing, not
+    inductor's minute of C++ builds on a CPU) in a process of its own, from the same weights: the losses of its
+    eager run, which stays the baseline; its first step's extra time is its compile time."""
+    directory, python = minimind_checkout(era)
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(f"arch: {arch}\nhidden_size: 64\nnum_hidden_layers: 2\nuse_moe: {str(moe).lower()}\n")
+    flags = ["--preset", str(preset), "--batch_size", "8", "--max_seq_len", "64", "--steps", "2", "--warmup", "1"]
+    flags += ["--num_records", "80", "--data_dir", str(data_dir), "--minimind_dir", str(directory)]
+    flags += ["--torch_python", python, "--torch_reference", "0", "--literal_row", "0", "--json"]
+    result = json.loads(run_bench(capsys, *flags, "--torch_compile", "1", "--torch_compile_backend", "eager"))
+    ours, eager, compiled = result["rows"]
+    assert eager["name"] == result["baseline"] == "PyTorch: MiniMind's model_minimind.py, own process"
+    assert compiled["name"] == "PyTorch: MiniMind's model_minimind.py + torch.compile, own process"
+    assert compiled["compile_s"] > 0 and eager["compile_s"] == 0 and "speedup" in compiled
+    if not moe:  # MiniMind's MoE routes a different number of tokens to each expert every step: new shapes
+        assert compiled["recompilations"] == 0
+    assert result["setup"]["torch_processes"][1]["model_class"].endswith("MiniMindForCausalLM")
+    for row in (ours, compiled):
+        np.testing.assert_allclose(row["losses"], eager["losses"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("era, arch", [("2510", "minimind2"), ("v3", "minimind3")])
+def test_bench_decode_against_minimind_generate(era, arch, capsys, data_dir, tmp_path):
+    """--decode_only with --minimind_dir: our generate and MiniMind's own (its process) on the same prompts,
+    each batch size's ratio from the two rates. MiniMind 2510's generate is transformers' and loses its KV cache
+    under transformers 5: the bench says so instead of timing it."""
+    directory, python = minimind_checkout(era)
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(f"arch: {arch}\nhidden_size: 64\nnum_hidden_layers: 2\n")
+    flags = ["--preset", str(preset), "--decode_only", "--decode_batch_sizes", "1,3", "--decode_new_tokens", "5"]
+    result = json.loads(run_bench(capsys, *flags, "--minimind_dir", str(directory), "--torch_python", python, "--json"))
+    rows = result["decode"]
+    assert [(row["batch"], row["new_tokens"], row["prompt_len"]) for row in rows] == [(1, 5, 64), (3, 5, 64)]
+    transformers_major = subprocess.run(
+        [python, "-c", "import transformers; print(transformers.__version__.split('.')[0])"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    if era == "2510" and int(transformers_major) >= 5:
+        assert "does not continue greedily" in result["minimind_decode_error"]
+        assert all("speedup" not in row for row in rows)
+        return
+    info = result["minimind_decode"]["info"]
+    assert info["model_class"].endswith("MiniMindForCausalLM") and info["dtype"] == "float32"
+    for row, theirs in zip(rows, result["minimind_decode"]["rows"]):
+        assert theirs["greedy_agreement"] >= 0.5 and theirs["batch"] == row["batch"]
+        assert row["speedup"] == pytest.approx(row["tokens_per_s"] / theirs["tokens_per_s"])
+
+
 def objective_bench(capsys, data_dir, tmp_path, objective: str, arch: str, *flags) -> dict:
     """A tiny (MoE) model of the era, and for distillation a wider dense teacher: 2 turns of every side."""
     preset, teacher = tmp_path / "tiny_moe.yaml", tmp_path / "teacher.yaml"
@@ -278,6 +331,9 @@ def test_bench_table_without_torch_reports_variants_that_cannot_run(capsys, data
         (["--minimind_dir", "/nonexistent"], "--minimind_dir /nonexistent: no model/model_minimind.py there"),
         (["--torch_python", "/nonexistent/python"], "--torch_python /nonexistent/python: not an executable"),
         (["--minimind_dir", str(REPO_ROOT), "--no_torch"], "--minimind_dir times a PyTorch side"),
+        (["--torch_compile", "1"], "--torch_compile compiles MiniMind's own model: it needs --minimind_dir"),
+        (["--decode", "--decode_batch_sizes", "1,x"], "--decode_batch_sizes 1,x: comma-separated positive"),
+        (["--decode_only", "--decode_new_tokens", "0"], "--decode_new_tokens must be at least 1"),
     ],
 )
 def test_bench_bad_flags_are_one_line_errors(flags, message, capsys, data_dir):
