@@ -190,7 +190,7 @@ class TrainConfig:
     fast_path: bool = flag(
         True,
         "1 (default) = the backend's fastest exact step (CPU: causal_blocks attention, loss "
-        "chunks of 512, unrolled layers; GPU: cuDNN attention in bf16); 0 = MiniMind's "
+        "chunks of 512, unrolled layers; GPU: cuDNN attention in bf16; TPU: Splash attention); 0 = MiniMind's "
         "literal computation (full logits, xla attention, scanned layers). The three flags "
         "below override it",
     )
