@@ -24,7 +24,14 @@ import time
 def timed_run(repo: pathlib.Path, args: list[str], workdir: pathlib.Path, cache: pathlib.Path, label: str) -> dict:
     out = workdir / label
     command = [sys.executable, "main.py", *args, "--max_steps", "1", "--no_progress"]
-    command += ["--save_dir", str(out), "--checkpoint_dir", str(out / "checkpoints"), "--compilation_cache_dir", str(cache)]
+    command += [
+        "--save_dir",
+        str(out),
+        "--checkpoint_dir",
+        str(out / "checkpoints"),
+        "--compilation_cache_dir",
+        str(cache),
+    ]
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first_loss, compiled = None, None
