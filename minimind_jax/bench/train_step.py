@@ -890,7 +890,7 @@ def run(args) -> int:
     dtype = args.dtype or default_dtype(platform)
     try:
         config = load_preset(args.preset, dtype=dtype)
-    except (FileNotFoundError, ValueError) as error:
+    except (UserError, ValueError) as error:
         raise UserError(f"--preset {args.preset}: {error}") from None
     checkout_arch = minimind_checkout_arch(args.minimind_dir) if args.minimind_dir else config.arch
     if checkout_arch != config.arch:

@@ -23,11 +23,10 @@ from minimind_jax.data.tokenizer import Tokenizer, check_fits, load_tokenizer
 from minimind_jax.errors import UserError
 from minimind_jax.inference.generation import Decoder, check_room
 from minimind_jax.inference.text import StreamPrinter
-from minimind_jax.model.config import DTYPES, weight_stem
+from minimind_jax.model.config import DTYPES, EVAL_SAMPLING, weight_stem
 from minimind_jax.model.transformer import MiniMind
 
 DEFAULT_SEED = 2026  # MiniMind 2510's eval_llm.py seeds every turn with 2026
-DEFAULT_TOP_P = {"minimind2": 0.85, "minimind3": 0.95}  # eval_llm.py's default per era
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -255,7 +254,7 @@ def run(args) -> int:
         do_sample=bool(args.do_sample),
         temperature=args.temperature,
         top_k=args.top_k,
-        top_p=DEFAULT_TOP_P[model.config.arch] if args.top_p is None else args.top_p,
+        top_p=EVAL_SAMPLING[model.config.arch]["top_p"] if args.top_p is None else args.top_p,
         repetition_penalty=args.repetition_penalty,
     )
 

@@ -4,8 +4,10 @@ IN.pth  -> OUT/   MiniMind weights (plain fp16/fp32 state dict or resume dict) t
                   era, sizes and MoE layout are read off the keys and shapes.
 IN/     -> OUT.pth  our checkpoint (or a training run's newest step) to MiniMind's .pth, fp16 by default.
 IN -> OUT/ --format hf  to the Hugging Face format (safetensors, config.json, generation_config.json and, with
-                  --tokenizer_path, the tokenizer files): LlamaForCausalLM (2510 dense), Qwen3ForCausalLM (v3
-                  dense), Qwen3MoeForCausalLM (v3 MoE). A Hugging Face directory as IN goes to .pth or a checkpoint.
+                  --tokenizer_path, the tokenizer files): LlamaForCausalLM (2510 dense), Qwen2MoeForCausalLM
+                  (2510 MoE), Qwen3ForCausalLM (v3 dense), Qwen3MoeForCausalLM (v3 MoE). A Hugging Face
+                  directory of one of these (as written here) as IN goes to .pth or a checkpoint.
+OUT is never overwritten: it must not exist (or be an empty directory, for a checkpoint or HF model).
 --merge_lora LORA.pth  folds a MiniMind LoRA file into the weights first (MiniMind's merge_lora).
 """
 
@@ -44,6 +46,17 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "convert") -> 
     parser.add_argument("--merge_lora", default=None, help="a MiniMind LoRA file to merge into the weights: W + A·B")
 
 
+def check_output(target: pathlib.Path, is_file: bool) -> None:
+    """Refuse, before the slow load, an output that exists (an empty directory may take a checkpoint or HF
+    model) or that cannot be made because a folder above it is a file."""
+    empty_directory = target.is_dir() and not any(target.iterdir())
+    if target.exists() and (is_file or not empty_directory):
+        raise UserError(f"{target}: exists; choose a new output path (convert never overwrites)")
+    above = next(parent for parent in target.absolute().parents if parent.exists())
+    if not above.is_dir():
+        raise UserError(f"{target}: cannot be written, {above} is a file")
+
+
 def run(args) -> int:
     from minimind_jax.weights import load, save_pth  # JAX and Orbax load here, not for --help
     from minimind_jax.weights.orbax import save_model_checkpoint
@@ -54,6 +67,7 @@ def run(args) -> int:
     source, target = pathlib.Path(args.input), pathlib.Path(args.output)
     if args.tokenizer_path is not None and args.format != "hf":
         raise UserError("--tokenizer_path is for --format hf only (a .pth or checkpoint holds no tokenizer)")
+    check_output(target, is_file=args.format != "hf" and target.suffix == ".pth")
     model = load(source, **overrides)
     if args.merge_lora:
         from minimind_jax.weights.lora import load_lora, merge_adapters

@@ -57,8 +57,14 @@ def add_arguments(parser, command: str) -> None:
 
 
 def detect_kind(data_path) -> str:
-    for _, record in read_jsonl(data_path, kind=None):
-        return record_kind(record)
+    for line_no, record in read_jsonl(data_path, kind=None):
+        kind = record_kind(record)
+        if kind == "dpo":
+            raise UserError(
+                f"{data_path}:{line_no}: a DPO pair (chosen/rejected); eval scores SFT (conversations) or "
+                f"pretrain (text) records"
+            )
+        return kind
     raise UserError(f"{data_path}: no sft or pretrain record found")
 
 

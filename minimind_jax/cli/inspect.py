@@ -2,7 +2,8 @@
 
 SFT records (`conversations`) and pretrain records (`text`) are told apart by their keys and built exactly as
 training builds them (MiniMind's era rules, v3's random augmentations off). Learned tokens, the training
-targets, are shown on green; context-only tokens on grey. `--json` prints one object per record instead:
+targets, are shown on green; context-only tokens on grey. Into a pipe, or with NO_COLOR set, there are no colours:
+each run of learned tokens is put between ⟦ and ⟧ instead. `--json` prints one object per record instead:
 `{"prompt", "input_ids", "loss_mask"}`, the mask aligned with the ids (1 where the id is a target).
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -22,6 +25,7 @@ RESET = "\x1b[0m"
 # Two shades each, alternating, so that token boundaries show.
 LEARNED_STYLES = ("\x1b[30;42m", "\x1b[30;102m")
 CONTEXT_STYLES = ("\x1b[97;100m", "\x1b[30;47m")
+LEARNED_MARKS = ("⟦", "⟧")  # around each run of learned tokens, where there are no colours
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -44,13 +48,13 @@ def learned_view(encoders: dict[str, examples.RecordEncoder], record: dict[str, 
     if kind == "dpo":
         return {side: pair_side_view(encoders["sft"], record[side], line_no) for side in preference.SIDES}
     encoder = encoders[kind]
-    prompt = encoder.prompt(record, line_no)
-    tokens, learned = encoder.compact(prompt)
     try:
-        encoder.encode(record, line_no)
+        encoder.encode(record, line_no)  # first: it raises BadRecord for a prompt no tokenizer takes
         dropped = None
     except records.DroppedRecord as drop:
         dropped = drop.reason
+    prompt = encoder.prompt(record, line_no)
+    tokens, learned = encoder.compact(prompt)
     return {"prompt": prompt, "input_ids": tokens.tolist(), "loss_mask": learned.tolist(), "dropped": dropped}
 
 
@@ -92,6 +96,29 @@ def coloured(tokenizer, view: dict[str, Any]) -> str:
     return "".join(out)
 
 
+def marked(tokenizer, view: dict[str, Any]) -> str:
+    """The ids as text without colours: each run of learned tokens between LEARNED_MARKS; `\\n` shown as ↵."""
+    out, learning = [], False
+    for text, _, stop in token_pieces(tokenizer, view["input_ids"]):
+        learned = bool(view["loss_mask"][stop - 1])
+        if learned != learning:
+            out.append(LEARNED_MARKS[0] if learned else LEARNED_MARKS[1])
+            learning = learned
+        out.append(text.replace("\n", "↵\n"))
+    return "".join(out) + (LEARNED_MARKS[1] if learning else "")
+
+
+def use_colour() -> bool:
+    """Colours for a terminal only, and not when NO_COLOR is set (no-color.org)."""
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
+def legend(colour: bool) -> str:
+    if colour:
+        return f"{LEARNED_STYLES[0]} learned (a training target) {RESET} {CONTEXT_STYLES[0]} context only {RESET}"
+    return f"{LEARNED_MARKS[0]}learned (a training target){LEARNED_MARKS[1]} context only"
+
+
 def run(args: argparse.Namespace) -> int:
     if args.index is not None and args.index < 0:
         raise UserError(f"--index must be 0 or more, got {args.index}")
@@ -107,8 +134,7 @@ def run(args: argparse.Namespace) -> int:
         for kind in records.KINDS
     }
     report = records.SkipReport(args.data_path)
-    if not args.json:
-        print(f"{LEARNED_STYLES[0]} learned (a training target) {RESET} {CONTEXT_STYLES[0]} context only {RESET}")
+    colour, legend_shown = use_colour(), False
     count = 0
     for index, (line_no, record) in enumerate(records.read_jsonl(args.data_path, kind=None, report=report)):
         count = index + 1
@@ -128,16 +154,21 @@ def run(args: argparse.Namespace) -> int:
             shown = {side: {key: part[key] for key in fields} for side, part in sides.items()}
             print(json.dumps(shown if kind == "dpo" else shown[""], ensure_ascii=False))
         else:
+            if not legend_shown:
+                print(legend(colour))
+                legend_shown = True
             for side, part in sides.items():
                 note = f", dropped in training: {part['dropped']}" if part["dropped"] else ""
                 print(
                     f"\n── record {index}{' ' + side if side else ''} ({args.data_path}:{line_no}, {kind}, {arch}): "
                     f"{len(part['input_ids'])} tokens, {sum(part['loss_mask'])} learned{note}"
                 )
-                print(coloured(tokenizer, part))
+                print(coloured(tokenizer, part) if colour else marked(tokenizer, part))
         if args.index is not None:
             break
     report.warn()
+    if count == 0:
+        raise UserError(f"{args.data_path}: {'no well-formed records' if report.num_skipped else 'empty, no records'}")
     if args.index is not None and count <= args.index:
         raise UserError(f"{args.data_path}: no record {args.index}; it has {count} well-formed records")
     return 0

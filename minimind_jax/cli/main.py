@@ -55,6 +55,9 @@ def main(argv=None) -> int:
         # Bad input is reported in one line that names the file, line or key; no traceback.
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves first): nothing to save yet
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def console_main() -> int:

@@ -7,6 +7,8 @@ minimind_jax/inference/server.py; it needs FastAPI and uvicorn (`pip install min
 from __future__ import annotations
 
 import importlib.util
+import pathlib
+import sys
 
 from minimind_jax.cli.chat import add_model_arguments, load_model, load_tokenizer_for, weights_path
 from minimind_jax.errors import UserError
@@ -33,7 +35,8 @@ def add_arguments(parser, command: str) -> None:
 def run(args) -> int:
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
     if missing:
-        raise UserError(f"main.py serve needs {' and '.join(missing)}: pip install minimind-jax[serve]")
+        command = pathlib.Path(sys.argv[0]).name  # main.py in a checkout, minimind-jax installed
+        raise UserError(f"{command} serve needs {' and '.join(missing)}: pip install minimind-jax[serve]")
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
     if args.max_batch_size < 1 or args.max_batch_size & (args.max_batch_size - 1):

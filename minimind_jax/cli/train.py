@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.resources.abc
 import json
 import pathlib
 import typing
@@ -16,6 +17,7 @@ import typing
 import yaml
 
 from minimind_jax.errors import UserError, first_line
+from minimind_jax.model.config import CONFIG_DIR
 from minimind_jax.training.config import CHOICES, STUDENT_FLAGS, TrainConfig, defaults_for
 
 IGNORED_FLAGS = {"device": str, "use_compile": int}  # MiniMind's, accepted so its command lines run unchanged
@@ -39,7 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
             "dpo": "DPO against a frozen reference", "distill": "distillation from a frozen teacher",
             "distill_reason": "reasoning distillation (2510)"}[command]  # fmt: skip
     parser.description = f"MiniMind-compatible {what}. " + " ".join(__doc__.split("\n\n")[1].split())
-    parser.add_argument("--config", help="YAML run preset (see configs/)")
+    parser.add_argument(
+        "--config", help="a YAML run config, or a shipped preset's name (configs/, e.g. sft_minimind2-small)"
+    )
     # Every default is None, so a flag not given leaves the value to --config and MiniMind's defaults.
     for field, kind in train_flags(command):
         if field.metadata["switch"]:
@@ -71,11 +75,29 @@ def _choices_metavar(name: str) -> str | None:
     return "{" + ",".join(map(str, CHOICES[name])) + "}" if name in CHOICES else None
 
 
+def run_presets() -> list[str]:
+    """The names of the run presets shipped in the package (configs/*.yaml but the demo's own settings)."""
+    names = (entry.name.removesuffix(".yaml") for entry in CONFIG_DIR.iterdir() if entry.name.endswith(".yaml"))
+    return sorted(name for name in names if name != "demo")
+
+
+def run_config_path(given: str) -> pathlib.Path | importlib.resources.abc.Traversable:
+    """--config's file: the path as given when it exists, else the shipped preset of that name (`NAME`,
+    `NAME.yaml` or `configs/NAME.yaml`), so an installed package finds its presets from any directory."""
+    path = pathlib.Path(given)
+    if path.exists():
+        return path
+    preset = CONFIG_DIR / f"{path.name.removesuffix('.yaml')}.yaml"
+    if path.parent in (pathlib.Path("."), pathlib.Path("configs")) and preset.is_file():
+        return preset
+    raise UserError(f"{given}: no such run config file or preset; presets: {', '.join(run_presets())}")
+
+
 def config_from_args(args, command: str) -> TrainConfig:
     flags = train_flags(command)
     from_file = {}
     if args.config:
-        path = pathlib.Path(args.config)
+        path = run_config_path(args.config)
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as error:
@@ -101,8 +123,11 @@ def config_from_args(args, command: str) -> TrainConfig:
 
 
 def run(args) -> int:
+    import jax
+
     from minimind_jax.training.run import train
 
     summary = train(config_from_args(args, args.command))
-    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, default=str))
+    if jax.process_index() == 0:  # one summary for a run of several processes, as for its logs
+        print(json.dumps({k: v for k, v in summary.items() if k != "history"}, default=str))
     return 0

@@ -38,6 +38,7 @@ from minimind_jax.data.records import (
     BadRecord,
     DroppedRecord,
     SkipReport,
+    check_data_file,
     conversations_key,
     iter_lines,
     parse_record,
@@ -112,6 +113,11 @@ class ExampleConfig:
     @property
     def augmented(self) -> bool:
         return self.kind == "sft" and bool(self.system_prompt_ratio or self.drop_empty_think_ratio)
+
+    def held_out(self) -> ExampleConfig:
+        """The same examples without the training augmentation: held-out data is scored as it is written, so
+        every eval of one file on one model gives one number."""
+        return dataclasses.replace(self, system_prompt_ratio=0.0, drop_empty_think_ratio=0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -512,7 +518,12 @@ def build_cache(
     so an interrupted build never leaves a cache that looks complete. Worker processes load their own copy
     of the tokenizer from `tokenizer.path`."""
     token_dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # e.g. --cache_dir names a file
+        raise UserError(
+            f"{target.parent}: cannot be the data cache directory ({error.strerror}); give another --cache_dir"
+        ) from None
     temp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     report = SkipReport(str(data_path))
     num_examples = num_tokens = 0
@@ -643,8 +654,7 @@ def load_dataset(
     num_workers: processes for tokenizing (None: one per CPU; 0: in this process).
     """
     data_path = pathlib.Path(data_path)
-    if not data_path.is_file():
-        raise UserError(f"{data_path}: no such data file")
+    check_data_file(data_path)
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = load_tokenizer(tokenizer)
     if config.kind == "sft" and config.max_seq_len <= (shortest := shortest_sft_prompt(tokenizer, config.arch)):

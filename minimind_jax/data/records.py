@@ -3,6 +3,7 @@ counting what was skipped or dropped."""
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import logging
@@ -19,6 +20,7 @@ KINDS = ("sft", "pretrain")
 ROLES = ("system", "user", "assistant", "tool")
 CONVERSATION_KEYS = ("conversations", "messages")  # a chat record's messages: MiniMind's key, then Hugging Face's
 MAX_LINE_BYTES = 10 * 2**20
+IS_A_DIRECTORY = "is a directory, not a jsonl file"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -93,13 +95,26 @@ class SkipReport:
         return cls(**fields)
 
 
+def check_data_file(path: str | os.PathLike) -> None:
+    """Raise a one-line UserError unless `path` is a regular file (a pipe could not be read a second time)."""
+    if os.path.isdir(path):
+        raise UserError(f"{path}: {IS_A_DIRECTORY}")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such data file")
+
+
 def iter_lines(path: str | os.PathLike, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None]]:
-    """(1-based line number, raw bytes) per non-blank line, streaming; None for a line over max_line_bytes."""
+    """(1-based line number, raw bytes) per non-blank line, streaming; None for a line over max_line_bytes.
+    A UTF-8 byte order mark at the start of the file is dropped (as the utf-8-sig codec does)."""
     try:
         f = open(path, "rb")
+    except IsADirectoryError:
+        raise UserError(f"{path}: {IS_A_DIRECTORY}") from None
     except OSError as error:
         raise UserError(f"{path}: cannot read ({error.strerror})") from None
     with f:
+        if f.peek(len(codecs.BOM_UTF8)).startswith(codecs.BOM_UTF8):
+            f.read(len(codecs.BOM_UTF8))
         line_no = 0
         while True:
             line = f.readline(max_line_bytes + 1)
@@ -143,12 +158,13 @@ def conversations_key(record: dict[str, Any]) -> str | None:
 def check_record(record: dict[str, Any], kind: str) -> None:
     """Raise BadRecord unless the record has what its kind needs: a string `text` (pretrain), `conversations`
     (or `messages`) that MiniMind's chat template can render (sft: known roles, string contents), or two such
-    lists `chosen` and `rejected` (dpo)."""
+    lists `chosen` and `rejected` (dpo); every string of what is tokenized must be valid Unicode."""
     if kind == "pretrain":
         if "text" not in record:
             raise BadRecord("no 'text' key")
         if not isinstance(record["text"], str):
             raise BadRecord("'text' is not a string")
+        _check_unicode(record["text"])
         return
     if kind == "dpo":
         for key in ("chosen", "rejected"):
@@ -174,6 +190,24 @@ def _check_messages(messages: Any, key: str) -> None:
         # An assistant turn that only calls tools may leave its content empty.
         if not isinstance(content, str) and not (content is None and message.get("tool_calls")):
             raise BadRecord("non-string content")
+    _check_unicode(messages)
+
+
+def _check_unicode(value: Any) -> None:
+    """Raise BadRecord if a string anywhere in a JSON value is not valid Unicode: JSON can spell a lone
+    surrogate (\\ud800), which no tokenizer accepts and no terminal prints."""
+    stack = [value]
+    while stack:  # a stack, not recursion: the value may be nested as deeply as the JSON parser allows
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadRecord("text is not valid Unicode (lone surrogate)") from None
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def parse_record(line: bytes | None, kind: str) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from minimind_jax.errors import UserError
+
 ARCHS = ("minimind2", "minimind3")
 # The presets ship inside the package; the repository's top-level configs/ is a link to this folder.
 CONFIG_DIR = importlib.resources.files("minimind_jax") / "configs"
@@ -36,6 +38,12 @@ DTYPES = ("float32", "bfloat16", "float16")  # compute dtypes; the parameters st
 TRAIN_DTYPES = ("float32", "bfloat16")  # float16 would need loss scaling, which the trainer does not do
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # the projections that can take an adapter
 PRESETS = ("minimind2-small", "minimind2", "minimind2-moe", "minimind3", "minimind3-moe")
+# MiniMind's eval script's sampling defaults per era (2510's eval_model.py, v3's eval_llm.py): chat and the
+# Hugging Face export's generation_config.json.
+EVAL_SAMPLING = {
+    "minimind2": {"temperature": 0.85, "top_p": 0.85},
+    "minimind3": {"temperature": 0.85, "top_p": 0.95},
+}
 
 
 @dataclasses.dataclass
@@ -201,7 +209,7 @@ def load_preset(name_or_path: str, **overrides) -> ModelConfig:
     if not path.suffix:
         path = CONFIG_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"no preset {name_or_path!r} (looked for {path}); presets: {', '.join(PRESETS)}")
+        raise UserError(f"{name_or_path}: no such preset or file (looked for {path}); presets: {', '.join(PRESETS)}")
     fields = yaml.safe_load(path.read_text()) or {}
     fields = fields.get("model", fields)
     return ModelConfig.from_dict({**fields, **overrides})

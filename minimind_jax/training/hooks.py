@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable
 
@@ -68,21 +69,36 @@ class Checkpointer:
 
 
 class Preemption:
-    """SIGTERM (a preempted TPU or spot VM): checkpoint at the next update boundary and stop the run.
+    """SIGTERM (a preempted TPU or spot VM) or SIGINT (Ctrl-C): checkpoint at the next update boundary and stop
+    the run. A second Ctrl-C interrupts at once; the newest checkpoint stays whole (Orbax writes a step under a
+    temporary name and renames it when complete).
 
     With several processes joined by jax.distributed, all must save the same update: JAX's preemption service
     (jax.distributed starts it; it takes over SIGTERM) tells every process of a notice any one got, and names
-    an update that all of them reach.
+    an update that all of them reach. Ctrl-C in one of them is passed to it as SIGTERM.
     """
 
     def __init__(self, checkpointer: Checkpointer):
         self.checkpointer = checkpointer
         self.requested = False
+        self.signal_name = "SIGTERM"
         self.shared = jax.process_count() > 1 and jax.distributed.is_initialized()
-        self._previous = None if self.shared else signal.signal(signal.SIGTERM, self._handle)
+        self._previous = {signal.SIGINT: signal.signal(signal.SIGINT, self._on_sigint)}
+        if not self.shared:
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
 
-    def _handle(self, signum, frame):
+    def _on_sigterm(self, signum, frame):
         self.requested = True
+
+    def _on_sigint(self, signum, frame):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.signal_name = "SIGINT"
+        if self.checkpointer.is_main:
+            tqdm.tqdm.write("SIGINT: saving after this update (Ctrl-C again stops at once, without it)")
+        if self.shared:
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            self.requested = True
 
     def __call__(self, state: RunState) -> None:
         if self.shared:  # every process asks after every update
@@ -91,14 +107,14 @@ class Preemption:
             self.checkpointer.save(state, wait=True)
             if self.checkpointer.is_main:
                 tqdm.tqdm.write(
-                    f"SIGTERM: saved update {state.update} to {self.checkpointer.checkpoints.directory}; "
+                    f"{self.signal_name}: saved update {state.update} to {self.checkpointer.checkpoints.directory}; "
                     "resume with --from_resume 1"
                 )
             raise StopRun
 
     def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 class Evaluation:

@@ -8,7 +8,7 @@ them and training/run.py assembles a run from them.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -38,17 +38,18 @@ class Trainer:
         self,
         step_fn: Callable,
         *,
-        accumulation_steps: int,
+        update_sizes: Sequence[int],
         last_update: int,
         frozen_params=None,
         on_compiled: Callable[[CompiledStep], None] = lambda compiled: None,
     ):
-        """step_fn: training/step.make_train_step's jitted step, compiled ahead of the first update, after which
-        on_compiled(the CompiledStep) runs. frozen_params: the objective's frozen models."""
-        self.step_fn, self.accumulation_steps, self.last_update = step_fn, accumulation_steps, last_update
+        """step_fn: training/step.make_train_step's jitted step, compiled ahead of the first update of each
+        number of micro-batches, after which on_compiled(the CompiledStep) runs. update_sizes: the micro-batches
+        of each update (training/accumulation.py). frozen_params: the objective's frozen models."""
+        self.step_fn, self.update_sizes, self.last_update = step_fn, update_sizes, last_update
         self.frozen_params = frozen_params or {}
         self.on_compiled = on_compiled
-        self.compiled: CompiledStep | None = None
+        self.compiled: dict[int, CompiledStep] = {}  # by number of micro-batches
         self.hooks: list[tuple[Callable[[RunState], None], Callable[[int], bool]]] = []
 
     def add_hook(self, hook: Callable[[RunState], None], every: int | Callable[[int], bool] = 1) -> None:
@@ -60,16 +61,16 @@ class Trainer:
     def train(self, state: RunState) -> bool:
         """Runs updates until the last one; False when a hook stopped the run early."""
         while state.update < self.last_update:
-            first = state.batches.step
-            micro_batches = [next(state.batches) for _ in range(self.accumulation_steps)]
+            first, size = state.batches.step, self.update_sizes[state.update]
+            micro_batches = [next(state.batches) for _ in range(size)]
             key = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.update))
             args = (state.params, state.opt_state, micro_batches, key, self.frozen_params)
-            if self.compiled is None:
-                self.compiled = compile_ahead(self.step_fn, *args)
-                self.on_compiled(self.compiled)
-            state.params, state.opt_state, state.metrics = self.compiled.executable(*args)
+            if size not in self.compiled:
+                self.compiled[size] = compile_ahead(self.step_fn, *args)
+                self.on_compiled(self.compiled[size])
+            state.params, state.opt_state, state.metrics = self.compiled[size].executable(*args)
             state.update += 1
-            state.data_batches = range(first, first + self.accumulation_steps)
+            state.data_batches = range(first, first + size)
             try:
                 for hook, due in self.hooks:
                     if due(state.update):

@@ -13,6 +13,7 @@ import numpy as np
 import tqdm
 
 from minimind_jax.runtime import seconds_since_process_start
+from minimind_jax.training.accumulation import UpdatePlan
 from minimind_jax.training.compilation import CompiledStep, peak_device_memory_bytes
 from minimind_jax.training.optimizer import minimind_lr
 from minimind_jax.training.wandb_log import WandbRun
@@ -135,18 +136,19 @@ class MetricLogger:
         cfg,
         *,
         steps_per_epoch: int,
-        total_micro_steps: int,
+        plan: UpdatePlan,
         last_update: int,
         start_update: int,
-        tokens_per_update: int,
+        tokens_per_micro_batch: int,
         flops_per_token: float,
         peak_flops: float,
         writer: MetricsWriter,
         is_main: bool,
     ):
-        self.cfg, self.steps_per_epoch, self.total_micro_steps = cfg, steps_per_epoch, total_micro_steps
+        self.cfg, self.steps_per_epoch, self.plan = cfg, steps_per_epoch, plan
         self.last_update, self.start_update, self.is_main = last_update, start_update, is_main
-        self.tokens_per_update, self.flops_per_token, self.peak_flops = tokens_per_update, flops_per_token, peak_flops
+        self.tokens_per_micro_batch, self.flops_per_token = tokens_per_micro_batch, flops_per_token
+        self.peak_flops = peak_flops
         self.writer = writer
         self.bar = tqdm.tqdm(
             total=last_update,
@@ -164,7 +166,12 @@ class MetricLogger:
         self._reset_window()
 
     def _reset_window(self) -> None:
-        self.window_start, self.window_updates, self.window_loss_tokens = time.perf_counter(), 0, 0.0
+        self.window_start, self.window_updates, self.window_tokens, self.window_loss_tokens = (
+            time.perf_counter(),
+            0,
+            0,
+            0.0,
+        )
 
     def step_compiled(self, compiled: CompiledStep) -> None:
         """Trainer's on_compiled: the one line that says how the compile went; throughput counts from here."""
@@ -191,9 +198,11 @@ class MetricLogger:
         metrics = jax.device_get(device_metrics)
         if self.first_update_s is None:
             self.first_update_s = seconds_since_process_start()
-        micro_step = update * cfg.accumulation_steps  # MiniMind counts micro-steps (1-based within the epoch)
+        micro_step = self.plan.micro_steps[update - 1]  # MiniMind counts micro-steps (1-based within the epoch)
         epoch, step_in_epoch = divmod(micro_step - 1, self.steps_per_epoch)
-        lr = float(minimind_lr(cfg.arch, micro_step, self.total_micro_steps, cfg.learning_rate, cfg.warmup_steps, np))
+        lr = float(
+            minimind_lr(cfg.arch, micro_step, self.plan.total_micro_steps, cfg.learning_rate, cfg.warmup_steps, np)
+        )
         if metrics["skipped"]:
             self.consecutive_skips += 1
             self.total_skips += 1
@@ -205,9 +214,10 @@ class MetricLogger:
         else:
             self.consecutive_skips = 0
         self.window_updates += 1
+        self.window_tokens += self.tokens_per_micro_batch * self.plan.sizes[update - 1]
         self.window_loss_tokens += float(metrics["loss_tokens"])
         elapsed = time.perf_counter() - self.window_start
-        tokens_per_s = self.window_updates * self.tokens_per_update / elapsed if elapsed > 0 else float("nan")
+        tokens_per_s = self.window_tokens / elapsed if elapsed > 0 else float("nan")
         record = {
             "update": update,
             "micro_step": micro_step,
@@ -228,7 +238,7 @@ class MetricLogger:
         self.writer.write(record)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
         self.bar.update(1)
-        crossed_log = (micro_step // cfg.log_interval) > ((micro_step - cfg.accumulation_steps) // cfg.log_interval)
+        crossed_log = (micro_step // cfg.log_interval) > (self.plan.previous_micro_step(update) // cfg.log_interval)
         if self.is_main and (crossed_log or update == self.last_update):
             done = max(update - self.start_update, 1)
             eta_min = (time.perf_counter() - self.train_start) / done * (self.last_update - update) / 60

@@ -7,7 +7,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from minimind_jax.training.accumulation import UpdatePlan
 
 
 def minimind_lr(arch: str, step, total_steps: int, lr: float, warmup_steps: int = 0, xp=jnp):
@@ -84,7 +87,11 @@ def make_optimizer(learning_rate, grad_clip: float = 1.0, weight_decay: float = 
     )
 
 
-def update_lr_schedule(arch: str, lr: float, accumulation_steps: int, total_micro_steps: int, warmup_steps: int = 0):
-    """The LR of optimizer update u (0-based): MiniMind sets it every micro-step, so the update made after
-    micro-step s = (u+1)·accumulation_steps uses minimind_lr(s)."""
-    return lambda update: minimind_lr(arch, (update + 1) * accumulation_steps, total_micro_steps, lr, warmup_steps)
+def update_lr_schedule(arch: str, lr: float, plan: UpdatePlan, warmup_steps: int = 0):
+    """The LR of optimizer update u (0-based): MiniMind sets it every micro-step, so update u uses
+    minimind_lr of the micro-step it happens at (plan.micro_steps[u], over plan.total_micro_steps)."""
+    micro_steps = np.asarray(plan.micro_steps, np.int32)
+    return lambda update: minimind_lr(
+        arch, jnp.asarray(micro_steps)[jnp.minimum(update, len(micro_steps) - 1)], plan.total_micro_steps, lr,
+        warmup_steps,
+    )  # fmt: skip

@@ -34,6 +34,7 @@ from minimind_jax.model.config import (
 from minimind_jax.model.transformer import MiniMind
 from minimind_jax.runtime import maybe_initialize_distributed, use_compilation_cache
 from minimind_jax.training import sharding
+from minimind_jax.training.accumulation import update_plan
 from minimind_jax.training.config import TrainConfig
 from minimind_jax.training.evaluation import make_loss_sums
 from minimind_jax.training.hooks import Checkpointer, Evaluation, Preemption
@@ -56,6 +57,7 @@ from minimind_jax.training.objectives import (
 )
 from minimind_jax.training.optimizer import make_optimizer, update_lr_schedule
 from minimind_jax.training.perf import attention_flops_per_token, model_flops_per_token, total_peak_flops
+from minimind_jax.training.run_lock import RunLock
 from minimind_jax.training.step import init_train_state, make_train_step
 from minimind_jax.training.wandb_log import WandbRun, require_wandb
 from minimind_jax.weights import load, save_pth
@@ -169,9 +171,9 @@ def build_teacher(cfg: TrainConfig, dtype: str, step: dict[str, Any]) -> MiniMin
                         attention_impl=step["attention_impl"])  # fmt: skip
 
 
-def load_run_data(cfg: TrainConfig, data_path: str, model_config: ModelConfig):
+def load_run_data(cfg: TrainConfig, data_path: str, model_config: ModelConfig, held_out: bool = False):
     """data_path's examples (or DPO's pairs) as the run's flags make them, for this model (its RoPE table and
-    vocabulary)."""
+    vocabulary). held_out: evaluation data, never augmented (ExampleConfig.held_out)."""
     if cfg.max_seq_len > model_config.max_position_embeddings:
         raise UserError(
             f"--max_seq_len {cfg.max_seq_len} exceeds the model's max_position_embeddings "
@@ -193,7 +195,7 @@ def load_run_data(cfg: TrainConfig, data_path: str, model_config: ModelConfig):
     return load_dataset(
         data_path,
         cfg.tokenizer_path,
-        examples,
+        examples.held_out() if held_out else examples,
         cache_dir=cfg.cache_dir,
         num_workers=cfg.num_workers,
         strict=cfg.strict,
@@ -201,8 +203,9 @@ def load_run_data(cfg: TrainConfig, data_path: str, model_config: ModelConfig):
     )
 
 
-def keep_earlier_run(cfg: TrainConfig, is_main: bool) -> None:
-    """Nothing of an earlier run with the same name is replaced silently; checked before any compute.
+def keep_earlier_run(cfg: TrainConfig, is_main: bool) -> list[pathlib.Path]:
+    """Nothing of an earlier run with the same name is replaced silently; checked before any compute. Returns
+    the directories `move_earlier_run_aside` moves once the run has passed every other check.
 
     --from_resume 1 continues it (saying so when there is no checkpoint to continue). A fresh run refuses a
     checkpoint directory that is not empty, unless --overwrite 1, which moves it to a dated sibling
@@ -216,7 +219,7 @@ def keep_earlier_run(cfg: TrainConfig, is_main: bool) -> None:
                 f"--from_resume 1: no checkpoint in {checkpoint_dir.resolve()}; starting from "
                 f"--from_weight {cfg.from_weight}"
             )
-        return
+        return []
     earlier = [directory for directory in (checkpoint_dir, log_dir) if directory.is_dir() and any(directory.iterdir())]
     if checkpoint_dir in earlier and not cfg.overwrite:
         steps = complete_steps(checkpoint_dir)
@@ -225,6 +228,12 @@ def keep_earlier_run(cfg: TrainConfig, is_main: bool) -> None:
             f"{checkpoint_dir.resolve()} holds an earlier run's checkpoints ({held}): continue it with "
             f"--from_resume 1, or start over with --overwrite 1 (moves it and its logs to a dated folder)"
         )
+    return earlier
+
+
+def move_earlier_run_aside(earlier: list[pathlib.Path], is_main: bool) -> None:
+    """Moves `keep_earlier_run`'s directories to dated siblings, last before the run writes: a run stopped by a
+    bad flag leaves the earlier one where --from_resume 1 finds it."""
     if jax.process_count() > 1:  # every process has looked before process 0 moves anything
         jax.experimental.multihost_utils.sync_global_devices("trainer: earlier run found")
     if earlier and is_main:
@@ -304,21 +313,28 @@ def resume(
     state.params, state.opt_state, state.rng = restored["params"], restored["opt_state"], restored["rng"]
     state.batches.set_state(meta["data_state"])
     if is_main:
-        tqdm.tqdm.write(
-            f"resumed {checkpoints.directory} at update {state.update} "
-            f"(micro-step {state.update * cfg.accumulation_steps})"
-        )
+        tqdm.tqdm.write(f"resumed {checkpoints.directory} at update {state.update} (micro-step {state.batches.step})")
     return meta
 
 
-def describe_run(cfg, model_config, mesh, dtype, step, num_examples, batches, total_updates) -> str:
+def _earlier_summary(log_dir: pathlib.Path) -> dict:
+    """The summary.json an earlier process of this run wrote, or {}."""
+    try:
+        return json.loads((log_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def describe_run(cfg, model_config, mesh, dtype, step, objective, num_examples, batches, total_updates) -> str:
     """The line a run starts with: the model, mesh, data and how the step runs."""
     layers = "scanned" if step["scan_layers"] else "unrolled"
+    # Only the next-token losses compute their logits in chunks; DPO and distillation read every position's.
+    loss_chunk = objective.loss_chunk_size if isinstance(objective, NextTokenLoss) else None
     return (
         f"{cfg.mode}: {model_config.arch} hidden {model_config.hidden_size} × {model_config.num_hidden_layers} "
         f"layers, mesh {dict(mesh.shape)}, compute {dtype} (weights and optimizer float32), {num_examples} examples, "
         f"{len(batches)} batches/epoch, {total_updates} updates; step: {step['attention_impl']} attention, loss chunk "
-        f"{step['loss_chunk_size'] or 'none (full logits)'}, layers {layers}"
+        f"{loss_chunk or 'none (full logits)'}, layers {layers}"
         f"{f', MoE {model_config.moe_impl}' if model_config.use_moe else ''}"
         f"{'' if cfg.fast_path else ' (--fast_path 0)'}"
         + (
@@ -336,7 +352,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     if cfg.use_wandb:
         require_wandb()
-    keep_earlier_run(cfg, is_main)
+    with RunLock(cfg.run_checkpoint_dir, is_main) as lock:  # one live run per checkpoint directory
+        return _train(cfg, is_main, lock)
+
+
+def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
+    """train() while the checkpoint directory is this run's: every check, then the run."""
+    earlier = keep_earlier_run(cfg, is_main)
     mesh = sharding.make_mesh(cfg.mesh)
     split = sharding.batch_size_per_step(mesh)
     if cfg.batch_size % split:
@@ -351,15 +373,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         model = attach_adapters(cfg, model)
     model_config = model.config
     dataset = load_run_data(cfg, cfg.data_path, model_config)
+    eval_dataset = load_run_data(cfg, cfg.eval_data_path, model_config, held_out=True) if cfg.eval_data_path else None
     batch_sharding = sharding.batch_sharding(mesh)
     batches = run_batches(cfg, dataset, batch_sharding)
     acc = cfg.accumulation_steps
-    total_micro = batches.total_steps - batches.total_steps % acc
-    total_updates = total_micro // acc
+    plan = update_plan(model_config.arch, len(batches), cfg.epochs, acc)
+    total_updates = len(plan)
     if total_updates < 1:
-        raise UserError(f"{cfg.data_path}: {batches.total_steps} batches are fewer than --accumulation_steps {acc}")
+        raise UserError(
+            f"{cfg.data_path}: {len(batches)} batches are fewer than --accumulation_steps {acc} needs for one "
+            f"update (2510 updates after acc - 1 batches of an epoch, and carries the rest into the next)"
+        )
     objective = objective_for(cfg, model_config, step)
-    schedule = update_lr_schedule(model_config.arch, cfg.learning_rate, acc, total_micro, cfg.warmup_steps)
+    schedule = update_lr_schedule(model_config.arch, cfg.learning_rate, plan, cfg.warmup_steps)
     optimizer = make_optimizer(schedule, cfg.grad_clip)
     graphdef, params, opt_state, param_shardings, opt_shardings = init_train_state(model, optimizer, mesh, objective)
     del model
@@ -381,6 +407,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         opt_shardings=opt_shardings,
     )
 
+    lock.take()  # every check passed: from here on the run moves and writes
+    move_earlier_run_aside(earlier, is_main)
     checkpoints = TrainCheckpoints(cfg.run_checkpoint_dir, max_to_keep=cfg.keep_checkpoints)
     state = RunState(
         update=0, params=params, opt_state=opt_state, rng=jax.random.key_data(jax.random.key(cfg.seed)), batches=batches
@@ -402,10 +430,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     logger = MetricLogger(
         cfg,
         steps_per_epoch=len(batches),
-        total_micro_steps=total_micro,
+        plan=plan,
         last_update=last_update,
         start_update=state.update,
-        tokens_per_update=(2 if cfg.mode == "dpo" else 1) * cfg.batch_size * dataset.seq_len * acc,  # DPO: pairs
+        tokens_per_micro_batch=(2 if cfg.mode == "dpo" else 1) * cfg.batch_size * dataset.seq_len,  # DPO: pairs
         flops_per_token=model_flops_per_token(model_config) + attention_flops_per_token(model_config, dataset.seq_len),
         peak_flops=peak_flops,
         writer=MetricsWriter(cfg.log_dir, is_main, wandb_run),
@@ -427,21 +455,23 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     export = functools.partial(save_lora if cfg.mode == "lora" else save_pth, path=pth_path)
     checkpointer = Checkpointer(checkpoints, logger, graphdef, export, run_meta, state.update, is_main)
     preemption = Preemption(checkpointer)
-    trainer = Trainer(step_fn, accumulation_steps=acc, last_update=last_update, frozen_params=frozen_params,
+    trainer = Trainer(step_fn, update_sizes=plan.sizes, last_update=last_update, frozen_params=frozen_params,
                       on_compiled=logger.step_compiled)  # fmt: skip
     trainer.add_hook(logger)
     # MiniMind saves every save_interval micro-steps: after each update that crosses a multiple of it.
     trainer.add_hook(
         checkpointer,
         every=lambda update: (
-            update < last_update and (update * acc // cfg.save_interval > (update - 1) * acc // cfg.save_interval)
+            update < last_update
+            and plan.micro_steps[update - 1] // cfg.save_interval
+            > plan.previous_micro_step(update) // cfg.save_interval
         ),
     )
     trainer.add_hook(preemption)
     evaluation = None
-    if cfg.eval_data_path:
+    if eval_dataset is not None:
         eval_batches = lambda: make_batches(
-            load_run_data(cfg, cfg.eval_data_path, model_config),
+            eval_dataset,
             batch_size=cfg.batch_size,
             seed=0,
             shuffle=False,
@@ -451,7 +481,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         evaluation = Evaluation(make_loss_sums(graphdef), eval_batches, cfg.eval_data_path, is_main)
         trainer.add_hook(evaluation, every=lambda update: update == last_update)
     if is_main:
-        tqdm.tqdm.write(describe_run(cfg, model_config, mesh, dtype, step, len(dataset), batches, total_updates))
+        tqdm.tqdm.write(
+            describe_run(cfg, model_config, mesh, dtype, step, objective, len(dataset), batches, total_updates)
+        )
         tqdm.tqdm.write(
             f"trainable parameters {sizes['trainable_params']:,} of {sizes['params']:,} "
             f"({sizes['trainable_params'] / sizes['params']:.2%}); optimizer state "
@@ -482,6 +514,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "peak_flops_source": peak_source,
         **({"eval": evaluation.result} if evaluation is not None and evaluation.result else {}),
     }
+    if not logger.history:  # no update ran here (the run was at its end): keep the figures of the updates that did
+        summary.update({k: v for k, v in _earlier_summary(cfg.log_dir).items() if summary.get(k) is None})
     if is_main:
         plot_loss_curves(cfg.log_dir / "loss_curve.png", [LossPanel(f"{cfg.mode} {cfg.run_name}", logger.history)])
         (cfg.log_dir / "summary.json").write_text(

@@ -1,6 +1,7 @@
 """The one sharded train step, for every objective (training/objectives.py).
 
-One optimizer update consumes `accumulation_steps` micro-batches, each a dict of the objective's batch fields,
+One optimizer update consumes a list of micro-batches (accumulation_steps of them, or as many as MiniMind's
+accumulation boundaries give the update: training/accumulation.py), each a dict of the objective's batch fields,
 global [B, ...] arrays split over the mesh's batch axes (data×fsdp). The loss and its gradient are computed
 in a `shard_map` over those of them with more than one device (see make_train_step): each device sums the
 objective's weighted loss and weight on its own rows, both sums are psum'd, and the division happens once,
@@ -9,7 +10,8 @@ in the open:
   loss_norm="tokens"   (default)  Σ loss over all micro-batches and devices / Σ weight over the same
                                   + the mean of the micro-batches' MoE aux losses (token-weighted).
   loss_norm="minimind"            Σ_micro (loss(micro) / weight(micro) + aux(micro)) / accumulation_steps,
-                                  exactly what MiniMind's train_full_sft.py optimizes.
+                                  exactly what MiniMind's trainers optimize (an update of fewer or more
+                                  micro-batches than accumulation_steps divides by it all the same).
 
 Parameters enter the shard_map replicated over the batch axes (XLA gathers fsdp shards for the forward
 and backward) and stay automatically sharded over `tensor`; the optimizer update runs on the sharded
@@ -49,8 +51,8 @@ def make_train_step(
     """A jitted `step(params, opt_state, micro_batches, rng, frozen_params={}) -> (params, opt_state, metrics)`.
 
     objective: default NextTokenLoss(), pretraining's and SFT's. params: the whole parameter dict; only the objective's
-    trainable ones move, and opt_state is theirs (init_train_state). micro_batches: a list of
-    `accumulation_steps` batch dicts. frozen_params: the parameters of the objective's frozen models, whose
+    trainable ones move, and opt_state is theirs (init_train_state). micro_batches: a list of batch dicts, one
+    program compiled per length. frozen_params: the parameters of the objective's frozen models, whose
     structures frozen_graphdefs gives. params/opt_state are donated.
     A step whose loss or gradient is not finite leaves params and opt_state unchanged (metrics["skipped"]=1).
     """
@@ -62,9 +64,8 @@ def make_train_step(
         raise ValueError(
             f"the objective reads frozen models {objective.frozen_models}, given {tuple(frozen_graphdefs)}"
         )
-    num_micro = accumulation_steps
 
-    def micro_objective(batch_axes, trainable, fixed, frozen, batch, rng, weight_total, micro_weight_total):
+    def micro_objective(batch_axes, num_micro, trainable, fixed, frozen, batch, rng, weight_total, micro_weight_total):
         model = nnx.merge(graphdef, merge_params(trainable, fixed))
         sums = objective.loss_sums(model, batch, frozen, rng=rng, batch_axes=batch_axes)
         loss_total = jax.lax.psum(sums.loss, batch_axes)
@@ -72,7 +73,7 @@ def make_train_step(
         if loss_norm == "tokens":
             value = safe_divide(loss_total, weight_total) + sums.aux_loss / num_micro
         else:
-            value = (micro_loss + sums.aux_loss) / num_micro
+            value = (micro_loss + sums.aux_loss) / accumulation_steps
         metric_totals = {name: jax.lax.psum(total, batch_axes) for name, total in sums.metrics.items()}
         return value, (micro_loss, sums.aux_loss, metric_totals)
 
@@ -90,7 +91,8 @@ def make_train_step(
         micro_weight_totals = jax.lax.psum(jax.vmap(objective.weight_sum)(stacked), batch_axes)
         weight_total = micro_weight_totals.sum()
         device_rng = jax.random.fold_in(rng, jax.lax.axis_index(batch_axes))
-        grad_fn = jax.value_and_grad(functools.partial(micro_objective, batch_axes), has_aux=True)
+        num_micro = len(micro_batches)
+        grad_fn = jax.value_and_grad(functools.partial(micro_objective, batch_axes, num_micro), has_aux=True)
 
         def accumulate(grads_sum, micro):
             batch, micro_total, index = micro

@@ -32,7 +32,7 @@ import shutil
 import numpy as np
 
 from minimind_jax.errors import UserError, first_line
-from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.config import EVAL_SAMPLING, ModelConfig
 from minimind_jax.weights.mapping import EMBED, LM_HEAD, PROJ, params_from_state_dict, state_dict_from_params
 
 WEIGHTS_FILE = "model.safetensors"
@@ -49,8 +49,6 @@ ARCHITECTURES = {
     ("minimind3", False): ("Qwen3ForCausalLM", "qwen3"),
     ("minimind3", True): ("Qwen3MoeForCausalLM", "qwen3_moe"),
 }
-# MiniMind's sampling defaults (eval_llm.py, our generate) for generation_config.json.
-SAMPLING = {"do_sample": True, "temperature": 0.85, "top_p": 0.85, "top_k": 50}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -319,7 +317,9 @@ def save_hf(model, directory, dtype: str = "float16", tokenizer_path=None) -> pa
             "bos_token_id": config.bos_token_id,
             "eos_token_id": config.eos_token_id,
             "pad_token_id": config.pad_token_id,
-            **SAMPLING,
+            "do_sample": True,
+            **EVAL_SAMPLING[config.arch],
+            "top_k": 50,  # as MiniMind's generate
         }
         _write_json(partial / GENERATION_CONFIG_FILE, generation)
         if tokenizer is not None:

@@ -357,3 +357,14 @@ def test_eval_bad_inputs_are_one_line_errors(workdir, capsys):
     assert main.main(["eval", "--load_from", str(pth), "--data_path", str(bad)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and len(err.splitlines()) == 1
+
+
+def test_eval_refuses_dpo_pairs_in_one_line(workdir, capsys):
+    pth = workdir / "weights" / "full_sft_minimind2.pth"
+    pair = {"chosen": CONVERSATIONS[2], "rejected": [CONVERSATIONS[2][0], {"role": "assistant", "content": "5"}]}
+    data_path = write_jsonl(workdir / "dpo.jsonl", [pair])
+    assert main.main(["eval", "--load_from", str(pth), "--data_path", str(data_path)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {data_path}:1: a DPO pair (chosen/rejected); eval scores SFT (conversations) or pretrain (text) "
+        f"records\n"
+    )

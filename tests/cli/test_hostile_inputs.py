@@ -2,19 +2,22 @@
 file, never work silently lost.
 
 Covered here: jsonl lines that are malformed, truncated, binary, NUL-filled, too deeply nested, over 10 MB or
-carry lone surrogates, and whole files that are binary or empty (plus hypothesis fuzzing of the reader and of
-the chat template); a tokenizer of the wrong era or vocabulary for the model; `.pth` files that are
-truncated, empty, text, of the wrong shapes or keys, or a pickle with a code payload; damaged Orbax model
+carry lone surrogates, and whole files that are binary or empty, or directories (plus hypothesis fuzzing of the
+reader and of the chat template); a file where the data cache directory goes; an unknown model preset; `convert`
+outputs that exist or lie under a file; a tokenizer of the wrong era or vocabulary for the model; `.pth` files
+that are truncated, empty, text, of the wrong shapes or keys, or a pickle with a code payload; damaged Orbax model
 checkpoints and training runs; `max_seq_len` beyond the RoPE table or below the chat template's overhead;
 `batch_size` not divisible by the data-parallel size. A few cases also go through
 `python main.py` to check the exit code and the single `error:` line.
 """
 
+import codecs
 import json
 import os
 import pathlib
 import pickle
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -26,11 +29,12 @@ import pytest
 import torch
 from flax import nnx
 
+import main
 import minimind_jax
 from minimind_jax.data import examples, records
 from minimind_jax.data.tokenizer import load_tokenizer
 from minimind_jax.errors import UserError, first_line
-from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.config import ModelConfig, load_preset
 from minimind_jax.model.transformer import MiniMind
 from minimind_jax.training.config import TrainConfig
 from minimind_jax.training.run import load_run_data, train
@@ -99,9 +103,24 @@ def test_a_file_with_nothing_usable_is_one_error(tmp_path, small_tokenizer, cont
 
 
 def test_a_directory_or_missing_file_as_data_is_one_error(tmp_path, small_tokenizer):
-    for path in (tmp_path, tmp_path / "missing.jsonl"):
-        with pytest.raises(UserError, match="no such data file"):
+    for path, expected in (
+        (tmp_path, "is a directory, not a jsonl file"),
+        (tmp_path / "missing.jsonl", "no such data file"),
+    ):
+        with pytest.raises(UserError, match=f"^{re.escape(str(path))}: {expected}$"):
             load(path, small_tokenizer)
+
+
+def test_a_file_as_the_cache_directory_is_one_error(tmp_path, small_tokenizer):
+    chats = write_jsonl(tmp_path / "chats.jsonl", random_chats(4))
+    taken = tmp_path / "taken"
+    taken.write_text("not a directory")
+    for cache_dir in (taken, taken / "below"):
+        with pytest.raises(
+            UserError, match=f"^{re.escape(str(taken))}(/below)?: cannot be the data cache directory .*--cache_dir$"
+        ):
+            examples.load_dataset(chats, small_tokenizer, SFT_32, cache_dir=cache_dir, num_workers=0, progress=False)
+    assert taken.read_text() == "not a directory"
 
 
 @hypothesis.settings(max_examples=300, deadline=None)
@@ -139,7 +158,8 @@ def test_fuzzed_files_read_into_records_or_counted_skips(tmp_path_factory, conte
     path.write_bytes(content)
     report = records.SkipReport(str(path))
     read = list(records.read_jsonl(path, kind=None, report=report))
-    nonblank = sum(1 for line in content.split(b"\n") if line.strip())
+    lines = content.removeprefix(codecs.BOM_UTF8).split(b"\n")  # a leading byte order mark is dropped
+    nonblank = sum(1 for line in lines if line.strip())
     assert len(read) + report.num_skipped == nonblank
     assert all(isinstance(record, dict) for _, record in read)
 
@@ -257,6 +277,13 @@ def test_impossible_run_settings_fail_before_training(tmp_path, small_tokenizer)
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_an_unknown_model_preset_is_one_line_error_listing_the_presets():
+    with pytest.raises(
+        UserError, match=r"^nope: no such preset or file \(looked for .*nope.yaml\); presets: .*minimind3-moe$"
+    ):
+        load_preset("nope")
+
+
 def test_tokenizer_must_fit_the_model(tmp_path, small_tokenizer):
     chats = write_jsonl(tmp_path / "chats.jsonl", random_chats(4))
     cfg = run_config(tmp_path, small_tokenizer, chats)
@@ -342,6 +369,43 @@ def test_hostile_pth_is_one_line_error_and_runs_no_code(pth_files, name):
     message = str(error.value)
     assert message.startswith(f"{pth_files[name]}: ") and PTH_ERRORS[name] in message and "\n" not in message
     assert not pth_files["marker"].exists()
+
+
+def convert(capsys, *args) -> tuple[int, str]:
+    code = main.main(["convert", *map(str, args)])
+    return code, capsys.readouterr().err
+
+
+def test_convert_refuses_outputs_it_cannot_or_must_not_write(pth_files, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    full = tmp_path / "full"
+    (full / "x").mkdir(parents=True)
+    cases = {  # output -> the error line
+        a_file / "x.pth": f"{a_file / 'x.pth'}: cannot be written, {a_file} is a file",
+        a_file / "ckpt": f"{a_file / 'ckpt'}: cannot be written, {a_file} is a file",
+        a_file: f"{a_file}: exists; choose a new output path (convert never overwrites)",
+        pth_files["good"]: f"{pth_files['good']}: exists; choose a new output path (convert never overwrites)",
+        full: f"{full}: exists; choose a new output path (convert never overwrites)",
+    }
+    before = pth_files["good"].read_bytes()
+    for output, expected in cases.items():
+        for extra in ((), ("--format", "hf")) if output.suffix != ".pth" else ((),):
+            assert convert(capsys, pth_files["good"], output, *extra) == (1, f"error: {expected}\n"), output
+    assert a_file.read_text() == "keep me" and pth_files["good"].read_bytes() == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert convert(capsys, pth_files["good"], empty)[0] == 0 and (empty / "config.json").is_file()
+
+
+def test_convert_help_names_every_hugging_face_architecture(capsys):
+    from minimind_jax.weights.hf import ARCHITECTURES
+
+    with pytest.raises(SystemExit):
+        main.main(["convert", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for (arch, moe), (name, _) in ARCHITECTURES.items():
+        assert f"{name} ({'2510' if arch == 'minimind2' else 'v3'} {'MoE' if moe else 'dense'})" in help_text
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 
 import pytest
 
@@ -75,7 +76,16 @@ def test_tells_sft_and_pretrain_apart(capsys, tmp_path, small_tokenizer):
     assert pretrain["loss_mask"] == [0] + [1] * (len(pretrain["input_ids"]) - 1)
 
 
-def test_colours_mark_the_learned_tokens(capsys, tmp_path, small_tokenizer):
+def as_terminal(monkeypatch, no_color: str | None = None) -> None:
+    """Standard output (capsys's, so called in the test body) taken for a terminal; NO_COLOR as given."""
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    if no_color is not None:
+        monkeypatch.setenv("NO_COLOR", no_color)
+
+
+def test_colours_mark_the_learned_tokens(capsys, monkeypatch, tmp_path, small_tokenizer):
+    as_terminal(monkeypatch)
     path = write_jsonl(tmp_path / "chat.jsonl", [GOOD, {"conversations": [{"role": "user", "content": "hi"}]}])
     code, out, _ = inspect(
         capsys, "--data_path", path, "--tokenizer_path", small_tokenizer, "--max_seq_len", 64, "--arch", "minimind3"
@@ -89,6 +99,50 @@ def test_colours_mark_the_learned_tokens(capsys, tmp_path, small_tokenizer):
     plain = ANSI.sub("", out)
     assert "<|im_start|>user↵\nhi cat<|im_end|>↵\n<|im_start|>assistant↵\nthe mat<|im_end|>↵\n" in plain
     assert "dropped in training: no assistant turn" in plain
+
+
+@pytest.mark.parametrize("no_color", [None, "1"])
+def test_no_colours_into_a_pipe_or_with_no_color(capsys, monkeypatch, tmp_path, small_tokenizer, no_color):
+    if no_color:  # a terminal, but NO_COLOR set
+        as_terminal(monkeypatch, no_color)
+    path = write_jsonl(tmp_path / "chat.jsonl", [GOOD])
+    code, out, _ = inspect(
+        capsys, "--data_path", path, "--tokenizer_path", small_tokenizer, "--max_seq_len", 64, "--arch", "minimind3"
+    )
+    assert code == 0 and not ANSI.search(out)
+    assert out.startswith("⟦learned (a training target)⟧ context only\n")
+    assert "<|im_start|>user↵\nhi cat<|im_end|>↵\n<|im_start|>assistant↵\n⟦the mat<|im_end|>↵\n⟧" in out
+
+
+def test_an_empty_file_is_one_line_error(capsys, tmp_path, small_tokenizer):
+    for name, content in (("empty.jsonl", b""), ("blank.jsonl", b"\n \n")):
+        path = tmp_path / name
+        path.write_bytes(content)
+        code, out, err = inspect(
+            capsys, "--data_path", path, "--tokenizer_path", small_tokenizer, "--arch", "minimind2"
+        )
+        assert code == 1 and out == "" and err == f"error: {path}: empty, no records\n"
+
+
+def test_a_lone_surrogate_is_a_skipped_line_not_a_traceback(capsys, caplog, tmp_path, small_tokenizer):
+    r"""A record with a lone surrogate (\ud800), which no tokenizer takes, is a malformed line: --index counts
+    well-formed records, so it shows the next one, and names the line in the warning."""
+    lone = json.dumps({"conversations": [{"role": "user", "content": "hi \ud800"}, GOOD["conversations"][1]]})
+    path = write_jsonl(tmp_path / "lone.jsonl", [lone, GOOD])
+    argv = ["--data_path", path, "--tokenizer_path", small_tokenizer, "--arch", "minimind2", "--max_seq_len", 64]
+    code, out, err = inspect(capsys, *argv, "--index", 0)
+    assert code == 0 and f"record 0 ({path}:2, sft, minimind2)" in out
+    assert f"text is not valid Unicode (lone surrogate) (e.g. {path}:1)" in caplog.records[-1].getMessage()
+    code, out, err = inspect(capsys, *argv, "--index", 1)
+    assert code == 1 and err == f"error: {path}: no record 1; it has 1 well-formed records\n"
+    path.write_text(lone + "\n")
+    code, out, err = inspect(capsys, *argv, "--index", 0)
+    assert code == 1 and out == "" and err == f"error: {path}: no well-formed records\n"
+
+
+def test_a_directory_as_data_is_one_line_error(capsys, tmp_path, small_tokenizer):
+    code, _, err = inspect(capsys, "--data_path", tmp_path, "--tokenizer_path", small_tokenizer, "--arch", "minimind2")
+    assert code == 1 and err == f"error: {tmp_path}: is a directory, not a jsonl file\n"
 
 
 def test_index_and_errors(capsys, caplog, tmp_path, small_tokenizer):

@@ -3,12 +3,14 @@ MiniMind's own listed first."""
 
 import argparse
 import dataclasses
+import pathlib
 import re
 
 import pytest
 
 from minimind_jax.cli.main import main
 from minimind_jax.cli.train import add_arguments, config_from_args, train_flags
+from minimind_jax.model.config import CONFIG_DIR
 from minimind_jax.training.config import TrainConfig
 
 FLAG_FIELDS = [field for field in dataclasses.fields(TrainConfig) if "help" in field.metadata]
@@ -95,3 +97,24 @@ def test_switches_take_no_value_and_minimind_device_flags_are_ignored():
     cfg = parsed("--strict", "--use_wandb", "--no_progress", "--device", "cuda:0", "--use_compile", "1")
     assert cfg.strict is True and cfg.use_wandb is True and cfg.progress is False
     assert parsed().strict is False and parsed().use_wandb is False and parsed().progress is True
+
+
+def test_config_takes_a_shipped_preset_by_name_from_outside_the_repository(tmp_path, monkeypatch):
+    """An installed package finds its presets from any directory; a file of that name in the cwd wins."""
+    monkeypatch.chdir(tmp_path)
+    from_package = parsed("--config", str(CONFIG_DIR / "sft_minimind2-small.yaml"))
+    assert from_package.learning_rate == 5e-7 and from_package.hidden_size == 512
+    for name in ("sft_minimind2-small", "sft_minimind2-small.yaml", "configs/sft_minimind2-small.yaml"):
+        assert parsed("--config", name) == from_package, name
+    pathlib.Path("sft_minimind2-small.yaml").write_text("train:\n  learning_rate: 1.0e-4\n")
+    assert parsed("--config", "sft_minimind2-small.yaml").learning_rate == 1e-4
+
+
+def test_config_that_is_neither_a_file_nor_a_preset_lists_the_presets(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["sft", "--config", "elsewhere/sft_minimind2-small"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: elsewhere/sft_minimind2-small: no such run config file or preset; presets: ")
+    listed = err.strip().rpartition("presets: ")[2].split(", ")
+    assert {"sft_minimind2-small", "pretrain_minimind2-small", "minimind2-small"} <= set(listed)
+    assert "demo" not in listed and len(err.splitlines()) == 1

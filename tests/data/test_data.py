@@ -1,6 +1,7 @@
 """Examples and loss masks equal MiniMind's (goldens from its own SFTDataset/PretrainDataset), bad input is
 skipped and counted (or an error in strict mode), and the preprocessing cache is built once and reused."""
 
+import codecs
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from minimind_jax.data import examples, records
+from minimind_jax.data.preference import load_preference_data
 from minimind_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 from minimind_jax.errors import UserError
 from tests.conftest import require_shared
@@ -308,6 +310,60 @@ def test_messages_records_are_the_same_as_conversations(tmp_path, small_tokenize
     path = write_jsonl(tmp_path / "bad.jsonl", [{"messages": []}, as_messages[0]])
     assert [records.record_kind(record) for _, record in records.read_jsonl(path, kind=None, report=report)] == ["sft"]
     assert report.skipped == {"'messages' is not a non-empty list": 1}
+
+
+def test_a_byte_order_mark_does_not_cost_the_first_record(tmp_path, small_tokenizer):
+    """Editors on Windows save UTF-8 with a BOM; it is dropped, as the utf-8-sig codec drops it."""
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(codecs.BOM_UTF8 + write_jsonl(tmp_path / "plain.jsonl", [GOOD, GOOD]).read_bytes())
+    report = records.SkipReport(str(path))
+    assert [line for line, _ in records.read_jsonl(path, kind=None, report=report)] == [1, 2] and not report.skipped
+    dataset = examples.load_dataset(
+        path,
+        small_tokenizer,
+        examples.ExampleConfig("sft", "minimind2", 32),
+        cache_dir=tmp_path / "cache",
+        num_workers=0,
+        progress=False,
+    )
+    assert dataset.line_numbers.tolist() == [1, 2] and not dataset.report.skipped
+
+
+def test_a_bom_alone_is_an_empty_file(tmp_path):
+    path = tmp_path / "bom_only.jsonl"
+    path.write_bytes(codecs.BOM_UTF8 + b"\n")
+    report = records.SkipReport(str(path))
+    assert list(records.read_jsonl(path, kind=None, report=report)) == [] and not report.skipped
+
+
+def test_a_lone_surrogate_anywhere_a_record_is_tokenized_makes_it_bad(tmp_path):
+    r"""JSON can spell a lone surrogate (\ud800), which no tokenizer takes: found when the record is read,
+    for every kind, so no reader (inspect, eval, DPO) hands it to a tokenizer."""
+    reply = {"role": "assistant", "content": "yo"}
+    lone = {"role": "user", "content": "hi \ud800"}
+    pair = {"chosen": [lone, reply], "rejected": [{"role": "user", "content": "hi"}, reply]}
+    lines = [
+        {"conversations": [lone, reply]},
+        {"text": "a \udfff b"},
+        pair,
+        {"conversations": [{**reply, "reasoning_content": "\ud83d"}]},
+        {"conversations": [{"role": "user", "content": "an emoji \U0001f600 is fine"}, reply]},
+    ]
+    path = tmp_path / "surrogates.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))  # ensure_ascii: \ud800 as an escape
+    report = records.SkipReport(str(path))
+    assert [line for line, _ in records.read_jsonl(path, kind=None, report=report)] == [5]
+    assert report.skipped == {"text is not valid Unicode (lone surrogate)": 4}
+
+
+def test_a_directory_as_data_says_so(tmp_path, small_tokenizer):
+    for read in (
+        lambda: list(records.read_jsonl(tmp_path, kind=None)),
+        lambda: examples.load_dataset(tmp_path, small_tokenizer, examples.ExampleConfig("sft", "minimind2", 32)),
+        lambda: load_preference_data(tmp_path, load_tokenizer(small_tokenizer), "minimind2", 32),
+    ):
+        with pytest.raises(UserError, match=f"^{re.escape(str(tmp_path))}: is a directory, not a jsonl file$"):
+            read()
 
 
 def test_no_usable_record_is_an_error(tmp_path, small_tokenizer):

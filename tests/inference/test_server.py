@@ -222,8 +222,11 @@ def test_serve_without_fastapi_says_what_to_install(monkeypatch, capsys):
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else find_spec(name, *a)
     )
-    assert main.main(["serve", "--load_from", "no/such/weights.pth"]) == 1
-    assert capsys.readouterr().err.strip() == "error: main.py serve needs fastapi: pip install minimind-jax[serve]"
+    for command in ("main.py", "minimind-jax"):  # the checkout's entry point, the installed command
+        monkeypatch.setattr(sys, "argv", [f"/somewhere/{command}", "serve"])
+        assert main.main(["serve", "--load_from", "no/such/weights.pth"]) == 1
+        expected = f"error: {command} serve needs fastapi: pip install minimind-jax[serve]"
+        assert capsys.readouterr().err.strip() == expected
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 checkpoint write), then `--from_resume 1`, until the run ends.
 
 One uninterrupted reference run, then one chain of runs on the same settings: each link resumes the previous
-one and is killed, ten times, then stopped once with SIGTERM, then allowed to finish. After every
-interruption the next link must resume from the newest complete checkpoint; at the end every logged update
-and the final parameters must equal the reference run's exactly (CPU, fp32).
+one and is killed, ten times, then stopped once with SIGTERM and once with SIGINT (Ctrl-C), then allowed to
+finish. After every interruption the next link must resume from the newest complete checkpoint; at the end
+every logged update and the final parameters must equal the reference run's exactly (CPU, fp32).
 
 The model is tiny (hidden 32, 2 layers, seq 64) on a corpus from `minimind_jax.corpus` with a SentencePiece
 tokenizer trained here, so no ../shared is needed. The persistent XLA compilation cache
@@ -231,19 +231,19 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(setup):
     chain = setup["work"] / "chain"
     trials = []
     expected_start = 0  # no checkpoint yet: the first link starts afresh despite --from_resume 1
-    for link, mode in enumerate(modes + ["sigterm", "finish"]):
+    for link, mode in enumerate(modes + ["SIGTERM", "SIGINT", "finish"]):
         run = Run(setup, chain, resume=True)
         if mode == "finish":
             assert run.finish() == 0, run.output()
-        elif mode == "sigterm":
+        elif mode in ("SIGTERM", "SIGINT"):
             start_records = records_written(run)
             assert run.wait_until(
                 lambda run=run, start=start_records: records_written(run) >= start + 2, "2 updates"
             ), run.output()
-            run.process.send_signal(signal.SIGTERM)
+            run.process.send_signal(getattr(signal, mode))
             assert run.finish() == 0, run.output()
-            saved = [line for line in run.lines if line.startswith("SIGTERM: saved update")]
-            assert saved, run.output()
+            saved = [line for line in run.lines if line.startswith(f"{mode}: saved update")]
+            assert saved and not any("Traceback" in line for line in run.lines), run.output()
             stopped_at = int(saved[0].split()[3])
             assert complete_steps(run.checkpoints)[-1] == stopped_at
             assert read_metrics(run.metrics)[-1]["update"] == stopped_at  # its metrics were written first

@@ -31,7 +31,7 @@ def new_state(update=0):
 
 
 def test_each_update_takes_its_micro_batches_and_its_own_step_key():
-    trainer = Trainer(add_step, accumulation_steps=3, last_update=4, frozen_params={"teacher": 7})
+    trainer = Trainer(add_step, update_sizes=[3] * 4, last_update=4, frozen_params={"teacher": 7})
     keys = []
     trainer.add_hook(lambda state: keys.append(np.asarray(state.metrics["key"])))
     state = new_state()
@@ -41,7 +41,7 @@ def test_each_update_takes_its_micro_batches_and_its_own_step_key():
     assert len({key.tobytes() for key in keys}) == 4
     # A run resumed at update 2 steps with the keys the uninterrupted run used for updates 3 and 4.
     resumed_keys = []
-    resumed = Trainer(add_step, accumulation_steps=3, last_update=4)
+    resumed = Trainer(add_step, update_sizes=[3] * 4, last_update=4)
     resumed.add_hook(lambda state: resumed_keys.append(np.asarray(state.metrics["key"])))
     resumed.train(new_state(update=2))
     np.testing.assert_array_equal(resumed_keys, keys[2:])
@@ -49,17 +49,30 @@ def test_each_update_takes_its_micro_batches_and_its_own_step_key():
 
 def test_the_step_is_compiled_once_ahead_of_the_first_update():
     compiled = []
-    trainer = Trainer(add_step, accumulation_steps=2, last_update=3, on_compiled=compiled.append)
+    trainer = Trainer(add_step, update_sizes=[2] * 3, last_update=3, on_compiled=compiled.append)
     trainer.add_hook(lambda state: compiled.append(state.update))
     trainer.train(new_state())
     report = compiled[0]
-    assert compiled[1:] == [1, 2, 3] and report is trainer.compiled
+    assert compiled[1:] == [1, 2, 3] and trainer.compiled == {2: report}
     assert report.seconds > 0 and report.cache in ("hit", "miss", "off")
     assert report.describe().startswith(f"compiled in {report.seconds:.1f} s (cache {report.cache})")
 
 
+def test_updates_take_their_own_number_of_micro_batches_one_compile_per_number():
+    """MiniMind's accumulation boundaries give updates of different sizes (training/accumulation.py)."""
+    compiled = []
+    trainer = Trainer(add_step, update_sizes=[2, 3, 2, 1], last_update=4, on_compiled=compiled.append)
+    seen = []
+    trainer.add_hook(lambda state: seen.append(state.data_batches))
+    state = new_state()
+    trainer.train(state)
+    assert seen == [range(0, 2), range(2, 5), range(5, 7), range(7, 8)]
+    assert state.params == sum(range(8)) and state.batches.step == 8
+    assert len(compiled) == 3 and sorted(trainer.compiled) == [1, 2, 3]
+
+
 def test_hooks_run_in_order_when_due():
-    trainer = Trainer(add_step, accumulation_steps=1, last_update=6)
+    trainer = Trainer(add_step, update_sizes=[1] * 6, last_update=6)
     calls = []
     trainer.add_hook(lambda state: calls.append(("every", state.update)))
     trainer.add_hook(lambda state: calls.append(("third", state.update)), every=3)
@@ -81,7 +94,7 @@ def test_hooks_run_in_order_when_due():
 
 
 def test_a_hook_stops_the_run_after_the_update():
-    trainer = Trainer(add_step, accumulation_steps=2, last_update=10)
+    trainer = Trainer(add_step, update_sizes=[2] * 10, last_update=10)
     after_stop = []
 
     def stop_at_3(state):
@@ -96,7 +109,7 @@ def test_a_hook_stops_the_run_after_the_update():
 
 
 def test_a_run_at_its_last_update_does_nothing():
-    trainer = Trainer(add_step, accumulation_steps=1, last_update=2)
+    trainer = Trainer(add_step, update_sizes=[1] * 2, last_update=2)
     trainer.add_hook(lambda state: pytest.fail("no update ran"))
     state = new_state(update=2)
     assert trainer.train(state) and state.params == 0 and state.batches.step == 0

@@ -1,12 +1,17 @@
-"""Running a training command again never loses the earlier run, `--max_steps` counts every update of a run,
-and `--use_wandb` logs MiniMind's curves (W&B offline here: no network)."""
+"""Running a training command again never loses the earlier run, not with a bad flag, nor while the earlier one
+still runs; `--max_steps` counts every update of a run, and `--use_wandb` logs MiniMind's curves (W&B offline
+here: no network)."""
 
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import re
+import shutil
+import socket
 import struct
+import subprocess
 import sys
 
 import pytest
@@ -16,7 +21,9 @@ from minimind_jax.errors import UserError
 from minimind_jax.training import run
 from minimind_jax.training.config import TrainConfig
 from minimind_jax.training.run import train
+from minimind_jax.training.run_lock import RunLock
 from minimind_jax.weights.orbax import TrainCheckpoints, complete_steps
+from tests.conftest import REPO_ROOT
 from tests.support.runs import metrics_of, run_config
 
 RUN_NAME = "full_sft_64"
@@ -111,6 +118,162 @@ def test_running_a_command_again_never_loses_the_earlier_run(tmp_path, chat_data
     train(elsewhere)
     assert complete_steps(tmp_path / "other" / "checkpoints" / RUN_NAME) == [1]
     assert complete_steps(checkpoints) == [1]
+
+
+@pytest.fixture(scope="module")
+def earlier_run(chat_data, tmp_path_factory) -> TrainConfig:
+    """The command of a finished run (one update, checkpointed): everything under its --save_dir."""
+    cfg = run_config(
+        tmp_path_factory.mktemp("earlier"), chat_data, from_weight="none", checkpoint_dir=None, max_steps=1
+    )
+    train(cfg)
+    assert complete_steps(cfg.run_checkpoint_dir) == [1] and metrics_of(cfg)
+    return cfg
+
+
+def saved(cfg: TrainConfig) -> dict[str, bytes]:
+    return files_of(pathlib.Path(cfg.save_dir))
+
+
+MISSING = "/nonexistent/minimind-jax-test"
+BAD_RERUNS = {  # a flag that only a later check than the earlier run's refuses, and what the error says
+    "mesh": (dict(mesh="fsdp=2,tensor=8"), "--mesh 'fsdp=2,tensor=8' needs 16 devices, but only 8 are present"),
+    "data": (dict(data_path=f"{MISSING}/sft.jsonl"), f"{MISSING}/sft.jsonl"),
+    "tokenizer": (dict(tokenizer_path=f"{MISSING}/tokenizer"), f"{MISSING}/tokenizer"),
+    "accumulation": (dict(accumulation_steps=1000), "batches are fewer than --accumulation_steps 1000"),
+    "eval data": (dict(eval_data_path=f"{MISSING}/heldout.jsonl"), f"{MISSING}/heldout.jsonl: no such data file"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_RERUNS))
+def test_overwrite_with_a_bad_flag_keeps_the_earlier_run_in_place(earlier_run, bad):
+    changes, expected = BAD_RERUNS[bad]
+    before = saved(earlier_run)
+    with pytest.raises(UserError) as error:
+        train(dataclasses.replace(earlier_run, overwrite=1, **changes))
+    assert expected in str(error.value) and "\n" not in str(error.value)
+    assert saved(earlier_run) == before  # nothing moved aside or written; --from_resume 1 finds it
+    assert complete_steps(earlier_run.run_checkpoint_dir) == [1]
+
+
+HOLD_LOCK = """
+import pathlib, sys, time
+from minimind_jax.training.run_lock import RunLock
+lock = RunLock(pathlib.Path(sys.argv[1]), is_main=True)
+lock.take()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture
+def lock_holder():
+    """Starts a process that holds a checkpoint directory's run lock, as a live run does; kills it at the end."""
+    holders = []
+
+    def start(directory: pathlib.Path) -> subprocess.Popen:
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLD_LOCK, str(directory)], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
+        )
+        holders.append(holder)
+        assert holder.stdout.readline() == "held\n"
+        return holder
+
+    yield start
+    for holder in holders:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
+def in_use(directory: pathlib.Path, pid: int) -> str:
+    """The pattern of the line that refuses a run while process `pid` holds `directory`."""
+    started = r"\(started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\)"
+    return (
+        rf"{re.escape(str(directory))} is in use by pid {pid} on host {re.escape(socket.gethostname())} {started}; "
+        rf"wait for it or give another --checkpoint_dir"
+    )
+
+
+def test_a_second_copy_of_a_live_run_is_refused_before_it_touches_anything(earlier_run, lock_holder, monkeypatch):
+    holder = lock_holder(earlier_run.run_checkpoint_dir)
+    before = saved(earlier_run)  # with the live run's lock file
+    refuse_compute(monkeypatch)
+    for changes in ({}, {"overwrite": 1}, {"from_resume": 1}):
+        with pytest.raises(UserError) as refused:
+            train(dataclasses.replace(earlier_run, **changes))
+        assert re.fullmatch(in_use(earlier_run.run_checkpoint_dir, holder.pid), str(refused.value)), changes
+        assert saved(earlier_run) == before
+
+
+def test_a_run_that_starts_meanwhile_is_refused_before_anything_is_written(
+    tmp_path, chat_data, lock_holder, monkeypatch
+):
+    cfg = run_config(tmp_path, chat_data, from_weight="none", checkpoint_dir=None, max_steps=1)
+    holders, read_data = [], run.load_run_data
+
+    def another_run_starts(*args, **kwargs):  # after this run's first look, when --save_dir did not exist yet
+        holders.append(lock_holder(cfg.run_checkpoint_dir))
+        return read_data(*args, **kwargs)
+
+    monkeypatch.setattr(run, "load_run_data", another_run_starts)
+    with pytest.raises(UserError) as refused:
+        train(cfg)
+    assert re.fullmatch(in_use(cfg.run_checkpoint_dir, holders[0].pid), str(refused.value))
+    assert list(saved(cfg)) == [f"checkpoints/{RUN_NAME}.lock"]  # the live run's lock file alone
+
+
+def test_a_killed_run_leaves_no_lock_and_a_finished_one_releases_it(earlier_run, lock_holder, tmp_path, capsys):
+    cfg = dataclasses.replace(earlier_run, save_dir=str(tmp_path / "out"), overwrite=1)
+    shutil.copytree(earlier_run.save_dir, cfg.save_dir)
+    lock_file = cfg.run_checkpoint_dir.with_name(f"{RUN_NAME}.lock")
+    holder = lock_holder(cfg.run_checkpoint_dir)
+    holder.kill()  # SIGKILL: no chance to clean up
+    holder.wait()
+    assert f"pid {holder.pid} on host" in lock_file.read_text()  # its file stays behind, unlocked
+
+    assert train(cfg)["updates"] == 1
+    assert "kept the earlier run: moved" in capsys.readouterr().out
+    assert complete_steps(cfg.run_checkpoint_dir) == [1]
+    assert not lock_file.exists()
+    lock = RunLock(cfg.run_checkpoint_dir, is_main=True)
+    lock.take()  # nothing holds it still
+    assert lock_file.read_text().startswith(f"pid {os.getpid()} on host")
+    lock.release()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_every_process_of_a_multi_process_run_stops_on_the_lock(tmp_path, chat_data, lock_holder):
+    """Process 0 alone takes the lock; the others stop with it, with the same line, instead of waiting for it."""
+    checkpoints = tmp_path / "checkpoints" / "full_sft_32"
+    holder = lock_holder(checkpoints)
+    port, processes = free_port(), []
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    try:
+        for process_id in range(2):
+            command = [sys.executable, str(REPO_ROOT / "main.py"), "sft", "--data_path", str(chat_data["sft"])]
+            command += ["--tokenizer_path", str(chat_data["tokenizer"]), "--from_weight", "none"]
+            command += ["--hidden_size", "32", "--save_dir", str(tmp_path / "out")]
+            command += ["--checkpoint_dir", str(tmp_path / "checkpoints"), "--coordinator_address", f"127.0.0.1:{port}"]
+            command += ["--num_processes", "2", "--process_id", str(process_id)]
+            processes.append(subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True))
+        for process in processes:
+            err = process.communicate(timeout=120)[1]
+            assert process.returncode == 1, err
+            assert err.startswith("error: ") and err.count("\n") == 1, err
+            assert re.fullmatch(in_use(checkpoints, holder.pid), err.removeprefix("error: ").strip()), err
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    assert not (tmp_path / "out").exists() and [path.name for path in checkpoints.parent.iterdir()] == [
+        "full_sft_32.lock"
+    ]
 
 
 def test_resume_and_overwrite_together_is_one_line_error():

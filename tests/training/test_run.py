@@ -7,16 +7,17 @@ import jax
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 
-import minimind_jax
+import main
 from minimind_jax.bench.torch_reference import reference_train_loop
 from minimind_jax.data.examples import ExampleConfig, load_dataset
 from minimind_jax.data.pipeline import make_batches
+from minimind_jax.model.config import ModelConfig
 from minimind_jax.training.config import TrainConfig
-from minimind_jax.training.evaluation import evaluate, make_loss_sums
 from minimind_jax.training.metrics import LossPanel, plot_loss_curves
-from minimind_jax.training.run import load_run_data, resolve_weight, train
+from minimind_jax.training.objectives import DistillLoss, DPOLoss, NextTokenLoss, TagWeightedLoss
+from minimind_jax.training.run import describe_run, resolve_weight, train
+from minimind_jax.training.sharding import make_mesh
 from tests.support.models import random_torch_model, tiny_config, torch_batch
 from tests.support.parity import assert_near_truth, assert_scalar_near_truth, float64_twin
 from tests.support.runs import metrics_of, run_config
@@ -130,19 +131,47 @@ def test_resume_on_another_mesh(tmp_path, chat_data):
     assert len(jax.devices()) == 8
 
 
-def test_eval_data_is_scored_with_the_final_weights(tmp_path, chat_data):
-    """--eval_data_path: the masked held-out loss of the run's last update, as `main.py eval` computes it on
-    the run's newest checkpoint."""
-    cfg = run_config(tmp_path, chat_data, from_weight="none", max_steps=3, eval_data_path=str(chat_data["sft"]))
+def test_eval_data_is_scored_with_the_final_weights(tmp_path, chat_data, capsys):
+    """--eval_data_path: the masked held-out loss of the run's last update, the number `main.py eval` gives on
+    the run's newest checkpoint. v3, whose training augmentation (random system prompts, dropped empty think
+    blocks) must not touch held-out data."""
+    cfg = run_config(
+        tmp_path, chat_data, arch="minimind3", from_weight="none", max_steps=3, eval_data_path=str(chat_data["sft"])
+    )
+    assert ExampleConfig(kind="sft", arch="minimind3", max_seq_len=48).augmented  # what training applies
     summary = train(cfg)
-    final = minimind_jax.load(cfg.run_checkpoint_dir)
-    data = load_run_data(cfg, cfg.eval_data_path, final.config)
-    batches = make_batches(data, batch_size=cfg.batch_size, seed=0, shuffle=False, drop_remainder=False)
-    graphdef, params = nnx.split(final, nnx.Param)
-    expected = evaluate(make_loss_sums(graphdef), nnx.to_pure_dict(params), batches)
+    capsys.readouterr()
+    flags = ["--load_from", str(cfg.run_checkpoint_dir), "--tokenizer_path", cfg.tokenizer_path]
+    flags += ["--data_path", cfg.eval_data_path, "--max_seq_len", "48", "--cache_dir", cfg.cache_dir]
+    assert main.main(["eval", *flags]) == 0
+    expected = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert summary["updates"] == 3
     np.testing.assert_allclose(summary["eval"]["loss"], expected["loss"], rtol=1e-6)
     assert summary["eval"]["loss_tokens"] == expected["loss_tokens"] > 0
     assert json.loads((cfg.log_dir / "summary.json").read_text())["eval"] == summary["eval"]
     again = train(dataclasses.replace(cfg, from_resume=1))  # already at its last update: evaluates all the same
     assert again["updates"] == 3 and again["eval"] == summary["eval"]
+    for key in ("final_loss", "tokens_per_s", "mfu", "compile_s"):  # the figures of the updates that ran
+        assert again[key] == summary[key] is not None, key
+        assert json.loads((cfg.log_dir / "summary.json").read_text())[key] == summary[key]
+
+
+class _Batches(list):
+    stats = None  # as DPO's pair batches: never packed
+
+
+def test_the_first_line_says_loss_chunks_only_for_the_losses_that_take_them():
+    """dpo, distill and distill_reason read every position's logits: their line says full logits, while the step
+    settings hold the fast path's loss chunk."""
+    mesh, model_config = make_mesh(None), ModelConfig(hidden_size=64, num_hidden_layers=2)
+    step = {"attention_impl": "causal_blocks", "loss_chunk_size": 512, "scan_layers": False}
+    for mode, objective, expected in [
+        ("sft", NextTokenLoss(512), "loss chunk 512"),
+        ("dpo", DPOLoss(0.1, mean_over_mask=True, add_aux_loss=False), "loss chunk none (full logits)"),
+        ("distill", DistillLoss(0.5, 1.5, ignore_pad_targets=True), "loss chunk none (full logits)"),
+        ("distill_reason", TagWeightedLoss((1, 2)), "loss chunk none (full logits)"),
+    ]:
+        cfg = TrainConfig(mode=mode)
+        line = describe_run(cfg, model_config, mesh, "float32", step, objective, 10, _Batches([0, 1]), 2)
+        assert f"step: causal_blocks attention, {expected}, layers unrolled" in line, (mode, line)
+        assert "compute float32 (weights and optimizer float32)" in line

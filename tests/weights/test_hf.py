@@ -124,6 +124,10 @@ def test_hf_to_ours_to_hf_is_bit_equal(tmp_path, name):
     assert first == second
     assert set(first["files"]) == {"config.json", "generation_config.json"}
     assert "lm_head.weight" not in first["tensors"] and all(d == "<V2" for d, *_ in first["tensors"].values())
+    # MiniMind's eval script's sampling for the era: eval_model.py's top-p 0.85 (2510), eval_llm.py's 0.95 (v3)
+    sampling = json.loads((tmp_path / "first" / "generation_config.json").read_text())
+    expected_top_p = 0.95 if config.is_v3 else 0.85
+    assert (sampling["do_sample"], sampling["temperature"], sampling["top_p"]) == (True, 0.85, expected_top_p)
 
 
 @pytest.mark.parametrize("preset", ["minimind2-moe", "minimind3-moe"])
