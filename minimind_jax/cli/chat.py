@@ -12,6 +12,7 @@ The model and tokenizer helpers here are shared with `main.py eval`.
 
 from __future__ import annotations
 
+import argparse
 import pathlib
 import sys
 import time
@@ -59,6 +60,17 @@ def add_model_arguments(parser) -> None:
     )
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (weights stay fp32)")
     parser.add_argument("--lora", default=None, help="a MiniMind LoRA file (train_lora.py's), merged into the weights")
+    # eval_llm.py's flags, so its command lines run unchanged.
+    parser.add_argument(
+        "--lora_weight",
+        default=None,
+        help="eval_llm.py's LoRA name: {save_dir}/lora/{name}_{hidden_size}.pth (2510) or {save_dir}/{name}_"
+        "{hidden_size}.pth (v3), merged into the weights",
+    )
+    parser.add_argument(
+        "--num_hidden_layers", default=None, type=int, help="checked against the weights, which say the layer count"
+    )
+    parser.add_argument("--device", help=argparse.SUPPRESS)  # JAX picks the device
 
 
 def weights_path(args) -> pathlib.Path:
@@ -74,11 +86,29 @@ def load_model(args) -> MiniMind:
     if not path.exists():
         raise UserError(f"{path}: no such weights file or checkpoint (pass --load_from)")
     model = weights.load(path, inference_rope_scaling=args.inference_rope_scaling, dtype=args.dtype)
-    if args.lora:  # merged once: W + A·B is the adapted model's projection, at the unadapted model's speed
+    if args.num_hidden_layers is not None and args.num_hidden_layers != model.config.num_hidden_layers:
+        raise UserError(f"--num_hidden_layers {args.num_hidden_layers} but {path} has {model.config.num_hidden_layers}")
+    lora = lora_path(args)
+    if lora:  # merged once: W + A·B is the adapted model's projection, at the unadapted model's speed
         from minimind_jax.weights.lora import load_lora, merge_adapters
 
-        model = merge_adapters(load_lora(model, args.lora))
+        model = merge_adapters(load_lora(model, lora))
     return model
+
+
+def lora_path(args) -> pathlib.Path | None:
+    """--lora's file, or eval_llm.py's --lora_weight name in either era's place ("None": no adapter)."""
+    name = None if args.lora_weight in (None, "None") else args.lora_weight
+    if args.lora and name:
+        raise UserError("--lora and --lora_weight both name an adapter: give one")
+    if not name:
+        return pathlib.Path(args.lora) if args.lora else None
+    stem = f"{name}_{args.hidden_size}.pth"
+    candidates = [pathlib.Path(args.save_dir) / "lora" / stem, pathlib.Path(args.save_dir) / stem]
+    found = next((path for path in candidates if path.exists()), None)
+    if found is None:
+        raise UserError(f"--lora_weight {name}: none of {', '.join(map(str, candidates))} exists")
+    return found
 
 
 def load_tokenizer_for(args, model: MiniMind) -> Tokenizer:

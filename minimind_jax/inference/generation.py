@@ -28,7 +28,7 @@ from flax import nnx
 
 from minimind_jax.errors import UserError
 from minimind_jax.model.config import ModelConfig, load_preset
-from minimind_jax.model.transformer import KVCache, MiniMind
+from minimind_jax.model.transformer import KVCache, MiniMind, check_token_ids
 
 MIN_BUCKET = 16  # the shortest prompt / new-token bucket
 
@@ -260,8 +260,7 @@ def _prompt_arrays(input_ids, attention_mask, vocab_size: int) -> tuple[np.ndarr
         ids = ids[None]
     if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
         raise UserError(f"input_ids must be a non-empty [batch, length] integer array, got shape {ids.shape}")
-    if ids.min() < 0 or ids.max() >= vocab_size:
-        raise UserError(f"input_ids must lie in [0, {vocab_size}), found {ids.min()}..{ids.max()}")
+    check_token_ids(ids, vocab_size)
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
     if mask.ndim == 1:
         mask = mask[None]

@@ -19,10 +19,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from minimind_jax.errors import UserError
 from minimind_jax.model.config import ModelConfig
 from minimind_jax.model.splash import splash_attention
 
 MASKED_PAD = -1e9  # MiniMind adds (1 - mask) * -1e9 to padded keys (not -inf: fully padded rows stay finite)
+
+
+def check_token_ids(ids: np.ndarray, vocab_size: int) -> None:
+    """A one-line UserError for ids outside the vocabulary, which the embedding lookup would clamp silently."""
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise UserError(f"input_ids must lie in [0, {vocab_size}), found {ids.min()}..{ids.max()}")
 
 
 class KVCache(NamedTuple):
@@ -623,6 +630,8 @@ class MiniMind(nnx.Module):
         dropout_rngs: enables dropout (config.dropout) when given.
         """
         cfg = self.config
+        if not isinstance(input_ids, jax.core.Tracer):  # concrete ids (an eager call) can be checked here
+            check_token_ids(np.asarray(input_ids), cfg.vocab_size)
         dtype = jnp.dtype(cfg.dtype)
         b, t = input_ids.shape
         offset = jnp.zeros((), jnp.int32) if cache is None else cache.length

@@ -17,10 +17,12 @@ from minimind_jax import weights
 from minimind_jax.cli import chat as chat_cli
 from minimind_jax.data import examples
 from minimind_jax.data.tokenizer import load_tokenizer, train_sentencepiece
+from minimind_jax.errors import UserError
 from minimind_jax.inference.generation import Decoder, generate
 from minimind_jax.model.config import ModelConfig
 from minimind_jax.model.transformer import MiniMind
 from minimind_jax.training.loss import masked_ce_sums, safe_divide
+from minimind_jax.weights.lora import save_lora, with_adapters
 from tests.conftest import require_shared
 
 CONVERSATIONS = [
@@ -368,3 +370,31 @@ def test_eval_refuses_dpo_pairs_in_one_line(workdir, capsys):
         f"error: {data_path}:1: a DPO pair (chosen/rejected); eval scores SFT (conversations) or pretrain (text) "
         f"records\n"
     )
+
+
+@pytest.mark.parametrize("arch, lora_dir", [("minimind2", "lora"), ("minimind3", "")])
+def test_eval_llm_flags_run_unchanged(workdir, tmp_path, arch, lora_dir):
+    """eval_llm.py's command line: --lora_weight NAME (where the era's eval_llm.py looks: {save_dir}/lora/ in 2510,
+    {save_dir}/ in v3) gives the model --lora FILE gives; --num_hidden_layers is checked; --device is accepted."""
+    import shutil
+
+    parser = argparse.ArgumentParser()
+    chat_cli.add_arguments(parser, "chat")
+    shutil.copy(workdir / "weights" / f"full_sft_{arch}.pth", tmp_path / "full_sft_64.pth")
+    model = with_adapters(chat_cli.load_model(parser.parse_args(["--load_from", str(tmp_path / "full_sft_64.pth")])),
+                          rank=4, targets=("q_proj",), seed=0)  # fmt: skip
+    model.layers.self_attn.q_proj_lora.B[...] = 0.1 * jnp.ones_like(model.layers.self_attn.q_proj_lora.B[...])
+    lora_file = tmp_path / lora_dir / "lora_x_64.pth"
+    lora_file.parent.mkdir(exist_ok=True)
+    save_lora(model, lora_file)
+    minimind = ["--save_dir", str(tmp_path), "--weight", "full_sft", "--hidden_size", "64", "--num_hidden_layers", "2"]
+    by_name = chat_cli.load_model(parser.parse_args([*minimind, "--lora_weight", "lora_x", "--device", "cuda"]))
+    by_file = chat_cli.load_model(parser.parse_args([*minimind, "--lora", str(lora_file)]))
+    plain = chat_cli.load_model(parser.parse_args([*minimind, "--lora_weight", "None"]))
+    ids = np.arange(1, 9)[None]
+    np.testing.assert_array_equal(by_name(ids), by_file(ids))
+    assert np.abs(np.asarray(by_name(ids)) - np.asarray(plain(ids))).max() > 1e-3  # the adapter counts
+    with pytest.raises(UserError, match="--num_hidden_layers 8 but .* has 2"):
+        chat_cli.load_model(parser.parse_args([*minimind[:-1], "8"]))
+    with pytest.raises(UserError, match="--lora_weight nope: none of"):
+        chat_cli.load_model(parser.parse_args([*minimind, "--lora_weight", "nope"]))

@@ -10,10 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 import minimind_jax
-from minimind_jax.model.config import PRESETS
-from minimind_jax.model.transformer import KVCache
+from minimind_jax.errors import UserError
+from minimind_jax.model.config import PRESETS, ModelConfig
+from minimind_jax.model.transformer import KVCache, MiniMind
 from minimind_jax.weights import model_from_params
 from minimind_jax.weights.mapping import params_from_state_dict
 from tests.conftest import require_shared
@@ -151,3 +153,12 @@ def test_segments_never_attend_across_examples():
     changed = model(jnp.asarray(perturbed), segment_ids_BT=jnp.asarray(segments), positions_BT=jnp.asarray(positions))
     np.testing.assert_array_equal(np.asarray(changed[0, 5:9]), np.asarray(packed[0, 5:9]))
     assert not np.allclose(changed[0, 1:5], packed[0, 1:5])
+
+
+def test_an_eager_call_refuses_ids_outside_the_vocabulary():
+    """The embedding lookup would clamp them silently; generate refuses them the same way."""
+    model = MiniMind(ModelConfig(hidden_size=64, num_hidden_layers=1, vocab_size=300), rngs=nnx.Rngs(0))
+    assert model(np.array([[1, 299]])).shape == (1, 2, 300)
+    for bad in ([[1, 300]], [[-1, 2]]):
+        with pytest.raises(UserError, match=r"input_ids must lie in \[0, 300\)"):
+            model(np.array(bad))
