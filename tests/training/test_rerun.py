@@ -242,40 +242,6 @@ def test_a_killed_run_leaves_no_lock_and_a_finished_one_releases_it(earlier_run,
     lock.release()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def test_every_process_of_a_multi_process_run_stops_on_the_lock(tmp_path, chat_data, lock_holder):
-    """Process 0 alone takes the lock; the others stop with it, with the same line, instead of waiting for it."""
-    checkpoints = tmp_path / "checkpoints" / "full_sft_32"
-    holder = lock_holder(checkpoints)
-    port, processes = free_port(), []
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    try:
-        for process_id in range(2):
-            command = [sys.executable, str(REPO_ROOT / "main.py"), "sft", "--data_path", str(chat_data["sft"])]
-            command += ["--tokenizer_path", str(chat_data["tokenizer"]), "--from_weight", "none"]
-            command += ["--hidden_size", "32", "--save_dir", str(tmp_path / "out")]
-            command += ["--checkpoint_dir", str(tmp_path / "checkpoints"), "--coordinator_address", f"127.0.0.1:{port}"]
-            command += ["--num_processes", "2", "--process_id", str(process_id)]
-            processes.append(subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True))
-        for process in processes:
-            err = process.communicate(timeout=120)[1]
-            assert process.returncode == 1, err
-            assert err.startswith("error: ") and err.count("\n") == 1, err
-            assert re.fullmatch(in_use(checkpoints, holder.pid), err.removeprefix("error: ").strip()), err
-    finally:
-        for process in processes:
-            process.kill()
-            process.wait()
-    assert not (tmp_path / "out").exists() and [path.name for path in checkpoints.parent.iterdir()] == [
-        "full_sft_32.lock"
-    ]
-
-
 def test_resume_and_overwrite_together_is_one_line_error():
     with pytest.raises(
         UserError,
