@@ -25,6 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
+from profile_step import random_batch  # noqa: E402  (this folder's)
 
 from minimind_jax.model.config import LITERAL_STEP, default_dtype, fast_path_settings, load_preset  # noqa: E402
 from minimind_jax.model.params import abstract_model  # noqa: E402
@@ -57,17 +58,6 @@ def abstract_batch(batch: int, seq_len: int) -> dict:
     }
 
 
-def random_batch(batch: int, seq_len: int, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    return {
-        "inputs": rng.integers(3, 6400, (batch, seq_len)).astype(np.int32),
-        "targets": rng.integers(3, 6400, (batch, seq_len)).astype(np.int32),
-        "loss_mask": (rng.random((batch, seq_len)) < 0.3).astype(np.float32),
-        "segment_ids": np.ones((batch, seq_len), np.int32),
-        "positions": np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1)),
-    }
-
-
 def compile_step(preset: str, batch: int, seq_len: int, dtype: str, settings: dict, with_state: bool):
     """(timings, the compiled step and its arguments, or None without with_state: abstract inputs only)."""
     config = load_preset(
@@ -77,7 +67,13 @@ def compile_step(preset: str, batch: int, seq_len: int, dtype: str, settings: di
     objective = NextTokenLoss(settings["loss_chunk_size"])
     if with_state:
         graphdef, params, opt_state, *_ = init_train_state(MiniMind(config, rngs=nnx.Rngs(0)), optimizer, mesh)
-        args = [params, opt_state, [random_batch(batch, seq_len)], jax.random.key_data(jax.random.key(0)), {}]
+        args = [
+            params,
+            opt_state,
+            [random_batch(batch, seq_len, vocab=6400, loss_fraction=0.3)],
+            jax.random.key_data(jax.random.key(0)),
+            {},
+        ]
     else:
         graphdef, state = nnx.split(abstract_model(config), nnx.Param)
         params = nnx.to_pure_dict(state)

@@ -74,9 +74,7 @@ def run(args) -> int:
     arch = model.config.arch
     kind = detect_kind(args.data_path) if args.kind == "auto" else args.kind
     max_seq_len = args.max_seq_len or DEFAULT_MAX_SEQ_LEN[arch, kind]
-    config = ExampleConfig(
-        kind=kind, arch=arch, max_seq_len=max_seq_len, system_prompt_ratio=0.0, drop_empty_think_ratio=0.0
-    )
+    config = ExampleConfig(kind=kind, arch=arch, max_seq_len=max_seq_len).held_out()
     dataset = load_dataset(args.data_path, tokenizer, config, cache_dir=args.cache_dir, num_workers=args.num_workers)
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be positive, got {args.batch_size}")
