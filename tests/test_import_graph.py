@@ -11,7 +11,7 @@ import minimind_jax
 
 PACKAGE_DIR = pathlib.Path(minimind_jax.__file__).parent
 # Lowest first: a module may import its own room and the rooms listed before it, never those after.
-LAYERS = ("errors", "runtime", "model", "data", "weights", "training", "inference", "bench", "cli")
+LAYERS = ("errors", "runtime", "model", "data", "weights", "training", "inference", "rl", "bench", "cli")
 
 
 def module_name(path: pathlib.Path) -> str:

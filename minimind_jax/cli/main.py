@@ -25,6 +25,7 @@ SUBCOMMANDS = {
         "white-box distillation from a teacher (MiniMind's train_distillation.py flags)",
     ),
     "distill_reason": ("minimind_jax.cli.train", "2510's reasoning distillation: SFT, tag tokens weighed 10x"),
+    "grpo": ("minimind_jax.cli.train", "GRPO / CISPO on rollouts of the policy (MiniMind's train_grpo.py flags)"),
     "convert": ("minimind_jax.cli.convert", "convert MiniMind .pth <-> minimind-jax checkpoint <-> Hugging Face"),
     "inspect": ("minimind_jax.cli.inspect", "show which tokens of a jsonl record are learned"),
     "tokenizer": ("minimind_jax.cli.tokenizer", "train a SentencePiece tokenizer for MiniMind"),

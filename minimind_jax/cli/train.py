@@ -30,7 +30,8 @@ def train_flags(command: str) -> list[tuple[dataclasses.Field, type]]:
     types = typing.get_type_hints(TrainConfig)
     flags = []
     for field in dataclasses.fields(TrainConfig):
-        if "help" in field.metadata and field.metadata["only"] in (None, command):
+        only = field.metadata.get("only", ())
+        if "help" in field.metadata and (only is None or command in only):
             (kind,) = set(typing.get_args(types[field.name]) or {types[field.name]}) - {type(None)}
             flags.append((field, int if kind is bool else kind))
     return sorted(flags, key=lambda flag: not flag[0].metadata["minimind"])
@@ -39,7 +40,8 @@ def train_flags(command: str) -> list[tuple[dataclasses.Field, type]]:
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     what = {"sft": "full SFT", "pretrain": "pretraining", "lora": "LoRA adapters on a frozen model",
             "dpo": "DPO against a frozen reference", "distill": "distillation from a frozen teacher",
-            "distill_reason": "reasoning distillation (2510)"}[command]  # fmt: skip
+            "distill_reason": "reasoning distillation (2510)",
+            "grpo": "GRPO (2510) / GRPO and CISPO (v3) reinforcement learning"}[command]  # fmt: skip
     parser.description = f"MiniMind-compatible {what}. " + " ".join(__doc__.split("\n\n")[1].split())
     parser.add_argument(
         "--config", help="a YAML run config, or a shipped preset's name (configs/, e.g. sft_minimind2-small)"
@@ -113,6 +115,8 @@ def config_from_args(args, command: str) -> TrainConfig:
     given = {field.name: getattr(args, field.name) for field, _ in flags if getattr(args, field.name) is not None}
     arch = given.get("arch", from_file.get("arch", "minimind2"))
     fields = {**defaults_for(command, arch), **from_file, **given, "mode": command}
+    if command == "grpo" and arch == "minimind2" and "from_weight" not in {**from_file, **given}:
+        fields["from_weight"] = "reason" if fields.get("reasoning", 1) else "full_sft"  # as 2510's script picks it
     if args.no_progress:
         fields["progress"] = False
     known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -125,9 +129,14 @@ def config_from_args(args, command: str) -> TrainConfig:
 def run(args) -> int:
     import jax
 
-    from minimind_jax.training.run import train
+    from minimind_jax.training.config import RL_MODES
 
-    summary = train(config_from_args(args, args.command))
+    cfg = config_from_args(args, args.command)
+    if cfg.mode in RL_MODES:
+        from minimind_jax.rl.run import train
+    else:
+        from minimind_jax.training.run import train
+    summary = train(cfg)
     if jax.process_index() == 0:  # one summary for a run of several processes, as for its logs
         print(json.dumps({k: v for k, v in summary.items() if k != "history"}, default=str))
     return 0

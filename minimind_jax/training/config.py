@@ -23,7 +23,7 @@ from minimind_jax.model.config import (
 
 LOSS_NORMS = ("tokens", "minimind")  # see training/step.py
 CHOICES = {
-    "mode": ("sft", "pretrain", "lora", "dpo", "distill", "distill_reason"),
+    "mode": ("sft", "pretrain", "lora", "dpo", "distill", "distill_reason", "grpo"),
     "arch": ARCHS,
     "dtype": TRAIN_DTYPES,
     "remat": REMATS,
@@ -43,9 +43,12 @@ CHOICES = {
             "strict",
             "shuffle",
             "progress",
+            "reasoning",
+            "trust_remote_code",
         ),
         (0, 1),
     ),
+    "loss_type": ("cispo", "grpo"),
 }
 AT_LEAST = {
     "epochs": 1,
@@ -69,7 +72,10 @@ AT_LEAST = {
     "teacher_num_layers": 1,
     "num_processes": 1,
     "process_id": 0,
+    "num_generations": 1,
+    "max_gen_len": 1,
 }
+RL_MODES = ("grpo",)
 # MiniMind's distillation names the student's sizes and weights; here they are the run's own fields.
 STUDENT_FLAGS = {
     "student_hidden_size": "hidden_size",
@@ -87,13 +93,15 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def flag(default, help_text: str, *, minimind: bool = False, switch: bool = False, only: str | None = None):
+def flag(default, help_text: str, *, minimind: bool = False, switch: bool = False,
+         only: str | tuple[str, ...] | None = None):  # fmt: skip
     """A TrainConfig field that is also the flag --{name} (cli/train.py builds the parser from these fields).
 
     help_text: its --help line. minimind: one of MiniMind's own trainer flags (listed first in --help).
     switch: given without a value (store_true); otherwise a bool field is given as 0/1, as MiniMind's are.
-    only: the one command (mode) that has the flag; None: every training command.
+    only: the command (mode) or commands that have the flag; None: every training command.
     """
+    only = (only,) if isinstance(only, str) else only
     metadata = {"help": help_text, "minimind": minimind, "switch": switch, "only": only}
     return dataclasses.field(default=default, metadata=metadata)
 
@@ -141,8 +149,8 @@ class TrainConfig:
         minimind=True,
         only="lora",
     )
-    beta: float = flag(0.1, "DPO's β: how far the policy may move from the reference (MiniMind: 0.1 in 2510, 0.15 in v3)",
-                       minimind=True, only="dpo")  # fmt: skip
+    beta: float = flag(0.1, "how far the policy may move from the reference: DPO's β (MiniMind: 0.1 in 2510, 0.15 "
+                       "in v3), RL's KL weight (0.02 in 2510, 0.1 in v3)", minimind=True, only=("dpo", *RL_MODES))  # fmt: skip
     teacher_hidden_size: int = flag(768, "the teacher's hidden size", minimind=True, only="distill")
     teacher_num_layers: int = flag(16, "the teacher's layers", minimind=True, only="distill")
     teacher_use_moe: int | None = flag(
@@ -154,7 +162,28 @@ class TrainConfig:
     alpha: float = flag(0.5, "weight of the CE; 1 - alpha weighs the distillation KL", minimind=True, only="distill")
     temperature: float = flag(1.5, "softens both logits in the KL, which is scaled by its square", minimind=True,
                               only="distill")  # fmt: skip
+    num_generations: int = flag(8, "completions per prompt (G)", minimind=True, only=RL_MODES)
+    max_gen_len: int = flag(1536, "the most tokens a completion has", minimind=True, only=RL_MODES)
+    loss_type: str = flag("cispo", "v3's GRPO loss: cispo or grpo", minimind=True, only="grpo")
+    epsilon: float = flag(0.2, "v3 grpo: the ratio is clipped to 1 ± epsilon", minimind=True, only="grpo")
+    epsilon_high: float = flag(5.0, "v3 cispo: the ratio's upper clamp", minimind=True, only="grpo")
+    reasoning: int = flag(1, "2510: 1 = the <think>/<answer> format rewards (and the reason weights)", minimind=True,
+                          only=RL_MODES)  # fmt: skip
+    thinking_ratio: float = flag(0.9, "v3: the share of prompts with thinking open", minimind=True, only=RL_MODES)
+    reward_model_path: str | None = flag(
+        None,
+        "a local Hugging Face reward model (one label); without it only the rule rewards count",
+        minimind=True,
+        only=RL_MODES,
+    )
     # ---- ours ----
+    trust_remote_code: int = flag(0, "1 = load --reward_model_path with its own code (InternLM2-Reward)", only=RL_MODES)
+    rollouts: str | None = flag(None, "replay recorded rollouts from this jsonl instead of sampling", only=RL_MODES)
+    reward_fn: str | None = flag(
+        None,
+        "module:function scoring (prompts, completions, **record_fields) instead of MiniMind's rewards",
+        only=RL_MODES,
+    )
     arch: str = flag("minimind2", "minimind2: the 2510 era; minimind3: v3")
     tokenizer_path: str = flag("model", "MiniMind tokenizer directory or SentencePiece .model")
     mesh: str | None = flag(None, "device mesh, e.g. data=8 or data=2,fsdp=2,tensor=2 (default: all devices on data)")
@@ -237,10 +266,16 @@ class TrainConfig:
         for name, minimum in AT_LEAST.items():
             if name in given and not (_is_integer(given[name]) and given[name] >= minimum):
                 raise UserError(f"--{name} must be an integer >= {minimum}, got {given[name]!r}")
-        for name in ("learning_rate", "grad_clip", "beta", "temperature"):
+        positive = ["learning_rate", "beta", "temperature", "epsilon", "epsilon_high"]
+        if self.mode in RL_MODES:  # MiniMind's RL trainers skip clipping when grad_clip <= 0
+            if not (_is_number(self.grad_clip) and self.grad_clip >= 0):
+                raise UserError(f"--grad_clip must be a number >= 0 (0: no clipping), got {self.grad_clip!r}")
+        else:
+            positive.append("grad_clip")
+        for name in positive:
             if not (_is_number(given[name]) and given[name] > 0):
                 raise UserError(f"--{name} must be a number > 0, got {given[name]!r}")
-        for name in ("system_prompt_ratio", "drop_empty_think_ratio", "alpha"):
+        for name in ("system_prompt_ratio", "drop_empty_think_ratio", "alpha", "thinking_ratio"):
             if name in given and not (_is_number(given[name]) and 0 <= given[name] <= 1):
                 raise UserError(f"--{name} must be a number in [0, 1], got {given[name]!r}")
         try:  # the model the flags describe (a loaded weight file must match it: build_model)
@@ -263,6 +298,10 @@ class TrainConfig:
             raise UserError("--eval_data_path scores a masked LM loss; DPO's pairs have none (drop it for dpo)")
         if self.mode == "dpo" and self.packing:
             raise UserError("--packing 1: DPO keeps each pair's chosen and rejected rows apart and together; give 0")
+        if self.mode == "grpo" and self.num_generations < 2:
+            raise UserError("--num_generations must be >= 2: GRPO's advantages compare a prompt's generations")
+        if self.mode in RL_MODES and self.eval_data_path:
+            raise UserError("--eval_data_path scores a masked LM loss; RL has none (drop it)")
         if self.from_resume and self.overwrite:
             raise UserError("--from_resume 1 continues the earlier run and --overwrite 1 starts over; give one")
         unknown = sorted(set(self.lora_target_names or ()) - set(LORA_TARGETS))
@@ -273,7 +312,10 @@ class TrainConfig:
 
     @property
     def data_kind(self) -> str:
-        """The records the run trains on: pretrain, dpo (preference pairs), or sft (also LoRA's)."""
+        """The records the run trains on: pretrain, dpo (preference pairs), rlaif (RL's prompts), or sft (also
+        LoRA's)."""
+        if self.mode in RL_MODES:
+            return "rlaif"
         return self.mode if self.mode in ("pretrain", "dpo") else "sft"
 
     @property
@@ -333,6 +375,13 @@ SCRIPT_DEFAULTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         dict(save_weight="dpo", epochs=1, batch_size=4, learning_rate=4e-8, max_seq_len=1024,
              data_path="dataset/dpo.jsonl", from_weight="full_sft", wandb_project="MiniMind-DPO"),
         dict(hidden_size=768, beta=0.15),
+    ),
+    "grpo": (  # train_grpo.py; 2510 loads reason weights with --reasoning 1 (cli/train.py), full_sft without
+        dict(save_weight="grpo", epochs=1, batch_size=2, learning_rate=8e-8, log_interval=1, save_interval=10,
+             max_seq_len=66, max_gen_len=1536, data_path="dataset/rlaif-mini.jsonl", num_generations=8, beta=0.02,
+             from_weight="reason", wandb_project="MiniMind-GRPO"),
+        dict(learning_rate=3e-7, hidden_size=768, max_seq_len=768, max_gen_len=1024, data_path="dataset/rlaif.jsonl",
+             num_generations=6, beta=0.1, from_weight="full_sft"),
     ),
     "lora": (  # train_lora.py
         dict(save_dir="out/lora", epochs=50, batch_size=32, learning_rate=1e-4, log_interval=10, save_interval=1,

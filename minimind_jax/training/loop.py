@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from minimind_jax.training.compilation import CompiledStep, compile_ahead
 
@@ -27,6 +28,7 @@ class RunState:
     batches: Any  # the data.pipeline.BatchIterator, whose position checkpoints keep
     metrics: dict | None = None  # the newest update's metrics, still on the device
     data_batches: range = range(0)  # the data batches of the newest update (for messages)
+    host_metrics: dict = dataclasses.field(default_factory=dict)  # what the newest update's data reported (RL)
 
 
 class StopRun(Exception):
@@ -42,14 +44,18 @@ class Trainer:
         last_update: int,
         frozen_params=None,
         on_compiled: Callable[[CompiledStep], None] = lambda compiled: None,
+        micro_batches: Callable[[RunState, int], list] | None = None,
     ):
         """step_fn: training/step.make_train_step's jitted step, compiled ahead of the first update of each
         number of micro-batches, after which on_compiled(the CompiledStep) runs. update_sizes: the micro-batches
-        of each update (training/accumulation.py). frozen_params: the objective's frozen models."""
+        of each update (training/accumulation.py). frozen_params: the objective's frozen models.
+        micro_batches(state, n): the next update's n micro-batches; by default the next n of state.batches (RL
+        rolls them out with state.params)."""
         self.step_fn, self.update_sizes, self.last_update = step_fn, update_sizes, last_update
         self.frozen_params = frozen_params or {}
         self.on_compiled = on_compiled
-        self.compiled: dict[int, CompiledStep] = {}  # by number of micro-batches
+        self.micro_batches = micro_batches or (lambda state, size: [next(state.batches) for _ in range(size)])
+        self.compiled: dict[tuple, CompiledStep] = {}  # by the micro-batches' number and shapes
         self.hooks: list[tuple[Callable[[RunState], None], Callable[[int], bool]]] = []
 
     def add_hook(self, hook: Callable[[RunState], None], every: int | Callable[[int], bool] = 1) -> None:
@@ -62,13 +68,14 @@ class Trainer:
         """Runs updates until the last one; False when a hook stopped the run early."""
         while state.update < self.last_update:
             first, size = state.batches.step, self.update_sizes[state.update]
-            micro_batches = [next(state.batches) for _ in range(size)]
+            micro_batches = self.micro_batches(state, size)
             key = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.update))
             args = (state.params, state.opt_state, micro_batches, key, self.frozen_params)
-            if size not in self.compiled:
-                self.compiled[size] = compile_ahead(self.step_fn, *args)
-                self.on_compiled(self.compiled[size])
-            state.params, state.opt_state, state.metrics = self.compiled[size].executable(*args)
+            shapes = (size, *(jnp.shape(x) for x in jax.tree.leaves(micro_batches)))  # RL rows vary in width
+            if shapes not in self.compiled:
+                self.compiled[shapes] = compile_ahead(self.step_fn, *args)
+                self.on_compiled(self.compiled[shapes])
+            state.params, state.opt_state, state.metrics = self.compiled[shapes].executable(*args)
             state.update += 1
             state.data_batches = range(first, first + size)
             try:

@@ -186,23 +186,44 @@ class MetricLogger:
 
     def __call__(self, state) -> None:
         self.flush()
-        self.pending = (state.update, state.metrics, state.data_batches)
+        self.pending = (state.update, state.metrics, state.data_batches, state.host_metrics)
 
     def flush(self) -> None:
         if self.pending is not None:
             pending, self.pending = self.pending, None
             self._finish(*pending)
 
-    def _finish(self, update: int, device_metrics: dict, data_batches: range) -> None:
+    def learning_rate(self, update: int) -> float:
+        """The LR MiniMind logs for update `update` (1-based): its schedule at the update's micro-step."""
+        cfg = self.cfg
+        micro_step = self.plan.micro_steps[update - 1]
+        return float(minimind_lr(cfg.arch, micro_step, self.plan.total_micro_steps, cfg.learning_rate,
+                                 cfg.warmup_steps, np))  # fmt: skip
+
+    def update_tokens(self, update: int, host_metrics: dict) -> int:
+        """The tokens update `update` ran through the model (for tokens/s and MFU)."""
+        return self.tokens_per_micro_batch * self.plan.sizes[update - 1]
+
+    def finish_record(self, record: dict) -> None:
+        """Adds what a kind of run records beyond the step's metrics (RL: MiniMind's names)."""
+
+    def log_line(self, record: dict, step_in_epoch: int, eta_min: float) -> str:
+        """MiniMind's own log line, so its log parsers keep working."""
+        return (
+            f"Epoch:[{record['epoch']}/{self.cfg.epochs}]({step_in_epoch + 1}/{self.steps_per_epoch}) "
+            f"loss:{record['last_micro_loss']:.6f} lr:{record['lr']:.12f} epoch_Time:{eta_min:.1f}min: "
+            f"tokens/s:{record['tokens_per_s']:,.0f} loss_tokens/s:{record['loss_tokens_per_s']:,.0f} "
+            f"mfu:{record['mfu']:.1%}"
+        )
+
+    def _finish(self, update: int, device_metrics: dict, data_batches: range, host_metrics: dict) -> None:
         cfg = self.cfg
         metrics = jax.device_get(device_metrics)
         if self.first_update_s is None:
             self.first_update_s = seconds_since_process_start()
         micro_step = self.plan.micro_steps[update - 1]  # MiniMind counts micro-steps (1-based within the epoch)
         epoch, step_in_epoch = divmod(micro_step - 1, self.steps_per_epoch)
-        lr = float(
-            minimind_lr(cfg.arch, micro_step, self.plan.total_micro_steps, cfg.learning_rate, cfg.warmup_steps, np)
-        )
+        lr = self.learning_rate(update)
         if metrics["skipped"]:
             self.consecutive_skips += 1
             self.total_skips += 1
@@ -214,7 +235,7 @@ class MetricLogger:
         else:
             self.consecutive_skips = 0
         self.window_updates += 1
-        self.window_tokens += self.tokens_per_micro_batch * self.plan.sizes[update - 1]
+        self.window_tokens += self.update_tokens(update, host_metrics)
         self.window_loss_tokens += float(metrics["loss_tokens"])
         elapsed = time.perf_counter() - self.window_start
         tokens_per_s = self.window_tokens / elapsed if elapsed > 0 else float("nan")
@@ -234,6 +255,8 @@ class MetricLogger:
             "skipped": int(metrics["skipped"]),
         }
         record.update({name: float(value) for name, value in metrics.items() if name not in STEP_METRICS})
+        record.update(host_metrics)
+        self.finish_record(record)
         self.history.append(record)
         self.writer.write(record)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
@@ -242,13 +265,7 @@ class MetricLogger:
         if self.is_main and (crossed_log or update == self.last_update):
             done = max(update - self.start_update, 1)
             eta_min = (time.perf_counter() - self.train_start) / done * (self.last_update - update) / 60
-            # MiniMind's own log line, so its log parsers keep working.
-            tqdm.tqdm.write(
-                f"Epoch:[{epoch + 1}/{cfg.epochs}]({step_in_epoch + 1}/{self.steps_per_epoch}) "
-                f"loss:{record['last_micro_loss']:.6f} lr:{lr:.12f} epoch_Time:{eta_min:.1f}min: "
-                f"tokens/s:{tokens_per_s:,.0f} loss_tokens/s:{record['loss_tokens_per_s']:,.0f} "
-                f"mfu:{record['mfu']:.1%}"
-            )
+            tqdm.tqdm.write(self.log_line(record, step_in_epoch, eta_min))
             self.writer.at_log_interval(record, eta_min)
         if self.window_updates >= THROUGHPUT_WINDOW:
             self._reset_window()

@@ -28,10 +28,13 @@ def minimind_lr(arch: str, step, total_steps: int, lr: float, warmup_steps: int 
 
 
 def clip_by_global_norm_like_torch(max_norm: float) -> optax.GradientTransformation:
-    """torch.nn.utils.clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6))."""
+    """torch.nn.utils.clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6)). max_norm <= 0 does not clip
+    (MiniMind's RL trainers skip the call then)."""
 
     def update(grads, state, params=None):
         del params
+        if max_norm <= 0:
+            return grads, state
         scale = jnp.minimum(1.0, max_norm / (optax.tree.norm(grads) + 1e-6))
         return jax.tree.map(lambda g: g * scale, grads), state
 
@@ -95,3 +98,15 @@ def update_lr_schedule(arch: str, lr: float, plan: UpdatePlan, warmup_steps: int
         arch, jnp.asarray(micro_steps)[jnp.minimum(update, len(micro_steps) - 1)], plan.total_micro_steps, lr,
         warmup_steps,
     )  # fmt: skip
+
+
+def annealing_lr(lr: float, total_updates: int, update, xp=jnp):
+    """torch's CosineAnnealingLR(T_max=total_updates, eta_min=lr/10) after `update` optimizer steps, in its
+    closed form: MiniMind's RL trainers step it once per update. xp=np: float64, as torch logs it."""
+    eta_min = lr / 10
+    return eta_min + (lr - eta_min) * (1 + xp.cos(xp.pi * update / total_updates)) / 2
+
+
+def annealing_lr_schedule(lr: float, total_updates: int):
+    """The LR of optimizer update u (0-based) under MiniMind's RL schedule: the annealed LR after u steps."""
+    return lambda update: annealing_lr(lr, total_updates, update)

@@ -317,12 +317,21 @@ def resume(
     return meta
 
 
-def _earlier_summary(log_dir: pathlib.Path) -> dict:
+def earlier_summary(log_dir: pathlib.Path) -> dict:
     """The summary.json an earlier process of this run wrote, or {}."""
     try:
         return json.loads((log_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return {}
+
+
+def save_due(plan, save_interval: int, last_update: int):
+    """When a periodic checkpoint is due: MiniMind saves every save_interval micro-steps, so after each update
+    that crosses a multiple of it (the last update saves anyway)."""
+    return lambda update: (
+        update < last_update
+        and plan.micro_steps[update - 1] // save_interval > plan.previous_micro_step(update) // save_interval
+    )
 
 
 def describe_run(cfg, model_config, mesh, dtype, step, objective, num_examples, batches, total_updates) -> str:
@@ -458,15 +467,7 @@ def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
     trainer = Trainer(step_fn, update_sizes=plan.sizes, last_update=last_update, frozen_params=frozen_params,
                       on_compiled=logger.step_compiled)  # fmt: skip
     trainer.add_hook(logger)
-    # MiniMind saves every save_interval micro-steps: after each update that crosses a multiple of it.
-    trainer.add_hook(
-        checkpointer,
-        every=lambda update: (
-            update < last_update
-            and plan.micro_steps[update - 1] // cfg.save_interval
-            > plan.previous_micro_step(update) // cfg.save_interval
-        ),
-    )
+    trainer.add_hook(checkpointer, every=save_due(plan, cfg.save_interval, last_update))
     trainer.add_hook(preemption)
     evaluation = None
     if eval_dataset is not None:
@@ -515,7 +516,7 @@ def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
         **({"eval": evaluation.result} if evaluation is not None and evaluation.result else {}),
     }
     if not logger.history:  # no update ran here (the run was at its end): keep the figures of the updates that did
-        summary.update({k: v for k, v in _earlier_summary(cfg.log_dir).items() if summary.get(k) is None})
+        summary.update({k: v for k, v in earlier_summary(cfg.log_dir).items() if summary.get(k) is None})
     if is_main:
         plot_loss_curves(cfg.log_dir / "loss_curve.png", [LossPanel(f"{cfg.mode} {cfg.run_name}", logger.history)])
         (cfg.log_dir / "summary.json").write_text(

@@ -14,12 +14,12 @@ from minimind_jax.model.config import CONFIG_DIR
 from minimind_jax.training.config import TrainConfig
 
 FLAG_FIELDS = [field for field in dataclasses.fields(TrainConfig) if "help" in field.metadata]
-COMMANDS = ("sft", "pretrain", "lora", "dpo")
+COMMANDS = ("sft", "pretrain", "lora", "dpo", "grpo")
 
 
 def command_fields(command: str) -> list[dataclasses.Field]:
     """The flag fields of a command: every command's, and its own (config.flag's `only`)."""
-    return [field for field in FLAG_FIELDS if field.metadata["only"] in (None, command)]
+    return [field for field in FLAG_FIELDS if field.metadata["only"] is None or command in field.metadata["only"]]
 
 
 def listed_flags(capsys, command: str) -> tuple[list[str], str]:

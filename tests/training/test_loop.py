@@ -53,9 +53,28 @@ def test_the_step_is_compiled_once_ahead_of_the_first_update():
     trainer.add_hook(lambda state: compiled.append(state.update))
     trainer.train(new_state())
     report = compiled[0]
-    assert compiled[1:] == [1, 2, 3] and trainer.compiled == {2: report}
+    assert compiled[1:] == [1, 2, 3] and list(trainer.compiled.values()) == [report]
     assert report.seconds > 0 and report.cache in ("hit", "miss", "off")
     assert report.describe().startswith(f"compiled in {report.seconds:.1f} s (cache {report.cache})")
+
+
+def test_micro_batches_of_a_new_shape_compile_again_and_come_from_the_given_source():
+    """RL's rollouts change the rows' width between updates: each new shape gets its own program, and the
+    micro-batches come from the Trainer's micro_batches function, which sees the current state."""
+    compiled, seen_updates = [], []
+
+    def widening_batches(state, size):
+        seen_updates.append(state.update)
+        return [np.ones(1 + min(state.update, 2), np.int32) for _ in range(size)]
+
+    step = jax.jit(lambda params, opt_state, micro_batches, key, frozen: (params + sum(b.sum() for b in micro_batches),
+                                                                          opt_state, {}))  # fmt: skip
+    trainer = Trainer(step, update_sizes=[1] * 4, last_update=4, on_compiled=compiled.append,
+                      micro_batches=widening_batches)  # fmt: skip
+    state = new_state()
+    trainer.train(state)
+    assert seen_updates == [0, 1, 2, 3] and len(compiled) == len(trainer.compiled) == 3  # widths 1, 2, 3
+    assert state.params == 1 + 2 + 3 + 3
 
 
 def test_updates_take_their_own_number_of_micro_batches_one_compile_per_number():
@@ -68,7 +87,7 @@ def test_updates_take_their_own_number_of_micro_batches_one_compile_per_number()
     trainer.train(state)
     assert seen == [range(0, 2), range(2, 5), range(5, 7), range(7, 8)]
     assert state.params == sum(range(8)) and state.batches.step == 8
-    assert len(compiled) == 3 and sorted(trainer.compiled) == [1, 2, 3]
+    assert len(compiled) == 3 and sorted(key[0] for key in trainer.compiled) == [1, 2, 3]
 
 
 def test_hooks_run_in_order_when_due():

@@ -1,0 +1,125 @@
+"""MiniMind's RL losses, as objectives of the one sharded step (training/objectives.py), and their
+advantages, computed on the host from the rewards.
+
+A rollout's rows are laid out as MiniMind lays them out (rl/rollout.py): B prompts, each G times in a row
+(prompt-major), every row its left-padded prompt of P ids then its completion in R columns. Each row weighs
+`row_weight` (0 on the fill of a short last batch), so the step's Σ loss / Σ weight is MiniMind's mean over
+rows of each row's mean over its completion tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from minimind_jax.training.objectives import LossSums, Objective
+
+ROLLOUT_FIELDS = (
+    "sequences",
+    "attention_mask",
+    "positions",
+    "completion_mask",
+    "old_log_probs",
+    "advantages",
+    "row_weight",
+)
+GRPO_VARIANTS = ("reinforce", "grpo", "cispo")  # 2510's GRPO is REINFORCE with a k3 KL; v3 has grpo and cispo
+
+
+def group_advantages(rewards_N: np.ndarray, num_generations: int, arch: str) -> np.ndarray:
+    """GRPO's advantages [N] from the rewards [N = B·G], in float32 as MiniMind computes them.
+
+    v3: (r − group mean) / (group std, biased, + 1e-4). 2510: the same with the unbiased std, clipped to
+    ±10, then normalised again over the whole batch (unbiased std + 1e-8).
+    """
+    rewards = np.asarray(rewards_N, np.float32)
+    grouped_BG = rewards.reshape(-1, num_generations)
+    mean_N = np.repeat(grouped_BG.mean(1, dtype=np.float32), num_generations)
+    std_N = np.repeat(grouped_BG.std(1, ddof=0 if arch == "minimind3" else 1, dtype=np.float32), num_generations)
+    advantages = (rewards - mean_N) / (std_N + np.float32(1e-4))
+    if arch == "minimind3":
+        return advantages.astype(np.float32)
+    advantages = np.clip(advantages, -10, 10)
+    spread = advantages.std(ddof=1, dtype=np.float32) + np.float32(1e-8)
+    return ((advantages - advantages.mean(dtype=np.float32)) / spread).astype(np.float32)
+
+
+def completion_log_probs(model, batch, *, train: bool = False, dropout_rngs=None, batch_axes=()):
+    """(log-probabilities [N, R] of each row's completion tokens under `model`, its MoE aux loss), on the
+    rows' own attention mask and positions (rl/rollout.py lays them out). The logits at position P − 1 + t
+    predict completion token t."""
+    sequences_NT = batch["sequences"]
+    num_completion = batch["completion_mask"].shape[1]
+    out = model.forward(sequences_NT, batch["attention_mask"], positions_BT=batch["positions"], train=train,
+                        dropout_rngs=dropout_rngs, batch_axes=batch_axes)  # fmt: skip
+    prompt_len = sequences_NT.shape[1] - num_completion
+    log_probs_NRV = jax.nn.log_softmax(out.logits[:, prompt_len - 1 : -1].astype(jnp.float32), axis=-1)
+    targets_NR = sequences_NT[:, prompt_len:]
+    return jnp.take_along_axis(log_probs_NRV, targets_NR[..., None], axis=-1)[..., 0], out.aux_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOLoss(Objective):
+    """MiniMind's GRPO per token t of a row with advantage A, policy log-prob π, rollout log-prob π_old and
+    reference log-prob ρ, with k3 = e^(ρ−π) − (ρ−π) − 1:
+
+      reinforce (2510): −(e^(π − sg π)·A − β·k3)              (the ratio is 1: REINFORCE with a KL term)
+      grpo (v3):        −(min(r·A, clip(r, 1−ε, 1+ε)·A) − β·k3),  r = e^(π − π_old)
+      cispo (v3):       −(sg(min(r, ε_high))·A·π − β·k3)
+
+    averaged over the row's completion tokens, then over rows. v3 adds the policy's MoE aux loss; 2510's
+    GRPO does not. Metrics: kl_ref_sum and completion_tokens (Σ (ρ − π) and Σ mask, whose ratio is MiniMind's
+    kl_ref), each summed over rows.
+    """
+
+    variant: str
+    beta: float
+    epsilon: float = 0.2
+    epsilon_high: float = 5.0
+    batch_fields = ROLLOUT_FIELDS
+    frozen_models = ("reference",)
+
+    def __post_init__(self):
+        if self.variant not in GRPO_VARIANTS:
+            raise ValueError(f"variant must be one of {GRPO_VARIANTS}, got {self.variant!r}")
+
+    @property
+    def is_v3(self) -> bool:
+        return self.variant != "reinforce"
+
+    def weight_sum(self, batch):
+        return batch["row_weight"].sum()
+
+    def loss_sums(self, model, batch, frozen, *, rng, batch_axes):
+        dropout = nnx_dropout(model, rng)
+        policy_NR, aux = completion_log_probs(model, batch, train=True, dropout_rngs=dropout, batch_axes=batch_axes)
+        reference_NR, _ = completion_log_probs(frozen["reference"], batch)
+        mask_NR = batch["completion_mask"].astype(jnp.float32)
+        advantage_N1 = batch["advantages"][:, None]
+        log_ratio_ref_NR = reference_NR - policy_NR
+        k3_NR = jnp.exp(log_ratio_ref_NR) - log_ratio_ref_NR - 1
+        if self.variant == "reinforce":
+            gain_NR = jnp.exp(policy_NR - jax.lax.stop_gradient(policy_NR)) * advantage_N1
+        else:
+            ratio_NR = jnp.exp(policy_NR - batch["old_log_probs"])
+            if self.variant == "cispo":
+                gain_NR = jax.lax.stop_gradient(jnp.minimum(ratio_NR, self.epsilon_high)) * advantage_N1 * policy_NR
+            else:
+                clipped_NR = jnp.clip(ratio_NR, 1 - self.epsilon, 1 + self.epsilon)
+                gain_NR = jnp.minimum(ratio_NR * advantage_N1, clipped_NR * advantage_N1)
+        per_token_NR = -(gain_NR - self.beta * k3_NR)
+        # A real row has at least one completion token; v3 clamps the count at 1, which also keeps fill rows finite.
+        row_loss_N = (per_token_NR * mask_NR).sum(1) / jnp.maximum(mask_NR.sum(1), 1.0)
+        weight_N = batch["row_weight"]
+        metrics = {"kl_ref_sum": (log_ratio_ref_NR * mask_NR * weight_N[:, None]).sum(),
+                   "completion_tokens": (mask_NR * weight_N[:, None]).sum()}  # fmt: skip
+        return LossSums((row_loss_N * weight_N).sum(), aux if self.is_v3 else jnp.zeros((), jnp.float32), metrics)
+
+
+def nnx_dropout(model, rng):
+    """The dropout streams for the model's training forward, when its config has dropout."""
+    return nnx.Rngs(dropout=rng) if model.config.dropout > 0 else None

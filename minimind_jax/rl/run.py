@@ -1,0 +1,270 @@
+"""An RL run, assembled from the same parts as every other run (training/run.py): the weights, the one
+sharded step with an RL objective, and the run loop with its hooks. What RL adds: each micro-batch is
+rolled out with the current weights (rl/rollout.py), scored (rl/rewards.py) and turned into advantages
+(rl/algorithms.py) before the step; MiniMind's RL schedule (CosineAnnealingLR, one step per update); and
+MiniMind's RL metrics and log line.
+
+`train(TrainConfig)` is what `main.py grpo` calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from minimind_jax.data.tokenizer import check_fits, load_tokenizer
+from minimind_jax.errors import UserError
+from minimind_jax.inference.generation import check_room
+from minimind_jax.model.config import LITERAL_STEP, ModelConfig, default_dtype, train_step_settings
+from minimind_jax.rl.algorithms import GRPOLoss
+from minimind_jax.rl.data import load_prompts, load_replay
+from minimind_jax.rl.rewards import RewardModel, load_reward_fn
+from minimind_jax.rl.rollout import (
+    PromptBatches,
+    ReplayRollout,
+    RewardSettings,
+    RolloutBatches,
+    SamplerRollout,
+    make_old_log_probs,
+)
+from minimind_jax.runtime import maybe_initialize_distributed, use_compilation_cache
+from minimind_jax.training import sharding
+from minimind_jax.training.accumulation import update_plan
+from minimind_jax.training.config import TrainConfig
+from minimind_jax.training.hooks import Checkpointer, Preemption
+from minimind_jax.training.loop import RunState, Trainer
+from minimind_jax.training.metrics import (
+    LossPanel,
+    MetricLogger,
+    MetricsWriter,
+    TooManySkips,
+    drop_metrics_after,
+    plot_loss_curves,
+)
+from minimind_jax.training.optimizer import annealing_lr, annealing_lr_schedule, make_optimizer
+from minimind_jax.training.perf import model_flops_per_token, total_peak_flops
+from minimind_jax.training.run import (
+    build_model,
+    earlier_summary,
+    keep_earlier_run,
+    move_earlier_run_aside,
+    resume,
+    save_due,
+)
+from minimind_jax.training.run_lock import RunLock
+from minimind_jax.training.step import init_train_state, make_train_step
+from minimind_jax.training.wandb_log import WandbRun, require_wandb
+from minimind_jax.weights import save_pth
+from minimind_jax.weights.orbax import TrainCheckpoints
+
+
+def schedule_length(arch: str, batches_per_epoch: int, epochs: int, accumulation_steps: int) -> int:
+    """CosineAnnealingLR's T_max: 2510 (iters // acc) · epochs; v3 ceil(iters / acc) · epochs."""
+    per_epoch = (
+        batches_per_epoch // accumulation_steps
+        if arch == "minimind2"
+        else math.ceil(batches_per_epoch / accumulation_steps)
+    )
+    return per_epoch * epochs
+
+
+class RLMetricLogger(MetricLogger):
+    """MetricLogger with MiniMind's RL names and log line: reward, kl_ref, advantages_std, advantages_mean,
+    policy_loss, avg_response_len and learning_rate (v3); 2510's GRPO logs policy_loss divided by the
+    accumulation steps and no kl_ref."""
+
+    def __init__(self, cfg, *, schedule_updates: int, **kwargs):
+        super().__init__(cfg, tokens_per_micro_batch=0, **kwargs)
+        self.schedule_updates = schedule_updates
+
+    def learning_rate(self, update: int) -> float:
+        return float(annealing_lr(self.cfg.learning_rate, self.schedule_updates, update, np))
+
+    def update_tokens(self, update: int, host_metrics: dict) -> int:
+        return host_metrics["rollout_tokens"] * self.plan.sizes[update - 1]
+
+    def finish_record(self, record: dict) -> None:
+        v3 = self.cfg.arch == "minimind3"
+        record["policy_loss"] = record["last_micro_loss"] / (1 if v3 else self.cfg.accumulation_steps)
+        record["kl_ref"] = record.pop("kl_ref_sum") / max(record.pop("completion_tokens"), 1e-12)
+        record["learning_rate"] = record["lr"]
+
+    def log_line(self, record: dict, step_in_epoch: int, eta_min: float) -> str:
+        where = f"({step_in_epoch + 1}/{self.steps_per_epoch})"
+        if self.cfg.arch == "minimind2":
+            return (f"Epoch: {record['epoch']}, Step: {step_in_epoch + 1}/{self.steps_per_epoch}, Actor Loss: "
+                    f"{record['policy_loss']:.6f}, Reward: {record['reward']:.6f}, Avg Response Len: "
+                    f"{record['avg_response_len']:.2f}, LR: {record['lr']:.2e}, tokens/s: {record['tokens_per_s']:,.0f}")  # fmt: skip
+        return (f"Epoch:[{record['epoch']}/{self.cfg.epochs}]{where}, Reward: {record['reward']:.4f}, KL_ref: "
+                f"{record['kl_ref']:.4f}, Adv Std: {record['advantages_std']:.4f}, Adv Mean: "
+                f"{record['advantages_mean']:.4f}, Actor Loss: {record['policy_loss']:.4f}, Avg Response Len: "
+                f"{record['avg_response_len']:.2f}, Learning Rate: {record['lr']:.8f}, tokens/s: "
+                f"{record['tokens_per_s']:,.0f}")  # fmt: skip
+
+
+def objective_for(cfg: TrainConfig, model_config: ModelConfig) -> GRPOLoss:
+    variant = cfg.loss_type if model_config.is_v3 else "reinforce"
+    return GRPOLoss(variant, cfg.beta, cfg.epsilon, cfg.epsilon_high)
+
+
+def reward_settings(cfg: TrainConfig, arch: str, is_main: bool) -> RewardSettings:
+    """--reward_fn, else MiniMind's rewards with --reward_model_path's model when given."""
+    if cfg.reward_fn:
+        return RewardSettings(arch, reward_fn=load_reward_fn(cfg.reward_fn))
+    model = None
+    if cfg.reward_model_path:
+        if not pathlib.Path(cfg.reward_model_path).is_dir():
+            raise UserError(f"--reward_model_path {cfg.reward_model_path}: no such directory")
+        model = RewardModel(cfg.reward_model_path, trust_remote_code=bool(cfg.trust_remote_code))
+    elif is_main and not cfg.rollouts:
+        tqdm.tqdm.write("no --reward_model_path: only MiniMind's rule rewards count (the reward model scores 0)")
+    return RewardSettings(arch, reasoning=bool(cfg.reasoning), reward_model=model)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Runs the whole RL job; returns a summary (final reward, paths)."""
+    maybe_initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    use_compilation_cache(cfg.compilation_cache_dir)
+    is_main = jax.process_index() == 0
+    if cfg.use_wandb:
+        require_wandb()
+    with RunLock(cfg.run_checkpoint_dir, is_main) as lock:
+        return _train(cfg, is_main, lock)
+
+
+def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
+    earlier = keep_earlier_run(cfg, is_main)
+    mesh = sharding.make_mesh(cfg.mesh)
+    rows = cfg.batch_size * cfg.num_generations
+    split = sharding.batch_size_per_step(mesh)
+    if rows % split:
+        raise UserError(f"--batch_size {cfg.batch_size} × --num_generations {cfg.num_generations} = {rows} rows are "
+                        f"not divisible by the data-parallel size {split} (mesh {dict(mesh.shape)})")  # fmt: skip
+    platform = jax.devices()[0].platform
+    dtype = cfg.dtype or default_dtype(platform)
+    step = train_step_settings(cfg.fast_path, platform, dtype, cfg.max_seq_len + cfg.max_gen_len,
+                               attention_impl=cfg.attention_impl, scan_layers=cfg.scan_layers)  # fmt: skip
+    model = build_model(cfg, dtype, step)
+    model_config = model.config
+    check_room(model_config, cfg.max_seq_len, cfg.max_gen_len)
+    tokenizer = load_tokenizer(cfg.tokenizer_path)
+    check_fits(tokenizer, model_config.arch, model_config.vocab_size)
+    if cfg.rollouts:
+        records = load_replay(cfg.rollouts, num_generations=cfg.num_generations, max_gen_len=cfg.max_gen_len,
+                              vocab_size=model_config.vocab_size, eos_id=tokenizer.eos_id)  # fmt: skip
+    else:
+        records = load_prompts(cfg.data_path, strict=cfg.strict)
+    prompts = PromptBatches(records, cfg.batch_size, cfg.seed, cfg.epochs, shuffle=cfg.shuffle and not cfg.rollouts)
+    acc = cfg.accumulation_steps
+    plan = update_plan(model_config.arch, len(prompts), cfg.epochs, acc)
+    if len(plan) < 1:
+        raise UserError(f"{cfg.rollouts or cfg.data_path}: {len(prompts)} batches are fewer than "
+                        f"--accumulation_steps {acc} needs for one update")  # fmt: skip
+    schedule_updates = schedule_length(model_config.arch, len(prompts), cfg.epochs, acc)
+    rewards = reward_settings(cfg, model_config.arch, is_main)
+    objective = objective_for(cfg, model_config)
+    optimizer = make_optimizer(annealing_lr_schedule(cfg.learning_rate, max(schedule_updates, 1)), cfg.grad_clip)
+    graphdef, params, opt_state, param_shardings, opt_shardings = init_train_state(model, optimizer, mesh, objective)
+    del model
+    frozen_params = {"reference": jax.tree.map(jnp.copy, params)}  # the policy as it starts: --from_weight has it
+    step_fn = make_train_step(graphdef, optimizer, mesh, objective=objective, frozen_graphdefs={"reference": graphdef},
+                              accumulation_steps=acc, loss_norm=cfg.loss_norm, param_shardings=param_shardings,
+                              opt_shardings=opt_shardings)  # fmt: skip
+    source = ReplayRollout() if cfg.rollouts else SamplerRollout(graphdef, model_config.arch, cfg.max_gen_len,
+                                                                 tokenizer.eos_id)  # fmt: skip
+    batches = RolloutBatches(prompts, source, tokenizer=tokenizer, arch=model_config.arch,
+                             num_generations=cfg.num_generations, max_seq_len=cfg.max_seq_len,
+                             max_gen_len=cfg.max_gen_len, thinking_ratio=cfg.thinking_ratio, rewards=rewards,
+                             old_log_probs=make_old_log_probs(graphdef), sharding=sharding.batch_sharding(mesh))  # fmt: skip
+
+    lock.take()
+    move_earlier_run_aside(earlier, is_main)
+    checkpoints = TrainCheckpoints(cfg.run_checkpoint_dir, max_to_keep=cfg.keep_checkpoints)
+    state = RunState(update=0, params=params, opt_state=opt_state, rng=jax.random.key_data(jax.random.key(cfg.seed)),
+                     batches=batches)  # fmt: skip
+    resumed_meta = resume(cfg, checkpoints, state, model_config, param_shardings, opt_shardings, is_main)
+    wandb_id = resumed_meta.get("wandb_id")
+    if is_main:
+        drop_metrics_after(cfg.log_dir / "metrics.jsonl", state.update)
+    wandb_run = WandbRun(cfg, resume_id=wandb_id) if cfg.use_wandb and is_main else None
+    wandb_id = wandb_run.id if wandb_run is not None else wandb_id
+    last_update = len(plan) if cfg.max_steps is None else min(len(plan), cfg.max_steps)
+    peak_flops, peak_source = total_peak_flops(dtype)
+    logger = RLMetricLogger(cfg, schedule_updates=schedule_updates, steps_per_epoch=len(prompts), plan=plan,
+                            last_update=last_update, start_update=state.update,
+                            flops_per_token=model_flops_per_token(model_config), peak_flops=peak_flops,
+                            writer=MetricsWriter(cfg.log_dir, is_main, wandb_run), is_main=is_main)  # fmt: skip
+    portable_config = model_config.replace(attention_impl=LITERAL_STEP["attention_impl"],
+                                           scan_layers=LITERAL_STEP["scan_layers"], moe_impl=ModelConfig.moe_impl)  # fmt: skip
+    run_meta = {
+        "model_config": portable_config.to_dict(),
+        "train_config": dataclasses.asdict(cfg),
+        "wandb_id": wandb_id,
+    }
+    pth_path = pathlib.Path(cfg.save_dir) / f"{cfg.run_name}.pth"
+    checkpointer = Checkpointer(checkpoints, logger, graphdef, functools.partial(save_pth, path=pth_path), run_meta,
+                                state.update, is_main)  # fmt: skip
+    preemption = Preemption(checkpointer)
+
+    def rollout_micro_batches(state: RunState, size: int) -> list:
+        """The update's micro-batches, each rolled out with the weights of this update; the statistics are the
+        last one's, as MiniMind logs its last micro-step."""
+        micro_batches = []
+        for _ in range(size):
+            seed = int(np.random.SeedSequence([cfg.seed, state.batches.step]).generate_state(1)[0])
+            batch, state.host_metrics = state.batches.next_batch(state.params, seed)
+            micro_batches.append(batch)
+        return micro_batches
+
+    trainer = Trainer(step_fn, update_sizes=plan.sizes, last_update=last_update, frozen_params=frozen_params,
+                      on_compiled=logger.step_compiled, micro_batches=rollout_micro_batches)  # fmt: skip
+    trainer.add_hook(logger)
+    trainer.add_hook(checkpointer, every=save_due(plan, cfg.save_interval, last_update))
+    trainer.add_hook(preemption)
+    if is_main:
+        source_line = f"replaying {cfg.rollouts}" if cfg.rollouts else f"sampling from {cfg.data_path}"
+        tqdm.tqdm.write(
+            f"{cfg.mode} ({objective.variant}): {model_config.arch} hidden {model_config.hidden_size} × "
+            f"{model_config.num_hidden_layers} layers, mesh {dict(mesh.shape)}, compute {dtype} (weights and "
+            f"optimizer float32); {source_line}: {len(records)} prompts, {cfg.batch_size} × {cfg.num_generations} "
+            f"completions per batch, {len(prompts)} batches/epoch, {len(plan)} updates"
+        )
+    try:
+        finished = trainer.train(state)
+        logger.flush()
+    except TooManySkips as error:
+        checkpointer.save(state, wait=True)
+        raise UserError(f"{error}; saved the last good state to {checkpoints.directory}") from None
+    finally:
+        preemption.restore()
+        logger.close()
+    if not finished:
+        return {"preempted": True, "update": state.update}
+    checkpointer.save(state, wait=True)
+    checkpoints.close()
+    summary = {
+        "updates": state.update,
+        **logger.summary(),
+        "final_reward": logger.history[-1]["reward"] if logger.history else None,
+        "weights": str(pth_path),
+        "checkpoints": str(checkpoints.directory),
+        "peak_flops": peak_flops,
+        "peak_flops_source": peak_source,
+    }
+    if not logger.history:
+        summary.update({k: v for k, v in earlier_summary(cfg.log_dir).items() if summary.get(k) is None})
+    if is_main:
+        plot_loss_curves(cfg.log_dir / "loss_curve.png", [LossPanel(f"{cfg.mode} {cfg.run_name}", logger.history)])
+        (cfg.log_dir / "summary.json").write_text(
+            json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1)
+        )
+    return summary
