@@ -241,9 +241,11 @@ def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
     try:
         finished = trainer.train(state)
         logger.flush()
-    except TooManySkips as error:
+    except (TooManySkips, UserError) as error:  # a bad reward mid-run: the updates before it are kept
+        if state.update == 0:
+            raise
         checkpointer.save(state, wait=True)
-        raise UserError(f"{error}; saved the last good state to {checkpoints.directory}") from None
+        raise UserError(f"{error}; saved update {state.update} to {checkpoints.directory}") from None
     finally:
         preemption.restore()
         logger.close()

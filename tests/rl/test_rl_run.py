@@ -1,0 +1,113 @@
+"""`main.py grpo` as a user runs it: rollouts sampled from a small model, MiniMind's metrics and weight file,
+exact resume, and bad input answered in one line with nothing lost (no ../shared needed)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from minimind_jax.cli.main import main
+from tests.support.data import random_chats, write_jsonl
+
+
+def grpo_argv(tokenizer, data, out, *extra):
+    return ["grpo", "--arch", "minimind3", "--hidden_size", "32", "--num_hidden_layers", "2", "--from_weight", "none",
+            "--tokenizer_path", str(tokenizer), "--data_path", str(data), "--batch_size", "2",
+            "--num_generations", "4", "--max_gen_len", "12", "--max_seq_len", "32", "--learning_rate", "1e-3",
+            "--save_dir", str(out), "--save_interval", "1", "--mesh", "data=2", "--no_progress", *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("rlaif") / "rlaif.jsonl", random_chats(6, seed=4))
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "logs" / "grpo_32" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_sampled_run_logs_minimind_metrics_and_resumes_exactly(small_tokenizer, prompts, tmp_path, capsys):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main(grpo_argv(small_tokenizer, prompts, whole)) == 0
+    logged = records(whole)
+    assert [r["update"] for r in logged] == [1, 2, 3]  # 6 prompts in batches of 2
+    for name in ("reward", "kl_ref", "advantages_std", "advantages_mean", "policy_loss", "avg_response_len",
+                 "learning_rate"):  # fmt: skip
+        assert all(np.isfinite(r[name]) for r in logged), name
+    assert all(1 <= r["avg_response_len"] <= 12 for r in logged)
+    assert "Epoch:[1/1](3/3), Reward: " in capsys.readouterr().out
+    weights = torch.load(whole / "grpo_32.pth", weights_only=True)
+    assert {value.dtype for value in weights.values()} == {torch.float16}
+    assert "lm_head.weight" in weights and "model.embed_tokens.weight" in weights
+
+    # Stopped after update 1, then resumed: the same rollouts (sampler keys, data position) and the same weights.
+    assert main([*grpo_argv(small_tokenizer, prompts, cut), "--max_steps", "1"]) == 0
+    assert main([*grpo_argv(small_tokenizer, prompts, cut), "--from_resume", "1"]) == 0
+    resumed = torch.load(cut / "grpo_32.pth", weights_only=True)
+    assert all(torch.equal(resumed[key], weights[key]) for key in weights)
+    assert [r["reward"] for r in records(cut)] == [r["reward"] for r in logged]
+
+
+def replay_file(path, completions, **fields):
+    prompt = "<|im_start|>user\nhi cat<|im_end|>\n<|im_start|>assistant\n"
+    return write_jsonl(path, [{"prompt": prompt, "completions": completions, **fields}] * 2)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("three_completions", "rollouts.jsonl:1: 3 completions; --num_generations 4 needs 4"),
+        ("id_out_of_range", "rollouts.jsonl:1: completion 1 holds id 7000, outside the vocabulary (0..6399)"),
+        ("after_eos", "rollouts.jsonl:1: completion 0 goes on after eos (2)"),
+        ("short_without_eos", "rollouts.jsonl:1: completion 0 has 3 ids and no eos"),
+        ("nan_reward", "rollouts.jsonl:1: 'rewards' must be 4 finite numbers"),
+        ("empty_replay", "rollouts.jsonl: no replay record (the file is empty)"),
+        ("empty_prompts", "rlaif.jsonl: no usable prompt (the file is empty)"),
+        ("missing_reward_model", "--reward_model_path"),
+    ],
+)
+def test_bad_rl_input_is_one_line_and_writes_nothing(small_tokenizer, prompts, tmp_path, capsys, case, message):
+    out, data = tmp_path / "out", prompts
+    ok = [[5, 6, 2], [7, 2], [8, 9, 10, 2], [2]]
+    extra = []
+    if case == "empty_prompts":
+        data = write_jsonl(tmp_path / "rlaif.jsonl", [])
+    elif case == "missing_reward_model":
+        extra = ["--reward_model_path", str(tmp_path / "internlm2-1_8b-reward")]
+    else:
+        completions = {
+            "three_completions": ok[:3],
+            "id_out_of_range": [ok[0], [7000, 2], *ok[2:]],
+            "after_eos": [[5, 2, 6], *ok[1:]],
+            "short_without_eos": [[5, 6, 7], *ok[1:]],
+        }.get(case, ok)
+        fields = {"rewards": [0.0, float("nan"), 1.0, 1.0]} if case == "nan_reward" else {}
+        replay = replay_file(tmp_path / "rollouts.jsonl", completions, **fields)
+        if case == "empty_replay":
+            replay = write_jsonl(replay, [])
+        extra = ["--rollouts", str(replay)]
+    argv = grpo_argv(small_tokenizer, data, out, *extra)
+    argv[argv.index("--tokenizer_path") + 1] = str(small_tokenizer)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not (out / "grpo_32.pth").exists() and not any((out / "checkpoints").glob("*/*"))
+
+
+def test_a_reward_fn_that_fails_mid_run_keeps_the_updates_before_it(small_tokenizer, prompts, tmp_path, capsys,
+                                                                     monkeypatch):  # fmt: skip
+    """The function returns NaN on its third call: updates 1 and 2 stay saved, and the error is one line."""
+    (tmp_path / "flaky_rewards.py").write_text(
+        "calls = []\n"
+        "def score(prompts, completions, **fields):\n"
+        "    calls.append(1)\n"
+        "    return [float('nan') if len(calls) == 3 else float(len(c) % 3) for c in completions]\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert main([*grpo_argv(small_tokenizer, prompts, out), "--reward_fn", "flaky_rewards:score"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--reward_fn flaky_rewards:score returned nan for completion 0" in err
+    assert "saved update 2" in err
+    assert [r["update"] for r in records(out)] == [1, 2] and (out / "grpo_32.pth").exists()
