@@ -18,7 +18,7 @@ import yaml
 
 from minimind_jax.errors import UserError, first_line
 from minimind_jax.model.config import CONFIG_DIR
-from minimind_jax.training.config import CHOICES, STUDENT_FLAGS, TrainConfig, defaults_for
+from minimind_jax.training.config import CHOICES, RL_MODES, STUDENT_FLAGS, TrainConfig, defaults_for
 
 IGNORED_FLAGS = {"device": str, "use_compile": int}  # MiniMind's, accepted so its command lines run unchanged
 
@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     what = {"sft": "full SFT", "pretrain": "pretraining", "lora": "LoRA adapters on a frozen model",
             "dpo": "DPO against a frozen reference", "distill": "distillation from a frozen teacher",
             "distill_reason": "reasoning distillation (2510)",
-            "grpo": "GRPO (2510) / GRPO and CISPO (v3) reinforcement learning"}[command]  # fmt: skip
+            "grpo": "GRPO (2510) / GRPO and CISPO (v3) reinforcement learning",
+            "spo": "2510's SPO reinforcement learning (one completion per prompt, a tracked baseline)"}[command]  # fmt: skip
     parser.description = f"MiniMind-compatible {what}. " + " ".join(__doc__.split("\n\n")[1].split())
     parser.add_argument(
         "--config", help="a YAML run config, or a shipped preset's name (configs/, e.g. sft_minimind2-small)"
@@ -115,7 +116,7 @@ def config_from_args(args, command: str) -> TrainConfig:
     given = {field.name: getattr(args, field.name) for field, _ in flags if getattr(args, field.name) is not None}
     arch = given.get("arch", from_file.get("arch", "minimind2"))
     fields = {**defaults_for(command, arch), **from_file, **given, "mode": command}
-    if command == "grpo" and arch == "minimind2" and "from_weight" not in {**from_file, **given}:
+    if command in RL_MODES and arch == "minimind2" and "from_weight" not in {**from_file, **given}:
         fields["from_weight"] = "reason" if fields.get("reasoning", 1) else "full_sft"  # as 2510's script picks it
     if args.no_progress:
         fields["progress"] = False
@@ -128,8 +129,6 @@ def config_from_args(args, command: str) -> TrainConfig:
 
 def run(args) -> int:
     import jax
-
-    from minimind_jax.training.config import RL_MODES
 
     cfg = config_from_args(args, args.command)
     if cfg.mode in RL_MODES:

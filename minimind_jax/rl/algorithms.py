@@ -27,7 +27,9 @@ ROLLOUT_FIELDS = (
     "advantages",
     "row_weight",
 )
-GRPO_VARIANTS = ("reinforce", "grpo", "cispo")  # 2510's GRPO is REINFORCE with a k3 KL; v3 has grpo and cispo
+# 2510's GRPO is REINFORCE with a k3 KL; v3's GRPO has grpo and cispo; spo is 2510's SPO.
+POLICY_LOSSES = ("reinforce", "grpo", "cispo", "spo")
+SCORE_SCALE = 3.0  # rewards live in [-3, 3] (the reward model's clip); SPO's baseline maps [0, 1] onto it
 
 
 def group_advantages(rewards_N: np.ndarray, num_generations: int, arch: str) -> np.ndarray:
@@ -48,6 +50,47 @@ def group_advantages(rewards_N: np.ndarray, num_generations: int, arch: str) -> 
     return ((advantages - advantages.mean(dtype=np.float32)) / spread).astype(np.float32)
 
 
+class SPOTracker:
+    """2510's SPO value tracker (AutoAdaptiveValueTracker, rho_mode "kl"): a Beta(α, β) estimate of the
+    normalised reward, whose mean is every prompt's baseline. After each micro-batch it decays by ρ and
+    takes the batch's mean normalised reward; ρ is 0.9 at first, then 2^(−|Δ|/0.06) clipped to [0.5, 0.96],
+    where Δ is how far the policy's mean log-prob of its completions moved since the last batch. MiniMind
+    keeps it in memory only; here it is part of the checkpointed data state."""
+
+    def __init__(self):
+        self.alpha = self.beta = 0.5 / (1 - 0.5)  # N_init = 1 / (1 - clip_lower), split evenly
+        self.old_mean_log_prob = None
+
+    def advantages(self, rewards_N: np.ndarray) -> tuple[np.ndarray, float]:
+        """(clip(r − baseline on the reward scale, ±5) [N], the baseline in [0, 1]) in float32."""
+        baseline = np.float32(self.alpha / (self.alpha + self.beta))
+        unnormalised = baseline * np.float32(2 * SCORE_SCALE) - np.float32(SCORE_SCALE)
+        return np.clip(np.asarray(rewards_N, np.float32) - unnormalised, -5.0, 5.0).astype(np.float32), float(baseline)
+
+    def update(self, rewards_N: np.ndarray, log_probs_NR: np.ndarray, mask_NR: np.ndarray) -> float:
+        """Takes one micro-batch's rewards and the policy's log-probs of its completions; returns ρ."""
+        mask = mask_NR.astype(np.float32)
+        mean_log_prob = float((log_probs_NR * mask).sum(dtype=np.float32) / mask.sum(dtype=np.float32))
+        rho = 0.9
+        if self.old_mean_log_prob is not None:
+            rho = max(min(2 ** (-abs(self.old_mean_log_prob - mean_log_prob) / 0.06), 0.96), 0.5)
+        self.old_mean_log_prob = mean_log_prob
+        normalised = float(
+            ((np.asarray(rewards_N, np.float32) + np.float32(SCORE_SCALE)) / np.float32(2 * SCORE_SCALE)).mean(
+                dtype=np.float32
+            )
+        )
+        self.alpha = rho * self.alpha + normalised
+        self.beta = rho * self.beta + (1 - normalised)
+        return rho
+
+    def get_state(self) -> dict:
+        return {"alpha": self.alpha, "beta": self.beta, "old_mean_log_prob": self.old_mean_log_prob}
+
+    def set_state(self, state: dict) -> None:
+        self.alpha, self.beta, self.old_mean_log_prob = state["alpha"], state["beta"], state["old_mean_log_prob"]
+
+
 def completion_log_probs(model, batch, *, train: bool = False, dropout_rngs=None, batch_axes=()):
     """(log-probabilities [N, R] of each row's completion tokens under `model`, its MoE aux loss), on the
     rows' own attention mask and positions (rl/rollout.py lays them out). The logits at position P − 1 + t
@@ -63,17 +106,18 @@ def completion_log_probs(model, batch, *, train: bool = False, dropout_rngs=None
 
 
 @dataclasses.dataclass(frozen=True)
-class GRPOLoss(Objective):
-    """MiniMind's GRPO per token t of a row with advantage A, policy log-prob π, rollout log-prob π_old and
-    reference log-prob ρ, with k3 = e^(ρ−π) − (ρ−π) − 1:
+class PolicyLoss(Objective):
+    """MiniMind's GRPO and SPO losses per token t of a row with advantage A, policy log-prob π, rollout log-prob
+    π_old and reference log-prob ρ, with k3 = e^(ρ−π) − (ρ−π) − 1:
 
-      reinforce (2510): −(e^(π − sg π)·A − β·k3)              (the ratio is 1: REINFORCE with a KL term)
-      grpo (v3):        −(min(r·A, clip(r, 1−ε, 1+ε)·A) − β·k3),  r = e^(π − π_old)
-      cispo (v3):       −(sg(min(r, ε_high))·A·π − β·k3)
+      reinforce (2510 GRPO): −(e^(π − sg π)·A − β·k3)              (the ratio is 1: REINFORCE with a KL term)
+      grpo (v3 GRPO):        −(min(r·A, clip(r, 1−ε, 1+ε)·A) − β·k3),  r = e^(π − π_old)
+      cispo (v3 GRPO):       −(sg(min(r, ε_high))·A·π − β·k3)
+      spo (2510 SPO):        −(π·A − β·k3)
 
-    averaged over the row's completion tokens, then over rows. v3 adds the policy's MoE aux loss; 2510's
-    GRPO does not. Metrics: kl_ref_sum and completion_tokens (Σ (ρ − π) and Σ mask, whose ratio is MiniMind's
-    kl_ref), each summed over rows.
+    averaged over the row's completion tokens, then over rows. v3 adds the policy's MoE aux loss; 2510 does
+    not. Metrics, each summed over rows: kl_ref_sum, k3_sum and completion_tokens (Σ (ρ − π), Σ k3 and Σ mask:
+    MiniMind's kl_ref and SPO's kl are ratios of them).
     """
 
     variant: str
@@ -84,12 +128,12 @@ class GRPOLoss(Objective):
     frozen_models = ("reference",)
 
     def __post_init__(self):
-        if self.variant not in GRPO_VARIANTS:
-            raise ValueError(f"variant must be one of {GRPO_VARIANTS}, got {self.variant!r}")
+        if self.variant not in POLICY_LOSSES:
+            raise ValueError(f"variant must be one of {POLICY_LOSSES}, got {self.variant!r}")
 
     @property
     def is_v3(self) -> bool:
-        return self.variant != "reinforce"
+        return self.variant in ("grpo", "cispo")
 
     def weight_sum(self, batch):
         return batch["row_weight"].sum()
@@ -104,6 +148,8 @@ class GRPOLoss(Objective):
         k3_NR = jnp.exp(log_ratio_ref_NR) - log_ratio_ref_NR - 1
         if self.variant == "reinforce":
             gain_NR = jnp.exp(policy_NR - jax.lax.stop_gradient(policy_NR)) * advantage_N1
+        elif self.variant == "spo":
+            gain_NR = policy_NR * advantage_N1
         else:
             ratio_NR = jnp.exp(policy_NR - batch["old_log_probs"])
             if self.variant == "cispo":
@@ -115,8 +161,9 @@ class GRPOLoss(Objective):
         # A real row has at least one completion token; v3 clamps the count at 1, which also keeps fill rows finite.
         row_loss_N = (per_token_NR * mask_NR).sum(1) / jnp.maximum(mask_NR.sum(1), 1.0)
         weight_N = batch["row_weight"]
-        metrics = {"kl_ref_sum": (log_ratio_ref_NR * mask_NR * weight_N[:, None]).sum(),
-                   "completion_tokens": (mask_NR * weight_N[:, None]).sum()}  # fmt: skip
+        counted_NR = mask_NR * weight_N[:, None]
+        metrics = {"kl_ref_sum": (log_ratio_ref_NR * counted_NR).sum(), "k3_sum": (k3_NR * counted_NR).sum(),
+                   "completion_tokens": counted_NR.sum()}  # fmt: skip
         return LossSums((row_loss_N * weight_N).sum(), aux if self.is_v3 else jnp.zeros((), jnp.float32), metrics)
 
 

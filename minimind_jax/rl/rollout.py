@@ -24,11 +24,12 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from minimind_jax.data.pipeline import global_batch, process_rows
 from minimind_jax.data.tokenizer import Tokenizer
 from minimind_jax.inference.generation import bucket_length, generate
-from minimind_jax.rl.algorithms import completion_log_probs, group_advantages
+from minimind_jax.rl.algorithms import SPOTracker, completion_log_probs, group_advantages
 from minimind_jax.rl.data import PromptRecord, render_prompt
 from minimind_jax.rl.rewards import RewardModel, call_reward_fn, era_rewards
 
@@ -168,8 +169,10 @@ class RolloutBatches:
 
     def __init__(self, prompts: PromptBatches, source, *, tokenizer: Tokenizer, arch: str, num_generations: int,
                  max_seq_len: int, max_gen_len: int, thinking_ratio: float, rewards: RewardSettings,
-                 old_log_probs: Callable, sharding=None):  # fmt: skip
+                 old_log_probs: Callable, tracker: SPOTracker | None = None, sharding=None):  # fmt: skip
+        """tracker: SPO's value tracker gives the advantages; without it they are GRPO's, per group."""
         self.prompts, self.source, self.tokenizer, self.arch = prompts, source, tokenizer, arch
+        self.tracker = tracker
         self.num_generations, self.max_seq_len, self.max_gen_len = num_generations, max_seq_len, max_gen_len
         self.thinking_ratio, self.rewards, self.old_log_probs = thinking_ratio, rewards, old_log_probs
         self.sharding = sharding
@@ -187,10 +190,12 @@ class RolloutBatches:
         return self.prompts.epoch
 
     def get_state(self) -> dict:
-        return self.prompts.get_state()
+        return {**self.prompts.get_state(), **({"tracker": self.tracker.get_state()} if self.tracker else {})}
 
     def set_state(self, state: dict) -> None:
         self.prompts.set_state(state)
+        if self.tracker is not None:
+            self.tracker.set_state(state["tracker"])
 
     def next_batch(self, params, seed: int) -> tuple[dict, dict]:
         """(the micro-batch, its statistics on the host)."""
@@ -207,13 +212,19 @@ class RolloutBatches:
                            max_seq_len=self.max_seq_len, max_gen_len=self.max_gen_len, pad_id=self.tokenizer.pad_id,
                            eos_id=self.tokenizer.eos_id)  # fmt: skip
         num_real = len(completions)
-        advantages = np.zeros(self.num_rows, np.float32)
-        advantages[:num_real] = group_advantages(rewards, self.num_generations, self.arch)
+        advantages, stats = np.zeros(self.num_rows, np.float32), {}
+        if self.tracker is None:
+            advantages[:num_real] = group_advantages(rewards, self.num_generations, self.arch)
+        else:
+            advantages[:num_real], stats["baseline"] = self.tracker.advantages(rewards)
         rows.update(advantages=advantages, row_weight=(np.arange(self.num_rows) < num_real).astype(np.float32))
         batch = self._on_mesh(rows)
         batch["old_log_probs"] = self.old_log_probs(params, batch)
+        if self.tracker is not None:  # after the baselines: MiniMind updates it after the batch's backward pass
+            log_probs = np.asarray(multihost_utils.process_allgather(batch["old_log_probs"], tiled=True))
+            stats["rho"] = self.tracker.update(rewards, log_probs[:num_real], rows["completion_mask"][:num_real])
         lengths = np.asarray([len(ids) for ids in completions], np.float32)
-        stats = {
+        stats |= {
             "reward": float(rewards.mean(dtype=np.float32)),
             "advantages_mean": float(advantages[:num_real].mean(dtype=np.float32)),
             "advantages_std": float(advantages[:num_real].std(ddof=1, dtype=np.float32)) if num_real > 1 else 0.0,

@@ -25,7 +25,7 @@ from minimind_jax.data.tokenizer import check_fits, load_tokenizer
 from minimind_jax.errors import UserError
 from minimind_jax.inference.generation import check_room
 from minimind_jax.model.config import LITERAL_STEP, ModelConfig, default_dtype, train_step_settings
-from minimind_jax.rl.algorithms import GRPOLoss
+from minimind_jax.rl.algorithms import PolicyLoss, SPOTracker
 from minimind_jax.rl.data import load_prompts, load_replay
 from minimind_jax.rl.rewards import RewardModel, load_reward_fn
 from minimind_jax.rl.rollout import (
@@ -95,11 +95,18 @@ class RLMetricLogger(MetricLogger):
     def finish_record(self, record: dict) -> None:
         v3 = self.cfg.arch == "minimind3"
         record["policy_loss"] = record["last_micro_loss"] / (1 if v3 else self.cfg.accumulation_steps)
-        record["kl_ref"] = record.pop("kl_ref_sum") / max(record.pop("completion_tokens"), 1e-12)
+        tokens = max(record.pop("completion_tokens"), 1e-12)
+        kl_ref, k3 = record.pop("kl_ref_sum") / tokens, record.pop("k3_sum") / tokens
+        record["kl" if self.cfg.mode == "spo" else "kl_ref"] = k3 if self.cfg.mode == "spo" else kl_ref
         record["learning_rate"] = record["lr"]
 
     def log_line(self, record: dict, step_in_epoch: int, eta_min: float) -> str:
         where = f"({step_in_epoch + 1}/{self.steps_per_epoch})"
+        if self.cfg.mode == "spo":
+            return (f"Epoch: {record['epoch']}, Step: {step_in_epoch + 1}/{self.steps_per_epoch}, Actor Loss: "
+                    f"{record['policy_loss']:.6f}, Reward: {record['reward']:.6f}, Baseline: {record['baseline']:.4f}, "
+                    f"KL: {record['kl']:.4f}, Rho: {record['rho']:.4f}, Avg Response Len: "
+                    f"{record['avg_response_len']:.2f}, LR: {record['lr']:.2e}, tokens/s: {record['tokens_per_s']:,.0f}")  # fmt: skip
         if self.cfg.arch == "minimind2":
             return (f"Epoch: {record['epoch']}, Step: {step_in_epoch + 1}/{self.steps_per_epoch}, Actor Loss: "
                     f"{record['policy_loss']:.6f}, Reward: {record['reward']:.6f}, Avg Response Len: "
@@ -111,9 +118,10 @@ class RLMetricLogger(MetricLogger):
                 f"{record['tokens_per_s']:,.0f}")  # fmt: skip
 
 
-def objective_for(cfg: TrainConfig, model_config: ModelConfig) -> GRPOLoss:
-    variant = cfg.loss_type if model_config.is_v3 else "reinforce"
-    return GRPOLoss(variant, cfg.beta, cfg.epsilon, cfg.epsilon_high)
+def objective_for(cfg: TrainConfig, model_config: ModelConfig) -> PolicyLoss:
+    if cfg.mode == "spo":
+        return PolicyLoss("spo", cfg.beta)
+    return PolicyLoss(cfg.loss_type if model_config.is_v3 else "reinforce", cfg.beta, cfg.epsilon, cfg.epsilon_high)
 
 
 def reward_settings(cfg: TrainConfig, arch: str, is_main: bool) -> RewardSettings:
@@ -147,8 +155,9 @@ def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
     rows = cfg.batch_size * cfg.num_generations
     split = sharding.batch_size_per_step(mesh)
     if rows % split:
-        raise UserError(f"--batch_size {cfg.batch_size} × --num_generations {cfg.num_generations} = {rows} rows are "
-                        f"not divisible by the data-parallel size {split} (mesh {dict(mesh.shape)})")  # fmt: skip
+        per_prompt = f" × --num_generations {cfg.num_generations} = {rows}" if cfg.num_generations > 1 else ""
+        raise UserError(f"--batch_size {cfg.batch_size}{per_prompt} rows are not divisible by the data-parallel "
+                        f"size {split} (mesh {dict(mesh.shape)})")  # fmt: skip
     platform = jax.devices()[0].platform
     dtype = cfg.dtype or default_dtype(platform)
     step = train_step_settings(cfg.fast_path, platform, dtype, cfg.max_seq_len + cfg.max_gen_len,
@@ -184,7 +193,9 @@ def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
     batches = RolloutBatches(prompts, source, tokenizer=tokenizer, arch=model_config.arch,
                              num_generations=cfg.num_generations, max_seq_len=cfg.max_seq_len,
                              max_gen_len=cfg.max_gen_len, thinking_ratio=cfg.thinking_ratio, rewards=rewards,
-                             old_log_probs=make_old_log_probs(graphdef), sharding=sharding.batch_sharding(mesh))  # fmt: skip
+                             old_log_probs=make_old_log_probs(graphdef),
+                             tracker=SPOTracker() if cfg.mode == "spo" else None,
+                             sharding=sharding.batch_sharding(mesh))  # fmt: skip
 
     lock.take()
     move_earlier_run_aside(earlier, is_main)

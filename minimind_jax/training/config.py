@@ -23,7 +23,7 @@ from minimind_jax.model.config import (
 
 LOSS_NORMS = ("tokens", "minimind")  # see training/step.py
 CHOICES = {
-    "mode": ("sft", "pretrain", "lora", "dpo", "distill", "distill_reason", "grpo"),
+    "mode": ("sft", "pretrain", "lora", "dpo", "distill", "distill_reason", "grpo", "spo"),
     "arch": ARCHS,
     "dtype": TRAIN_DTYPES,
     "remat": REMATS,
@@ -75,7 +75,7 @@ AT_LEAST = {
     "num_generations": 1,
     "max_gen_len": 1,
 }
-RL_MODES = ("grpo",)
+RL_MODES = ("grpo", "spo")
 # MiniMind's distillation names the student's sizes and weights; here they are the run's own fields.
 STUDENT_FLAGS = {
     "student_hidden_size": "hidden_size",
@@ -162,7 +162,7 @@ class TrainConfig:
     alpha: float = flag(0.5, "weight of the CE; 1 - alpha weighs the distillation KL", minimind=True, only="distill")
     temperature: float = flag(1.5, "softens both logits in the KL, which is scaled by its square", minimind=True,
                               only="distill")  # fmt: skip
-    num_generations: int = flag(8, "completions per prompt (G)", minimind=True, only=RL_MODES)
+    num_generations: int = flag(8, "completions per prompt (G)", minimind=True, only="grpo")
     max_gen_len: int = flag(1536, "the most tokens a completion has", minimind=True, only=RL_MODES)
     loss_type: str = flag("cispo", "v3's GRPO loss: cispo or grpo", minimind=True, only="grpo")
     epsilon: float = flag(0.2, "v3 grpo: the ratio is clipped to 1 ± epsilon", minimind=True, only="grpo")
@@ -290,6 +290,8 @@ class TrainConfig:
             )
         except ValueError as error:  # its message names the fields, which are the flags' names
             raise UserError(str(error)) from None
+        if self.mode == "spo" and self.arch != "minimind2":
+            raise UserError("spo is 2510's recipe (train_spo.py); v3 has none: give --arch minimind2")
         if self.mode == "distill_reason" and self.arch != "minimind2":
             raise UserError(
                 "distill_reason is 2510's recipe (train_distill_reason.py); v3 has none: give --arch minimind2"
@@ -382,6 +384,12 @@ SCRIPT_DEFAULTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
              from_weight="reason", wandb_project="MiniMind-GRPO"),
         dict(learning_rate=3e-7, hidden_size=768, max_seq_len=768, max_gen_len=1024, data_path="dataset/rlaif.jsonl",
              num_generations=6, beta=0.1, from_weight="full_sft"),
+    ),
+    "spo": (  # 2510's train_spo.py (one completion per prompt); v3 has none (TrainConfig refuses it)
+        dict(save_weight="spo", epochs=1, batch_size=2, learning_rate=1e-7, accumulation_steps=4, log_interval=1,
+             save_interval=10, max_seq_len=66, max_gen_len=1536, data_path="dataset/rlaif-mini.jsonl",
+             num_generations=1, beta=0.02, from_weight="reason", wandb_project="MiniMind-SPO"),
+        {},
     ),
     "lora": (  # train_lora.py
         dict(save_dir="out/lora", epochs=50, batch_size=32, learning_rate=1e-4, log_interval=10, save_interval=1,

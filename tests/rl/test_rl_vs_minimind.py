@@ -1,0 +1,91 @@
+"""The RL trainers against MiniMind's own on the same recorded rollouts, judged by the rules of
+../shared/golden/rl/README.md: per update the loss, mean reward and learning rate, and the written weights
+within MiniMind's own noise floor.
+
+- `main.py grpo --rollouts`: MiniMind's train_grpo.py runs of ../shared/golden/rl (both eras, v3's cispo and
+  grpo, rewards computed and given);
+- `main.py spo --rollouts`: 2510's train_spo.py, run the same way (tests/fixtures/rl/spo, made by
+  make_spo_golden.py; its 1-thread run changed no weight beyond one fp16 ulp, so the limit is the README's
+  floor of 2e-5).
+"""
+
+import json
+import pathlib
+import shlex
+
+import numpy as np
+import pytest
+import torch
+
+from minimind_jax.cli.main import main
+from tests.conftest import GOLDEN, require_shared
+
+CASES = [("2510", "reasoning_computed"), ("v3", "cispo_computed"), ("v3", "grpo_given")]
+SPO_GOLDEN = pathlib.Path(__file__).parents[1] / "fixtures" / "rl" / "spo"
+NOISE_FLOOR = 2e-5  # the README's limit when MiniMind's own 1-thread and float64 runs move no weight
+
+
+def golden_flags(era: str, case: str) -> list[str]:
+    """The case's command line from flags.env (paths relative to the era's folder)."""
+    for line in (GOLDEN / "rl" / era / "flags.env").read_text().splitlines():
+        name, _, value = line.partition("=")
+        if name == case.upper():
+            return shlex.split(shlex.split(value)[0])
+    raise KeyError(case)
+
+
+def fraction_beyond_one_fp16_ulp(ours: dict, theirs: dict) -> float:
+    """The README's measure: each entry's distance in fp16 units in the last place after rounding both to fp16,
+    and the fraction of all entries (every key) more than one apart."""
+    beyond = total = 0
+    for key, want in theirs.items():
+        x, y = (np.asarray(t.half().double().numpy()) for t in (ours[key], want))
+        scale = np.maximum(np.maximum(np.abs(x), np.abs(y)), 2.0**-14)
+        beyond += int((np.abs(x - y) / 2.0 ** (np.floor(np.log2(scale)) - 10) > 1).sum())
+        total += want.numel()
+    return beyond / total
+
+
+def assert_run_is_minimind(out, name: str, minimind_run: pathlib.Path, limit: float, label: str) -> None:
+    ours = [json.loads(line) for line in (out / "logs" / name / "metrics.jsonl").read_text().splitlines()]
+    theirs = [json.loads(line) for line in (minimind_run / "metrics.jsonl").read_text().splitlines()]
+    assert len(ours) == len(theirs) == 2
+    for update, (mine, minimind) in enumerate(zip(ours, theirs), 1):
+        assert mine["policy_loss"] == pytest.approx(minimind["policy_loss"], rel=1e-4, abs=1e-6), update
+        assert mine["reward"] == pytest.approx(minimind["reward"], abs=1e-5), update
+        assert mine["learning_rate"] == pytest.approx(minimind["learning_rate"], rel=1e-6), update
+        for metric in ("advantages_mean", "avg_response_len", "advantages_std", "kl_ref", "kl", "rho", "baseline"):
+            if metric in minimind:
+                assert mine[metric] == pytest.approx(minimind[metric], abs=1e-6), (update, metric)
+    weights = torch.load(out / f"{name}.pth", weights_only=True)
+    expected = torch.load(minimind_run / f"{name}.pth", weights_only=True)
+    assert list(weights) == list(expected)
+    fraction = fraction_beyond_one_fp16_ulp(weights, expected)
+    print(f"{label}: {fraction:.2e} of the weights beyond one fp16 ulp (limit {limit:.0e})")
+    assert fraction <= limit
+
+
+@pytest.mark.parametrize("era, case", CASES)
+def test_grpo_updates_are_minimind(era, case, tmp_path, monkeypatch):
+    folder = require_shared("golden", "rl", era)
+    monkeypatch.chdir(folder)  # the flags name the inputs relative to it
+    out = tmp_path / "out"
+    argv = ["grpo", *golden_flags(era, case), "--tokenizer_path", str(require_shared("minimind", era)),
+            "--save_dir", str(out), "--checkpoint_dir", str(out / "checkpoints"), "--no_progress"]  # fmt: skip
+    assert main(argv) == 0
+    limit = json.loads((folder / "noise.json").read_text())[case]["limit"]
+    assert_run_is_minimind(out, "grpo_32", folder / "minimind" / case, limit, f"{era} {case}")
+
+
+def test_spo_updates_are_minimind(tmp_path):
+    """2510's SPO on the first completion of each golden prompt: its tracker's baseline and ρ, the loss, and
+    the weights, which a tracker step off by anything would move."""
+    inputs = require_shared("golden", "rl", "2510", "inputs")
+    out = tmp_path / "out"
+    argv = ["spo", "--arch", "minimind2", "--hidden_size", "32", "--num_hidden_layers", "2", "--batch_size", "2",
+            "--max_seq_len", "64", "--max_gen_len", "320", "--learning_rate", "1e-3", "--beta", "0.02",
+            "--accumulation_steps", "1", "--save_interval", "1", "--from_weight", str(inputs / "full_sft_32.pth"),
+            "--rollouts", str(SPO_GOLDEN / "rollouts.jsonl"), "--tokenizer_path", str(require_shared("minimind", "2510")),
+            "--save_dir", str(out), "--mesh", "data=2", "--no_progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert_run_is_minimind(out, "spo_32", SPO_GOLDEN, NOISE_FLOOR, "2510 spo")
