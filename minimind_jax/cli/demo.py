@@ -9,6 +9,10 @@ Stages, in order (settings from configs/demo.yaml; `--quick` applies its `quick:
   sft        full SFT with the loss mask, started like MiniMind (`--from_weight pretrain`); writes
              out/full_sft_{hidden}.pth
   evaluate   masked loss on the held-out conversations: random init, after pretraining, after SFT
+  lora       an identity adapter on the SFT model; the held-out identity loss before and after
+  dpo        DPO on pairs built from the corpus; the held-out reward margin and accuracy before and after
+  grpo       GRPO on the SFT model with a rule reward (a reply of about 24 characters); the held-out
+             prompts' mean reward before and after, and per update
   chat       replies of the pretrained and the SFT model to Chinese and English prompts (`generate`)
   figures    both runs' loss curves in one picture, with the held-out losses
 
@@ -99,6 +103,7 @@ def load_settings(path, quick: bool = False) -> dict[str, dict]:
         "sft": train_keys,
         "lora": train_keys - {"lora_name", "from_lora"},
         "dpo": train_keys,
+        "grpo": train_keys - {"reward_fn", "rollouts"},
         "eval": {"batch_size"},
         "chat": CHAT_KEYS,
     }
@@ -168,9 +173,12 @@ class DemoRun:
         return TrainConfig(**{**fields, **changes})
 
     def fresh_run(self, cfg) -> dict:
-        """training.run.train from the start (not resuming a run of an earlier demo); its summary."""
+        """The command's training from the start (not resuming a run of an earlier demo); its summary."""
+        from minimind_jax.rl.run import train as train_rl
+        from minimind_jax.training.config import RL_MODES
         from minimind_jax.training.run import train
 
+        train = train_rl if cfg.mode in RL_MODES else train
         shutil.rmtree(pathlib.Path(cfg.checkpoint_dir) / cfg.run_name, ignore_errors=True)
         return train(cfg)
 
@@ -356,6 +364,54 @@ def dpo_stage(run: DemoRun) -> dict:
     }
 
 
+DEMO_REPLY_CHARS = 12
+
+
+def reply_length_reward(prompts: list[str], completions: list[str], **record_fields) -> list[float]:
+    """The GRPO stage's rule reward, one a small model learns in a few updates: 1 for a reply of
+    DEMO_REPLY_CHARS characters, falling by 1/48 per character away from it (the SFT model's replies are
+    longer; an empty one scores 0.75)."""
+    return [max(0.0, 1 - abs(len(text.strip()) - DEMO_REPLY_CHARS) / 48) for text in completions]
+
+
+def grpo_stage(run: DemoRun) -> dict:
+    """main.py grpo on the SFT model's replies to the corpus prompts, rewarded by reply_length_reward (a
+    --reward_fn); the held-out prompts' mean reward before and after, and the reward per update."""
+    from minimind_jax.rl.run import mean_reward
+
+    sft_chats, heldout_chats = run.corpus_dir / "sft.jsonl", run.corpus_dir / "sft_heldout.jsonl"
+    cfg = run.train_config("grpo", save_weight="grpo", from_weight=str(run.weights("sft")), data_path=str(sft_chats),
+                           reward_fn=f"{__name__}:reply_length_reward")  # fmt: skip
+    summary = run.fresh_run(cfg)
+    curve = [record["reward"] for record in summary["history"]]
+    figure = pathlib.Path(cfg.log_dir) / "reward_curve.png"
+    _plot_rewards(figure, curve)
+    return {
+        "weights": summary["weights"],
+        "updates": summary["updates"],
+        "reward_curve": curve,
+        "heldout_reward": {"before": mean_reward(cfg, run.weights("sft"), str(heldout_chats)),
+                           "after": mean_reward(cfg, summary["weights"], str(heldout_chats))},  # fmt: skip
+        "figure": str(figure),
+        "outputs": [summary["weights"], str(figure)],
+    }
+
+
+def _plot_rewards(path: pathlib.Path, rewards: list[float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.plot(range(1, len(rewards) + 1), rewards, linewidth=1)
+    axis.set(title="GRPO: mean reward of each update's rollouts", xlabel="optimizer update", ylabel="mean reward")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def chat_stage(run: DemoRun) -> dict:
     """Replies of both models to the same prompts, sampled with the same seed."""
     import numpy as np
@@ -528,6 +584,7 @@ STAGES = (
     Stage("evaluate", "held-out loss", ("eval",), evaluate_stage),
     Stage("lora", "LoRA identity adapter", ("lora", "mesh"), lora_stage),
     Stage("dpo", "DPO on pairs from the corpus", ("dpo", "mesh"), dpo_stage),
+    Stage("grpo", "GRPO with a reply-length reward", ("grpo", "mesh"), grpo_stage),
     Stage("chat", "chat", ("chat",), chat_stage),
     Stage("figures", "loss curves", (), figures_stage),
 )
@@ -634,6 +691,13 @@ def report(run: DemoRun, records: dict[str, dict], wall_seconds: float) -> str:
         f"DPO ({dpo['pairs']['train']} pairs; {dpo['pairs']['heldout']} held out): held-out reward margin "
         f"{before['reward_margin']:.4f} -> {after['reward_margin']:.4f}, accuracy {before['reward_accuracy']:.1%} -> "
         f"{after['reward_accuracy']:.1%}, DPO loss {before['loss']:.4f} -> {after['loss']:.4f}"
+    )
+    grpo = results["grpo"]
+    before, after = grpo["heldout_reward"]["before"], grpo["heldout_reward"]["after"]
+    lines.append(
+        f"GRPO ({grpo['updates']} updates, reward: a reply of about {DEMO_REPLY_CHARS} characters): held-out mean "
+        f"reward {before['reward']:.3f} -> {after['reward']:.3f} over {after['completions']} completions; per "
+        f"update {' '.join(f'{r:.2f}' for r in grpo['reward_curve'])}; {grpo['figure']}"
     )
     lines.append(
         f"figures: {results['figures']['figure']}, {results['pretrain']['loss_curve']}, {results['sft']['loss_curve']}"

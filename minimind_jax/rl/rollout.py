@@ -230,6 +230,7 @@ class RolloutBatches:
             "advantages_std": float(advantages[:num_real].std(ddof=1, dtype=np.float32)) if num_real > 1 else 0.0,
             "avg_response_len": float(lengths.mean()),
             "rollout_tokens": int(rows["attention_mask"].sum()),
+            "completions": num_real,
         }
         return batch, stats
 

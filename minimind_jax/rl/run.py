@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from flax import nnx
 
 from minimind_jax.data.tokenizer import check_fits, load_tokenizer
 from minimind_jax.errors import UserError
@@ -136,6 +137,28 @@ def reward_settings(cfg: TrainConfig, arch: str, is_main: bool) -> RewardSetting
     elif is_main and not cfg.rollouts:
         tqdm.tqdm.write("no --reward_model_path: only MiniMind's rule rewards count (the reward model scores 0)")
     return RewardSettings(arch, reasoning=bool(cfg.reasoning), reward_model=model)
+
+
+def mean_reward(cfg: TrainConfig, weights: str, data_path: str, seed: int = 0) -> dict[str, float]:
+    """The mean reward of the run's rewards over `weights`' completions of every prompt of `data_path` (one pass,
+    cfg.num_generations each, the era's sampling): {"reward", "completions"}."""
+    platform = jax.devices()[0].platform
+    dtype = cfg.dtype or default_dtype(platform)
+    step = train_step_settings(cfg.fast_path, platform, dtype, cfg.max_seq_len + cfg.max_gen_len)
+    model = build_model(dataclasses.replace(cfg, from_weight=str(weights)), dtype, step)
+    tokenizer = load_tokenizer(cfg.tokenizer_path)
+    graphdef, params = nnx.split(model, nnx.Param)
+    prompts = PromptBatches(load_prompts(data_path), cfg.batch_size, seed, epochs=1, shuffle=False)
+    batches = RolloutBatches(prompts, SamplerRollout(graphdef, model.config.arch, cfg.max_gen_len, tokenizer.eos_id),
+                             tokenizer=tokenizer, arch=model.config.arch, num_generations=cfg.num_generations,
+                             max_seq_len=cfg.max_seq_len, max_gen_len=cfg.max_gen_len,
+                             thinking_ratio=cfg.thinking_ratio, rewards=reward_settings(cfg, model.config.arch, False),
+                             old_log_probs=make_old_log_probs(graphdef))  # fmt: skip
+    total = count = 0.0
+    for index in range(len(prompts)):
+        _, stats = batches.next_batch(params, seed + index)
+        total, count = total + stats["reward"] * stats["completions"], count + stats["completions"]
+    return {"reward": total / count, "completions": int(count)}
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
