@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 
 PACKAGE_PARENT = pathlib.Path(__file__).resolve().parents[2]  # the directory that holds minimind_jax/
 DEFAULT_DATA_DIR = pathlib.Path.home() / ".cache" / "minimind_jax" / "bench"
-OBJECTIVES = ("sft", "lora", "dpo", "distill")
+OBJECTIVES = ("sft", "lora", "dpo", "distill", "grpo")
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str = "bench") -> None:
@@ -74,8 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "bench") -> No
         choices=OBJECTIVES,
         default="sft",
         help="what every side trains: MiniMind's train_full_sft, train_lora, train_dpo (pairs built from the "
-        "corpus) or train_distillation, with its script's defaults for the era (β, α, T, LoRA rank)",
+        "corpus) or train_distillation, with its script's defaults for the era (β, α, T, LoRA rank); grpo: one "
+        "whole RL update against train_grpo.py (bench/rl_update.py)",
     )
+    parser.add_argument("--num_generations", type=int, default=4, help="grpo: completions per prompt")
+    parser.add_argument("--max_gen_len", type=int, default=128, help="grpo: the most tokens of a completion")
     parser.add_argument(
         "--teacher_preset",
         default=None,
@@ -859,6 +862,10 @@ def minimind_decode(python: str, spec: dict, workdir: pathlib.Path) -> dict[str,
 
 
 def run(args) -> int:
+    if args.objective == "grpo":
+        from minimind_jax.bench.rl_update import run as run_rl
+
+        return run_rl(args)
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
         raise UserError("--batch_size and --steps must be at least 1 and --warmup at least 0")
     if args.loss_chunk_size is not None and args.loss_chunk_size < 0:

@@ -390,8 +390,10 @@ def grpo_stage(run: DemoRun) -> dict:
         "weights": summary["weights"],
         "updates": summary["updates"],
         "reward_curve": curve,
-        "heldout_reward": {"before": mean_reward(cfg, run.weights("sft"), str(heldout_chats)),
-                           "after": mean_reward(cfg, summary["weights"], str(heldout_chats))},  # fmt: skip
+        "heldout_reward": {
+            "before": mean_reward(cfg, run.weights("sft"), str(heldout_chats)),
+            "after": mean_reward(cfg, summary["weights"], str(heldout_chats)),
+        },  # fmt: skip
         "figure": str(figure),
         "outputs": [summary["weights"], str(figure)],
     }

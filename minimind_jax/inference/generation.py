@@ -31,6 +31,7 @@ from minimind_jax.model.config import ModelConfig, load_preset
 from minimind_jax.model.transformer import KVCache, MiniMind, check_token_ids
 
 MIN_BUCKET = 16  # the shortest prompt / new-token bucket
+CANDIDATES = 64  # the largest logits a top-k draw reads (top-k below this, e.g. MiniMind's 50)
 
 
 def check_room(config: ModelConfig, prompt_len: int, max_new_tokens: int) -> None:
@@ -123,11 +124,28 @@ def filter_top_k_top_p(logits_BV, top_k, top_p):
     return jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
 
 
+def _draw_from_window(logits_BV, top_k, top_p, key):
+    """A draw from filter_top_k_top_p's distribution that reads only the CANDIDATES largest logits of each row
+    (jax.lax.top_k, not a sort of the vocabulary), or None where that window cannot hold the filter: top-k off
+    or not below CANDIDATES, or a logit tied with the k-th largest outside the window."""
+    values_BC, tokens_BC = jax.lax.top_k(logits_BV, CANDIDATES)
+    top_k_B1 = jnp.broadcast_to(_per_row(top_k), (logits_BV.shape[0], 1))
+    kth_B1 = jnp.take_along_axis(values_BC, jnp.clip(top_k_B1 - 1, 0, CANDIDATES - 1), axis=-1)
+    # The window's smallest logit as a min, not as values_BC[:, -1]: a second slice of the sort lets XLA:CPU
+    # no longer see a top-k there, and it sorts the whole vocabulary.
+    smallest_B1 = values_BC.min(axis=-1, keepdims=True)
+    fits = jnp.all((top_k_B1 > 0) & (top_k_B1 < CANDIDATES) & (smallest_B1 < kth_B1))
+    filtered_BC = filter_top_k_top_p(values_BC, top_k, top_p)  # already sorted: the same cut-offs as the full row
+    drawn_B = jnp.take_along_axis(tokens_BC, jax.random.categorical(key, filtered_BC, axis=-1)[:, None], axis=-1)
+    return fits, drawn_B[:, 0]
+
+
 def choose_tokens(logits_BV, seen_BV, sampling: Sampling, key, do_sample: bool):
     """The next token [B]: MiniMind's temperature, repetition penalty, top-k, top-p, then a draw or argmax.
 
     Greedy decoding (and a row with temperature 0) skips the temperature and the filters, which cannot
-    change the argmax.
+    change the argmax. With top-k on (MiniMind's 50), the draw reads only the largest logits
+    (`_draw_from_window`): the same distribution without sorting the vocabulary each step.
     """
     penalty_B1, temperature_B1 = _per_row(sampling.repetition_penalty), _per_row(sampling.temperature)
     greedy_B = jnp.argmax(penalize_repeats(logits_BV, seen_BV, penalty_B1), axis=-1).astype(jnp.int32)
@@ -135,8 +153,15 @@ def choose_tokens(logits_BV, seen_BV, sampling: Sampling, key, do_sample: bool):
         return greedy_B
     sampled_B1 = temperature_B1 > 0
     logits_BV = penalize_repeats(logits_BV / jnp.where(sampled_B1, temperature_B1, 1.0), seen_BV, penalty_B1)
-    logits_BV = filter_top_k_top_p(logits_BV, sampling.top_k, sampling.top_p)
-    drawn_B = jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+    draw_key, full_key = jax.random.split(key)
+    fits, windowed_B = _draw_from_window(logits_BV, sampling.top_k, sampling.top_p, draw_key)
+    drawn_B = jax.lax.cond(
+        fits,
+        lambda: windowed_B,
+        lambda: jax.random.categorical(
+            full_key, filter_top_k_top_p(logits_BV, sampling.top_k, sampling.top_p), axis=-1
+        ),
+    ).astype(jnp.int32)
     return jnp.where(sampled_B1[:, 0], drawn_B, greedy_B)
 
 

@@ -135,6 +135,11 @@ class PolicyLoss(Objective):
     def is_v3(self) -> bool:
         return self.variant in ("grpo", "cispo")
 
+    @property
+    def reads_old_log_probs(self) -> bool:
+        """Whether the loss (or SPO's tracker) reads the rollout's log-probs; 2510's GRPO never does."""
+        return self.variant != "reinforce"
+
     def weight_sum(self, batch):
         return batch["row_weight"].sum()
 

@@ -19,6 +19,7 @@ token that counts.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -164,8 +165,11 @@ class RewardSettings:
 
 class RolloutBatches:
     """The RL run's data: each `next_batch(params, seed)` takes the next prompts, rolls them out with `params`
-    and returns the step's micro-batch on the mesh, with the rollout's statistics (MiniMind's names).
-    get_state()/set_state() are the prompts' position, for checkpoints."""
+    and returns the step's micro-batch on the mesh, with the rollout's statistics (MiniMind's names) and
+    timings. get_state()/set_state() are the prompts' position (and SPO's tracker), for checkpoints.
+
+    old_log_probs(params, batch): the policy's log-probs of the completions before the update, or None where
+    the loss never reads them (2510's GRPO, whose ratio is 1 by construction): zeros then."""
 
     def __init__(self, prompts: PromptBatches, source, *, tokenizer: Tokenizer, arch: str, num_generations: int,
                  max_seq_len: int, max_gen_len: int, thinking_ratio: float, rewards: RewardSettings,
@@ -206,7 +210,9 @@ class RolloutBatches:
             render_prompt(r, self.tokenizer, self.arch, rng(i), self.thinking_ratio) for i, r in enumerate(records)
         ]
         prompt_ids, prompt_mask = prompt_matrix(self.tokenizer, texts, self.max_seq_len)
+        started = time.perf_counter()
         completions = self.source.completions(params, records, prompt_ids, prompt_mask, self.num_generations, seed)
+        rollout_s = time.perf_counter() - started
         rewards = self.rewards_for(records, texts, completions)
         rows = layout_rows(prompt_ids, completions, arch=self.arch, num_rows=self.num_rows,
                            max_seq_len=self.max_seq_len, max_gen_len=self.max_gen_len, pad_id=self.tokenizer.pad_id,
@@ -219,7 +225,12 @@ class RolloutBatches:
             advantages[:num_real], stats["baseline"] = self.tracker.advantages(rewards)
         rows.update(advantages=advantages, row_weight=(np.arange(self.num_rows) < num_real).astype(np.float32))
         batch = self._on_mesh(rows)
-        batch["old_log_probs"] = self.old_log_probs(params, batch)
+        started = time.perf_counter()
+        if self.old_log_probs is None:
+            batch["old_log_probs"] = jax.numpy.zeros_like(batch["completion_mask"], jax.numpy.float32)
+        else:
+            batch["old_log_probs"] = jax.block_until_ready(self.old_log_probs(params, batch))
+        log_probs_s = time.perf_counter() - started
         if self.tracker is not None:  # after the baselines: MiniMind updates it after the batch's backward pass
             log_probs = np.asarray(multihost_utils.process_allgather(batch["old_log_probs"], tiled=True))
             stats["rho"] = self.tracker.update(rewards, log_probs[:num_real], rows["completion_mask"][:num_real])
@@ -231,6 +242,8 @@ class RolloutBatches:
             "avg_response_len": float(lengths.mean()),
             "rollout_tokens": int(rows["attention_mask"].sum()),
             "completions": num_real,
+            "rollout_s": rollout_s,  # sampling the completions
+            "log_probs_s": log_probs_s,  # the policy's log-probs of them before the update
         }
         return batch, stats
 

@@ -153,7 +153,7 @@ def mean_reward(cfg: TrainConfig, weights: str, data_path: str, seed: int = 0) -
                              tokenizer=tokenizer, arch=model.config.arch, num_generations=cfg.num_generations,
                              max_seq_len=cfg.max_seq_len, max_gen_len=cfg.max_gen_len,
                              thinking_ratio=cfg.thinking_ratio, rewards=reward_settings(cfg, model.config.arch, False),
-                             old_log_probs=make_old_log_probs(graphdef))  # fmt: skip
+                             old_log_probs=None)  # fmt: skip
     total = count = 0.0
     for index in range(len(prompts)):
         _, stats = batches.next_batch(params, seed + index)
@@ -216,7 +216,7 @@ def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
     batches = RolloutBatches(prompts, source, tokenizer=tokenizer, arch=model_config.arch,
                              num_generations=cfg.num_generations, max_seq_len=cfg.max_seq_len,
                              max_gen_len=cfg.max_gen_len, thinking_ratio=cfg.thinking_ratio, rewards=rewards,
-                             old_log_probs=make_old_log_probs(graphdef),
+                             old_log_probs=make_old_log_probs(graphdef) if objective.reads_old_log_probs else None,
                              tracker=SPOTracker() if cfg.mode == "spo" else None,
                              sharding=sharding.batch_sharding(mesh))  # fmt: skip
 
