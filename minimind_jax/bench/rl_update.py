@@ -52,6 +52,7 @@ class OurSide:
             RolloutBatches,
             SamplerRollout,
             make_old_log_probs,
+            trainer_layout,
         )
         from minimind_jax.training import sharding
         from minimind_jax.training.optimizer import annealing_lr_schedule, make_optimizer
@@ -78,6 +79,7 @@ class OurSide:
             arch=config.arch, num_generations=args.num_generations, max_seq_len=args.max_seq_len,
             max_gen_len=args.max_gen_len, thinking_ratio=0.0, rewards=RewardSettings(config.arch, reasoning=True),
             old_log_probs=make_old_log_probs(self.graphdef) if self.objective.reads_old_log_probs else None,
+            layout=trainer_layout("grpo", config.arch),
             sharding=sharding.batch_sharding(mesh),
         )  # fmt: skip
         self.turn = 0

@@ -175,3 +175,54 @@ class PolicyLoss(Objective):
 def nnx_dropout(model, rng):
     """The dropout streams for the model's training forward, when its config has dropout."""
     return nnx.Rngs(dropout=rng) if model.config.dropout > 0 else None
+
+
+@dataclasses.dataclass(frozen=True)
+class SequencePPOLoss(Objective):
+    """2510's PPO (train_ppo.py), one advantage per sequence. The model is an ActorCritic (rl/actor_critic.py).
+
+    With S = Σ log-probs of a row's completion tokens under the mask (2510 leaves out the first generated
+    token), for the actor, the old actor (its S arrives in old_log_probs) and the reference, V the critic's
+    value at the row's last attended position and r the reward:
+      A = r − sg(V),  ratio = e^(S_actor − S_old),
+      loss = −min(ratio·A, clip(ratio, 1 ± clip_epsilon)·A) + vf_coef·(V − r)² + kl_coef·(S_actor − S_ref)
+    averaged over rows. The old actor does not train. 2510 does not divide this loss by the accumulation
+    steps, so `scale` (the accumulation steps) undoes the step's division. Metrics, summed over rows:
+    actor_loss, critic_loss, kl (S_actor − S_old) and kl_ref (S_actor − S_ref).
+    """
+
+    clip_epsilon: float = 0.1
+    vf_coef: float = 0.5
+    kl_coef: float = 0.02
+    scale: float = 1.0
+    batch_fields = (*ROLLOUT_FIELDS, "rewards", "value_index")
+    frozen_models = ("reference",)
+    variant = "sequence"
+    reads_old_log_probs = True  # the old actor's
+
+    def trainable(self, path):
+        return path[0] != "old_actor"
+
+    def weight_sum(self, batch):
+        return batch["row_weight"].sum()
+
+    def loss_sums(self, model, batch, frozen, *, rng, batch_axes):
+        actor_NR, _ = completion_log_probs(model.actor, batch, train=True, dropout_rngs=nnx_dropout(model.actor, rng),
+                                           batch_axes=batch_axes)  # fmt: skip
+        reference_NR, _ = completion_log_probs(frozen["reference"], batch)
+        values_NT, _ = model.critic.values(batch, train=True, batch_axes=batch_axes)
+        mask_NR = batch["completion_mask"].astype(jnp.float32)
+        actor_N, old_N, reference_N = ((x * mask_NR).sum(1) for x in (actor_NR, batch["old_log_probs"], reference_NR))
+        value_N = jnp.take_along_axis(values_NT, batch["value_index"][:, None], axis=1)[:, 0]
+        reward_N = batch["rewards"]
+        advantage_N = reward_N - jax.lax.stop_gradient(value_N)
+        ratio_N = jnp.exp(actor_N - old_N)
+        clipped_N = jnp.clip(ratio_N, 1 - self.clip_epsilon, 1 + self.clip_epsilon)
+        policy_N = -jnp.minimum(ratio_N * advantage_N, clipped_N * advantage_N)
+        critic_N = (value_N - reward_N) ** 2
+        kl_ref_N = actor_N - reference_N
+        weight_N = batch["row_weight"]
+        row_loss_N = policy_N + self.vf_coef * critic_N + self.kl_coef * kl_ref_N
+        metrics = {"actor_loss": (policy_N * weight_N).sum(), "critic_loss": (critic_N * weight_N).sum(),
+                   "kl": ((actor_N - old_N) * weight_N).sum(), "kl_ref": (kl_ref_N * weight_N).sum()}  # fmt: skip
+        return LossSums(self.scale * (row_loss_N * weight_N).sum(), jnp.zeros((), jnp.float32), metrics)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -36,6 +37,22 @@ from minimind_jax.rl.rewards import RewardModel, call_reward_fn, era_rewards
 
 # Each era's rollout sampling: (temperature, top_k, top_p, fill of finished rows: "pad" or "eos").
 ERA_SAMPLING = {"minimind2": (0.8, 50, 1.0, "pad"), "minimind3": (0.8, 50, 0.85, "eos")}
+
+
+class Layout(NamedTuple):
+    """How a trainer of an era lays out its rows (prompt_matrix's `keep`, layout_rows' flags)."""
+
+    mask_padding: bool
+    skip_first_token: bool = False
+    keep_prompt: str = "last"
+
+
+def trainer_layout(mode: str, arch: str) -> Layout:
+    """PPO (both eras) masks the padding and keeps each prompt's first ids, 2510's also leaves the first
+    generated token out of its sums; GRPO and SPO mask the padding in v3 only."""
+    if mode == "ppo":
+        return Layout(mask_padding=True, skip_first_token=arch == "minimind2", keep_prompt="first")
+    return Layout(mask_padding=arch == "minimind3")
 
 
 @dataclasses.dataclass
@@ -75,10 +92,14 @@ class PromptBatches:
         return epoch, [int(i) for i in chosen[index * self.batch_size : (index + 1) * self.batch_size]]
 
 
-def prompt_matrix(tokenizer: Tokenizer, prompts: Sequence[str], max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """MiniMind's prompt tokenization: left-padded to the longest, then the last max_seq_len columns. [B, P]
-    ids and mask."""
+def prompt_matrix(tokenizer: Tokenizer, prompts: Sequence[str], max_seq_len: int,
+                  keep: str = "last") -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """MiniMind's prompt tokenization: left-padded to the longest, then cut to max_seq_len, [B, P] ids and mask.
+    keep "last": the last max_seq_len columns (GRPO, SPO); "first": each prompt's first max_seq_len ids
+    before padding (PPO's tokenizer(truncation=True), which cuts the generation prompt of a long prompt)."""
     encoded = tokenizer.encode_batch(list(prompts))
+    if keep == "first":
+        encoded = [ids[:max_seq_len] for ids in encoded]
     width = max(len(ids) for ids in encoded)
     ids = np.full((len(encoded), width), tokenizer.pad_id, np.int32)
     mask = np.zeros((len(encoded), width), np.int32)
@@ -89,10 +110,15 @@ def prompt_matrix(tokenizer: Tokenizer, prompts: Sequence[str], max_seq_len: int
 
 
 def layout_rows(prompt_ids_BP: np.ndarray, completions: Sequence[Sequence[int]], *, arch: str, num_rows: int,
-                max_seq_len: int, max_gen_len: int, pad_id: int, eos_id: int) -> dict[str, np.ndarray]:  # fmt: skip
+                max_seq_len: int, max_gen_len: int, pad_id: int, eos_id: int, mask_padding: bool,
+                skip_first_token: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
     """The rows of the step (see the module's docstring) for B prompts and their B·G completions, filled with
     empty rows up to num_rows: sequences, attention_mask and positions [num_rows, P' + R'], completion_mask
-    [num_rows, R'] (1 on each completion's own ids, through its eos)."""
+    [num_rows, R'] and value_index [num_rows] (the last attended column, where PPO's critic reads a row).
+
+    mask_padding: the forwards mask out pad ids (attention_mask = ids ≠ pad: v3, and 2510's PPO); otherwise the
+    padding is attended (2510's GRPO and SPO). The completion mask covers each completion's ids through its eos;
+    skip_first_token: 2510 PPO's, which leaves out the first generated token and every pad id."""
     num_prompts, prompt_len = prompt_ids_BP.shape
     generations = len(completions) // num_prompts
     longest = max(len(ids) for ids in completions)
@@ -107,14 +133,18 @@ def layout_rows(prompt_ids_BP: np.ndarray, completions: Sequence[Sequence[int]],
     for row, ids in enumerate(completions):
         sequences[row, prompt_cols : prompt_cols + len(ids)] = ids
         completion_mask[row, : len(ids)] = 1
+    if skip_first_token:
+        completion_mask[: len(completions)] = sequences[: len(completions), prompt_cols:] != pad_id
+        completion_mask[:, 0] = 0
     attention_mask = np.ones_like(sequences)
     attention_mask[:, :extra] = 0
-    if arch == "minimind3":
+    if mask_padding:
         attention_mask &= (sequences != pad_id).astype(np.int32)
     attention_mask[len(completions) :] = 0
     positions = np.broadcast_to(np.arange(sequences.shape[1], dtype=np.int32) - extra, sequences.shape).copy()
+    last_attended = sequences.shape[1] - 1 - np.argmax(attention_mask[:, ::-1], axis=1)
     return {"sequences": sequences, "attention_mask": attention_mask, "positions": positions,
-            "completion_mask": completion_mask}  # fmt: skip
+            "completion_mask": completion_mask, "value_index": last_attended.astype(np.int32)}  # fmt: skip
 
 
 class SamplerRollout:
@@ -173,10 +203,12 @@ class RolloutBatches:
 
     def __init__(self, prompts: PromptBatches, source, *, tokenizer: Tokenizer, arch: str, num_generations: int,
                  max_seq_len: int, max_gen_len: int, thinking_ratio: float, rewards: RewardSettings,
-                 old_log_probs: Callable, tracker: SPOTracker | None = None, sharding=None):  # fmt: skip
-        """tracker: SPO's value tracker gives the advantages; without it they are GRPO's, per group."""
+                 old_log_probs: Callable | None, layout: Layout, tracker: SPOTracker | None = None,
+                 sharding=None):  # fmt: skip
+        """tracker: SPO's value tracker gives the advantages; without it they are GRPO's, per group (PPO's
+        critic makes its own in the step)."""
         self.prompts, self.source, self.tokenizer, self.arch = prompts, source, tokenizer, arch
-        self.tracker = tracker
+        self.tracker, self.layout = tracker, layout
         self.num_generations, self.max_seq_len, self.max_gen_len = num_generations, max_seq_len, max_gen_len
         self.thinking_ratio, self.rewards, self.old_log_probs = thinking_ratio, rewards, old_log_probs
         self.sharding = sharding
@@ -201,35 +233,40 @@ class RolloutBatches:
         if self.tracker is not None:
             self.tracker.set_state(state["tracker"])
 
-    def next_batch(self, params, seed: int) -> tuple[dict, dict]:
-        """(the micro-batch, its statistics on the host)."""
+    def next_batch(self, params, seed: int, old_params=None) -> tuple[dict, dict]:
+        """(the micro-batch, its statistics on the host). params: the policy's, which rolls out; old_params:
+        the policy whose log-probs are the old ones (2510 PPO's old actor), by default `params`."""
         epoch, indices = self.prompts.next_batch()
         records = [self.prompts.records[i] for i in indices]
         rng = lambda i: np.random.default_rng([self.prompts.seed, epoch, indices[i]])
         texts = [
             render_prompt(r, self.tokenizer, self.arch, rng(i), self.thinking_ratio) for i, r in enumerate(records)
         ]
-        prompt_ids, prompt_mask = prompt_matrix(self.tokenizer, texts, self.max_seq_len)
+        prompt_ids, prompt_mask = prompt_matrix(self.tokenizer, texts, self.max_seq_len, self.layout.keep_prompt)
         started = time.perf_counter()
         completions = self.source.completions(params, records, prompt_ids, prompt_mask, self.num_generations, seed)
         rollout_s = time.perf_counter() - started
         rewards = self.rewards_for(records, texts, completions)
         rows = layout_rows(prompt_ids, completions, arch=self.arch, num_rows=self.num_rows,
                            max_seq_len=self.max_seq_len, max_gen_len=self.max_gen_len, pad_id=self.tokenizer.pad_id,
-                           eos_id=self.tokenizer.eos_id)  # fmt: skip
+                           eos_id=self.tokenizer.eos_id, mask_padding=self.layout.mask_padding,
+                           skip_first_token=self.layout.skip_first_token)  # fmt: skip
         num_real = len(completions)
         advantages, stats = np.zeros(self.num_rows, np.float32), {}
-        if self.tracker is None:
-            advantages[:num_real] = group_advantages(rewards, self.num_generations, self.arch)
-        else:
+        rows["rewards"] = np.zeros(self.num_rows, np.float32)
+        rows["rewards"][:num_real] = rewards
+        if self.tracker is not None:
             advantages[:num_real], stats["baseline"] = self.tracker.advantages(rewards)
+        elif self.num_generations > 1:  # GRPO; PPO's one generation per prompt gets its critic's, in the step
+            advantages[:num_real] = group_advantages(rewards, self.num_generations, self.arch)
         rows.update(advantages=advantages, row_weight=(np.arange(self.num_rows) < num_real).astype(np.float32))
         batch = self._on_mesh(rows)
         started = time.perf_counter()
         if self.old_log_probs is None:
             batch["old_log_probs"] = jax.numpy.zeros_like(batch["completion_mask"], jax.numpy.float32)
         else:
-            batch["old_log_probs"] = jax.block_until_ready(self.old_log_probs(params, batch))
+            batch["old_log_probs"] = jax.block_until_ready(self.old_log_probs(
+                params if old_params is None else old_params, batch))  # fmt: skip
         log_probs_s = time.perf_counter() - started
         if self.tracker is not None:  # after the baselines: MiniMind updates it after the batch's backward pass
             log_probs = np.asarray(multihost_utils.process_allgather(batch["old_log_probs"], tiled=True))

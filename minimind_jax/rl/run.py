@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import tqdm
 from flax import nnx
 
@@ -26,7 +27,10 @@ from minimind_jax.data.tokenizer import check_fits, load_tokenizer
 from minimind_jax.errors import UserError
 from minimind_jax.inference.generation import check_room
 from minimind_jax.model.config import LITERAL_STEP, ModelConfig, default_dtype, train_step_settings
-from minimind_jax.rl.algorithms import PolicyLoss, SPOTracker
+from minimind_jax.model.params import model_from_params, params_of
+from minimind_jax.model.transformer import MiniMind
+from minimind_jax.rl.actor_critic import ActorCritic, Critic, load_critic
+from minimind_jax.rl.algorithms import PolicyLoss, SequencePPOLoss, SPOTracker
 from minimind_jax.rl.data import load_prompts, load_replay
 from minimind_jax.rl.rewards import RewardModel, load_reward_fn
 from minimind_jax.rl.rollout import (
@@ -36,6 +40,7 @@ from minimind_jax.rl.rollout import (
     RolloutBatches,
     SamplerRollout,
     make_old_log_probs,
+    trainer_layout,
 )
 from minimind_jax.runtime import maybe_initialize_distributed, use_compilation_cache
 from minimind_jax.training import sharding
@@ -94,6 +99,11 @@ class RLMetricLogger(MetricLogger):
         return host_metrics["rollout_tokens"] * self.plan.sizes[update - 1]
 
     def finish_record(self, record: dict) -> None:
+        if self.cfg.mode == "ppo":  # the objective's means are MiniMind's names already
+            record["actor_lr"] = record["lr"]
+            record["critic_lr"] = float(annealing_lr(self.cfg.critic_learning_rate, self.schedule_updates,
+                                                     record["update"], np))  # fmt: skip
+            return
         v3 = self.cfg.arch == "minimind3"
         record["policy_loss"] = record["last_micro_loss"] / (1 if v3 else self.cfg.accumulation_steps)
         tokens = max(record.pop("completion_tokens"), 1e-12)
@@ -103,6 +113,12 @@ class RLMetricLogger(MetricLogger):
 
     def log_line(self, record: dict, step_in_epoch: int, eta_min: float) -> str:
         where = f"({step_in_epoch + 1}/{self.steps_per_epoch})"
+        if self.cfg.mode == "ppo":
+            return (f"Epoch: {record['epoch']}, Step: {step_in_epoch + 1}/{self.steps_per_epoch}, Actor Loss: "
+                    f"{record['actor_loss']:.6f}, Critic Loss: {record['critic_loss']:.6f}, Reward: "
+                    f"{record['reward']:.6f}, KL: {record['kl']:.6f}, KL_ref: {record['kl_ref']:.6f}, Avg Response "
+                    f"Len: {record['avg_response_len']:.2f}, Actor LR: {record['actor_lr']:.2e}, Critic LR: "
+                    f"{record['critic_lr']:.2e}, tokens/s: {record['tokens_per_s']:,.0f}")  # fmt: skip
         if self.cfg.mode == "spo":
             return (f"Epoch: {record['epoch']}, Step: {step_in_epoch + 1}/{self.steps_per_epoch}, Actor Loss: "
                     f"{record['policy_loss']:.6f}, Reward: {record['reward']:.6f}, Baseline: {record['baseline']:.4f}, "
@@ -119,10 +135,32 @@ class RLMetricLogger(MetricLogger):
                 f"{record['tokens_per_s']:,.0f}")  # fmt: skip
 
 
-def objective_for(cfg: TrainConfig, model_config: ModelConfig) -> PolicyLoss:
+def objective_for(cfg: TrainConfig, model_config: ModelConfig) -> PolicyLoss | SequencePPOLoss:
+    if cfg.mode == "ppo":
+        return SequencePPOLoss(cfg.clip_epsilon, cfg.vf_coef, cfg.kl_coef, scale=cfg.accumulation_steps)
     if cfg.mode == "spo":
         return PolicyLoss("spo", cfg.beta)
     return PolicyLoss(cfg.loss_type if model_config.is_v3 else "reinforce", cfg.beta, cfg.epsilon, cfg.epsilon_high)
+
+
+def trained_model(cfg: TrainConfig, policy: MiniMind, schedule_updates: int):
+    """(what the step trains, its optimizer). GRPO and SPO: the policy, under AdamW on MiniMind's RL schedule.
+    PPO: an ActorCritic whose actor and critic each have their own AdamW, clipping and schedule (MiniMind's
+    two optimizers), the critic started from --critic_weight or from the policy with a new value head, and
+    2510's old actor a copy of the policy."""
+    schedule = lambda lr: annealing_lr_schedule(lr, schedule_updates)
+    if cfg.mode != "ppo":
+        return policy, make_optimizer(schedule(cfg.learning_rate), cfg.grad_clip)
+    copy = lambda model: model_from_params(model.config, jax.tree.map(jnp.copy, params_of(model)))
+    critic = load_critic(cfg.critic_weight, policy) if cfg.critic_weight else Critic(copy(policy), nnx.Rngs(cfg.seed))
+    model = ActorCritic(policy, critic, None if policy.config.is_v3 else copy(policy))
+    optimizer = optax.multi_transform(
+        {"actor": make_optimizer(schedule(cfg.learning_rate), cfg.grad_clip),
+         "critic": make_optimizer(schedule(cfg.critic_learning_rate), cfg.grad_clip)},
+        lambda trained: {name: jax.tree.map(functools.partial(lambda name, _: name, name), part)
+                         for name, part in trained.items()},
+    )  # fmt: skip
+    return model, optimizer
 
 
 def reward_settings(cfg: TrainConfig, arch: str, is_main: bool) -> RewardSettings:
@@ -153,7 +191,7 @@ def mean_reward(cfg: TrainConfig, weights: str, data_path: str, seed: int = 0) -
                              tokenizer=tokenizer, arch=model.config.arch, num_generations=cfg.num_generations,
                              max_seq_len=cfg.max_seq_len, max_gen_len=cfg.max_gen_len,
                              thinking_ratio=cfg.thinking_ratio, rewards=reward_settings(cfg, model.config.arch, False),
-                             old_log_probs=None)  # fmt: skip
+                             old_log_probs=None, layout=trainer_layout(cfg.mode, model.config.arch))  # fmt: skip
     total = count = 0.0
     for index in range(len(prompts)):
         _, stats = batches.next_batch(params, seed + index)
@@ -204,19 +242,22 @@ def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
     schedule_updates = schedule_length(model_config.arch, len(prompts), cfg.epochs, acc)
     rewards = reward_settings(cfg, model_config.arch, is_main)
     objective = objective_for(cfg, model_config)
-    optimizer = make_optimizer(annealing_lr_schedule(cfg.learning_rate, max(schedule_updates, 1)), cfg.grad_clip)
-    graphdef, params, opt_state, param_shardings, opt_shardings = init_train_state(model, optimizer, mesh, objective)
-    del model
-    frozen_params = {"reference": jax.tree.map(jnp.copy, params)}  # the policy as it starts: --from_weight has it
-    step_fn = make_train_step(graphdef, optimizer, mesh, objective=objective, frozen_graphdefs={"reference": graphdef},
-                              accumulation_steps=acc, loss_norm=cfg.loss_norm, param_shardings=param_shardings,
-                              opt_shardings=opt_shardings)  # fmt: skip
-    source = ReplayRollout() if cfg.rollouts else SamplerRollout(graphdef, model_config.arch, cfg.max_gen_len,
+    policy_graphdef = nnx.graphdef(model)
+    trained, optimizer = trained_model(cfg, model, max(schedule_updates, 1))
+    graphdef, params, opt_state, param_shardings, opt_shardings = init_train_state(trained, optimizer, mesh, objective)
+    del model, trained
+    policy = (lambda params: params["actor"]) if cfg.mode == "ppo" else (lambda params: params)
+    frozen_params = {"reference": jax.tree.map(jnp.copy, policy(params))}  # the policy as it starts
+    step_fn = make_train_step(graphdef, optimizer, mesh, objective=objective,
+                              frozen_graphdefs={"reference": policy_graphdef}, accumulation_steps=acc,
+                              loss_norm=cfg.loss_norm, param_shardings=param_shardings, opt_shardings=opt_shardings)  # fmt: skip
+    source = ReplayRollout() if cfg.rollouts else SamplerRollout(policy_graphdef, model_config.arch, cfg.max_gen_len,
                                                                  tokenizer.eos_id)  # fmt: skip
     batches = RolloutBatches(prompts, source, tokenizer=tokenizer, arch=model_config.arch,
                              num_generations=cfg.num_generations, max_seq_len=cfg.max_seq_len,
                              max_gen_len=cfg.max_gen_len, thinking_ratio=cfg.thinking_ratio, rewards=rewards,
-                             old_log_probs=make_old_log_probs(graphdef) if objective.reads_old_log_probs else None,
+                             old_log_probs=make_old_log_probs(policy_graphdef) if objective.reads_old_log_probs else None,
+                             layout=trainer_layout(cfg.mode, model_config.arch),
                              tracker=SPOTracker() if cfg.mode == "spo" else None,
                              sharding=sharding.batch_sharding(mesh))  # fmt: skip
 
@@ -225,7 +266,7 @@ def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
     checkpoints = TrainCheckpoints(cfg.run_checkpoint_dir, max_to_keep=cfg.keep_checkpoints)
     state = RunState(update=0, params=params, opt_state=opt_state, rng=jax.random.key_data(jax.random.key(cfg.seed)),
                      batches=batches)  # fmt: skip
-    resumed_meta = resume(cfg, checkpoints, state, model_config, param_shardings, opt_shardings, is_main)
+    resumed_meta = resume(cfg, checkpoints, state, param_shardings, opt_shardings, is_main)
     wandb_id = resumed_meta.get("wandb_id")
     if is_main:
         drop_metrics_after(cfg.log_dir / "metrics.jsonl", state.update)
@@ -243,20 +284,34 @@ def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
         "model_config": portable_config.to_dict(),
         "train_config": dataclasses.asdict(cfg),
         "wandb_id": wandb_id,
+        **({"policy_params": "actor"} if cfg.mode == "ppo" else {}),
     }
     pth_path = pathlib.Path(cfg.save_dir) / f"{cfg.run_name}.pth"
-    checkpointer = Checkpointer(checkpoints, logger, graphdef, functools.partial(save_pth, path=pth_path), run_meta,
-                                state.update, is_main)  # fmt: skip
+    export = lambda model: save_pth(model.actor if cfg.mode == "ppo" else model, pth_path)  # MiniMind saves the actor
+    checkpointer = Checkpointer(checkpoints, logger, graphdef, export, run_meta, state.update, is_main)
     preemption = Preemption(checkpointer)
+
+    def old_actor_due(micro_step: int) -> bool:
+        """2510's PPO makes the old actor the actor after micro-step s (1-based in its epoch) when (s + 1) % freq
+        is 0."""
+        return cfg.mode == "ppo" and (((micro_step - 1) % len(prompts) + 1) + 1) % cfg.update_old_actor_freq == 0
 
     def rollout_micro_batches(state: RunState, size: int) -> list:
         """The update's micro-batches, each rolled out with the weights of this update; the statistics are the
-        last one's, as MiniMind logs its last micro-step."""
-        micro_batches = []
-        for _ in range(size):
+        last one's, as MiniMind logs its last micro-step. PPO: the old actor's log-probs come from the old actor
+        at each micro-step (the actor itself once it was refreshed since the last optimizer step)."""
+        done = plan.previous_micro_step(state.update + 1)
+        if done and old_actor_due(done):  # refreshed after the last update's optimizer step
+            state.params = {**state.params, "old_actor": jax.tree.map(jnp.copy, state.params["actor"])}
+        micro_batches, refreshed = [], False
+        for index in range(size):
             seed = int(np.random.SeedSequence([cfg.seed, state.batches.step]).generate_state(1)[0])
-            batch, state.host_metrics = state.batches.next_batch(state.params, seed)
+            old = state.params["actor" if refreshed else "old_actor"] if cfg.mode == "ppo" else None
+            batch, state.host_metrics = state.batches.next_batch(policy(state.params), seed, old_params=old)
             micro_batches.append(batch)
+            refreshed |= index < size - 1 and old_actor_due(done + index + 1)
+        if refreshed:  # the actor has not moved since the update began: the old actor is it from here on
+            state.params = {**state.params, "old_actor": jax.tree.map(jnp.copy, state.params["actor"])}
         return micro_batches
 
     trainer = Trainer(step_fn, update_sizes=plan.sizes, last_update=last_update, frozen_params=frozen_params,

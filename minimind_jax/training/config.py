@@ -23,7 +23,7 @@ from minimind_jax.model.config import (
 
 LOSS_NORMS = ("tokens", "minimind")  # see training/step.py
 CHOICES = {
-    "mode": ("sft", "pretrain", "lora", "dpo", "distill", "distill_reason", "grpo", "spo"),
+    "mode": ("sft", "pretrain", "lora", "dpo", "distill", "distill_reason", "grpo", "spo", "ppo"),
     "arch": ARCHS,
     "dtype": TRAIN_DTYPES,
     "remat": REMATS,
@@ -74,8 +74,9 @@ AT_LEAST = {
     "process_id": 0,
     "num_generations": 1,
     "max_gen_len": 1,
+    "update_old_actor_freq": 1,
 }
-RL_MODES = ("grpo", "spo")
+RL_MODES = ("grpo", "spo", "ppo")
 # MiniMind's distillation names the student's sizes and weights; here they are the run's own fields.
 STUDENT_FLAGS = {
     "student_hidden_size": "hidden_size",
@@ -170,6 +171,12 @@ class TrainConfig:
     reasoning: int = flag(1, "2510: 1 = the <think>/<answer> format rewards (and the reason weights)", minimind=True,
                           only=RL_MODES)  # fmt: skip
     thinking_ratio: float = flag(0.9, "v3: the share of prompts with thinking open", minimind=True, only=RL_MODES)
+    critic_learning_rate: float = flag(8e-8, "the critic's peak learning rate", minimind=True, only="ppo")
+    clip_epsilon: float = flag(0.1, "the policy ratio is clipped to 1 ± clip_epsilon", minimind=True, only="ppo")
+    vf_coef: float = flag(0.5, "weight of the critic's loss", minimind=True, only="ppo")
+    kl_coef: float = flag(0.02, "weight of the KL to the reference", minimind=True, only="ppo")
+    update_old_actor_freq: int = flag(4, "2510: the old actor becomes the actor every N steps", minimind=True,
+                                      only="ppo")  # fmt: skip
     reward_model_path: str | None = flag(
         None,
         "a local Hugging Face reward model (one label); without it only the rule rewards count",
@@ -178,6 +185,12 @@ class TrainConfig:
     )
     # ---- ours ----
     trust_remote_code: int = flag(0, "1 = load --reward_model_path with its own code (InternLM2-Reward)", only=RL_MODES)
+    critic_weight: str | None = flag(
+        None,
+        "a MiniMind critic state dict (value_head included) to start the critic from (default: the actor's "
+        "weights and a new value head, as MiniMind starts it)",
+        only="ppo",
+    )
     rollouts: str | None = flag(None, "replay recorded rollouts from this jsonl instead of sampling", only=RL_MODES)
     reward_fn: str | None = flag(
         None,
@@ -266,7 +279,8 @@ class TrainConfig:
         for name, minimum in AT_LEAST.items():
             if name in given and not (_is_integer(given[name]) and given[name] >= minimum):
                 raise UserError(f"--{name} must be an integer >= {minimum}, got {given[name]!r}")
-        positive = ["learning_rate", "beta", "temperature", "epsilon", "epsilon_high"]
+        positive = ["learning_rate", "beta", "temperature", "epsilon", "epsilon_high", "critic_learning_rate",
+                    "clip_epsilon"]  # fmt: skip
         if self.mode in RL_MODES:  # MiniMind's RL trainers skip clipping when grad_clip <= 0
             if not (_is_number(self.grad_clip) and self.grad_clip >= 0):
                 raise UserError(f"--grad_clip must be a number >= 0 (0: no clipping), got {self.grad_clip!r}")
@@ -290,6 +304,9 @@ class TrainConfig:
             )
         except ValueError as error:  # its message names the fields, which are the flags' names
             raise UserError(str(error)) from None
+        if self.mode == "ppo" and self.arch != "minimind2":
+            raise UserError("ppo: v3's token-level PPO (GAE, minibatch epochs, early stop) is not implemented yet; "
+                            "2510's is (--arch minimind2)")  # fmt: skip
         if self.mode == "spo" and self.arch != "minimind2":
             raise UserError("spo is 2510's recipe (train_spo.py); v3 has none: give --arch minimind2")
         if self.mode == "distill_reason" and self.arch != "minimind2":
@@ -384,6 +401,12 @@ SCRIPT_DEFAULTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
              from_weight="reason", wandb_project="MiniMind-GRPO"),
         dict(learning_rate=3e-7, hidden_size=768, max_seq_len=768, max_gen_len=1024, data_path="dataset/rlaif.jsonl",
              num_generations=6, beta=0.1, from_weight="full_sft"),
+    ),
+    "ppo": (  # train_ppo.py; 2510 loads reason weights with --reasoning 1 (cli/train.py), full_sft without
+        dict(save_weight="ppo_actor", epochs=1, batch_size=2, learning_rate=8e-8, critic_learning_rate=8e-8,
+             log_interval=1, save_interval=10, max_seq_len=66, max_gen_len=1536, data_path="dataset/rlaif-mini.jsonl",
+             num_generations=1, from_weight="reason", wandb_project="MiniMind-PPO"),
+        {},
     ),
     "spo": (  # 2510's train_spo.py (one completion per prompt); v3 has none (TrainConfig refuses it)
         dict(save_weight="spo", epochs=1, batch_size=2, learning_rate=1e-7, accumulation_steps=4, log_interval=1,

@@ -293,20 +293,14 @@ def objective_for(cfg: TrainConfig, model_config: ModelConfig, step: dict[str, A
     return NextTokenLoss(step["loss_chunk_size"], adapters_only=cfg.mode == "lora")
 
 
-def resume(
-    cfg: TrainConfig,
-    checkpoints: TrainCheckpoints,
-    state: RunState,
-    model_config: ModelConfig,
-    param_shardings,
-    opt_shardings,
-    is_main: bool,
-) -> dict:
+def resume(cfg: TrainConfig, checkpoints: TrainCheckpoints, state: RunState, param_shardings, opt_shardings,
+           is_main: bool) -> dict:  # fmt: skip
     """With --from_resume 1, the newest checkpoint into `state` (train state, data position); its meta, or {}."""
-    opt_abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state.opt_state, opt_shardings
+    abstract = lambda tree, shardings: jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
     )
-    newest = checkpoints.restore_newest(model_config, param_shardings, opt_abstract) if cfg.from_resume else None
+    params_abstract, opt_abstract = abstract(state.params, param_shardings), abstract(state.opt_state, opt_shardings)
+    newest = checkpoints.restore_newest(params_abstract, opt_abstract) if cfg.from_resume else None
     if newest is None:
         return {}
     state.update, meta, restored = newest
@@ -422,7 +416,7 @@ def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
     state = RunState(
         update=0, params=params, opt_state=opt_state, rng=jax.random.key_data(jax.random.key(cfg.seed)), batches=batches
     )
-    resumed_meta = resume(cfg, checkpoints, state, model_config, param_shardings, opt_shardings, is_main)
+    resumed_meta = resume(cfg, checkpoints, state, param_shardings, opt_shardings, is_main)
     wandb_id = resumed_meta.get("wandb_id")  # kept in every checkpoint, so a resumed run logs to the same W&B run
     if is_main:  # the updates after the checkpoint are computed again (a fresh run has moved earlier logs aside)
         drop_metrics_after(cfg.log_dir / "metrics.jsonl", state.update)

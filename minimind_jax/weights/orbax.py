@@ -44,7 +44,7 @@ def read_config(directory, **overrides) -> ModelConfig:
     return ModelConfig.from_dict({**fields, **overrides})
 
 
-def _abstract_params(config: ModelConfig, sharding=None) -> dict:
+def abstract_params(config: ModelConfig, sharding=None) -> dict:
     """ShapeDtypeStructs of the parameter tree, placed on `sharding` (a pytree or one sharding) or device 0."""
     shapes = params_of(abstract_model(config))
     if sharding is None:
@@ -72,7 +72,7 @@ def restore_params(directory, sharding=None, **overrides) -> tuple[ModelConfig, 
         config = _checked_config(lambda: read_config(directory, **overrides), directory / CONFIG_FILE)
         try:
             with ocp.StandardCheckpointer() as checkpointer:
-                params = checkpointer.restore(directory / PARAMS_DIR, _abstract_params(config, sharding))
+                params = checkpointer.restore(directory / PARAMS_DIR, abstract_params(config, sharding))
         except Exception as error:  # Orbax raises many types for damaged files; all mean the same here
             raise UserError(
                 f"{directory / PARAMS_DIR}: corrupt or incomplete checkpoint ({first_line(error)})"
@@ -88,8 +88,11 @@ def restore_params(directory, sharding=None, **overrides) -> tuple[ModelConfig, 
     config = _checked_config(
         lambda: ModelConfig.from_dict({**meta["model_config"], **overrides}), f"{directory}/{step}/meta"
     )
-    state = run.restore_state(step, config, params_sharding=sharding)
-    return config, state["params"]
+    # A run that trains more than the policy (PPO's actor and critic) keeps the policy under one key.
+    policy_key = meta.get("policy_params")
+    target = abstract_params(config, sharding)
+    params = run.restore_state(step, {policy_key: target} if policy_key else target)["params"]
+    return config, params[policy_key] if policy_key else params
 
 
 def _checked_config(make_config, origin) -> ModelConfig:
@@ -151,12 +154,11 @@ class TrainCheckpoints:
         except Exception as error:
             raise UserError(f"{self.directory}/{step}/meta: corrupt checkpoint ({first_line(error)})") from None
 
-    def restore_state(self, step: int, config: ModelConfig, params_sharding=None, opt_state_abstract=None) -> dict:
-        """Restores onto the given shardings, so a run can resume on another mesh or device count.
-
-        Without `opt_state_abstract`, only the parameters are read.
-        """
-        target = {"params": _abstract_params(config, params_sharding)}
+    def restore_state(self, step: int, params_abstract, opt_state_abstract=None) -> dict:
+        """Restores onto the shardings of the abstract trees (ShapeDtypeStructs), so a run can resume on
+        another mesh or device count. Without `opt_state_abstract`, only the parameters are read (those of
+        params_abstract, a part of the saved ones if it names only some)."""
+        target = {"params": params_abstract}
         if opt_state_abstract is None:
             state = ocp.args.PyTreeRestore(
                 target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
@@ -172,7 +174,7 @@ class TrainCheckpoints:
             ) from None
         return restored["state"]
 
-    def restore_newest(self, config: ModelConfig, params_sharding, opt_state_abstract) -> tuple[int, dict, dict] | None:
+    def restore_newest(self, params_abstract, opt_state_abstract) -> tuple[int, dict, dict] | None:
         """(step, meta, state) of the newest step that restores, None without one.
 
         A newer step that does not restore (its files damaged after it was committed) is moved aside to
@@ -184,7 +186,7 @@ class TrainCheckpoints:
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 meta = self.restore_meta(step)
-                state = self.restore_state(step, config, params_sharding, opt_state_abstract)
+                state = self.restore_state(step, params_abstract, opt_state_abstract)
             except UserError as error:
                 failures.append((step, error))
                 continue
