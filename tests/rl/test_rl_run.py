@@ -18,35 +18,56 @@ def grpo_argv(tokenizer, data, out, *extra):
             "--save_dir", str(out), "--save_interval", "1", "--mesh", "data=2", "--no_progress", *extra]  # fmt: skip
 
 
+# Per command: its flags beyond the shared ones (2510 for SPO and PPO; PPO's old actor refreshed every 2 steps,
+# one prompt per update), its weight file, and the metrics MiniMind logs.
+RUNS = {
+    "grpo": ([], "grpo_32", ("reward", "kl_ref", "advantages_std", "advantages_mean", "policy_loss",
+                             "avg_response_len", "learning_rate")),
+    "spo": (["--arch", "minimind2", "--accumulation_steps", "1"], "spo_32",
+            ("policy_loss", "reward", "kl", "rho", "baseline", "advantages_mean", "learning_rate")),
+    "ppo": (["--arch", "minimind2", "--batch_size", "1", "--update_old_actor_freq", "2", "--mesh", "data=1"],
+            "ppo_actor_32", ("actor_loss", "critic_loss", "reward", "kl", "kl_ref", "avg_response_len", "actor_lr")),
+}  # fmt: skip
+
+
+def rl_argv(mode, tokenizer, data, out, *extra):
+    argv = grpo_argv(tokenizer, data, out, *RUNS[mode][0], *extra)
+    if mode != "grpo":
+        del argv[argv.index("--num_generations") : argv.index("--num_generations") + 2]
+    return [mode, *argv[1:]]
+
+
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("rlaif") / "rlaif.jsonl", random_chats(6, seed=4))
 
 
-def records(out):
-    return [json.loads(line) for line in (out / "logs" / "grpo_32" / "metrics.jsonl").read_text().splitlines()]
+def records(out, name="grpo_32"):
+    return [json.loads(line) for line in (out / "logs" / name / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_sampled_run_logs_minimind_metrics_and_resumes_exactly(small_tokenizer, prompts, tmp_path, capsys):
+@pytest.mark.parametrize("mode", RUNS)
+def test_a_sampled_run_logs_minimind_metrics_and_resumes_exactly(mode, small_tokenizer, prompts, tmp_path, capsys):
+    """Stopped after update 2, then resumed: the same rollouts (sampler keys, data position), SPO's tracker,
+    PPO's critic and old actor (at update 2 it is the actor after update 1), hence the same weights."""
+    _, name, metrics = RUNS[mode]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert main(grpo_argv(small_tokenizer, prompts, whole)) == 0
-    logged = records(whole)
-    assert [r["update"] for r in logged] == [1, 2, 3]  # 6 prompts in batches of 2
-    for name in ("reward", "kl_ref", "advantages_std", "advantages_mean", "policy_loss", "avg_response_len",
-                 "learning_rate"):  # fmt: skip
-        assert all(np.isfinite(r[name]) for r in logged), name
-    assert all(1 <= r["avg_response_len"] <= 12 for r in logged)
-    assert "Epoch:[1/1](3/3), Reward: " in capsys.readouterr().out
-    weights = torch.load(whole / "grpo_32.pth", weights_only=True)
+    assert main(rl_argv(mode, small_tokenizer, prompts, whole)) == 0
+    logged = records(whole, name)
+    assert len(logged) == (6 if mode == "ppo" else 3)  # 6 prompts in batches of 2 (PPO: of 1)
+    for metric in metrics:
+        assert all(np.isfinite(r[metric]) for r in logged), metric
+    assert all(1 <= r["avg_response_len"] <= 12 for r in logged if "avg_response_len" in r)
+    assert ", Reward: " in capsys.readouterr().out
+    weights = torch.load(whole / f"{name}.pth", weights_only=True)
     assert {value.dtype for value in weights.values()} == {torch.float16}
-    assert "lm_head.weight" in weights and "model.embed_tokens.weight" in weights
+    assert "lm_head.weight" in weights and "model.embed_tokens.weight" in weights and len(weights) > 10
 
-    # Stopped after update 1, then resumed: the same rollouts (sampler keys, data position) and the same weights.
-    assert main([*grpo_argv(small_tokenizer, prompts, cut), "--max_steps", "1"]) == 0
-    assert main([*grpo_argv(small_tokenizer, prompts, cut), "--from_resume", "1"]) == 0
-    resumed = torch.load(cut / "grpo_32.pth", weights_only=True)
+    assert main([*rl_argv(mode, small_tokenizer, prompts, cut), "--max_steps", "2"]) == 0
+    assert main([*rl_argv(mode, small_tokenizer, prompts, cut), "--from_resume", "1"]) == 0
+    resumed = torch.load(cut / f"{name}.pth", weights_only=True)
     assert all(torch.equal(resumed[key], weights[key]) for key in weights)
-    assert [r["reward"] for r in records(cut)] == [r["reward"] for r in logged]
+    assert [r["reward"] for r in records(cut, name)] == [r["reward"] for r in logged]
 
 
 def replay_file(path, completions, **fields):
