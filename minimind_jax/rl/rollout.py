@@ -1,6 +1,7 @@
 """Rollouts: prompts in, the step's rows out, with rewards and advantages.
 
-A rollout comes from one of two sources behind one interface (`RolloutSource.completions`):
+A rollout comes from one of two sources with one method, `completions(params, records, prompt_ids, prompt_mask,
+num_generations, seed)`, which gives each prompt's completions (ids through the first eos):
 - `SamplerRollout`: our jitted KV-cache sampler (inference/generation.py), run on the training mesh with
   the weights of the current update and each era's sampling: 2510 is HF `generate` (temperature 0.8, top-k
   50, top-p 1.0), v3 MiniMind's own (temperature 0.8, top-k 50, top-p 0.85);
@@ -9,8 +10,8 @@ A rollout comes from one of two sources behind one interface (`RolloutSource.com
 Rows are laid out as MiniMind lays them out (`layout_rows`): prompt i's G completions are rows i·G..i·G+G−1;
 each row is the prompt, left-padded to the batch's longest and cut to its last max_seq_len ids, then the
 completion, right-filled to the batch's longest. Positions are absolute from the first column, left padding
-included, as MiniMind's are. v3's forwards mask the padding out (attention_mask = ids ≠ pad); 2510's GRPO
-attends to it. To share compiled programs between updates, the prompt and completion widths are rounded up
+included, as MiniMind's are. v3's forwards mask the padding out (attention_mask = ids ≠ pad), as 2510's PPO
+does; 2510's GRPO and SPO attend to it. To share compiled programs between updates, the prompt and completion widths are rounded up
 to buckets: the extra prompt columns sit left of the padding, masked out and at negative positions, so every
 real token keeps MiniMind's position and sees what it sees there; extra completion columns come after every
 token that counts.

@@ -84,9 +84,10 @@ def schedule_length(arch: str, batches_per_epoch: int, epochs: int, accumulation
 
 
 class RLMetricLogger(MetricLogger):
-    """MetricLogger with MiniMind's RL names and log line: reward, kl_ref, advantages_std, advantages_mean,
-    policy_loss, avg_response_len and learning_rate (v3); 2510's GRPO logs policy_loss divided by the
-    accumulation steps and no kl_ref."""
+    """MetricLogger with each RL trainer's names and log line, as MiniMind logs them. GRPO: reward, kl_ref,
+    advantages_std, advantages_mean, policy_loss, avg_response_len, learning_rate (2510 divides policy_loss by
+    the accumulation steps and prints no kl_ref); SPO: kl (the masked k3), rho and baseline besides; PPO:
+    actor_loss, critic_loss, kl, kl_ref, actor_lr and critic_lr. Throughput counts the rollout's rows."""
 
     def __init__(self, cfg, *, schedule_updates: int, **kwargs):
         super().__init__(cfg, tokens_per_micro_batch=0, **kwargs)

@@ -156,7 +156,7 @@ def test_rerun_reuses_finished_stages_and_redoes_from_a_changed_one(quick_demo, 
 
     result = run_demo(out_dir, "--config", str(config))
     summary = json.loads((out_dir / "summary.json").read_text("utf-8"))
-    assert summary["reused"] == ["corpus", "tokenizer", "pretrain", "convert", "sft", "evaluate", "lora", "dpo"]
+    assert summary["reused"] == ["corpus", "tokenizer", "pretrain", "convert", "sft", "evaluate", "lora", "dpo", "grpo"]
     assert "chat: reused" not in result.stdout + result.stderr
     assert {path: path.stat().st_mtime_ns for path in weights} == modified
     assert "max 8 new tokens" in (out_dir / "chats.md").read_text("utf-8")
