@@ -106,8 +106,8 @@ class RewardModel:
             if hasattr(self.model, "get_score"):
                 value = float(self.model.get_score(self.tokenizer, chat))
             else:
-                ids = self.tokenizer.apply_chat_template(chat, tokenize=True, return_tensors="pt")
-                value = float(self.model(input_ids=ids).logits[0, 0])
+                encoded = self.tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True, return_tensors="pt")
+                value = float(self.model(**encoded).logits[0, 0])
         return max(min(value, SCORE_LIMIT), -SCORE_LIMIT)
 
 

@@ -98,3 +98,36 @@ def test_a_bad_reward_fn_is_one_line_naming_it(tmp_path, monkeypatch, body, mess
 def test_a_reward_fn_that_cannot_be_found_is_one_line(spec, message):
     with pytest.raises(UserError, match=message):
         load_reward_fn(spec)
+
+
+def test_a_hugging_face_reward_model_scores_the_chat_clipped(tmp_path):
+    """--reward_model_path with a local AutoModelForSequenceClassification (one label): its score of the chat as
+    its tokenizer's template renders it, clipped to ±3; a model with two labels is refused in one line."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    from tests.conftest import require_shared
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(require_shared("minimind", "v3"))
+    config = transformers.LlamaConfig(vocab_size=6400, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=0)  # fmt: skip
+    chats = [[{"role": "user", "content": "你好"}, {"role": "assistant", "content": text}]
+             for text in ("Hello there!", "我很好，谢谢。", "a b c d e f")]  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForSequenceClassification(config)
+    for scale in (1.0, 1000.0):  # scores well inside ±3, then far outside
+        with torch.no_grad():
+            model.score.weight.mul_(scale)
+        model.save_pretrained(tmp_path / f"rm_{scale}")
+        tokenizer.save_pretrained(tmp_path / f"rm_{scale}")
+        scores = [RewardModel(str(tmp_path / f"rm_{scale}")).score(chat) for chat in chats]
+        with torch.no_grad():
+            raw = [float(model(**tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True,
+                                                                return_tensors="pt")).logits[0, 0]) for chat in chats]  # fmt: skip
+        assert scores == [max(min(value, 3.0), -3.0) for value in raw]
+        assert all(abs(value) < 3 for value in raw) if scale == 1 else all(abs(value) > 3 for value in raw), raw
+
+    config.num_labels = 2
+    transformers.LlamaForSequenceClassification(config).save_pretrained(tmp_path / "two")
+    tokenizer.save_pretrained(tmp_path / "two")
+    with pytest.raises(UserError, match="a reward model has one label, this one has 2"):
+        RewardModel(str(tmp_path / "two"))
