@@ -60,6 +60,10 @@ class OurSide:
 
         self.jax = jax
         mesh = sharding.make_mesh(args.mesh)
+        rows = len(prompts) * args.num_generations
+        if rows % sharding.batch_size_per_step(mesh):
+            raise UserError(f"{rows} rows (--batch_size × --num_generations) do not split over the mesh "
+                            f"{dict(mesh.shape)}: give --mesh")  # fmt: skip
         model = MiniMind(config, rngs=nnx.Rngs(args.seed))
         self.objective = PolicyLoss("cispo" if config.is_v3 else "reinforce", 0.1 if config.is_v3 else 0.02)
         optimizer = make_optimizer(annealing_lr_schedule(args.learning_rate, 10**9), 1.0)

@@ -862,10 +862,6 @@ def minimind_decode(python: str, spec: dict, workdir: pathlib.Path) -> dict[str,
 
 
 def run(args) -> int:
-    if args.objective == "grpo":
-        from minimind_jax.bench.rl_update import run as run_rl
-
-        return run_rl(args)
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
         raise UserError("--batch_size and --steps must be at least 1 and --warmup at least 0")
     if args.loss_chunk_size is not None and args.loss_chunk_size < 0:

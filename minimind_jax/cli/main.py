@@ -34,7 +34,7 @@ SUBCOMMANDS = {
     "chat": ("minimind_jax.cli.chat", "chat with a model (REPL or --prompt)"),
     "eval": ("minimind_jax.cli.eval", "masked loss and perplexity on a jsonl"),
     "serve": ("minimind_jax.cli.serve", "an OpenAI-compatible chat server (MiniMind's serve_openai_api.py)"),
-    "bench": ("minimind_jax.bench.train_step", "side-by-side SFT step benchmark against PyTorch"),
+    "bench": ("minimind_jax.bench.command", "side-by-side train step (or RL update) benchmark against PyTorch"),
     "bench_serve": ("minimind_jax.bench.serve", "tokens/s of main.py serve: concurrent clients against one at a time"),
     "demo": ("minimind_jax.cli.demo", "end-to-end: corpus, tokenizer, pretrain, SFT, export, chat"),
 }
