@@ -111,7 +111,7 @@ class RewardModel:
         return max(min(value, SCORE_LIMIT), -SCORE_LIMIT)
 
 
-def model_scores_2510(model: RewardModel, prompt: str, response: str, reasoning: bool) -> float:
+def reward_model_score_2510(model: RewardModel, prompt: str, response: str, reasoning: bool) -> float:
     """2510: the whole reply scored after the prompt's turns; with --reasoning 1 and an <answer> part, 0.4 of
     that and 0.6 of the answer alone's score."""
     messages = chat_messages(prompt)
@@ -130,7 +130,7 @@ def era_rewards(arch: str, prompts: Sequence[str], responses: Sequence[str], num
         rules = reasoning_rule_rewards(responses) if reasoning else np.zeros(len(responses), np.float32)
         if reward_model is None:
             return rules
-        scores = [model_scores_2510(reward_model, prompts[i // num_generations], r, reasoning)
+        scores = [reward_model_score_2510(reward_model, prompts[i // num_generations], r, reasoning)
                   for i, r in enumerate(responses)]  # fmt: skip
         return rules + np.asarray(scores, np.float32)
     rules, scores = np.zeros(len(responses), np.float32), np.zeros(len(responses), np.float32)
