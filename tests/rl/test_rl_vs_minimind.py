@@ -13,12 +13,12 @@ import json
 import pathlib
 import shlex
 
-import numpy as np
 import pytest
 import torch
 
 from minimind_jax.cli.main import main
 from tests.conftest import GOLDEN, require_shared
+from tests.support.parity import fraction_beyond_one_fp16_ulp
 
 CASES = [("2510", "reasoning_computed"), ("v3", "cispo_computed"), ("v3", "grpo_given")]
 FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures" / "rl"
@@ -32,18 +32,6 @@ def golden_flags(era: str, case: str) -> list[str]:
         if name == case.upper():
             return shlex.split(shlex.split(value)[0])
     raise KeyError(case)
-
-
-def fraction_beyond_one_fp16_ulp(ours: dict, theirs: dict) -> float:
-    """The README's measure: each entry's distance in fp16 units in the last place after rounding both to fp16,
-    and the fraction of all entries (every key) more than one apart."""
-    beyond = total = 0
-    for key, want in theirs.items():
-        x, y = (np.asarray(t.half().double().numpy()) for t in (ours[key], want))
-        scale = np.maximum(np.maximum(np.abs(x), np.abs(y)), 2.0**-14)
-        beyond += int((np.abs(x - y) / 2.0 ** (np.floor(np.log2(scale)) - 10) > 1).sum())
-        total += want.numel()
-    return beyond / total
 
 
 # The README's tolerances: losses 1e-4 relative or 1e-6 absolute, the mean reward 1e-5, the learning rate 1e-6

@@ -71,3 +71,15 @@ def assert_scalar_near_truth(name, ours, reference, truth, rtol=1e-5):
     assert abs(ours - truth) <= bound, (
         f"{name}: {ours} vs float64 {truth} (fp32 reference {reference}, bound {bound:.3g})"
     )
+
+
+def fraction_beyond_one_fp16_ulp(ours: dict, theirs: dict) -> float:
+    """../shared/golden/rl/README.md's measure for two torch state dicts: each entry's distance in fp16 units in
+    the last place after rounding both to fp16, and the fraction of all entries (every key) more than one apart."""
+    beyond = total = 0
+    for key, want in theirs.items():
+        x, y = (np.asarray(t.half().double().numpy()) for t in (ours[key], want))
+        scale = np.maximum(np.maximum(np.abs(x), np.abs(y)), 2.0**-14)
+        beyond += int((np.abs(x - y) / 2.0 ** (np.floor(np.log2(scale)) - 10) > 1).sum())
+        total += want.numel()
+    return beyond / total
