@@ -319,8 +319,14 @@ class TrainConfig:
             raise UserError("--packing 1: DPO keeps each pair's chosen and rejected rows apart and together; give 0")
         if self.mode == "grpo" and self.num_generations < 2:
             raise UserError("--num_generations must be >= 2: GRPO's advantages compare a prompt's generations")
-        if self.mode in RL_MODES and self.eval_data_path:
-            raise UserError("--eval_data_path scores a masked LM loss; RL has none (drop it)")
+        if self.mode in RL_MODES:
+            unused = [name for name in ("eval_data_path", "packing", "warmup_steps", "loss_chunk_size",
+                                        "system_prompt_ratio", "drop_empty_think_ratio")
+                      if given.get(name, defaults[name]) != defaults[name]]  # fmt: skip
+            if unused:
+                raise UserError(f"--{unused[0]} does not apply to {self.mode}: RL trains on rollouts of its prompts "
+                                "(no held-out LM loss, packing, warmup or loss chunks; v3's prompts draw their "
+                                "system prompt and thinking as its RLAIFDataset does)")  # fmt: skip
         if self.from_resume and self.overwrite:
             raise UserError("--from_resume 1 continues the earlier run and --overwrite 1 starts over; give one")
         unknown = sorted(set(self.lora_target_names or ()) - set(LORA_TARGETS))

@@ -132,3 +132,11 @@ def test_a_reward_fn_that_fails_mid_run_keeps_the_updates_before_it(small_tokeni
     assert err.count("\n") == 1 and "--reward_fn flaky_rewards:score returned nan for completion 0" in err
     assert "saved update 2" in err
     assert [r["update"] for r in records(out)] == [1, 2] and (out / "grpo_32.pth").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--packing", "1"), ("--warmup_steps", "10"), ("--eval_data_path", "x.jsonl"),
+                                         ("--loss_chunk_size", "128")])  # fmt: skip
+def test_sft_flags_that_rl_has_no_use_for_are_refused(small_tokenizer, prompts, tmp_path, capsys, flag, value):
+    assert main([*grpo_argv(small_tokenizer, prompts, tmp_path / "out"), flag, value]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{flag} does not apply to grpo" in err
