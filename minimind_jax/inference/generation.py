@@ -228,21 +228,35 @@ def _step(graphdef, params, state: DecodeState, sampling, eos_id, do_sample) -> 
 def _generate(
     graphdef, params, ids_BP, mask_BS, prompt_len, max_new_tokens, sampling, eos_id, key, do_sample, num_slots
 ):
-    """Prefill + while_loop decode; returns (new tokens [B, num_slots], how many were produced)."""
+    """Prefill + while_loop decode; returns (new tokens [B, num_slots], their log-probabilities under the model's
+    own logits (no temperature or filter, as MiniMind's rollout engine scores them) [B, num_slots], how many
+    were produced)."""
     state = _prefill(graphdef, params, ids_BP, mask_BS, prompt_len, sampling, eos_id, key, do_sample)
+    chosen_log_prob = lambda state: jnp.take_along_axis(
+        jax.nn.log_softmax(state.logits_BV, axis=-1), state.tokens_B[:, None], axis=-1
+    )[:, 0]
     new_BN = jnp.zeros((ids_BP.shape[0], num_slots), jnp.int32).at[:, 0].set(state.tokens_B)
+    log_probs_BN = jnp.zeros((ids_BP.shape[0], num_slots), jnp.float32).at[:, 0].set(chosen_log_prob(state))
 
     def keep_going(carry):
-        step, state, _ = carry
+        step, state, _, _ = carry
         return (step < max_new_tokens) & ~jnp.all(state.finished_B)
 
     def decode_one(carry):
-        step, state, new_BN = carry
+        step, state, new_BN, log_probs_BN = carry
         state = _step(graphdef, params, state, sampling, eos_id, do_sample)
-        return step + 1, state, jax.lax.dynamic_update_index_in_dim(new_BN, state.tokens_B, step, axis=1)
+        new_BN = jax.lax.dynamic_update_index_in_dim(new_BN, state.tokens_B, step, axis=1)
+        return (
+            step + 1,
+            state,
+            new_BN,
+            jax.lax.dynamic_update_index_in_dim(log_probs_BN, chosen_log_prob(state), step, axis=1),
+        )
 
-    num_new, _, new_BN = jax.lax.while_loop(keep_going, decode_one, (jnp.int32(1), state, new_BN))
-    return new_BN, num_new
+    num_new, _, new_BN, log_probs_BN = jax.lax.while_loop(
+        keep_going, decode_one, (jnp.int32(1), state, new_BN, log_probs_BN)
+    )
+    return new_BN, log_probs_BN, num_new
 
 
 class _Compiled(NamedTuple):
@@ -317,7 +331,8 @@ def generate(
     attention_mask=None,
     eos_token_id: int | None = 2,
     seed: int = 0,
-) -> np.ndarray:
+    return_log_probs: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Continues the prompts; returns them followed by the new tokens, like MiniMind's `generate`.
 
     Args:
@@ -333,9 +348,12 @@ def generate(
       eos_token_id: a row that emits it is finished and keeps emitting it; generation stops early once every
         row has finished. None never stops early.
       seed: the random seed for sampling; the same seed gives the same tokens.
+      return_log_probs: also return each new token's log-probability under the model's own logits (before
+        temperature, penalty and filters: what RL's old log-probs are), float32 [B, n].
 
     Returns:
-      int32 array [B, T + n] with n <= max_new_tokens (n < max_new_tokens only when every row finished).
+      int32 array [B, T + n] with n <= max_new_tokens (n < max_new_tokens only when every row finished), and
+      with return_log_probs the log-probabilities.
 
     Raises:
       UserError: bad prompts, or T + max_new_tokens beyond the model's max_position_embeddings (`check_room`).
@@ -345,13 +363,13 @@ def generate(
     """
     ids_BT, mask_BT = _prompt_arrays(input_ids, attention_mask, model.config.vocab_size)
     if max_new_tokens <= 0:
-        return ids_BT
+        return (ids_BT, np.zeros((len(ids_BT), 0), np.float32)) if return_log_probs else ids_BT
     check_room(model.config, ids_BT.shape[1], max_new_tokens)
     sampling = Sampling.create(do_sample, temperature, top_k, top_p, repetition_penalty)
     params, compiled = _compiled_for(model)
     num_slots = bucket_length(max_new_tokens)
     ids_BP, mask_BS = _bucketed(ids_BT, mask_BT, num_slots)
-    new_BN, num_new = compiled.generate(
+    new_BN, log_probs_BN, num_new = compiled.generate(
         params,
         ids_BP,
         mask_BS,
@@ -363,7 +381,8 @@ def generate(
         do_sample=do_sample,
         num_slots=num_slots,
     )
-    return np.concatenate([ids_BT, np.asarray(new_BN)[:, : int(num_new)]], axis=1)
+    ids = np.concatenate([ids_BT, np.asarray(new_BN)[:, : int(num_new)]], axis=1)
+    return (ids, np.asarray(log_probs_BN)[:, : int(num_new)]) if return_log_probs else ids
 
 
 class Decoder:
@@ -472,7 +491,7 @@ def benchmark_decode(
         compile_s = time.perf_counter() - start
         jax.block_until_ready(run(*args))  # warm-up
         start = time.perf_counter()
-        new_BN, num_new = jax.block_until_ready(run(*args))
+        new_BN, _, num_new = jax.block_until_ready(run(*args))
         generate_s = time.perf_counter() - start
         if int(num_new) != new_tokens:
             raise RuntimeError(f"generated {int(num_new)} tokens, expected {new_tokens}")

@@ -20,6 +20,7 @@ from minimind_jax.inference.generation import (
 from minimind_jax.model.config import ModelConfig
 from minimind_jax.model.transformer import MiniMind
 from tests.conftest import require_shared
+from tests.support.models import tiny_config
 
 VOCAB = 256
 
@@ -285,3 +286,20 @@ def test_generation_past_the_rope_table_is_refused(tiny_model):
         with pytest.raises(UserError) as error:
             run(short, ids, 22)
         assert str(error.value) == message
+
+
+def test_generate_returns_each_new_token_log_prob_under_the_model():
+    """return_log_probs: the log-probability of each sampled token under the model's own logits (no temperature or
+    filter), as a full forward over the prompt and the new tokens gives it: RL's old log-probs."""
+    model = MiniMind(tiny_config("minimind3", use_moe=False), rngs=nnx.Rngs(2))
+    prompt = np.array([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]], np.int32)
+    mask = (prompt != 0).astype(np.int32)
+    ids, log_probs = generate(model, prompt, 6, do_sample=True, temperature=0.8, top_k=50, top_p=0.9,
+                              attention_mask=mask, eos_token_id=None, seed=1, return_log_probs=True)  # fmt: skip
+    assert log_probs.shape == (2, 6) and np.all(log_probs <= 0)
+    full_mask = np.concatenate([mask, np.ones((2, 6), np.int32)], axis=1)
+    logits = model(ids, full_mask)[:, prompt.shape[1] - 1 : -1]
+    expected = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits, -1)), ids[:, prompt.shape[1] :, None], -1)
+    np.testing.assert_allclose(log_probs, expected[..., 0], rtol=1e-4, atol=1e-5)
+    assert np.array_equal(generate(model, prompt, 6, do_sample=True, temperature=0.8, top_k=50, top_p=0.9,
+                                   attention_mask=mask, eos_token_id=None, seed=1), ids)  # fmt: skip
