@@ -11,7 +11,7 @@ Stages, in order (settings from configs/demo.yaml; `--quick` applies its `quick:
   evaluate   masked loss on the held-out conversations: random init, after pretraining, after SFT
   lora       an identity adapter on the SFT model; the held-out identity loss before and after
   dpo        DPO on pairs built from the corpus; the held-out reward margin and accuracy before and after
-  grpo       GRPO on the SFT model with a rule reward (a reply of about 24 characters); the held-out
+  grpo       GRPO on the SFT model with a rule reward (a reply of about 12 characters); the held-out
              prompts' mean reward before and after, and per update
   chat       replies of the pretrained and the SFT model to Chinese and English prompts (`generate`)
   figures    both runs' loss curves in one picture, with the held-out losses
@@ -393,7 +393,7 @@ def grpo_stage(run: DemoRun) -> dict:
         "heldout_reward": {
             "before": mean_reward(cfg, run.weights("sft"), str(heldout_chats)),
             "after": mean_reward(cfg, summary["weights"], str(heldout_chats)),
-        },  # fmt: skip
+        },
         "figure": str(figure),
         "outputs": [summary["weights"], str(figure)],
     }

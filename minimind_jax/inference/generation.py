@@ -125,9 +125,9 @@ def filter_top_k_top_p(logits_BV, top_k, top_p):
 
 
 def _draw_from_window(logits_BV, top_k, top_p, key):
-    """A draw from filter_top_k_top_p's distribution that reads only the CANDIDATES largest logits of each row
-    (jax.lax.top_k, not a sort of the vocabulary), or None where that window cannot hold the filter: top-k off
-    or not below CANDIDATES, or a logit tied with the k-th largest outside the window."""
+    """(whether the window holds the filter, a draw from filter_top_k_top_p's distribution) reading only the
+    CANDIDATES largest logits of each row (jax.lax.top_k, not a sort of the vocabulary). The window holds the
+    filter when every row's top-k is on and below CANDIDATES and no logit outside it ties the k-th largest."""
     values_BC, tokens_BC = jax.lax.top_k(logits_BV, CANDIDATES)
     top_k_B1 = jnp.broadcast_to(_per_row(top_k), (logits_BV.shape[0], 1))
     kth_B1 = jnp.take_along_axis(values_BC, jnp.clip(top_k_B1 - 1, 0, CANDIDATES - 1), axis=-1)
