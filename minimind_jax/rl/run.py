@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import pathlib
 from typing import Any
@@ -26,7 +25,7 @@ from flax import nnx
 from minimind_jax.data.tokenizer import check_fits, load_tokenizer
 from minimind_jax.errors import UserError
 from minimind_jax.inference.generation import check_room
-from minimind_jax.model.config import LITERAL_STEP, ModelConfig, default_dtype, train_step_settings
+from minimind_jax.model.config import ModelConfig, default_dtype, train_step_settings
 from minimind_jax.model.params import model_from_params, params_of
 from minimind_jax.model.transformer import MiniMind
 from minimind_jax.rl.actor_critic import ActorCritic, Critic, load_critic
@@ -49,22 +48,21 @@ from minimind_jax.training.config import TrainConfig
 from minimind_jax.training.hooks import Checkpointer, Preemption
 from minimind_jax.training.loop import RunState, Trainer
 from minimind_jax.training.metrics import (
-    LossPanel,
     MetricLogger,
     MetricsWriter,
     TooManySkips,
     drop_metrics_after,
-    plot_loss_curves,
 )
 from minimind_jax.training.optimizer import annealing_lr, annealing_lr_schedule, make_optimizer
 from minimind_jax.training.perf import model_flops_per_token, total_peak_flops
 from minimind_jax.training.run import (
     build_model,
-    earlier_summary,
     keep_earlier_run,
     move_earlier_run_aside,
     resume,
+    run_meta,
     save_due,
+    write_summary,
 )
 from minimind_jax.training.run_lock import RunLock
 from minimind_jax.training.step import init_train_state, make_train_step
@@ -279,17 +277,10 @@ def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
                             last_update=last_update, start_update=state.update,
                             flops_per_token=model_flops_per_token(model_config), peak_flops=peak_flops,
                             writer=MetricsWriter(cfg.log_dir, is_main, wandb_run), is_main=is_main)  # fmt: skip
-    portable_config = model_config.replace(attention_impl=LITERAL_STEP["attention_impl"],
-                                           scan_layers=LITERAL_STEP["scan_layers"], moe_impl=ModelConfig.moe_impl)  # fmt: skip
-    run_meta = {
-        "model_config": portable_config.to_dict(),
-        "train_config": dataclasses.asdict(cfg),
-        "wandb_id": wandb_id,
-        **({"policy_params": "actor"} if cfg.mode == "ppo" else {}),
-    }
+    meta = run_meta(cfg, model_config, wandb_id, **({"policy_params": "actor"} if cfg.mode == "ppo" else {}))
     pth_path = pathlib.Path(cfg.save_dir) / f"{cfg.run_name}.pth"
     export = lambda model: save_pth(model.actor if cfg.mode == "ppo" else model, pth_path)  # MiniMind saves the actor
-    checkpointer = Checkpointer(checkpoints, logger, graphdef, export, run_meta, state.update, is_main)
+    checkpointer = Checkpointer(checkpoints, logger, graphdef, export, meta, state.update, is_main)
     preemption = Preemption(checkpointer)
 
     def old_actor_due(micro_step: int) -> bool:
@@ -352,11 +343,4 @@ def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
         "peak_flops": peak_flops,
         "peak_flops_source": peak_source,
     }
-    if not logger.history:
-        summary.update({k: v for k, v in earlier_summary(cfg.log_dir).items() if summary.get(k) is None})
-    if is_main:
-        plot_loss_curves(cfg.log_dir / "loss_curve.png", [LossPanel(f"{cfg.mode} {cfg.run_name}", logger.history)])
-        (cfg.log_dir / "summary.json").write_text(
-            json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1)
-        )
-    return summary
+    return write_summary(cfg, summary, logger.history, is_main)

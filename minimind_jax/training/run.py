@@ -311,12 +311,38 @@ def resume(cfg: TrainConfig, checkpoints: TrainCheckpoints, state: RunState, par
     return meta
 
 
-def earlier_summary(log_dir: pathlib.Path) -> dict:
+def _earlier_summary(log_dir: pathlib.Path) -> dict:
     """The summary.json an earlier process of this run wrote, or {}."""
     try:
         return json.loads((log_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return {}
+
+
+def write_summary(cfg: TrainConfig, summary: dict, history: list[dict], is_main: bool) -> dict:
+    """The run's summary, with the loss curve and summary.json written (process 0). When no update ran here (the
+    run was at its end), the figures of the updates that did are kept from the earlier summary.json."""
+    if not history:
+        summary.update({k: v for k, v in _earlier_summary(cfg.log_dir).items() if summary.get(k) is None})
+    if is_main:
+        plot_loss_curves(cfg.log_dir / "loss_curve.png", [LossPanel(f"{cfg.mode} {cfg.run_name}", history)])
+        (cfg.log_dir / "summary.json").write_text(
+            json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1)
+        )
+    return summary
+
+
+def run_meta(cfg: TrainConfig, model_config: ModelConfig, wandb_id: str | None, **extra) -> dict:
+    """What every checkpoint keeps besides the train state. How the step ran is in train_config; the model
+    config keeps the literal settings, so that a checkpoint written with cuDNN attention on a GPU loads on any
+    backend."""
+    portable_config = model_config.replace(
+        attention_impl=LITERAL_STEP["attention_impl"],
+        scan_layers=LITERAL_STEP["scan_layers"],
+        moe_impl=ModelConfig.moe_impl,
+    )
+    return {"model_config": portable_config.to_dict(), "train_config": dataclasses.asdict(cfg), "wandb_id": wandb_id,
+            **extra}  # fmt: skip
 
 
 def save_due(plan, save_interval: int, last_update: int):
@@ -442,21 +468,10 @@ def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
         writer=MetricsWriter(cfg.log_dir, is_main, wandb_run),
         is_main=is_main,
     )
-    # How the step ran is in train_config; the model config keeps the literal settings, so that a checkpoint
-    # written with cuDNN attention on a GPU loads on any backend.
-    portable_config = model_config.replace(
-        attention_impl=LITERAL_STEP["attention_impl"],
-        scan_layers=LITERAL_STEP["scan_layers"],
-        moe_impl=ModelConfig.moe_impl,
-    )
-    run_meta = {
-        "model_config": portable_config.to_dict(),
-        "train_config": dataclasses.asdict(cfg),
-        "wandb_id": wandb_id,
-    }
     pth_path = pathlib.Path(cfg.save_dir) / f"{cfg.run_name}.pth"
     export = functools.partial(save_lora if cfg.mode == "lora" else save_pth, path=pth_path)
-    checkpointer = Checkpointer(checkpoints, logger, graphdef, export, run_meta, state.update, is_main)
+    checkpointer = Checkpointer(checkpoints, logger, graphdef, export, run_meta(cfg, model_config, wandb_id),
+                                state.update, is_main)  # fmt: skip
     preemption = Preemption(checkpointer)
     trainer = Trainer(step_fn, update_sizes=plan.sizes, last_update=last_update, frozen_params=frozen_params,
                       on_compiled=logger.step_compiled)  # fmt: skip
@@ -509,11 +524,4 @@ def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
         "peak_flops_source": peak_source,
         **({"eval": evaluation.result} if evaluation is not None and evaluation.result else {}),
     }
-    if not logger.history:  # no update ran here (the run was at its end): keep the figures of the updates that did
-        summary.update({k: v for k, v in earlier_summary(cfg.log_dir).items() if summary.get(k) is None})
-    if is_main:
-        plot_loss_curves(cfg.log_dir / "loss_curve.png", [LossPanel(f"{cfg.mode} {cfg.run_name}", logger.history)])
-        (cfg.log_dir / "summary.json").write_text(
-            json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1)
-        )
-    return summary
+    return write_summary(cfg, summary, logger.history, is_main)
