@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
             "distill_reason": "reasoning distillation (2510)",
             "grpo": "GRPO (2510) / GRPO and CISPO (v3) reinforcement learning",
             "spo": "2510's SPO reinforcement learning (one completion per prompt, a tracked baseline)",
-            "ppo": "PPO with a critic (2510: one advantage per sequence)"}[command]  # fmt: skip
+            "ppo": "PPO with a critic (2510: one advantage per sequence; v3: per token, GAE, minibatch epochs)"}[command]  # fmt: skip
     parser.description = f"MiniMind-compatible {what}. " + " ".join(__doc__.split("\n\n")[1].split())
     parser.add_argument(
         "--config", help="a YAML run config, or a shipped preset's name (configs/, e.g. sft_minimind2-small)"

@@ -226,3 +226,90 @@ class SequencePPOLoss(Objective):
         metrics = {"actor_loss": (policy_N * weight_N).sum(), "critic_loss": (critic_N * weight_N).sum(),
                    "kl": ((actor_N - old_N) * weight_N).sum(), "kl_ref": (kl_ref_N * weight_N).sum()}  # fmt: skip
         return LossSums(self.scale * (row_loss_N * weight_N).sum(), jnp.zeros((), jnp.float32), metrics)
+
+
+def gae_advantages(rewards_N: np.ndarray, values_NR: np.ndarray, mask_NR: np.ndarray, gamma: float,
+                   lam: float) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """v3 PPO's (whitened advantages [N, R], returns [N, R]) in float32, in MiniMind's order of operations.
+
+    The reward is the last completion token's; values_NR are the critic's before each token, 0 outside the
+    mask. GAE runs over every column (0 past a row's end), returns = advantages + values, and the advantages
+    are whitened by their masked mean and biased variance over the whole rollout, then masked.
+    """
+    mask = mask_NR.astype(np.float32)
+    values = np.asarray(values_NR, np.float32) * mask
+    num_rows, num_completion = mask.shape
+    token_rewards = np.zeros_like(mask)
+    last = np.maximum(mask.sum(1).astype(np.int64), 1) - 1
+    token_rewards[np.arange(num_rows), last] += np.asarray(rewards_N, np.float32)
+    advantages = np.zeros_like(mask)
+    running = np.zeros(num_rows, np.float32)
+    for t in reversed(range(num_completion)):
+        next_value = values[:, t + 1] if t < num_completion - 1 else 0.0
+        delta = token_rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    returns = advantages + values
+    count = max(mask.sum(dtype=np.float32), np.float32(1))
+    mean = (advantages * mask).sum(dtype=np.float32) / count
+    variance = ((advantages - mean) ** 2 * mask).sum(dtype=np.float32) / count
+    whitened = (advantages - mean) * (np.float32(1) / np.sqrt(variance + np.float32(1e-8))) * mask
+    return whitened.astype(np.float32), returns.astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenPPOLoss(Objective):
+    """v3's PPO (train_ppo.py), per token, on one minibatch of a rollout. The model is an ActorCritic.
+
+    With r = e^(π − π_old) per completion token, A the whitened GAE advantage, V the critic's value before the
+    token, V_old and R the rollout's values and returns, and k3 of the reference as in PolicyLoss:
+      policy = max(−A·r, −A·clip(r, 1 ± clip_epsilon)) + kl_coef·k3
+      value  = ½·max((V − R)², (clip(V, V_old ± cliprange_value) − R)²)
+      loss   = policy + vf_coef·value (+ the actor's MoE aux loss)
+    averaged over the minibatch's completion tokens. PPO's early stop: once a minibatch's approx KL (the mean
+    of ½·log r²) exceeds early_stop_kl it halts: its loss and every later one of the rollout count zero,
+    though their optimizer steps still run, as MiniMind runs them. Metrics, summed over tokens: policy_loss,
+    critic_loss, kl_ref (Σ k3), approx_kl, clipfrac and halt.
+    """
+
+    clip_epsilon: float = 0.2
+    vf_coef: float = 0.5
+    kl_coef: float = 0.02
+    cliprange_value: float = 0.2
+    early_stop_kl: float = 0.25
+    batch_fields = ("sequences", "attention_mask", "positions", "completion_mask", "old_log_probs",
+                    "reference_log_probs", "old_values", "returns", "token_advantages", "halted")  # fmt: skip
+    halts = True
+    variant = "token"
+    reads_old_log_probs = True
+
+    def weight_sum(self, batch):
+        return batch["completion_mask"].astype(jnp.float32).sum()
+
+    def loss_sums(self, model, batch, frozen, *, rng, batch_axes):
+        actor_NR, aux = completion_log_probs(model.actor, batch, train=True,
+                                             dropout_rngs=nnx_dropout(model.actor, rng), batch_axes=batch_axes)  # fmt: skip
+        mask_NR = batch["completion_mask"].astype(jnp.float32)
+        values_NR = model.critic.values(batch, train=True, batch_axes=batch_axes)[0][:, -mask_NR.shape[1] - 1 : -1]
+        log_ratio_NR = actor_NR - batch["old_log_probs"]
+        kl_terms_NR = 0.5 * log_ratio_NR**2 * mask_NR
+        tokens = jax.lax.psum(mask_NR.sum(), batch_axes)
+        approx_kl = jax.lax.stop_gradient(jax.lax.psum(kl_terms_NR.sum(), batch_axes) / jnp.maximum(tokens, 1.0))
+        halted_N = jnp.maximum(batch["halted"], (approx_kl > self.early_stop_kl).astype(batch["halted"].dtype))
+        live = 1.0 - jax.lax.pmax(halted_N.max(), batch_axes).astype(jnp.float32)  # the same on every device
+        ratio_NR = jnp.exp(log_ratio_NR)
+        advantage_NR = batch["token_advantages"]
+        clipped_NR = jnp.clip(ratio_NR, 1 - self.clip_epsilon, 1 + self.clip_epsilon)
+        reference_gap_NR = batch["reference_log_probs"] - actor_NR
+        k3_NR = jnp.exp(reference_gap_NR) - reference_gap_NR - 1
+        policy_NR = jnp.maximum(-advantage_NR * ratio_NR, -advantage_NR * clipped_NR) + self.kl_coef * k3_NR
+        old_values_NR, returns_NR = batch["old_values"], batch["returns"]
+        clipped_values_NR = jnp.clip(values_NR, old_values_NR - self.cliprange_value,
+                                     old_values_NR + self.cliprange_value)  # fmt: skip
+        value_NR = 0.5 * jnp.maximum((values_NR - returns_NR) ** 2, (clipped_values_NR - returns_NR) ** 2)
+        per_token_NR = (policy_NR + self.vf_coef * value_NR) * mask_NR
+        metrics = {"policy_loss": (policy_NR * mask_NR).sum(), "critic_loss": (value_NR * mask_NR).sum(),
+                   "kl_ref": (k3_NR * mask_NR).sum(), "approx_kl": kl_terms_NR.sum(),
+                   "clipfrac": ((jnp.abs(ratio_NR - 1) > self.clip_epsilon) * mask_NR).sum(),
+                   "halt": halted_N.sum().astype(jnp.float32)}  # fmt: skip
+        return LossSums(live * per_token_NR.sum(), live * aux, metrics)

@@ -29,8 +29,9 @@ from minimind_jax.model.config import ModelConfig, default_dtype, train_step_set
 from minimind_jax.model.params import model_from_params, params_of
 from minimind_jax.model.transformer import MiniMind
 from minimind_jax.rl.actor_critic import ActorCritic, Critic, load_critic
-from minimind_jax.rl.algorithms import PolicyLoss, SequencePPOLoss, SPOTracker
+from minimind_jax.rl.algorithms import PolicyLoss, SequencePPOLoss, SPOTracker, TokenPPOLoss
 from minimind_jax.rl.data import load_prompts, load_replay
+from minimind_jax.rl.ppo import PPOEpochs
 from minimind_jax.rl.rewards import RewardModel, load_reward_fn
 from minimind_jax.rl.rollout import (
     PromptBatches,
@@ -71,14 +72,16 @@ from minimind_jax.weights import save_pth
 from minimind_jax.weights.orbax import TrainCheckpoints
 
 
-def schedule_length(arch: str, batches_per_epoch: int, epochs: int, accumulation_steps: int) -> int:
-    """CosineAnnealingLR's T_max: 2510 (iters // acc) · epochs; v3 ceil(iters / acc) · epochs."""
-    per_epoch = (
-        batches_per_epoch // accumulation_steps
-        if arch == "minimind2"
-        else math.ceil(batches_per_epoch / accumulation_steps)
-    )
-    return per_epoch * epochs
+def schedule_length(cfg: TrainConfig, arch: str, batches_per_epoch: int) -> int:
+    """CosineAnnealingLR's T_max: 2510 (iters // acc) · epochs; v3 ceil(iters / acc) · epochs, and for v3's
+    PPO, whose optimizer steps are per minibatch, ceil(iters · epochs · ppo_update_iters · minibatches / acc)."""
+    acc = cfg.accumulation_steps
+    if arch == "minimind2":
+        return batches_per_epoch // acc * cfg.epochs
+    if cfg.mode == "ppo":
+        minibatches = math.ceil(cfg.batch_size / cfg.mini_batch_size)
+        return math.ceil(batches_per_epoch * cfg.epochs * cfg.ppo_update_iters * minibatches / acc)
+    return math.ceil(batches_per_epoch / acc) * cfg.epochs
 
 
 class RLMetricLogger(MetricLogger):
@@ -98,6 +101,12 @@ class RLMetricLogger(MetricLogger):
         return host_metrics["rollout_tokens"] * self.plan.sizes[update - 1]
 
     def finish_record(self, record: dict) -> None:
+        if self.cfg.mode == "ppo" and self.cfg.arch == "minimind3":  # PPOEpochs' averages over the minibatches
+            steps = record.pop("optimizer_steps")
+            record.pop("halt")
+            record["lr"] = record["actor_lr"] = self.learning_rate(steps)
+            record["critic_lr"] = float(annealing_lr(self.cfg.critic_learning_rate, self.schedule_updates, steps, np))
+            return
         if self.cfg.mode == "ppo":  # the objective's means are MiniMind's names already
             record["actor_lr"] = record["lr"]
             record["critic_lr"] = float(annealing_lr(self.cfg.critic_learning_rate, self.schedule_updates,
@@ -112,6 +121,12 @@ class RLMetricLogger(MetricLogger):
 
     def log_line(self, record: dict, step_in_epoch: int, eta_min: float) -> str:
         where = f"({step_in_epoch + 1}/{self.steps_per_epoch})"
+        if self.cfg.mode == "ppo" and self.cfg.arch == "minimind3":
+            return (f"Epoch:[{record['epoch']}/{self.cfg.epochs}]{where}, Reward: {record['reward']:.4f}, KL_ref: "
+                    f"{record['kl_ref']:.4f}, Approx KL: {record['approx_kl']:.4f}, ClipFrac: {record['clipfrac']:.4f}, "
+                    f"Critic Loss: {record['critic_loss']:.4f}, Avg Response Len: {record['avg_response_len']:.2f}, "
+                    f"Actor LR: {record['actor_lr']:.8f}, Critic LR: {record['critic_lr']:.8f}, tokens/s: "
+                    f"{record['tokens_per_s']:,.0f}")  # fmt: skip
         if self.cfg.mode == "ppo":
             return (f"Epoch: {record['epoch']}, Step: {step_in_epoch + 1}/{self.steps_per_epoch}, Actor Loss: "
                     f"{record['actor_loss']:.6f}, Critic Loss: {record['critic_loss']:.6f}, Reward: "
@@ -134,7 +149,9 @@ class RLMetricLogger(MetricLogger):
                 f"{record['tokens_per_s']:,.0f}")  # fmt: skip
 
 
-def objective_for(cfg: TrainConfig, model_config: ModelConfig) -> PolicyLoss | SequencePPOLoss:
+def objective_for(cfg: TrainConfig, model_config: ModelConfig) -> PolicyLoss | SequencePPOLoss | TokenPPOLoss:
+    if cfg.mode == "ppo" and model_config.is_v3:
+        return TokenPPOLoss(cfg.clip_epsilon, cfg.vf_coef, cfg.kl_coef, cfg.cliprange_value, cfg.early_stop_kl)
     if cfg.mode == "ppo":
         return SequencePPOLoss(cfg.clip_epsilon, cfg.vf_coef, cfg.kl_coef, scale=cfg.accumulation_steps)
     if cfg.mode == "spo":
@@ -218,6 +235,10 @@ def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
         per_prompt = f" × --num_generations {cfg.num_generations} = {rows}" if cfg.num_generations > 1 else ""
         raise UserError(f"--batch_size {cfg.batch_size}{per_prompt} rows are not divisible by the data-parallel "
                         f"size {split} (mesh {dict(mesh.shape)})")  # fmt: skip
+    token_ppo = cfg.mode == "ppo" and cfg.arch == "minimind3"
+    if token_ppo and cfg.mini_batch_size % split:
+        raise UserError(f"--mini_batch_size {cfg.mini_batch_size} rows are not divisible by the data-parallel size "
+                        f"{split} (mesh {dict(mesh.shape)})")  # fmt: skip
     platform = jax.devices()[0].platform
     dtype = cfg.dtype or default_dtype(platform)
     step = train_step_settings(cfg.fast_path, platform, dtype, cfg.max_seq_len + cfg.max_gen_len,
@@ -234,21 +255,25 @@ def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
         records = load_prompts(cfg.data_path, strict=cfg.strict)
     prompts = PromptBatches(records, cfg.batch_size, cfg.seed, cfg.epochs, shuffle=cfg.shuffle and not cfg.rollouts)
     acc = cfg.accumulation_steps
-    plan = update_plan(model_config.arch, len(prompts), cfg.epochs, acc)
+    # An update is a rollout; v3's PPO accumulates its minibatches within each rollout (rl/ppo.py)
+    plan = update_plan(model_config.arch, len(prompts), cfg.epochs, 1 if token_ppo else acc)
     if len(plan) < 1:
         raise UserError(f"{cfg.rollouts or cfg.data_path}: {len(prompts)} batches are fewer than "
                         f"--accumulation_steps {acc} needs for one update")  # fmt: skip
-    schedule_updates = schedule_length(model_config.arch, len(prompts), cfg.epochs, acc)
+    schedule_updates = schedule_length(cfg, model_config.arch, len(prompts))
     rewards = reward_settings(cfg, model_config.arch, is_main)
     objective = objective_for(cfg, model_config)
     policy_graphdef = nnx.graphdef(model)
     trained, optimizer = trained_model(cfg, model, max(schedule_updates, 1))
+    critic_graphdef = nnx.graphdef(trained.critic) if cfg.mode == "ppo" else None
     graphdef, params, opt_state, param_shardings, opt_shardings = init_train_state(trained, optimizer, mesh, objective)
     del model, trained
     policy = (lambda params: params["actor"]) if cfg.mode == "ppo" else (lambda params: params)
-    frozen_params = {"reference": jax.tree.map(jnp.copy, policy(params))}  # the policy as it starts
+    reference_params = jax.tree.map(jnp.copy, policy(params))  # the policy as it starts
+    # v3's PPO reads the reference once per rollout (rl/ppo.py), the others in the step
+    frozen_params = {} if token_ppo else {"reference": reference_params}
     step_fn = make_train_step(graphdef, optimizer, mesh, objective=objective,
-                              frozen_graphdefs={"reference": policy_graphdef}, accumulation_steps=acc,
+                              frozen_graphdefs={name: policy_graphdef for name in frozen_params}, accumulation_steps=acc,
                               loss_norm=cfg.loss_norm, param_shardings=param_shardings, opt_shardings=opt_shardings)  # fmt: skip
     source = ReplayRollout() if cfg.rollouts else SamplerRollout(policy_graphdef, model_config.arch, cfg.max_gen_len,
                                                                  tokenizer.eos_id)  # fmt: skip
@@ -259,6 +284,12 @@ def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
                              layout=trainer_layout(cfg.mode, model_config.arch),
                              tracker=SPOTracker() if cfg.mode == "spo" else None,
                              sharding=sharding.batch_sharding(mesh))  # fmt: skip
+    if token_ppo:
+        batches = PPOEpochs(batches, policy_graphdef=policy_graphdef, critic_graphdef=critic_graphdef,
+                            reference_params=reference_params, ppo_update_iters=cfg.ppo_update_iters,
+                            mini_batch_size=cfg.mini_batch_size, accumulation_steps=acc, gamma=cfg.gamma,
+                            lam=cfg.lam, seed=cfg.seed, shuffle=bool(cfg.shuffle),
+                            sharding=sharding.batch_sharding(mesh))  # fmt: skip
 
     lock.take()
     move_earlier_run_aside(earlier, is_main)
@@ -307,7 +338,8 @@ def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
         return micro_batches
 
     trainer = Trainer(step_fn, update_sizes=plan.sizes, last_update=last_update, frozen_params=frozen_params,
-                      on_compiled=logger.step_compiled, micro_batches=rollout_micro_batches)  # fmt: skip
+                      on_compiled=logger.step_compiled,
+                      steps=batches.steps if token_ppo else lambda state, size: [rollout_micro_batches(state, size)])  # fmt: skip
     trainer.add_hook(logger)
     trainer.add_hook(checkpointer, every=save_due(plan, cfg.save_interval, last_update))
     trainer.add_hook(preemption)
@@ -317,7 +349,9 @@ def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
             f"{cfg.mode} ({objective.variant}): {model_config.arch} hidden {model_config.hidden_size} × "
             f"{model_config.num_hidden_layers} layers, mesh {dict(mesh.shape)}, compute {dtype} (weights and "
             f"optimizer float32); {source_line}: {len(records)} prompts, {cfg.batch_size} × {cfg.num_generations} "
-            f"completions per batch, {len(prompts)} batches/epoch, {len(plan)} updates"
+            f"completions per batch, {len(prompts)} batches/epoch, {len(plan)} "
+            + (f"rollouts, each {cfg.ppo_update_iters} epochs of minibatches of {cfg.mini_batch_size}" if token_ppo
+               else "updates")
         )
     try:
         finished = trainer.train(state)

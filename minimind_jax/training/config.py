@@ -5,6 +5,7 @@ help text next to it (cli/train.py builds the parser from the fields)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import pathlib
 from typing import Any
@@ -75,8 +76,11 @@ AT_LEAST = {
     "num_generations": 1,
     "max_gen_len": 1,
     "update_old_actor_freq": 1,
+    "ppo_update_iters": 1,
+    "mini_batch_size": 1,
 }
 RL_MODES = ("grpo", "spo", "ppo")
+V3_PPO_FLAGS = ("gamma", "lam", "cliprange_value", "ppo_update_iters", "early_stop_kl", "mini_batch_size")
 # MiniMind's distillation names the student's sizes and weights; here they are the run's own fields.
 STUDENT_FLAGS = {
     "student_hidden_size": "hidden_size",
@@ -177,6 +181,14 @@ class TrainConfig:
     kl_coef: float = flag(0.02, "weight of the KL to the reference", minimind=True, only="ppo")
     update_old_actor_freq: int = flag(4, "2510: the old actor becomes the actor every N steps", minimind=True,
                                       only="ppo")  # fmt: skip
+    gamma: float = flag(1.0, "v3: GAE's discount", minimind=True, only="ppo")
+    lam: float = flag(0.95, "v3: GAE's lambda", minimind=True, only="ppo")
+    cliprange_value: float = flag(0.2, "v3: the critic's values are clipped to old ± this in its loss", minimind=True,
+                                  only="ppo")  # fmt: skip
+    ppo_update_iters: int = flag(2, "v3: epochs over each rollout", minimind=True, only="ppo")
+    early_stop_kl: float = flag(0.25, "v3: a rollout's epochs stop once a minibatch's approx KL exceeds this",
+                                minimind=True, only="ppo")  # fmt: skip
+    mini_batch_size: int = flag(2, "v3: rows per PPO minibatch", minimind=True, only="ppo")
     reward_model_path: str | None = flag(
         None,
         "a local Hugging Face reward model (one label); without it only the rule rewards count",
@@ -264,8 +276,8 @@ class TrainConfig:
         only="lora",
     )
     strict: bool = flag(False, "a bad jsonl line is an error, not a skip", switch=True)
+    shuffle: bool = flag(True, "0 = the data in file order, and v3 PPO's minibatches in rollout order")
     # ---- not flags (the Python API's; --no_progress sets progress) ----
-    shuffle: bool = True
     progress: bool = True
 
     def __post_init__(self):
@@ -304,9 +316,17 @@ class TrainConfig:
             )
         except ValueError as error:  # its message names the fields, which are the flags' names
             raise UserError(str(error)) from None
-        if self.mode == "ppo" and self.arch != "minimind2":
-            raise UserError("ppo: v3's token-level PPO (GAE, minibatch epochs, early stop) is not implemented yet; "
-                            "2510's is (--arch minimind2)")  # fmt: skip
+        era_only = V3_PPO_FLAGS if self.arch == "minimind2" else ("update_old_actor_freq",)
+        other_era = [name for name in era_only if self.mode == "ppo" and given.get(name, defaults[name]) != defaults[name]]
+        if other_era:
+            raise UserError(f"--{other_era[0]} belongs to the other era's PPO: 2510's is sequence-level with an old "
+                            "actor, v3's token-level with GAE and minibatch epochs")  # fmt: skip
+        for name in ("gamma", "lam"):
+            if not (_is_number(given[name]) and 0 <= given[name] <= 1):
+                raise UserError(f"--{name} must be a number in [0, 1], got {given[name]!r}")
+        for name in ("cliprange_value", "early_stop_kl"):
+            if not _is_number(given[name]) or not math.isfinite(given[name]):
+                raise UserError(f"--{name} must be a finite number, got {given[name]!r}")
         if self.mode == "spo" and self.arch != "minimind2":
             raise UserError("spo is 2510's recipe (train_spo.py); v3 has none: give --arch minimind2")
         if self.mode == "distill_reason" and self.arch != "minimind2":
@@ -412,7 +432,8 @@ SCRIPT_DEFAULTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         dict(save_weight="ppo_actor", epochs=1, batch_size=2, learning_rate=8e-8, critic_learning_rate=8e-8,
              log_interval=1, save_interval=10, max_seq_len=66, max_gen_len=1536, data_path="dataset/rlaif-mini.jsonl",
              num_generations=1, from_weight="reason", wandb_project="MiniMind-PPO"),
-        {},
+        dict(learning_rate=3e-7, critic_learning_rate=5e-7, clip_epsilon=0.2, hidden_size=768, max_seq_len=768,
+             max_gen_len=1024, data_path="dataset/rlaif.jsonl", from_weight="full_sft"),
     ),
     "spo": (  # 2510's train_spo.py (one completion per prompt); v3 has none (TrainConfig refuses it)
         dict(save_weight="spo", epochs=1, batch_size=2, learning_rate=1e-7, accumulation_steps=4, log_interval=1,

@@ -8,7 +8,7 @@ them and training/run.py assembles a run from them.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -44,17 +44,18 @@ class Trainer:
         last_update: int,
         frozen_params=None,
         on_compiled: Callable[[CompiledStep], None] = lambda compiled: None,
-        micro_batches: Callable[[RunState, int], list] | None = None,
+        steps: Callable[[RunState, int], Iterable[list]] | None = None,
     ):
-        """step_fn: training/step.make_train_step's jitted step, compiled ahead of the first update of each
-        number of micro-batches, after which on_compiled(the CompiledStep) runs. update_sizes: the micro-batches
-        of each update (training/accumulation.py). frozen_params: the objective's frozen models.
-        micro_batches(state, n): the next update's n micro-batches; by default the next n of state.batches (RL
-        rolls them out with state.params)."""
+        """step_fn: training/step.make_train_step's jitted step, compiled ahead of the first step of each
+        number and shape of micro-batches, after which on_compiled(the CompiledStep) runs. update_sizes: the
+        micro-batches of each update (training/accumulation.py). frozen_params: the objective's frozen models.
+        steps(state, n): the next update's optimizer steps, each a list of micro-batches. By default one step
+        of the next n of state.batches. RL rolls them out with state.params, and v3's PPO takes several steps
+        per rollout, reading each one's state.metrics before it gives the next."""
         self.step_fn, self.update_sizes, self.last_update = step_fn, update_sizes, last_update
         self.frozen_params = frozen_params or {}
         self.on_compiled = on_compiled
-        self.micro_batches = micro_batches or (lambda state, size: [next(state.batches) for _ in range(size)])
+        self.steps = steps or (lambda state, size: [[next(state.batches) for _ in range(size)]])
         self.compiled: dict[tuple, CompiledStep] = {}  # by the micro-batches' number and shapes
         self.hooks: list[tuple[Callable[[RunState], None], Callable[[int], bool]]] = []
 
@@ -68,14 +69,15 @@ class Trainer:
         """Runs updates until the last one; False when a hook stopped the run early."""
         while state.update < self.last_update:
             first, size = state.batches.step, self.update_sizes[state.update]
-            micro_batches = self.micro_batches(state, size)
-            key = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.update))
-            args = (state.params, state.opt_state, micro_batches, key, self.frozen_params)
-            shapes = (size, *(jnp.shape(x) for x in jax.tree.leaves(micro_batches)))  # RL rows vary in width
-            if shapes not in self.compiled:
-                self.compiled[shapes] = compile_ahead(self.step_fn, *args)
-                self.on_compiled(self.compiled[shapes])
-            state.params, state.opt_state, state.metrics = self.compiled[shapes].executable(*args)
+            update_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.update)
+            for index, micro_batches in enumerate(self.steps(state, size)):
+                key = jax.random.key_data(update_key if index == 0 else jax.random.fold_in(update_key, index))
+                args = (state.params, state.opt_state, micro_batches, key, self.frozen_params)
+                shapes = (len(micro_batches), *(jnp.shape(x) for x in jax.tree.leaves(micro_batches)))
+                if shapes not in self.compiled:  # RL rows vary in width
+                    self.compiled[shapes] = compile_ahead(self.step_fn, *args)
+                    self.on_compiled(self.compiled[shapes])
+                state.params, state.opt_state, state.metrics = self.compiled[shapes].executable(*args)
             state.update += 1
             state.data_batches = range(first, first + size)
             try:

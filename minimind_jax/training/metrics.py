@@ -20,7 +20,7 @@ from minimind_jax.training.wandb_log import WandbRun
 
 THROUGHPUT_WINDOW = 20  # updates per tokens/s window
 # What every step reports (training/step.py); an objective's own metrics (DPO's rewards) are recorded as they come.
-STEP_METRICS = ("loss", "logits_loss", "aux_loss", "micro_losses", "loss_tokens", "grad_norm", "skipped")
+STEP_METRICS = ("loss", "logits_loss", "aux_loss", "micro_losses", "per_micro", "loss_tokens", "grad_norm", "skipped")
 
 
 def drop_metrics_after(path: pathlib.Path, update: int) -> None:

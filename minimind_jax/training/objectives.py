@@ -42,6 +42,9 @@ class LossSums(NamedTuple):
 class Objective(abc.ABC):
     batch_fields: tuple[str, ...]
     frozen_models: tuple[str, ...] = ()
+    # An objective that halts reads batch["halted"] [B] (1: contribute nothing) and reports a metric "halt"
+    # (> 0: this micro-batch halted); the step sets "halted" on every later micro-batch of the update.
+    halts: bool = False
 
     def trainable(self, path: ParamPath) -> bool:
         """Whether the parameter at `path` (e.g. ("layers", "0", "self_attn", "q_proj")) trains."""

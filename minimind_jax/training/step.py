@@ -94,15 +94,20 @@ def make_train_step(
         num_micro = len(micro_batches)
         grad_fn = jax.value_and_grad(functools.partial(micro_objective, batch_axes, num_micro), has_aux=True)
 
-        def accumulate(grads_sum, micro):
+        def accumulate(carry, micro):
+            grads_sum, halted = carry
             batch, micro_total, index = micro
+            if objective.halts:  # a micro-batch after one that halted contributes nothing
+                batch = {**batch, "halted": jnp.maximum(batch["halted"], halted)}
             (value, (micro_loss, aux, metric_totals)), grads = grad_fn(
                 trainable, fixed, frozen, batch, jax.random.fold_in(device_rng, index), weight_total, micro_total
             )
-            return jax.tree.map(jnp.add, grads_sum, grads), (value, micro_loss, aux, metric_totals)
+            if objective.halts:
+                halted = jnp.maximum(halted, (metric_totals["halt"] > 0).astype(halted.dtype))
+            return (jax.tree.map(jnp.add, grads_sum, grads), halted), (value, micro_loss, aux, metric_totals)
 
-        zeros = jax.tree.map(jnp.zeros_like, trainable)
-        grads, (values, micro_losses, aux_losses, metric_totals) = jax.lax.scan(
+        zeros = jax.tree.map(jnp.zeros_like, trainable), jnp.zeros((), jnp.int32)
+        (grads, _), (values, micro_losses, aux_losses, metric_totals) = jax.lax.scan(
             accumulate, zeros, (stacked, micro_weight_totals, jnp.arange(num_micro))
         )
         metrics = {
@@ -114,6 +119,7 @@ def make_train_step(
             "micro_losses": micro_losses + aux_losses,  # what MiniMind logs for each micro-step
             "loss_tokens": weight_total,
             **{name: safe_divide(totals.sum(), weight_total) for name, totals in metric_totals.items()},
+            "per_micro": {name: safe_divide(totals, micro_weight_totals) for name, totals in metric_totals.items()},
         }
         return grads, metrics
 

@@ -27,14 +27,18 @@ RUNS = {
             ("policy_loss", "reward", "kl", "rho", "baseline", "advantages_mean", "learning_rate")),
     "ppo": (["--arch", "minimind2", "--batch_size", "1", "--update_old_actor_freq", "2", "--mesh", "data=1"],
             "ppo_actor_32", ("actor_loss", "critic_loss", "reward", "kl", "kl_ref", "avg_response_len", "actor_lr")),
+    # v3's: 2 epochs of 2 minibatches of 1 per rollout, accumulated in pairs
+    "ppo_v3": (["--mini_batch_size", "1", "--accumulation_steps", "2", "--mesh", "data=1"], "ppo_actor_32",
+               ("reward", "kl_ref", "approx_kl", "clipfrac", "critic_loss", "avg_response_len", "actor_lr",
+                "critic_lr")),
 }  # fmt: skip
 
 
-def rl_argv(mode, tokenizer, data, out, *extra):
-    argv = grpo_argv(tokenizer, data, out, *RUNS[mode][0], *extra)
-    if mode != "grpo":
+def rl_argv(run, tokenizer, data, out, *extra):
+    argv = grpo_argv(tokenizer, data, out, *RUNS[run][0], *extra)
+    if run != "grpo":
         del argv[argv.index("--num_generations") : argv.index("--num_generations") + 2]
-    return [mode, *argv[1:]]
+    return [run.removesuffix("_v3"), *argv[1:]]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +58,7 @@ def test_a_sampled_run_logs_minimind_metrics_and_resumes_exactly(mode, small_tok
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert main(rl_argv(mode, small_tokenizer, prompts, whole)) == 0
     logged = records(whole, name)
-    assert len(logged) == (6 if mode == "ppo" else 3)  # 6 prompts in batches of 2 (PPO: of 1)
+    assert len(logged) == (6 if mode == "ppo" else 3)  # 6 prompts in batches of 2 (2510 PPO: of 1)
     for metric in metrics:
         assert all(np.isfinite(r[metric]) for r in logged), metric
     assert all(1 <= r["avg_response_len"] <= 12 for r in logged if "avg_response_len" in r)
