@@ -28,6 +28,7 @@ SUBCOMMANDS = {
     "grpo": ("minimind_jax.cli.train", "GRPO / CISPO on rollouts of the policy (MiniMind's train_grpo.py flags)"),
     "spo": ("minimind_jax.cli.train", "2510's SPO: one rollout per prompt against a tracked baseline (train_spo.py)"),
     "ppo": ("minimind_jax.cli.train", "PPO: the policy and a critic trained together (MiniMind's train_ppo.py flags)"),
+    "agent": ("minimind_jax.cli.train", "v3's agentic RL: multi-turn tool calls, rewarded (MiniMind's train_agent.py)"),
     "convert": ("minimind_jax.cli.convert", "convert MiniMind .pth <-> minimind-jax checkpoint <-> Hugging Face"),
     "inspect": ("minimind_jax.cli.inspect", "show which tokens of a jsonl record are learned"),
     "tokenizer": ("minimind_jax.cli.tokenizer", "train a SentencePiece tokenizer for MiniMind"),

@@ -18,7 +18,7 @@ import yaml
 
 from minimind_jax.errors import UserError, first_line
 from minimind_jax.model.config import CONFIG_DIR
-from minimind_jax.training.config import CHOICES, RL_MODES, STUDENT_FLAGS, TrainConfig, defaults_for
+from minimind_jax.training.config import CHOICES, RL_MODES, STUDENT_FLAGS, V3_ONLY_MODES, TrainConfig, defaults_for
 
 IGNORED_FLAGS = {"device": str, "use_compile": int}  # MiniMind's, accepted so its command lines run unchanged
 
@@ -43,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
             "distill_reason": "reasoning distillation (2510)",
             "grpo": "GRPO (2510) / GRPO and CISPO (v3) reinforcement learning",
             "spo": "2510's SPO reinforcement learning (one completion per prompt, a tracked baseline)",
+            "agent": "v3's agentic RL: multi-turn tool use, CISPO/GRPO on whole trajectories",
             "ppo": "PPO with a critic (2510: one advantage per sequence; v3: per token, GAE, minibatch epochs)"}[command]  # fmt: skip
     parser.description = f"MiniMind-compatible {what}. " + " ".join(__doc__.split("\n\n")[1].split())
     parser.add_argument(
@@ -115,8 +116,8 @@ def config_from_args(args, command: str) -> TrainConfig:
                 with contextlib.suppress(ValueError):  # YAML reads 1e-5 (no dot) as a string; else TrainConfig says
                     from_file[name] = float(value)
     given = {field.name: getattr(args, field.name) for field, _ in flags if getattr(args, field.name) is not None}
-    arch = given.get("arch", from_file.get("arch", "minimind2"))
-    fields = {**defaults_for(command, arch), **from_file, **given, "mode": command}
+    arch = given.get("arch", from_file.get("arch", "minimind3" if command in V3_ONLY_MODES else "minimind2"))
+    fields = {**defaults_for(command, arch), **from_file, **given, "mode": command, "arch": arch}
     if command in RL_MODES and arch == "minimind2" and "from_weight" not in {**from_file, **given}:
         fields["from_weight"] = "reason" if fields.get("reasoning", 1) else "full_sft"  # as 2510's script picks it
     if args.no_progress:

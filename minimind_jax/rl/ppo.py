@@ -20,9 +20,8 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from minimind_jax.data.pipeline import global_batch, process_rows
 from minimind_jax.rl.algorithms import gae_advantages
-from minimind_jax.rl.rollout import RolloutBatches, make_old_log_probs
+from minimind_jax.rl.rollout import RolloutBatches, make_old_log_probs, on_mesh
 
 # MiniMind's per-minibatch metrics, averaged over the minibatches that ran
 LOGGED = ("policy_loss", "critic_loss", "approx_kl", "kl_ref", "clipfrac")
@@ -141,7 +140,4 @@ class PPOEpochs:
             minibatch[key] = filled
         minibatch["positions"][len(indices) :] = rows["positions"][0]
         minibatch["halted"] = np.full(size, int(halted), np.int32)
-        if self.sharding is None:
-            return {key: jax.numpy.asarray(value) for key, value in minibatch.items()}
-        local = process_rows(self.sharding, size)
-        return global_batch(self.sharding, {key: value[local] for key, value in minibatch.items()}, size)
+        return on_mesh(minibatch, self.sharding)

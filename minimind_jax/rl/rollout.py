@@ -261,7 +261,7 @@ class RolloutBatches:
         elif self.num_generations > 1:  # GRPO; PPO's one generation per prompt gets its critic's, in the step
             advantages[:num_real] = group_advantages(rewards, self.num_generations, self.arch)
         rows.update(advantages=advantages, row_weight=(np.arange(self.num_rows) < num_real).astype(np.float32))
-        batch = self._on_mesh(rows)
+        batch = on_mesh(rows, self.sharding)
         started = time.perf_counter()
         if self.old_log_probs is None:
             batch["old_log_probs"] = jax.numpy.zeros_like(batch["completion_mask"], jax.numpy.float32)
@@ -299,11 +299,16 @@ class RolloutBatches:
         return era_rewards(self.arch, prompts, texts, generations, reasoning=settings.reasoning,
                            reward_model=settings.reward_model)  # fmt: skip
 
-    def _on_mesh(self, rows: dict[str, np.ndarray]) -> dict:
-        if self.sharding is None:
-            return {key: jax.numpy.asarray(value) for key, value in rows.items()}
-        local = process_rows(self.sharding, self.num_rows)
-        return global_batch(self.sharding, {key: value[local] for key, value in rows.items()}, self.num_rows)
+
+
+def on_mesh(rows: dict[str, np.ndarray], sharding=None) -> dict:
+    """Every process's copy of the same host rows as global arrays split over the mesh's batch axes (on the
+    default device without a sharding)."""
+    if sharding is None:
+        return {key: jax.numpy.asarray(value) for key, value in rows.items()}
+    num_rows = len(next(iter(rows.values())))
+    local = process_rows(sharding, num_rows)
+    return global_batch(sharding, {key: value[local] for key, value in rows.items()}, num_rows)
 
 
 def make_old_log_probs(graphdef: nnx.GraphDef) -> Callable:

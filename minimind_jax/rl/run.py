@@ -29,6 +29,7 @@ from minimind_jax.model.config import ModelConfig, default_dtype, train_step_set
 from minimind_jax.model.params import model_from_params, params_of
 from minimind_jax.model.transformer import MiniMind
 from minimind_jax.rl.actor_critic import ActorCritic, Critic, load_critic
+from minimind_jax.rl.agent import AgentRollouts, load_agent_prompts, load_agent_replay
 from minimind_jax.rl.algorithms import PolicyLoss, SequencePPOLoss, SPOTracker, TokenPPOLoss
 from minimind_jax.rl.data import load_prompts, load_replay
 from minimind_jax.rl.ppo import PPOEpochs
@@ -133,6 +134,12 @@ class RLMetricLogger(MetricLogger):
                     f"{record['reward']:.6f}, KL: {record['kl']:.6f}, KL_ref: {record['kl_ref']:.6f}, Avg Response "
                     f"Len: {record['avg_response_len']:.2f}, Actor LR: {record['actor_lr']:.2e}, Critic LR: "
                     f"{record['critic_lr']:.2e}, tokens/s: {record['tokens_per_s']:,.0f}")  # fmt: skip
+        if self.cfg.mode == "agent":
+            return (f"Epoch:[{record['epoch']}/{self.cfg.epochs}]{where}, Reward:{record['reward']:.4f}, KL:"
+                    f"{record['kl_ref']:.4f}, GrpStd:{record['group_reward_std']:.4f}, AdvStd:"
+                    f"{record['advantages_std']:.4f}, Loss:{record['policy_loss']:.4f}, AvgLen:"
+                    f"{record['avg_response_len']:.2f}, AdvMean:{record['advantages_mean']:.4f}, LR:{record['lr']:.8f}, "
+                    f"tokens/s:{record['tokens_per_s']:,.0f}")  # fmt: skip
         if self.cfg.mode == "spo":
             return (f"Epoch: {record['epoch']}, Step: {step_in_epoch + 1}/{self.steps_per_epoch}, Actor Loss: "
                     f"{record['policy_loss']:.6f}, Reward: {record['reward']:.6f}, Baseline: {record['baseline']:.4f}, "
@@ -249,10 +256,11 @@ def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     check_fits(tokenizer, model_config.arch, model_config.vocab_size)
     if cfg.rollouts:
-        records = load_replay(cfg.rollouts, num_generations=cfg.num_generations, max_gen_len=cfg.max_gen_len,
-                              vocab_size=model_config.vocab_size, eos_id=tokenizer.eos_id)  # fmt: skip
+        records = (load_agent_replay if cfg.mode == "agent" else load_replay)(
+            cfg.rollouts, num_generations=cfg.num_generations, max_gen_len=cfg.max_gen_len,
+            vocab_size=model_config.vocab_size, eos_id=tokenizer.eos_id)  # fmt: skip
     else:
-        records = load_prompts(cfg.data_path, strict=cfg.strict)
+        records = (load_agent_prompts if cfg.mode == "agent" else load_prompts)(cfg.data_path, strict=cfg.strict)
     prompts = PromptBatches(records, cfg.batch_size, cfg.seed, cfg.epochs, shuffle=cfg.shuffle and not cfg.rollouts)
     acc = cfg.accumulation_steps
     # An update is a rollout; v3's PPO accumulates its minibatches within each rollout (rl/ppo.py)
@@ -275,21 +283,28 @@ def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
     step_fn = make_train_step(graphdef, optimizer, mesh, objective=objective,
                               frozen_graphdefs={name: policy_graphdef for name in frozen_params}, accumulation_steps=acc,
                               loss_norm=cfg.loss_norm, param_shardings=param_shardings, opt_shardings=opt_shardings)  # fmt: skip
-    source = ReplayRollout() if cfg.rollouts else SamplerRollout(policy_graphdef, model_config.arch, cfg.max_gen_len,
-                                                                 tokenizer.eos_id)  # fmt: skip
-    batches = RolloutBatches(prompts, source, tokenizer=tokenizer, arch=model_config.arch,
-                             num_generations=cfg.num_generations, max_seq_len=cfg.max_seq_len,
-                             max_gen_len=cfg.max_gen_len, thinking_ratio=cfg.thinking_ratio, rewards=rewards,
-                             old_log_probs=make_old_log_probs(policy_graphdef) if objective.reads_old_log_probs else None,
-                             layout=trainer_layout(cfg.mode, model_config.arch),
-                             tracker=SPOTracker() if cfg.mode == "spo" else None,
-                             sharding=sharding.batch_sharding(mesh))  # fmt: skip
-    if token_ppo:
-        batches = PPOEpochs(batches, policy_graphdef=policy_graphdef, critic_graphdef=critic_graphdef,
-                            reference_params=reference_params, ppo_update_iters=cfg.ppo_update_iters,
-                            mini_batch_size=cfg.mini_batch_size, accumulation_steps=acc, gamma=cfg.gamma,
-                            lam=cfg.lam, seed=cfg.seed, shuffle=bool(cfg.shuffle),
-                            sharding=sharding.batch_sharding(mesh))  # fmt: skip
+    if cfg.mode == "agent":
+        batches = AgentRollouts(prompts, policy_graphdef, tokenizer=tokenizer, replay=cfg.rollouts,
+                                num_generations=cfg.num_generations, max_gen_len=cfg.max_gen_len,
+                                max_total_len=cfg.max_total_len, thinking_ratio=cfg.thinking_ratio,
+                                reward_model=rewards.reward_model, reward_fn=rewards.reward_fn,
+                                sharding=sharding.batch_sharding(mesh))  # fmt: skip
+    else:
+        source = ReplayRollout() if cfg.rollouts else SamplerRollout(policy_graphdef, model_config.arch, cfg.max_gen_len,
+                                                                     tokenizer.eos_id)  # fmt: skip
+        batches = RolloutBatches(prompts, source, tokenizer=tokenizer, arch=model_config.arch,
+                                 num_generations=cfg.num_generations, max_seq_len=cfg.max_seq_len,
+                                 max_gen_len=cfg.max_gen_len, thinking_ratio=cfg.thinking_ratio, rewards=rewards,
+                                 old_log_probs=make_old_log_probs(policy_graphdef) if objective.reads_old_log_probs else None,
+                                 layout=trainer_layout(cfg.mode, model_config.arch),
+                                 tracker=SPOTracker() if cfg.mode == "spo" else None,
+                                 sharding=sharding.batch_sharding(mesh))  # fmt: skip
+        if token_ppo:
+            batches = PPOEpochs(batches, policy_graphdef=policy_graphdef, critic_graphdef=critic_graphdef,
+                                reference_params=reference_params, ppo_update_iters=cfg.ppo_update_iters,
+                                mini_batch_size=cfg.mini_batch_size, accumulation_steps=acc, gamma=cfg.gamma,
+                                lam=cfg.lam, seed=cfg.seed, shuffle=bool(cfg.shuffle),
+                                sharding=sharding.batch_sharding(mesh))  # fmt: skip
 
     lock.take()
     move_earlier_run_aside(earlier, is_main)

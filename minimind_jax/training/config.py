@@ -24,7 +24,7 @@ from minimind_jax.model.config import (
 
 LOSS_NORMS = ("tokens", "minimind")  # see training/step.py
 CHOICES = {
-    "mode": ("sft", "pretrain", "lora", "dpo", "distill", "distill_reason", "grpo", "spo", "ppo"),
+    "mode": ("sft", "pretrain", "lora", "dpo", "distill", "distill_reason", "grpo", "spo", "ppo", "agent"),
     "arch": ARCHS,
     "dtype": TRAIN_DTYPES,
     "remat": REMATS,
@@ -75,11 +75,14 @@ AT_LEAST = {
     "process_id": 0,
     "num_generations": 1,
     "max_gen_len": 1,
+    "max_total_len": 2,
     "update_old_actor_freq": 1,
     "ppo_update_iters": 1,
     "mini_batch_size": 1,
 }
-RL_MODES = ("grpo", "spo", "ppo")
+RL_MODES = ("grpo", "spo", "ppo", "agent")
+GROUP_MODES = ("grpo", "agent")
+V3_ONLY_MODES = ("agent",)  # the CLI's --arch default for them is minimind3  # GRPO's G completions per prompt and its losses
 V3_PPO_FLAGS = ("gamma", "lam", "cliprange_value", "ppo_update_iters", "early_stop_kl", "mini_batch_size")
 # MiniMind's distillation names the student's sizes and weights; here they are the run's own fields.
 STUDENT_FLAGS = {
@@ -167,13 +170,14 @@ class TrainConfig:
     alpha: float = flag(0.5, "weight of the CE; 1 - alpha weighs the distillation KL", minimind=True, only="distill")
     temperature: float = flag(1.5, "softens both logits in the KL, which is scaled by its square", minimind=True,
                               only="distill")  # fmt: skip
-    num_generations: int = flag(8, "completions per prompt (G)", minimind=True, only="grpo")
-    max_gen_len: int = flag(1536, "the most tokens a completion has", minimind=True, only=RL_MODES)
-    loss_type: str = flag("cispo", "v3's GRPO loss: cispo or grpo", minimind=True, only="grpo")
-    epsilon: float = flag(0.2, "v3 grpo: the ratio is clipped to 1 ± epsilon", minimind=True, only="grpo")
-    epsilon_high: float = flag(5.0, "v3 cispo: the ratio's upper clamp", minimind=True, only="grpo")
+    num_generations: int = flag(8, "completions per prompt (G)", minimind=True, only=GROUP_MODES)
+    max_gen_len: int = flag(1536, "the most tokens a completion (agent: a turn) has", minimind=True, only=RL_MODES)
+    max_total_len: int = flag(2500, "agent: a trajectory's last ids kept for training", minimind=True, only="agent")
+    loss_type: str = flag("cispo", "v3's GRPO loss: cispo or grpo", minimind=True, only=GROUP_MODES)
+    epsilon: float = flag(0.2, "v3 grpo: the ratio is clipped to 1 ± epsilon", minimind=True, only=GROUP_MODES)
+    epsilon_high: float = flag(5.0, "v3 cispo: the ratio's upper clamp", minimind=True, only=GROUP_MODES)
     reasoning: int = flag(1, "2510: 1 = the <think>/<answer> format rewards (and the reason weights)", minimind=True,
-                          only=RL_MODES)  # fmt: skip
+                          only=("grpo", "spo", "ppo"))  # fmt: skip
     thinking_ratio: float = flag(0.9, "v3: the share of prompts with thinking open", minimind=True, only=RL_MODES)
     critic_learning_rate: float = flag(8e-8, "the critic's peak learning rate", minimind=True, only="ppo")
     clip_epsilon: float = flag(0.1, "the policy ratio is clipped to 1 ± clip_epsilon", minimind=True, only="ppo")
@@ -327,6 +331,8 @@ class TrainConfig:
         for name in ("cliprange_value", "early_stop_kl"):
             if not _is_number(given[name]) or not math.isfinite(given[name]):
                 raise UserError(f"--{name} must be a finite number, got {given[name]!r}")
+        if self.mode == "agent" and self.arch != "minimind3":
+            raise UserError("agent is v3's recipe (train_agent.py); 2510 has none: give --arch minimind3")
         if self.mode == "spo" and self.arch != "minimind2":
             raise UserError("spo is 2510's recipe (train_spo.py); v3 has none: give --arch minimind2")
         if self.mode == "distill_reason" and self.arch != "minimind2":
@@ -337,7 +343,7 @@ class TrainConfig:
             raise UserError("--eval_data_path scores a masked LM loss; DPO's pairs have none (drop it for dpo)")
         if self.mode == "dpo" and self.packing:
             raise UserError("--packing 1: DPO keeps each pair's chosen and rejected rows apart and together; give 0")
-        if self.mode == "grpo" and self.num_generations < 2:
+        if self.mode in GROUP_MODES and self.num_generations < 2:
             raise UserError("--num_generations must be >= 2: GRPO's advantages compare a prompt's generations")
         if self.mode in RL_MODES:
             unused = [name for name in ("eval_data_path", "packing", "warmup_steps", "loss_chunk_size",
@@ -434,6 +440,13 @@ SCRIPT_DEFAULTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
              num_generations=1, from_weight="reason", wandb_project="MiniMind-PPO"),
         dict(learning_rate=3e-7, critic_learning_rate=5e-7, clip_epsilon=0.2, hidden_size=768, max_seq_len=768,
              max_gen_len=1024, data_path="dataset/rlaif.jsonl", from_weight="full_sft"),
+    ),
+    "agent": (  # v3's train_agent.py; 2510 has none (TrainConfig refuses it)
+        dict(save_weight="agent", epochs=1, batch_size=2, learning_rate=3e-7, log_interval=1, save_interval=10,
+             hidden_size=768, max_seq_len=1024, max_gen_len=768, max_total_len=2500,
+             data_path="dataset/agent_rl.jsonl", num_generations=4, beta=0.1, thinking_ratio=0.1,
+             from_weight="full_sft", wandb_project="MiniMind-Agent-RL"),
+        {},
     ),
     "spo": (  # 2510's train_spo.py (one completion per prompt); v3 has none (TrainConfig refuses it)
         dict(save_weight="spo", epochs=1, batch_size=2, learning_rate=1e-7, accumulation_steps=4, log_interval=1,

@@ -31,12 +31,16 @@ RUNS = {
     "ppo_v3": (["--mini_batch_size", "1", "--accumulation_steps", "2", "--mesh", "data=1"], "ppo_actor_32",
                ("reward", "kl_ref", "approx_kl", "clipfrac", "critic_loss", "avg_response_len", "actor_lr",
                 "critic_lr")),
+    # v3's agentic RL: records with tools and gt, trajectories cut to their last 40 ids
+    "agent": (["--num_generations", "2", "--max_total_len", "40"], "agent_32",
+              ("reward", "kl_ref", "group_reward_std", "advantages_std", "policy_loss", "avg_response_len",
+               "advantages_mean", "learning_rate")),
 }  # fmt: skip
 
 
 def rl_argv(run, tokenizer, data, out, *extra):
     argv = grpo_argv(tokenizer, data, out, *RUNS[run][0], *extra)
-    if run != "grpo":
+    if run not in ("grpo", "agent"):
         del argv[argv.index("--num_generations") : argv.index("--num_generations") + 2]
     return [run.removesuffix("_v3"), *argv[1:]]
 
@@ -46,15 +50,29 @@ def prompts(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("rlaif") / "rlaif.jsonl", random_chats(6, seed=4))
 
 
+@pytest.fixture(scope="module")
+def agent_prompts(tmp_path_factory):
+    tools = json.dumps([{"type": "function", "function": {"name": "calculate_math", "parameters": {}}}])
+    chats = random_chats(6, seed=5)
+    for chat in chats:
+        chat["conversations"] = [{"role": "system", "content": "tools", "tools": tools},
+                                 *[turn for turn in chat["conversations"] if turn["role"] != "system"]]  # fmt: skip
+        chat["gt"] = ["cat"]
+    return write_jsonl(tmp_path_factory.mktemp("agent") / "agent_rl.jsonl", chats)
+
+
 def records(out, name="grpo_32"):
     return [json.loads(line) for line in (out / "logs" / name / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("mode", RUNS)
-def test_a_sampled_run_logs_minimind_metrics_and_resumes_exactly(mode, small_tokenizer, prompts, tmp_path, capsys):
+def test_a_sampled_run_logs_minimind_metrics_and_resumes_exactly(mode, small_tokenizer, prompts, agent_prompts,
+                                                                 tmp_path, capsys):  # fmt: skip
     """Stopped after update 2, then resumed: the same rollouts (sampler keys, data position), SPO's tracker,
-    PPO's critic and old actor (at update 2 it is the actor after update 1), hence the same weights."""
+    PPO's critic and old actor (at update 2 it is the actor after update 1), v3 PPO's minibatch count and
+    optimizer steps, hence the same weights."""
     _, name, metrics = RUNS[mode]
+    prompts = agent_prompts if mode == "agent" else prompts
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert main(rl_argv(mode, small_tokenizer, prompts, whole)) == 0
     logged = records(whole, name)
@@ -62,7 +80,7 @@ def test_a_sampled_run_logs_minimind_metrics_and_resumes_exactly(mode, small_tok
     for metric in metrics:
         assert all(np.isfinite(r[metric]) for r in logged), metric
     assert all(1 <= r["avg_response_len"] <= 12 for r in logged if "avg_response_len" in r)
-    assert ", Reward: " in capsys.readouterr().out
+    assert ", Reward:" in capsys.readouterr().out
     weights = torch.load(whole / f"{name}.pth", weights_only=True)
     assert {value.dtype for value in weights.values()} == {torch.float16}
     assert "lm_head.weight" in weights and "model.embed_tokens.weight" in weights and len(weights) > 10
@@ -118,6 +136,34 @@ def test_bad_rl_input_is_one_line_and_writes_nothing(small_tokenizer, prompts, t
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
     assert not (out / "grpo_32.pth").exists() and not any((out / "checkpoints").glob("*/*"))
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("turns_beyond_the_last", "rollouts.jsonl:1: trajectory 0 records 2 turns, but its tool calls end it after 1"),
+        ("four_turns", "rollouts.jsonl:1: trajectory 0 is not a list of 1 to 3 turns of ids"),
+        ("turn_after_eos", "rollouts.jsonl:1: trajectory 1 turn 0: a turn ends at its first eos (2)"),
+        ("no_gt", "agent_rl.jsonl: no usable record"),
+    ],
+)
+def test_bad_agent_input_is_one_line_and_writes_nothing(small_tokenizer, agent_prompts, tmp_path, capsys, case,
+                                                        message):  # fmt: skip
+    out, data, extra = tmp_path / "out", agent_prompts, []
+    if case == "no_gt":
+        data = write_jsonl(tmp_path / "agent_rl.jsonl", [{"conversations": [{"role": "user", "content": "hi"},
+                                                                             {"role": "assistant", "content": "x"}]}])  # fmt: skip
+    else:
+        trajectories = {"turns_beyond_the_last": [[[5, 2], [6, 2]], [[7, 2]]],
+                        "four_turns": [[[5, 2]] * 4, [[7, 2]]],
+                        "turn_after_eos": [[[5, 2]], [[7, 2, 8]]]}[case]  # fmt: skip
+        record = {"conversations": [{"role": "user", "content": "hi cat"}, {"role": "assistant", "content": "x"}],
+                  "gt": ["cat"], "completions": trajectories}  # fmt: skip
+        extra = ["--rollouts", str(write_jsonl(tmp_path / "rollouts.jsonl", [record] * 2))]
+    assert main([*rl_argv("agent", small_tokenizer, data, out), *extra]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not (out / "agent_32.pth").exists() and not any((out / "checkpoints").glob("*/*"))
 
 
 def test_a_reward_fn_that_fails_mid_run_keeps_the_updates_before_it(small_tokenizer, prompts, tmp_path, capsys,

@@ -4,10 +4,10 @@ within MiniMind's own noise floor.
 
 - `main.py grpo --rollouts`: MiniMind's train_grpo.py runs of ../shared/golden/rl (both eras, v3's cispo and
   grpo, rewards computed and given);
-- `main.py spo --rollouts` and `main.py ppo --rollouts`: 2510's train_spo.py and train_ppo.py and v3's
-  train_ppo.py, run the same way (tests/fixtures/rl/spo, ppo and ppo_v3, made by make_spo_golden.py,
-  make_ppo_golden.py and make_ppo_v3_golden.py; their 1-thread runs changed no weight beyond one fp16 ulp, so
-  the limit is the README's floor of 2e-5).
+- `main.py spo|ppo|agent --rollouts`: 2510's train_spo.py and train_ppo.py, v3's train_ppo.py and
+  train_agent.py, run the same way (tests/fixtures/rl/spo, ppo, ppo_v3 and agent, made by their
+  make_*_golden.py; their 1-thread runs changed no weight beyond one fp16 ulp, so the limit is the README's
+  floor of 2e-5).
 """
 
 import json
@@ -136,3 +136,17 @@ def test_v3_ppo_updates_are_minimind(case, tmp_path):
             "--no_progress", *PPO_V3_CASES[case]]  # fmt: skip
     assert main(argv) == 0
     assert_run_is_minimind(out, "ppo_actor_32", golden / case, NOISE_FLOOR, f"v3 ppo {case}")
+
+
+def test_agent_updates_are_minimind(tmp_path):
+    """v3's agentic RL on scripted trajectories (tests/fixtures/rl/agent, make_agent_golden.py): multi-turn
+    packing with the tool observations and MiniMind's re-rendered slices, each turn's old log-probs on its own
+    context, max_total_len's cut, the rewards and the CISPO update, split over 2 devices."""
+    inputs = require_shared("golden", "rl", "v3", "inputs")
+    golden, out = FIXTURES / "agent", tmp_path / "out"
+    argv = ["agent", "--hidden_size", "32", "--num_hidden_layers", "2", *shlex.split((golden / "flags.txt").read_text()),
+            "--from_weight", str(inputs / "full_sft_32.pth"), "--rollouts", str(golden / "rollouts.jsonl"),
+            "--tokenizer_path", str(require_shared("minimind", "v3")), "--save_dir", str(out), "--mesh", "data=2",
+            "--no_progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert_run_is_minimind(out, "agent_32", golden, NOISE_FLOOR, "v3 agent")

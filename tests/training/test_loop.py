@@ -60,21 +60,41 @@ def test_the_step_is_compiled_once_ahead_of_the_first_update():
 
 def test_micro_batches_of_a_new_shape_compile_again_and_come_from_the_given_source():
     """RL's rollouts change the rows' width between updates: each new shape gets its own program, and the
-    micro-batches come from the Trainer's micro_batches function, which sees the current state."""
+    micro-batches come from the Trainer's steps function, which sees the current state."""
     compiled, seen_updates = [], []
 
     def widening_batches(state, size):
         seen_updates.append(state.update)
-        return [np.ones(1 + min(state.update, 2), np.int32) for _ in range(size)]
+        return [[np.ones(1 + min(state.update, 2), np.int32) for _ in range(size)]]
 
     step = jax.jit(lambda params, opt_state, micro_batches, key, frozen: (params + sum(b.sum() for b in micro_batches),
                                                                           opt_state, {}))  # fmt: skip
     trainer = Trainer(step, update_sizes=[1] * 4, last_update=4, on_compiled=compiled.append,
-                      micro_batches=widening_batches)  # fmt: skip
+                      steps=widening_batches)  # fmt: skip
     state = new_state()
     trainer.train(state)
     assert seen_updates == [0, 1, 2, 3] and len(compiled) == len(trainer.compiled) == 3  # widths 1, 2, 3
     assert state.params == 1 + 2 + 3 + 3
+
+
+def test_an_update_of_several_steps_reads_each_steps_metrics_before_the_next():
+    """v3 PPO's epochs: one update (one rollout) takes several optimizer steps, each with its own key, and
+    decides the next one from the last one's metrics; the hooks run once, after the last."""
+    seen_params, keys, hooked = [], [], []
+
+    def steps(state, size):
+        for _ in range(3):
+            yield [next(state.batches)]
+            seen_params.append(state.params)
+            keys.append(np.asarray(state.metrics["key"]).tobytes())
+            if state.params >= 3:  # stop early, as PPO's early stop does
+                return
+
+    trainer = Trainer(add_step, update_sizes=[1] * 2, last_update=2, steps=steps)
+    trainer.add_hook(lambda state: hooked.append((state.update, state.params, state.opt_state)))
+    trainer.train(new_state())
+    assert seen_params == [0, 1, 3, 6] and hooked == [(1, 3, 3), (2, 6, 4)]
+    assert len(set(keys)) == 4
 
 
 def test_updates_take_their_own_number_of_micro_batches_one_compile_per_number():
