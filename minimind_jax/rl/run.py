@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import math
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -222,20 +223,28 @@ def mean_reward(cfg: TrainConfig, weights: str, data_path: str, seed: int = 0) -
     return {"reward": total / count, "completions": int(count)}
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Runs the whole RL job; returns a summary (final reward, paths)."""
-    maybe_initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
-    use_compilation_cache(cfg.compilation_cache_dir)
-    is_main = jax.process_index() == 0
-    if cfg.use_wandb:
-        require_wandb()
-    with RunLock(cfg.run_checkpoint_dir, is_main) as lock:
-        return _train(cfg, is_main, lock)
+@dataclasses.dataclass
+class RLRun:
+    """An RL run's parts, before checkpoints and hooks: what `train` and the bench (bench/rl_update.py) run."""
+
+    objective: Any
+    plan: Any  # training/accumulation.UpdatePlan: an update per rollout (per micro-batch group)
+    schedule_updates: int  # the optimizer steps of MiniMind's LR schedule
+    graphdef: nnx.GraphDef
+    params: Any
+    opt_state: Any
+    param_shardings: Any
+    opt_shardings: Any
+    frozen_params: dict
+    step_fn: Callable
+    batches: Any  # RolloutBatches, AgentRollouts or PPOEpochs: the data state checkpoints keep
+    steps: Callable  # Trainer's steps: rolls each update's micro-batches out with the current weights
+    token_ppo: bool
 
 
-def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
-    earlier = keep_earlier_run(cfg, is_main)
-    mesh = sharding.make_mesh(cfg.mesh)
+def assemble(cfg: TrainConfig, model: MiniMind, records: list, tokenizer, mesh, rewards: RewardSettings) -> RLRun:
+    """The run's objective, trained model, optimizer, sharded step and rollout data for the policy `model`."""
+    model_config = model.config
     rows = cfg.batch_size * cfg.num_generations
     split = sharding.batch_size_per_step(mesh)
     if rows % split:
@@ -246,21 +255,6 @@ def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
     if token_ppo and cfg.mini_batch_size % split:
         raise UserError(f"--mini_batch_size {cfg.mini_batch_size} rows are not divisible by the data-parallel size "
                         f"{split} (mesh {dict(mesh.shape)})")  # fmt: skip
-    platform = jax.devices()[0].platform
-    dtype = cfg.dtype or default_dtype(platform)
-    step = train_step_settings(cfg.fast_path, platform, dtype, cfg.max_seq_len + cfg.max_gen_len,
-                               attention_impl=cfg.attention_impl, scan_layers=cfg.scan_layers)  # fmt: skip
-    model = build_model(cfg, dtype, step)
-    model_config = model.config
-    check_room(model_config, cfg.max_seq_len, cfg.max_gen_len)
-    tokenizer = load_tokenizer(cfg.tokenizer_path)
-    check_fits(tokenizer, model_config.arch, model_config.vocab_size)
-    if cfg.rollouts:
-        records = (load_agent_replay if cfg.mode == "agent" else load_replay)(
-            cfg.rollouts, num_generations=cfg.num_generations, max_gen_len=cfg.max_gen_len,
-            vocab_size=model_config.vocab_size, eos_id=tokenizer.eos_id)  # fmt: skip
-    else:
-        records = (load_agent_prompts if cfg.mode == "agent" else load_prompts)(cfg.data_path, strict=cfg.strict)
     prompts = PromptBatches(records, cfg.batch_size, cfg.seed, cfg.epochs, shuffle=cfg.shuffle and not cfg.rollouts)
     acc = cfg.accumulation_steps
     # An update is a rollout; v3's PPO accumulates its minibatches within each rollout (rl/ppo.py)
@@ -269,13 +263,12 @@ def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
         raise UserError(f"{cfg.rollouts or cfg.data_path}: {len(prompts)} batches are fewer than "
                         f"--accumulation_steps {acc} needs for one update")  # fmt: skip
     schedule_updates = schedule_length(cfg, model_config.arch, len(prompts))
-    rewards = reward_settings(cfg, model_config.arch, is_main)
     objective = objective_for(cfg, model_config)
     policy_graphdef = nnx.graphdef(model)
     trained, optimizer = trained_model(cfg, model, max(schedule_updates, 1))
     critic_graphdef = nnx.graphdef(trained.critic) if cfg.mode == "ppo" else None
     graphdef, params, opt_state, param_shardings, opt_shardings = init_train_state(trained, optimizer, mesh, objective)
-    del model, trained
+    del trained
     policy = (lambda params: params["actor"]) if cfg.mode == "ppo" else (lambda params: params)
     reference_params = jax.tree.map(jnp.copy, policy(params))  # the policy as it starts
     # v3's PPO reads the reference once per rollout (rl/ppo.py), the others in the step
@@ -306,29 +299,6 @@ def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
                                 lam=cfg.lam, seed=cfg.seed, shuffle=bool(cfg.shuffle),
                                 sharding=sharding.batch_sharding(mesh))  # fmt: skip
 
-    lock.take()
-    move_earlier_run_aside(earlier, is_main)
-    checkpoints = TrainCheckpoints(cfg.run_checkpoint_dir, max_to_keep=cfg.keep_checkpoints)
-    state = RunState(update=0, params=params, opt_state=opt_state, rng=jax.random.key_data(jax.random.key(cfg.seed)),
-                     batches=batches)  # fmt: skip
-    resumed_meta = resume(cfg, checkpoints, state, param_shardings, opt_shardings, is_main)
-    wandb_id = resumed_meta.get("wandb_id")
-    if is_main:
-        drop_metrics_after(cfg.log_dir / "metrics.jsonl", state.update)
-    wandb_run = WandbRun(cfg, resume_id=wandb_id) if cfg.use_wandb and is_main else None
-    wandb_id = wandb_run.id if wandb_run is not None else wandb_id
-    last_update = len(plan) if cfg.max_steps is None else min(len(plan), cfg.max_steps)
-    peak_flops, peak_source = total_peak_flops(dtype)
-    logger = RLMetricLogger(cfg, schedule_updates=schedule_updates, steps_per_epoch=len(prompts), plan=plan,
-                            last_update=last_update, start_update=state.update,
-                            flops_per_token=model_flops_per_token(model_config), peak_flops=peak_flops,
-                            writer=MetricsWriter(cfg.log_dir, is_main, wandb_run), is_main=is_main)  # fmt: skip
-    meta = run_meta(cfg, model_config, wandb_id, **({"policy_params": "actor"} if cfg.mode == "ppo" else {}))
-    pth_path = pathlib.Path(cfg.save_dir) / f"{cfg.run_name}.pth"
-    export = lambda model: save_pth(model.actor if cfg.mode == "ppo" else model, pth_path)  # MiniMind saves the actor
-    checkpointer = Checkpointer(checkpoints, logger, graphdef, export, meta, state.update, is_main)
-    preemption = Preemption(checkpointer)
-
     def old_actor_due(micro_step: int) -> bool:
         """2510's PPO makes the old actor the actor after micro-step s (1-based in its epoch) when (s + 1) % freq
         is 0."""
@@ -352,9 +322,70 @@ def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
             state.params = {**state.params, "old_actor": jax.tree.map(jnp.copy, state.params["actor"])}
         return micro_batches
 
-    trainer = Trainer(step_fn, update_sizes=plan.sizes, last_update=last_update, frozen_params=frozen_params,
-                      on_compiled=logger.step_compiled,
-                      steps=batches.steps if token_ppo else lambda state, size: [rollout_micro_batches(state, size)])  # fmt: skip
+    steps = batches.steps if token_ppo else lambda state, size: [rollout_micro_batches(state, size)]
+    return RLRun(objective, plan, schedule_updates, graphdef, params, opt_state, param_shardings, opt_shardings,
+                 frozen_params, step_fn, batches, steps, token_ppo)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Runs the whole RL job; returns a summary (final reward, paths)."""
+    maybe_initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    use_compilation_cache(cfg.compilation_cache_dir)
+    is_main = jax.process_index() == 0
+    if cfg.use_wandb:
+        require_wandb()
+    with RunLock(cfg.run_checkpoint_dir, is_main) as lock:
+        return _train(cfg, is_main, lock)
+
+
+def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
+    earlier = keep_earlier_run(cfg, is_main)
+    mesh = sharding.make_mesh(cfg.mesh)
+    platform = jax.devices()[0].platform
+    dtype = cfg.dtype or default_dtype(platform)
+    step = train_step_settings(cfg.fast_path, platform, dtype, cfg.max_seq_len + cfg.max_gen_len,
+                               attention_impl=cfg.attention_impl, scan_layers=cfg.scan_layers)  # fmt: skip
+    model = build_model(cfg, dtype, step)
+    model_config = model.config
+    check_room(model_config, cfg.max_seq_len, cfg.max_gen_len)
+    tokenizer = load_tokenizer(cfg.tokenizer_path)
+    check_fits(tokenizer, model_config.arch, model_config.vocab_size)
+    if cfg.rollouts:
+        records = (load_agent_replay if cfg.mode == "agent" else load_replay)(
+            cfg.rollouts, num_generations=cfg.num_generations, max_gen_len=cfg.max_gen_len,
+            vocab_size=model_config.vocab_size, eos_id=tokenizer.eos_id)  # fmt: skip
+    else:
+        records = (load_agent_prompts if cfg.mode == "agent" else load_prompts)(cfg.data_path, strict=cfg.strict)
+    rewards = reward_settings(cfg, model_config.arch, is_main)
+    run = assemble(cfg, model, records, tokenizer, mesh, rewards)
+    del model
+    plan, prompts, objective = run.plan, run.batches, run.objective
+
+    lock.take()
+    move_earlier_run_aside(earlier, is_main)
+    checkpoints = TrainCheckpoints(cfg.run_checkpoint_dir, max_to_keep=cfg.keep_checkpoints)
+    state = RunState(update=0, params=run.params, opt_state=run.opt_state,
+                     rng=jax.random.key_data(jax.random.key(cfg.seed)), batches=run.batches)  # fmt: skip
+    resumed_meta = resume(cfg, checkpoints, state, run.param_shardings, run.opt_shardings, is_main)
+    wandb_id = resumed_meta.get("wandb_id")
+    if is_main:
+        drop_metrics_after(cfg.log_dir / "metrics.jsonl", state.update)
+    wandb_run = WandbRun(cfg, resume_id=wandb_id) if cfg.use_wandb and is_main else None
+    wandb_id = wandb_run.id if wandb_run is not None else wandb_id
+    last_update = len(plan) if cfg.max_steps is None else min(len(plan), cfg.max_steps)
+    peak_flops, peak_source = total_peak_flops(dtype)
+    logger = RLMetricLogger(cfg, schedule_updates=run.schedule_updates, steps_per_epoch=len(prompts), plan=plan,
+                            last_update=last_update, start_update=state.update,
+                            flops_per_token=model_flops_per_token(model_config), peak_flops=peak_flops,
+                            writer=MetricsWriter(cfg.log_dir, is_main, wandb_run), is_main=is_main)  # fmt: skip
+    meta = run_meta(cfg, model_config, wandb_id, **({"policy_params": "actor"} if cfg.mode == "ppo" else {}))
+    pth_path = pathlib.Path(cfg.save_dir) / f"{cfg.run_name}.pth"
+    export = lambda model: save_pth(model.actor if cfg.mode == "ppo" else model, pth_path)  # MiniMind saves the actor
+    checkpointer = Checkpointer(checkpoints, logger, run.graphdef, export, meta, state.update, is_main)
+    preemption = Preemption(checkpointer)
+
+    trainer = Trainer(run.step_fn, update_sizes=plan.sizes, last_update=last_update, frozen_params=run.frozen_params,
+                      on_compiled=logger.step_compiled, steps=run.steps)  # fmt: skip
     trainer.add_hook(logger)
     trainer.add_hook(checkpointer, every=save_due(plan, cfg.save_interval, last_update))
     trainer.add_hook(preemption)
@@ -365,7 +396,7 @@ def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
             f"{model_config.num_hidden_layers} layers, mesh {dict(mesh.shape)}, compute {dtype} (weights and "
             f"optimizer float32); {source_line}: {len(records)} prompts, {cfg.batch_size} × {cfg.num_generations} "
             f"completions per batch, {len(prompts)} batches/epoch, {len(plan)} "
-            + (f"rollouts, each {cfg.ppo_update_iters} epochs of minibatches of {cfg.mini_batch_size}" if token_ppo
+            + (f"rollouts, each {cfg.ppo_update_iters} epochs of minibatches of {cfg.mini_batch_size}" if run.token_ppo
                else "updates")
         )
     try:
