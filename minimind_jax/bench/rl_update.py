@@ -1,19 +1,23 @@
-"""`python main.py bench --objective grpo`: one whole GRPO update of ours against MiniMind's own train_grpo.py,
-side by side, turns alternating.
+"""`python main.py bench --objective grpo|ppo`: one whole RL update of ours against MiniMind's own
+train_grpo.py or train_ppo.py, side by side, turns alternating.
 
 Both sides start from the same weights (the preset, randomly initialised), roll out the same prompts (the
 first --batch_size chats of the bench corpus, rendered as the era's RLAIFDataset renders them) --num_generations
-times each, up to --max_gen_len tokens, with the era's sampling, score them with MiniMind's rule rewards (the
-reward model scores 0 on both sides) and take one AdamW update:
-- ours, in this process: RolloutBatches (our jitted KV-cache sampler, then the policy's log-probs where the loss
-  reads them) and the one sharded step with the era's policy loss, as `main.py grpo` runs them;
-- MiniMind's, in a process of its own (bench/minimind_rl.py, --torch_python): its grpo_train_epoch on one
-  batch, with its own rollout (v3's TorchRolloutEngine, 2510's HF generate), on CPU in fp32.
+times each for GRPO (once for PPO), up to --max_gen_len tokens, with the era's sampling, score them with
+MiniMind's rule rewards (the reward model scores 0 on both sides) and train on them with the script's defaults
+for the era:
+- ours, in this process: the run `main.py grpo|ppo` assembles (rl/run.py's assemble: our jitted KV-cache
+  sampler, the policy's log-probs where the loss reads them, the one sharded step; v3 PPO's epochs of
+  minibatches), one update per turn;
+- MiniMind's, in a process of its own (bench/minimind_rl.py, --torch_python): its grpo_train_epoch or
+  ppo_train_epoch on one batch, with its own rollout (v3's TorchRolloutEngine, 2510's HF generate), on CPU in
+  fp32.
 
 Each update is timed whole and in parts: the rollout (sampling), the log-probs (v3's rollout engine computes
-them apart; 2510's are inside its update) and the rest (rewards, the policy and reference forwards, backward,
-optimizer). Figures are medians over the timed turns, after --warmup turns (ours compile in the first).
-Random weights rarely emit eos, so both sides' completions run to about --max_gen_len: the same work.
+them apart; 2510's are inside its update) and the rest (rewards, the critic and reference forwards, the
+forward and backward passes, the optimizers). Figures are medians over the timed turns, after --warmup turns
+(ours compile in the first). Random weights rarely emit eos, so both sides' completions run to about
+--max_gen_len: the same work.
 """
 
 from __future__ import annotations
@@ -29,73 +33,58 @@ from typing import Any
 
 from minimind_jax.errors import UserError
 
-RL_OBJECTIVES = ("grpo",)
+RL_OBJECTIVES = ("grpo", "ppo")
 PARTS = ("seconds", "rollout_s", "log_probs_s", "update_s")
 PAUSE_S = 0.5
+# What MiniMind's train_ppo.py reads from args beyond GRPO's, both eras, given as our run has them
+PPO_SETTINGS = ("critic_learning_rate", "clip_epsilon", "vf_coef", "kl_coef", "update_old_actor_freq", "gamma",
+                "lam", "cliprange_value", "ppo_update_iters", "early_stop_kl", "mini_batch_size")
 
 
 class OurSide:
-    name = "ours (main.py grpo's step)"
-
     def __init__(self, args, config, tokenizer_path: str, prompts: list[str], num_turns: int):
         import jax
-        import jax.numpy as jnp
         from flax import nnx
 
         from minimind_jax.data.tokenizer import load_tokenizer
         from minimind_jax.model.transformer import MiniMind
-        from minimind_jax.rl.algorithms import PolicyLoss
         from minimind_jax.rl.data import PromptRecord
-        from minimind_jax.rl.rollout import (
-            PromptBatches,
-            RewardSettings,
-            RolloutBatches,
-            SamplerRollout,
-            make_old_log_probs,
-            trainer_layout,
-        )
+        from minimind_jax.rl.rollout import RewardSettings
+        from minimind_jax.rl.run import assemble
         from minimind_jax.training import sharding
-        from minimind_jax.training.optimizer import annealing_lr_schedule, make_optimizer
-        from minimind_jax.training.step import init_train_state, make_train_step
+        from minimind_jax.training.config import TrainConfig, defaults_for
+        from minimind_jax.training.loop import RunState, Trainer
 
+        self.name = f"ours (main.py {args.objective}'s step)"
         self.jax = jax
-        mesh = sharding.make_mesh(args.mesh)
-        rows = len(prompts) * args.num_generations
-        if rows % sharding.batch_size_per_step(mesh):
-            raise UserError(f"{rows} rows (--batch_size × --num_generations) do not split over the mesh "
-                            f"{dict(mesh.shape)}: give --mesh")  # fmt: skip
+        self.cfg = TrainConfig(**{
+            **defaults_for(args.objective, config.arch), "mode": args.objective, "arch": config.arch,
+            "hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
+            "use_moe": int(config.use_moe), "num_attention_heads": config.num_attention_heads,
+            "batch_size": len(prompts), "epochs": num_turns, "max_seq_len": args.max_seq_len,
+            "max_gen_len": args.max_gen_len, "learning_rate": args.learning_rate, "seed": args.seed,
+            "mesh": args.mesh, "loss_norm": "minimind", "shuffle": False, "progress": False, "from_weight": "none",
+            "thinking_ratio": 0.0, **({"num_generations": args.num_generations} if args.objective == "grpo" else {}),
+        })  # fmt: skip
         model = MiniMind(config, rngs=nnx.Rngs(args.seed))
-        self.objective = PolicyLoss("cispo" if config.is_v3 else "reinforce", 0.1 if config.is_v3 else 0.02)
-        optimizer = make_optimizer(annealing_lr_schedule(args.learning_rate, 10**9), 1.0)
-        self.graphdef, self.params, self.opt_state, param_shardings, opt_shardings = init_train_state(
-            model, optimizer, mesh, self.objective
-        )
-        self.initial_params = jax.device_get(self.params)
-        self.reference = {"reference": jax.tree.map(jnp.copy, self.params)}
-        self.step_fn = make_train_step(self.graphdef, optimizer, mesh, objective=self.objective,
-                                       frozen_graphdefs={"reference": self.graphdef}, loss_norm="minimind",
-                                       param_shardings=param_shardings, opt_shardings=opt_shardings)  # fmt: skip
-        tokenizer = load_tokenizer(tokenizer_path)
         records = [PromptRecord(line=i + 1, text=text) for i, text in enumerate(prompts)]
-        self.rollouts = RolloutBatches(
-            PromptBatches(records, len(records), args.seed, epochs=num_turns, shuffle=False),
-            SamplerRollout(self.graphdef, config.arch, args.max_gen_len, tokenizer.eos_id), tokenizer=tokenizer,
-            arch=config.arch, num_generations=args.num_generations, max_seq_len=args.max_seq_len,
-            max_gen_len=args.max_gen_len, thinking_ratio=0.0, rewards=RewardSettings(config.arch, reasoning=True),
-            old_log_probs=make_old_log_probs(self.graphdef) if self.objective.reads_old_log_probs else None,
-            layout=trainer_layout("grpo", config.arch),
-            sharding=sharding.batch_sharding(mesh),
-        )  # fmt: skip
-        self.turn = 0
+        self.run = assemble(self.cfg, model, records, load_tokenizer(tokenizer_path), sharding.make_mesh(args.mesh),
+                            RewardSettings(config.arch, reasoning=True))  # fmt: skip
+        policy = self.run.params["actor"] if args.objective == "ppo" else self.run.params
+        self.initial_params = jax.device_get(policy)
+        self.state = RunState(update=0, params=self.run.params, opt_state=self.run.opt_state,
+                              rng=jax.random.key_data(jax.random.key(args.seed)), batches=self.run.batches)  # fmt: skip
+        self.trainer = Trainer(self.run.step_fn, update_sizes=self.run.plan.sizes, last_update=0,
+                               frozen_params=self.run.frozen_params, steps=self.run.steps)  # fmt: skip
 
     def step(self) -> dict[str, Any]:
+        """One update as `main.py` runs it (v3 PPO: its epochs of minibatches), timed whole and in parts."""
         started = time.perf_counter()
-        batch, stats = self.rollouts.next_batch(self.params, seed=self.turn)
-        key = self.jax.random.key_data(self.jax.random.key(self.turn))
-        self.params, self.opt_state, metrics = self.step_fn(self.params, self.opt_state, [batch], key, self.reference)
-        loss = float(metrics["loss"])  # waits for the update
+        self.trainer.last_update += 1
+        self.trainer.train(self.state)
+        loss = float(self.state.metrics["loss"])  # waits for the update
         seconds = time.perf_counter() - started
-        self.turn += 1
+        stats = self.state.host_metrics
         return {"seconds": seconds, "rollout_s": stats["rollout_s"], "log_probs_s": stats["log_probs_s"],
                 "update_s": seconds - stats["rollout_s"] - stats["log_probs_s"],
                 "avg_response_len": stats["avg_response_len"], "loss": loss}  # fmt: skip
@@ -105,22 +94,23 @@ class OurSide:
 
 
 class MiniMindSide:
-    name = "MiniMind's train_grpo.py (own process)"
-
-    def __init__(self, args, config, initial_params, tokenizer_path: str, prompts: list[str], workdir: pathlib.Path):
+    def __init__(self, args, ours: OurSide, config, tokenizer_path: str, prompts: list[str], workdir: pathlib.Path):
         import numpy as np
 
         from minimind_jax.bench.train_step import minimind_config_fields, torch_process_env
         from minimind_jax.weights.mapping import state_dict_from_params
 
-        state = state_dict_from_params(initial_params, config)
+        self.name = f"MiniMind's train_{args.objective}.py (own process)"
+        cfg = ours.cfg
+        state = state_dict_from_params(ours.initial_params, config)
         np.savez(workdir / "init.npz", **{key: np.asarray(value, np.float32) for key, value in state.items()})
         spec = {
             "arch": config.arch, "minimind_dir": str(pathlib.Path(args.minimind_dir).resolve()),
             "minimind_config": minimind_config_fields(config), "tokenizer_path": str(tokenizer_path),
             "prompts": prompts, "num_generations": args.num_generations, "max_seq_len": args.max_seq_len,
-            "max_gen_len": args.max_gen_len, "beta": 0.1 if config.is_v3 else 0.02, "loss_type": "cispo",
-            "learning_rate": args.learning_rate, "seed": args.seed,
+            "max_gen_len": args.max_gen_len, "beta": cfg.beta, "loss_type": cfg.loss_type,
+            "learning_rate": args.learning_rate, "seed": args.seed, "objective": args.objective,
+            "ppo": {name: getattr(cfg, name) for name in PPO_SETTINGS} if args.objective == "ppo" else {},
         }  # fmt: skip
         (workdir / "spec.json").write_text(json.dumps(spec))
         self.log_path = workdir / "stderr.log"
@@ -159,7 +149,8 @@ def medians(records: list[dict]) -> dict[str, float | None]:
 def format_table(result: dict) -> str:
     setup = result["setup"]
     lines = [
-        f"GRPO update, {setup['preset']} ({setup['arch']}), {setup['prompts']} prompts × G {setup['num_generations']}, "
+        f"{setup['objective'].upper()} update, {setup['preset']} ({setup['arch']}), {setup['prompts']} prompts × G "
+        f"{setup['num_generations']}, "
         f"max_gen_len {setup['max_gen_len']}, {setup['device']}; medians of {setup['steps']} turns after "
         f"{setup['warmup']} warm-up",
         f"{'side':<42} {'update s':>9} {'rollout s':>10} {'log-probs s':>12} {'rest s':>8} {'reply len':>10}",
@@ -190,7 +181,8 @@ def run(args) -> int:
     if args.num_generations < 1 or args.max_gen_len < 1 or args.steps < 1 or args.warmup < 0:
         raise UserError("--num_generations, --max_gen_len and --steps must be at least 1, --warmup at least 0")
     if not args.no_torch and not args.minimind_dir:
-        raise UserError("--objective grpo times MiniMind's own trainer: give --minimind_dir (or --no_torch)")
+        raise UserError(f"--objective {args.objective} times MiniMind's own trainer: give --minimind_dir (or "
+                        "--no_torch)")  # fmt: skip
     if not args.no_torch and shutil.which(args.torch_python) is None:
         raise UserError(f"--torch_python {args.torch_python}: not an executable")
     platform = jax.devices()[0].platform
@@ -211,8 +203,7 @@ def run(args) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_rl_") as workdir:
         try:
             if not args.no_torch:
-                sides.append(MiniMindSide(args, config, ours.initial_params, tokenizer_path, prompts,
-                                          pathlib.Path(workdir)))  # fmt: skip
+                sides.append(MiniMindSide(args, ours, config, tokenizer_path, prompts, pathlib.Path(workdir)))
             records = {side.name: [] for side in sides}
             for turn in range(turns):
                 for side in sides:
@@ -226,8 +217,8 @@ def run(args) -> int:
             for side in sides:
                 side.close()
     result = {
-        "setup": {"preset": args.preset, "arch": config.arch, "prompts": len(prompts),
-                  "num_generations": args.num_generations, "max_gen_len": args.max_gen_len, "steps": args.steps,
+        "setup": {"objective": args.objective, "preset": args.preset, "arch": config.arch, "prompts": len(prompts),
+                  "num_generations": args.num_generations if args.objective == "grpo" else 1, "max_gen_len": args.max_gen_len, "steps": args.steps,
                   "warmup": args.warmup, "device": f"{jax.device_count()} × {jax.devices()[0].device_kind}"},
         "sides": [{"name": name, "median": medians(rs), "turns": rs} for name, rs in records.items()],
     }  # fmt: skip

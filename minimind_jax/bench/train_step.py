@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 
 PACKAGE_PARENT = pathlib.Path(__file__).resolve().parents[2]  # the directory that holds minimind_jax/
 DEFAULT_DATA_DIR = pathlib.Path.home() / ".cache" / "minimind_jax" / "bench"
-OBJECTIVES = ("sft", "lora", "dpo", "distill", "grpo")
+OBJECTIVES = ("sft", "lora", "dpo", "distill", "grpo", "ppo")
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str = "bench") -> None:
@@ -75,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "bench") -> No
         default="sft",
         help="what every side trains: MiniMind's train_full_sft, train_lora, train_dpo (pairs built from the "
         "corpus) or train_distillation, with its script's defaults for the era (β, α, T, LoRA rank); grpo: one "
-        "whole RL update against train_grpo.py (bench/rl_update.py)",
+        "whole RL update against train_grpo.py; ppo: against train_ppo.py (bench/rl_update.py)",
     )
     parser.add_argument("--num_generations", type=int, default=4, help="grpo: completions per prompt")
     parser.add_argument("--max_gen_len", type=int, default=128, help="grpo: the most tokens of a completion")

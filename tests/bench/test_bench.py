@@ -386,31 +386,36 @@ def test_bench_says_why_a_pytorch_process_failed(capsys, data_dir, tiny_preset, 
     assert "exited with status 1: ImportError: no transformers here" in error
 
 
-def grpo_bench(capsys, data_dir, tmp_path, arch: str, *flags) -> dict:
+def rl_bench(capsys, data_dir, tmp_path, objective: str, arch: str, *flags) -> dict:
     preset = tmp_path / "tiny.yaml"
     preset.write_text(f"arch: {arch}\nhidden_size: 64\nnum_hidden_layers: 2\n")
     out = run_bench(
         capsys,
-        *("--objective", "grpo", "--preset", str(preset), "--batch_size", "2", "--num_generations", "2"),
+        *("--objective", objective, "--preset", str(preset), "--batch_size", "2", "--num_generations", "2"),
         *("--max_gen_len", "8", "--max_seq_len", "64", "--steps", "2", "--warmup", "1", "--num_records", "80"),
         *("--data_dir", str(data_dir), "--mesh", "data=2", "--json", *flags),
     )
     return json.loads(out)
 
 
-def test_bench_grpo_times_each_part_of_our_update(capsys, data_dir, tmp_path):
-    result = grpo_bench(capsys, data_dir, tmp_path, "minimind3", "--no_torch")
+@pytest.mark.parametrize("objective", ["grpo", "ppo"])
+def test_bench_rl_times_each_part_of_our_update(objective, capsys, data_dir, tmp_path):
+    """v3's GRPO (CISPO) and PPO (2 epochs of minibatches per rollout): the rollout, its old log-probs and the
+    rest, which add up to the whole update."""
+    result = rl_bench(capsys, data_dir, tmp_path, objective, "minimind3", "--no_torch")
     (ours,) = result["sides"]
-    assert result["setup"]["num_generations"] == 2 and len(ours["turns"]) == 2
+    assert result["setup"]["num_generations"] == (2 if objective == "grpo" else 1) and len(ours["turns"]) == 2
     for turn in ours["turns"]:
-        assert turn["rollout_s"] > 0 and turn["log_probs_s"] > 0 and turn["update_s"] > 0  # v3's cispo reads them
+        assert turn["rollout_s"] > 0 and turn["log_probs_s"] > 0 and turn["update_s"] > 0  # both read them
         assert turn["seconds"] == pytest.approx(turn["rollout_s"] + turn["log_probs_s"] + turn["update_s"])
         assert 1 <= turn["avg_response_len"] <= 8
 
 
+@pytest.mark.parametrize("objective", ["grpo", "ppo"])
 @pytest.mark.parametrize("era, arch", [("2510", "minimind2"), ("v3", "minimind3")])
-def test_bench_grpo_times_minimind_own_trainer(era, arch, capsys, data_dir, tmp_path):
-    """With a MiniMind checkout: its train_grpo.py's whole update on the same prompts, in its own process."""
+def test_bench_rl_times_minimind_own_trainer(objective, era, arch, capsys, data_dir, tmp_path):
+    """With a MiniMind checkout: its train_grpo.py's or train_ppo.py's whole update on the same prompts, in its
+    own process."""
     directory, python = minimind_checkout(era)
     # Its trainers import `datasets`; 2510's rollout is HF generate, whose KV cache transformers 5 changed.
     needs = "import datasets, transformers; assert int(transformers.__version__.split('.')[0]) < 5 or " + repr(
@@ -418,9 +423,10 @@ def test_bench_grpo_times_minimind_own_trainer(era, arch, capsys, data_dir, tmp_
     )
     if subprocess.run([python, "-c", needs], capture_output=True).returncode:
         pytest.skip(f"{python} lacks MiniMind's requirements for its {era} trainer (datasets, transformers<5 for 2510)")
-    result = grpo_bench(capsys, data_dir, tmp_path, arch, "--minimind_dir", str(directory), "--torch_python", python)
+    result = rl_bench(capsys, data_dir, tmp_path, objective, arch, "--minimind_dir", str(directory),
+                      "--torch_python", python)  # fmt: skip
     ours, minimind = result["sides"]
-    assert minimind["name"] == "MiniMind's train_grpo.py (own process)"
+    assert minimind["name"] == f"MiniMind's train_{objective}.py (own process)"
     for turn in minimind["turns"]:
         assert turn["rollout_s"] > 0 and 1 <= turn["avg_response_len"] <= 8
         assert (turn["log_probs_s"] is None) == (era == "2510")  # 2510 computes them inside its update
