@@ -37,8 +37,19 @@ RL_OBJECTIVES = ("grpo", "ppo")
 PARTS = ("seconds", "rollout_s", "log_probs_s", "update_s")
 PAUSE_S = 0.5
 # What MiniMind's train_ppo.py reads from args beyond GRPO's, both eras, given as our run has them
-PPO_SETTINGS = ("critic_learning_rate", "clip_epsilon", "vf_coef", "kl_coef", "update_old_actor_freq", "gamma",
-                "lam", "cliprange_value", "ppo_update_iters", "early_stop_kl", "mini_batch_size")
+PPO_SETTINGS = (
+    "critic_learning_rate",
+    "clip_epsilon",
+    "vf_coef",
+    "kl_coef",
+    "update_old_actor_freq",
+    "gamma",
+    "lam",
+    "cliprange_value",
+    "ppo_update_iters",
+    "early_stop_kl",
+    "mini_batch_size",
+)
 
 
 class OurSide:

@@ -59,7 +59,7 @@ def _agent_fields(record: dict) -> tuple[list[dict], list | None, list]:
     if tools is not None and not (isinstance(tools, list) and all(
             isinstance(t, dict) and isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str)
             for t in tools)):  # fmt: skip
-        raise BadRecord("'tools' must be a list of {\"function\": {\"name\": …}} objects")
+        raise BadRecord('\'tools\' must be a list of {"function": {"name": …}} objects')
     gt = record.get("gt")
     if not isinstance(gt, list) or not all(isinstance(g, (str, int, float)) and not isinstance(g, bool) for g in gt):
         raise BadRecord("'gt' must be a list of answers (strings or numbers)")
@@ -110,7 +110,9 @@ def load_agent_replay(path: str, *, num_generations: int, max_gen_len: int, voca
                 raise BadRecord(f"'rewards' must be {num_generations} finite numbers")
         except BadRecord as bad:
             raise UserError(f"{path}:{line_no}: {bad}") from None
-        fields = {k: v for k, v in record.items() if k not in ("conversations", "messages", "gt", "completions", "rewards")}
+        fields = {
+            k: v for k, v in record.items() if k not in ("conversations", "messages", "gt", "completions", "rewards")
+        }
         records.append(PromptRecord(line_no, messages=tuple(messages), fields={**fields, "gt": gt, "tools": tools},
                                     completions=tuple(tuple(map(tuple, turns)) for turns in trajectories),
                                     rewards=None if rewards is None else tuple(map(float, rewards))))  # fmt: skip
@@ -333,7 +335,9 @@ class AgentRollouts:
             t.response_log_probs += [0.0] * len(added)
         return seconds
 
-    def rewards_for(self, records: list[PromptRecord], prompts: list[str], trajectories: list[Trajectory]) -> np.ndarray:
+    def rewards_for(
+        self, records: list[PromptRecord], prompts: list[str], trajectories: list[Trajectory]
+    ) -> np.ndarray:
         generations = self.num_generations
         if all(r.rewards is not None for r in records):
             return np.asarray([x for r in records for x in r.rewards], np.float32)
@@ -356,7 +360,11 @@ class AgentRollouts:
             mask = [0] * len(t.prompt_ids) + t.response_mask
             old = [0.0] * (len(t.prompt_ids) - 1) + t.response_log_probs
             if len(ids) > self.max_total_len:
-                ids, mask, old = ids[-self.max_total_len :], mask[-self.max_total_len :], old[-(self.max_total_len - 1) :]
+                ids, mask, old = (
+                    ids[-self.max_total_len :],
+                    mask[-self.max_total_len :],
+                    old[-(self.max_total_len - 1) :],
+                )
             packed.append((ids, mask, old))
         width = max(min(bucket_length(max(len(ids) for ids, _, _ in packed)), self.max_total_len), 2)
         pad = self.tokenizer.pad_id

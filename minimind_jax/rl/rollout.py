@@ -300,7 +300,6 @@ class RolloutBatches:
                            reward_model=settings.reward_model)  # fmt: skip
 
 
-
 def on_mesh(rows: dict[str, np.ndarray], sharding=None) -> dict:
     """Every process's copy of the same host rows as global arrays split over the mesh's batch axes (on the
     default device without a sharding)."""

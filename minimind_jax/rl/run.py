@@ -323,8 +323,21 @@ def assemble(cfg: TrainConfig, model: MiniMind, records: list, tokenizer, mesh, 
         return micro_batches
 
     steps = batches.steps if token_ppo else lambda state, size: [rollout_micro_batches(state, size)]
-    return RLRun(objective, plan, schedule_updates, graphdef, params, opt_state, param_shardings, opt_shardings,
-                 frozen_params, step_fn, batches, steps, token_ppo)
+    return RLRun(
+        objective,
+        plan,
+        schedule_updates,
+        graphdef,
+        params,
+        opt_state,
+        param_shardings,
+        opt_shardings,
+        frozen_params,
+        step_fn,
+        batches,
+        steps,
+        token_ppo,
+    )
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -396,8 +409,11 @@ def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
             f"{model_config.num_hidden_layers} layers, mesh {dict(mesh.shape)}, compute {dtype} (weights and "
             f"optimizer float32); {source_line}: {len(records)} prompts, {cfg.batch_size} × {cfg.num_generations} "
             f"completions per batch, {len(prompts)} batches/epoch, {len(plan)} "
-            + (f"rollouts, each {cfg.ppo_update_iters} epochs of minibatches of {cfg.mini_batch_size}" if run.token_ppo
-               else "updates")
+            + (
+                f"rollouts, each {cfg.ppo_update_iters} epochs of minibatches of {cfg.mini_batch_size}"
+                if run.token_ppo
+                else "updates"
+            )
         )
     try:
         finished = trainer.train(state)

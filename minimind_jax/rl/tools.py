@@ -103,14 +103,18 @@ MOCK_RESULTS = {
     "calculate_math": lambda args: {"result": calculate(str(args.get("expression", "0")))},
     "unit_converter": _unit_converter,
     "get_current_weather": _weather,
-    "get_current_time": lambda args: {"datetime": TIME_DATA.get(args.get("timezone", "Asia/Shanghai"),
-                                                                "2025-03-07 14:30:00"),
-                                      "timezone": args.get("timezone", "Asia/Shanghai")},  # fmt: skip
-    "get_exchange_rate": lambda args: {"from": args.get("from_currency"), "to": args.get("to_currency"),
-                                       "rate": EXCHANGE_DATA.get((args.get("from_currency"),
-                                                                  args.get("to_currency")), 1.0)},  # fmt: skip
-    "translate_text": lambda args: {"translated_text": TRANSLATE_DATA.get((args.get("text"), args.get("target_language")),
-                                                                          args.get("text", ""))},  # fmt: skip
+    "get_current_time": lambda args: {
+        "datetime": TIME_DATA.get(args.get("timezone", "Asia/Shanghai"), "2025-03-07 14:30:00"),
+        "timezone": args.get("timezone", "Asia/Shanghai"),
+    },  # fmt: skip
+    "get_exchange_rate": lambda args: {
+        "from": args.get("from_currency"),
+        "to": args.get("to_currency"),
+        "rate": EXCHANGE_DATA.get((args.get("from_currency"), args.get("to_currency")), 1.0),
+    },  # fmt: skip
+    "translate_text": lambda args: {
+        "translated_text": TRANSLATE_DATA.get((args.get("text"), args.get("target_language")), args.get("text", ""))
+    },  # fmt: skip
 }
 CHECK_ARGS = {
     "calculate_math": lambda a: bool(a.get("expression")),

@@ -82,7 +82,9 @@ AT_LEAST = {
 }
 RL_MODES = ("grpo", "spo", "ppo", "agent")
 GROUP_MODES = ("grpo", "agent")
-V3_ONLY_MODES = ("agent",)  # the CLI's --arch default for them is minimind3  # GRPO's G completions per prompt and its losses
+V3_ONLY_MODES = (
+    "agent",
+)  # the CLI's --arch default for them is minimind3  # GRPO's G completions per prompt and its losses
 V3_PPO_FLAGS = ("gamma", "lam", "cliprange_value", "ppo_update_iters", "early_stop_kl", "mini_batch_size")
 # MiniMind's distillation names the student's sizes and weights; here they are the run's own fields.
 STUDENT_FLAGS = {
@@ -321,7 +323,9 @@ class TrainConfig:
         except ValueError as error:  # its message names the fields, which are the flags' names
             raise UserError(str(error)) from None
         era_only = V3_PPO_FLAGS if self.arch == "minimind2" else ("update_old_actor_freq",)
-        other_era = [name for name in era_only if self.mode == "ppo" and given.get(name, defaults[name]) != defaults[name]]
+        other_era = [
+            name for name in era_only if self.mode == "ppo" and given.get(name, defaults[name]) != defaults[name]
+        ]
         if other_era:
             raise UserError(f"--{other_era[0]} belongs to the other era's PPO: 2510's is sequence-level with an old "
                             "actor, v3's token-level with GAE and minibatch epochs")  # fmt: skip
