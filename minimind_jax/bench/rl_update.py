@@ -73,9 +73,10 @@ class OurSide:
             "hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
             "use_moe": int(config.use_moe), "num_attention_heads": config.num_attention_heads,
             "batch_size": len(prompts), "epochs": num_turns, "max_seq_len": args.max_seq_len,
-            "max_gen_len": args.max_gen_len, "learning_rate": args.learning_rate, "seed": args.seed,
-            "mesh": args.mesh, "loss_norm": "minimind", "shuffle": False, "progress": False, "from_weight": "none",
+            "max_gen_len": args.max_gen_len, "seed": args.seed, "mesh": args.mesh, "loss_norm": "minimind",
+            "shuffle": False, "progress": False, "from_weight": "none",
             "thinking_ratio": 0.0, **({"num_generations": args.num_generations} if args.objective == "grpo" else {}),
+            **({"learning_rate": args.learning_rate} if args.learning_rate else {}),
         })  # fmt: skip
         model = MiniMind(config, rngs=nnx.Rngs(args.seed))
         records = [PromptRecord(line=i + 1, text=text) for i, text in enumerate(prompts)]
@@ -120,7 +121,7 @@ class MiniMindSide:
             "minimind_config": minimind_config_fields(config), "tokenizer_path": str(tokenizer_path),
             "prompts": prompts, "num_generations": args.num_generations, "max_seq_len": args.max_seq_len,
             "max_gen_len": args.max_gen_len, "beta": cfg.beta, "loss_type": cfg.loss_type,
-            "learning_rate": args.learning_rate, "seed": args.seed, "objective": args.objective,
+            "learning_rate": cfg.learning_rate, "seed": args.seed, "objective": args.objective,
             "ppo": {name: getattr(cfg, name) for name in PPO_SETTINGS} if args.objective == "ppo" else {},
         }  # fmt: skip
         (workdir / "spec.json").write_text(json.dumps(spec))

@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 PACKAGE_PARENT = pathlib.Path(__file__).resolve().parents[2]  # the directory that holds minimind_jax/
 DEFAULT_DATA_DIR = pathlib.Path.home() / ".cache" / "minimind_jax" / "bench"
 OBJECTIVES = ("sft", "lora", "dpo", "distill", "grpo", "ppo")
+STEP_LEARNING_RATE = 1e-4
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str = "bench") -> None:
@@ -194,7 +195,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "bench") -> No
         default=None,
         help="persistent XLA compilation cache (default: off, so compile_s is a cold compile)",
     )
-    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument(
+        "--learning_rate", type=float, help=f"default: {STEP_LEARNING_RATE}; grpo, ppo: the script's for the era"
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -342,7 +345,7 @@ def bench_run_config(args, config, dtype: str, data_path, tokenizer_path, workdi
         "save_dir": str(workdir),
         "batch_size": args.batch_size,
         "max_seq_len": args.max_seq_len,
-        "learning_rate": args.learning_rate,
+        "learning_rate": args.learning_rate or STEP_LEARNING_RATE,
         "seed": args.seed,
         "dtype": dtype,
         "moe_impl": args.moe_impl,
@@ -416,7 +419,7 @@ class JaxSide:
         # DPO and distillation read every position's logits: loss chunks are the next-token losses' alone.
         variant = dataclasses.replace(variant, loss_chunk_size=getattr(objective, "loss_chunk_size", None))
         self.name, self.variant, self.watch = describe(variant), variant, watch
-        optimizer = make_optimizer(args.learning_rate)
+        optimizer = make_optimizer(args.learning_rate or STEP_LEARNING_RATE)
         graphdef, self.params, self.opt_state, param_shardings, opt_shardings = init_train_state(
             model, optimizer, mesh, objective
         )
@@ -524,7 +527,7 @@ class TorchProcess:
             "objective": run_cfg.mode,
             "arch": config.arch,
             "dtype": run_cfg.dtype,
-            "learning_rate": args.learning_rate,
+            "learning_rate": args.learning_rate or STEP_LEARNING_RATE,
             "model_config": config.to_dict(),
             "minimind_config": minimind_config_fields(config),
             "minimind_dir": args.minimind_dir,

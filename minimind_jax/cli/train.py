@@ -21,6 +21,9 @@ from minimind_jax.model.config import CONFIG_DIR
 from minimind_jax.training.config import CHOICES, RL_MODES, STUDENT_FLAGS, V3_ONLY_MODES, TrainConfig, defaults_for
 
 IGNORED_FLAGS = {"device": str, "use_compile": int}  # MiniMind's, accepted so its command lines run unchanged
+# MiniMind's RL debugging prints and its SGLang engine's settings (--rollout_engine takes torch only)
+IGNORED_RL_FLAGS = {"debug_interval": int, "sglang_base_url": str, "sglang_model_path": str, "sglang_shared_path": str}
+IGNORED_RL_SWITCHES = ("debug_mode", "debug_log_ratio")
 
 
 def train_flags(command: str) -> list[tuple[dataclasses.Field, type]]:
@@ -68,6 +71,17 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     for name, kind in IGNORED_FLAGS.items():
         parser.add_argument(f"--{name}", type=kind, help=argparse.SUPPRESS)
+    if command in RL_MODES:
+        for name, kind in IGNORED_RL_FLAGS.items():
+            parser.add_argument(f"--{name}", type=kind, help=argparse.SUPPRESS)
+        for name in IGNORED_RL_SWITCHES:
+            parser.add_argument(f"--{name}", action="store_true", help=argparse.SUPPRESS)
+        parser.add_argument(
+            "--rollout_engine",
+            metavar="{torch}",
+            help="torch: our jitted sampler (MiniMind's default engine); for SGLang or vLLM, record their rollouts "
+            "and give --rollouts",
+        )
 
 
 def _flag_types(command: str) -> dict[str, type]:
@@ -99,6 +113,9 @@ def run_config_path(given: str) -> pathlib.Path | importlib.resources.abc.Traver
 
 
 def config_from_args(args, command: str) -> TrainConfig:
+    if getattr(args, "rollout_engine", None) not in (None, "torch"):
+        raise UserError(f"--rollout_engine {args.rollout_engine}: only torch (our sampler) runs here; record the "
+                        "external engine's rollouts and give them with --rollouts FILE.jsonl")  # fmt: skip
     flags = train_flags(command)
     from_file = {}
     if args.config:

@@ -190,3 +190,25 @@ def test_sft_flags_that_rl_has_no_use_for_are_refused(small_tokenizer, prompts, 
     assert main([*grpo_argv(small_tokenizer, prompts, tmp_path / "out"), flag, value]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{flag} does not apply to grpo" in err
+
+
+def test_minimind_rl_command_lines_run_and_sglang_is_pointed_to_rollouts(small_tokenizer, prompts, tmp_path, capsys):
+    """MiniMind's debugging and engine flags are accepted as its scripts take them (its torch engine is our
+    sampler); its SGLang engine is refused in one line that names --rollouts."""
+    out = tmp_path / "out"
+    extra = [
+        "--debug_mode",
+        "--debug_interval",
+        "5",
+        "--rollout_engine",
+        "torch",
+        "--device",
+        "cpu",
+        "--max_steps",
+        "1",
+    ]
+    assert main([*grpo_argv(small_tokenizer, prompts, out), *extra]) == 0
+    assert len(records(out)) == 1
+    assert main([*grpo_argv(small_tokenizer, prompts, tmp_path / "other"), "--rollout_engine", "sglang"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--rollout_engine sglang" in err and "--rollouts" in err
