@@ -123,7 +123,7 @@ class PPOEpochs:
         batch = {**batch, "old_values": values,
                  "reference_log_probs": self.reference_log_probs(self.reference_params, batch)}  # fmt: skip
         rows = {key: np.asarray(multihost_utils.process_allgather(value, tiled=True)) for key, value in batch.items()}
-        rows["old_values"] = rows["old_values"] * rows["completion_mask"]
+        rows["old_values"] = (rows["old_values"] * rows["completion_mask"]).astype(np.float32)
         rows["token_advantages"], rows["returns"] = gae_advantages(rows["rewards"], rows["old_values"],
                                                                    rows["completion_mask"], self.gamma, self.lam)  # fmt: skip
         return rows

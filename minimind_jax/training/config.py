@@ -81,10 +81,8 @@ AT_LEAST = {
     "mini_batch_size": 1,
 }
 RL_MODES = ("grpo", "spo", "ppo", "agent")
-GROUP_MODES = ("grpo", "agent")
-V3_ONLY_MODES = (
-    "agent",
-)  # the CLI's --arch default for them is minimind3  # GRPO's G completions per prompt and its losses
+GROUP_MODES = ("grpo", "agent")  # GRPO's G completions per prompt and its losses
+V3_ONLY_MODES = ("agent",)  # the CLI's --arch default for them is minimind3
 V3_PPO_FLAGS = ("gamma", "lam", "cliprange_value", "ppo_update_iters", "early_stop_kl", "mini_batch_size")
 # MiniMind's distillation names the student's sizes and weights; here they are the run's own fields.
 STUDENT_FLAGS = {

@@ -1,6 +1,6 @@
-"""`main.py grpo` in 2 processes of 4 CPU devices each (jax.distributed, gloo), against 1 process of 8 devices
-with the same flags and mesh: every process samples the same rollouts from the same global weights, and the
-runs write the same weights."""
+"""`main.py grpo` and v3's `main.py ppo` in 2 processes of 4 CPU devices each (jax.distributed, gloo), against 1
+process of 8 devices with the same flags and mesh: every process samples the same rollouts from the same global
+weights, and the runs write the same weights."""
 
 import json
 import os
@@ -24,12 +24,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_two_processes_train_the_weights_of_one(small_tokenizer, tmp_path):
-    data = write_jsonl(tmp_path / "rlaif.jsonl", random_chats(6, seed=4))
-    flags = ["grpo", "--arch", "minimind3", "--hidden_size", "32", "--num_hidden_layers", "2", "--from_weight", "none",
-             "--tokenizer_path", str(small_tokenizer), "--data_path", str(data), "--batch_size", "2",
-             "--num_generations", "4", "--max_gen_len", "12", "--max_seq_len", "32", "--learning_rate", "1e-3",
-             "--mesh", "data=4,fsdp=2", "--no_progress"]  # fmt: skip
+# Per command: its rows (8, split over the 8 devices) and the weight file. v3 PPO halts every rollout's second
+# epoch (its approx KL after a step at lr 1e-3 is far above 1e-9), which every process must see alike.
+RUNS = {
+    "grpo": (["--batch_size", "2", "--num_generations", "4"], "grpo_32"),
+    "ppo": (["--batch_size", "8", "--mini_batch_size", "8", "--early_stop_kl", "1e-9"], "ppo_actor_32"),
+}
+
+
+@pytest.mark.parametrize("mode", RUNS)
+def test_two_processes_train_the_weights_of_one(mode, small_tokenizer, tmp_path):
+    data = write_jsonl(tmp_path / "rlaif.jsonl", random_chats(16 if mode == "ppo" else 6, seed=4))
+    extra, name = RUNS[mode]
+    flags = [mode, "--arch", "minimind3", "--hidden_size", "32", "--num_hidden_layers", "2", "--from_weight", "none",
+             "--tokenizer_path", str(small_tokenizer), "--data_path", str(data), *extra, "--max_gen_len", "12",
+             "--max_seq_len", "32", "--learning_rate", "1e-3", "--mesh", "data=4,fsdp=2", "--no_progress"]  # fmt: skip
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
     port, runs = free_port(), []
     for num_processes in (1, 2):
@@ -45,12 +54,15 @@ def test_two_processes_train_the_weights_of_one(small_tokenizer, tmp_path):
         for process in runs[-num_processes:]:
             output, _ = process.communicate(timeout=TIMEOUT_S)
             assert process.returncode == 0, output[-2000:]
-    records = [[json.loads(line) for line in (tmp_path / f"p{n}" / "logs" / "grpo_32" / "metrics.jsonl").open()]
+    records = [[json.loads(line) for line in (tmp_path / f"p{n}" / "logs" / name / "metrics.jsonl").open()]
                for n in (1, 2)]  # fmt: skip
     assert [r["reward"] for r in records[0]] == [r["reward"] for r in records[1]]  # the same rollouts
     for got, want in zip(records[1], records[0]):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-7), got["update"]
-    one, two = (torch.load(tmp_path / f"p{n}" / "grpo_32.pth", weights_only=True) for n in (1, 2))
+    if mode == "ppo":  # each rollout: one step, then the halted epoch's step with a zero loss
+        assert [r["lr"] for r in records[1]] == [r["lr"] for r in records[0]]
+        assert all(r["loss"] == 0.0 and r["approx_kl"] > 1e-9 for r in records[0] + records[1])
+    one, two = (torch.load(tmp_path / f"p{n}" / f"{name}.pth", weights_only=True) for n in (1, 2))
     # The same sums in another order; Adam turns their rounding into lr-sized moves of a few entries (measured:
     # 8 of 440,496 more than one fp16 ulp apart).
     fraction = fraction_beyond_one_fp16_ulp(two, one)
