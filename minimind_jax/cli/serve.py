@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import socket
 import sys
 
 from minimind_jax.cli.chat import add_model_arguments, load_model, load_tokenizer_for, weights_path
@@ -25,10 +26,23 @@ def add_arguments(parser, command: str) -> None:
         "--max_batch_size", default=16, type=int, help="most requests decoded together (a power of two)"
     )
     parser.add_argument(
+        "--batching",
+        default="continuous",
+        choices=("continuous", "static"),
+        help="continuous: a request joins the running decode at the next step; static: it waits for the batch",
+    )
+    parser.add_argument(
+        "--kv_cache_mb",
+        default=1024.0,
+        type=float,
+        help="continuous: the KV cache's memory, shared by --max_batch_size slots; a request whose prompt and "
+        "max_tokens do not fit a slot gets a 400",
+    )
+    parser.add_argument(
         "--batch_window_ms",
         default=20.0,
         type=float,
-        help="after a batch of several requests, the longest the next one waits to fill up",
+        help="static: after a batch of several requests, the longest the next one waits to fill up",
     )
 
 
@@ -43,6 +57,9 @@ def run(args) -> int:
         raise UserError(f"--max_batch_size must be a power of two, got {args.max_batch_size}")
     if args.batch_window_ms < 0:
         raise UserError(f"--batch_window_ms must be >= 0, got {args.batch_window_ms}")
+    if not args.kv_cache_mb > 0:
+        raise UserError(f"--kv_cache_mb must be > 0, got {args.kv_cache_mb}")
+    listener = listening_socket(args.host, args.port)  # a port in use or a bad host fails here, before the model loads
     model = load_model(args)
     if args.arch and args.arch != model.config.arch:
         raise UserError(f"--arch {args.arch}, but {weights_path(args)} holds a {model.config.arch} model")
@@ -55,7 +72,21 @@ def run(args) -> int:
     from minimind_jax.inference.server import create_app
 
     model_id = args.model_name or weights_path(args).name.removesuffix(".pth")
-    app = create_app(model, tokenizer, model_id, args.max_batch_size, args.batch_window_ms / 1000)
-    print(f"serving {model_id} at http://{args.host}:{args.port}/v1 (OpenAI API; /health, /v1/models)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    app = create_app(model, tokenizer, model_id, args.max_batch_size, args.batch_window_ms / 1000, args.batching,
+                     args.kv_cache_mb)  # fmt: skip
+    print(f"serving {model_id} at http://{args.host}:{args.port}/v1 (OpenAI API; /health, /v1/models; "
+          f"{args.batching} batching)", flush=True)  # fmt: skip
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
     return 0
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, or a one-line UserError saying why not."""
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        listener = socket.socket(family, kind, protocol)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+    except OSError as error:  # socket.gaierror (a bad host) is one too
+        raise UserError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    return listener

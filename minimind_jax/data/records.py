@@ -164,7 +164,7 @@ def check_record(record: dict[str, Any], kind: str) -> None:
             raise BadRecord("no 'text' key")
         if not isinstance(record["text"], str):
             raise BadRecord("'text' is not a string")
-        _check_unicode(record["text"])
+        check_unicode(record["text"])
         return
     if kind == "dpo":
         for key in ("chosen", "rejected"):
@@ -190,10 +190,10 @@ def _check_messages(messages: Any, key: str) -> None:
         # An assistant turn that only calls tools may leave its content empty.
         if not isinstance(content, str) and not (content is None and message.get("tool_calls")):
             raise BadRecord("non-string content")
-    _check_unicode(messages)
+    check_unicode(messages)
 
 
-def _check_unicode(value: Any) -> None:
+def check_unicode(value: Any) -> None:
     """Raise BadRecord if a string anywhere in a JSON value is not valid Unicode: JSON can spell a lone
     surrogate (\\ud800), which no tokenizer accepts and no terminal prints."""
     stack = [value]

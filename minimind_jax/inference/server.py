@@ -5,13 +5,15 @@ It takes the request fields of MiniMind's scripts/serve_openai_api.py: `temperat
 `tool_calls`) and, for v3, `open_thinking` or `chat_template_kwargs` (the reasoning comes back as
 `reasoning_content`). Any `model` name is accepted. Bad requests get OpenAI's error body with a 4xx status.
 
-Requests that arrive together are decoded together (`BatchEngine`). Its thread takes the waiting requests
-(after a batch of several, it first waits at most a short window for a full batch, since a batch's clients
-tend to come back together; after a batch of one nobody waits), left-pads their prompts into one batch and
-decodes it step by step with each row's own sampling settings; a row stops at its eos or its max_tokens, the
-batch when every row has stopped. Requests that arrive meanwhile wait for the next batch. Batch sizes are
-padded to a power of two and prompt and cache lengths are bucketed (`generation.Decoder`), so the server
-compiles a few programs per size and never one per request.
+Requests are decoded with continuous batching by default (`continuous.SlotEngine`): each takes a slot of one
+fixed-size KV cache, joins the running decode at the next step, reads its prompt in chunks between the
+others' steps, and frees its slot as soon as it ends. A request is admitted only if its prompt and max_tokens
+fit a slot (`context` positions, from the cache's memory budget); otherwise it gets a 400 naming the limit.
+With `batching="static"` (`BatchEngine`), requests that arrive together are decoded together instead: its
+thread takes the waiting requests (after a batch of several, it first waits at most a short window for a
+full batch), left-pads their prompts into one batch and decodes it until every row has stopped; requests that
+arrive meanwhile wait for the next batch. Batch sizes are padded to a power of two and prompt and cache
+lengths are bucketed (`generation.Decoder`), so it compiles a few programs per size.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import asyncio
 import collections
 import dataclasses
 import json
+import math
 import sys
 import threading
 import time
@@ -32,10 +35,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from minimind_jax.data.records import BadRecord, check_unicode
 from minimind_jax.data.tokenizer import Tokenizer
 from minimind_jax.errors import UserError
-from minimind_jax.inference.generation import Decoder, Sampling, check_room
-from minimind_jax.inference.text import ReplyStream, StreamPrinter, split_reply
+from minimind_jax.inference.continuous import PREFILL_CHUNK, SlotEngine, cache_bytes_per_position
+from minimind_jax.inference.generation import Decoder, Sampling
+from minimind_jax.inference.text import ReplyStream, StopSequences, StreamPrinter, split_reply
 from minimind_jax.model.transformer import MiniMind
 
 # MiniMind's server defaults (serve_openai_api.py), and its model's generate() top_k
@@ -45,6 +50,7 @@ DEFAULT_MAX_TOKENS = 8192
 TOP_K = 50
 ROLES = ("system", "user", "assistant", "tool")
 FIRST_NEW_TOKEN_SLOTS = 256  # the cache starts with room for this many new tokens and doubles as needed
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 
 
 class RequestError(Exception):
@@ -75,6 +81,7 @@ class ChatRequest:
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with the token counts
     thinking: bool  # the prompt opened a <think> block
+    stop: list[str]  # the reply ends before the first of these it would contain
 
 
 def _number(body: dict, name: str, default, low: float, high: float | None = None, integer: bool = False):
@@ -84,6 +91,8 @@ def _number(body: dict, name: str, default, low: float, high: float | None = Non
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind):
         raise RequestError(f"'{name}' must be {'an integer' if integer else 'a number'}, got {value!r}", name)
+    if not math.isfinite(value):  # NaN compares false with every bound
+        raise RequestError(f"'{name}' must be a finite number, got {value!r}", name)
     if value < low or (high is not None and value > high):
         bounds = f">= {low}" if high is None else f"between {low} and {high}"
         raise RequestError(f"'{name}' must be {bounds}, got {value!r}", name)
@@ -118,21 +127,57 @@ def _open_thinking(body: dict) -> bool:
     template_kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(template_kwargs, dict):
         raise RequestError("'chat_template_kwargs' must be an object", "chat_template_kwargs")
-    return bool(
-        body.get("open_thinking") or template_kwargs.get("open_thinking") or template_kwargs.get("enable_thinking")
-    )
+    switches = {"open_thinking": body.get("open_thinking"),
+                "chat_template_kwargs.open_thinking": template_kwargs.get("open_thinking"),
+                "chat_template_kwargs.enable_thinking": template_kwargs.get("enable_thinking")}  # fmt: skip
+    for param, value in switches.items():
+        if value is not None and not isinstance(value, bool):
+            raise RequestError(f"'{param}' must be true or false, got {value!r}", param)
+    return any(switches.values())
 
 
-def parse_request(body, tokenizer: Tokenizer, model: MiniMind) -> ChatRequest:
-    """The checked request, its prompt rendered with the chat template; RequestError when it is refused."""
+def _tools(body: dict) -> list | None:
+    tools = body.get("tools") or None
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise RequestError("'tools' must be a list", "tools")
+    for index, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RequestError(
+                f"tools.[{index}] must be an object with 'function': {{'name': ...}}", f"tools.[{index}]"
+            )
+    return tools
+
+
+def _stop(body: dict) -> list[str]:
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not (
+        isinstance(stops, list) and len(stops) <= MAX_STOP_SEQUENCES and all(isinstance(x, str) and x for x in stops)
+    ):
+        raise RequestError(f"'stop' must be a non-empty string or a list of at most {MAX_STOP_SEQUENCES} of them",
+                           "stop")  # fmt: skip
+    return stops
+
+
+def parse_request(body, tokenizer: Tokenizer, model: MiniMind, context: int | None = None) -> ChatRequest:
+    """The checked request, its prompt rendered with the chat template; RequestError when it is refused.
+    context: the most positions (prompt and max_tokens) a request may take (default: the model's)."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
+    try:
+        check_unicode(body)
+    except BadRecord:
+        raise RequestError("the request holds text that is not valid Unicode (a lone surrogate)") from None
     messages = _messages(body)
-    tools = body.get("tools") or None
-    if tools is not None and not isinstance(tools, list):
-        raise RequestError("'tools' must be a list", "tools")
+    tools = _tools(body)
     if body.get("n", 1) != 1:
         raise RequestError("only n = 1 is supported", "n")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise RequestError(f"'seed' must be an integer, got {seed!r}", "seed")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError("'stream' must be true or false", "stream")
@@ -151,20 +196,24 @@ def parse_request(body, tokenizer: Tokenizer, model: MiniMind) -> ChatRequest:
     except UserError as error:
         raise RequestError(str(error), "messages") from None
     prompt_ids = tokenizer.encode(text)
-    positions = model.config.max_position_embeddings
+    positions = min(model.config.max_position_embeddings, context or model.config.max_position_embeddings)
+    holder = "this model has" if positions == model.config.max_position_embeddings else "this server gives a request"
     if len(prompt_ids) >= positions:
         raise RequestError(
-            f"the prompt is {len(prompt_ids)} tokens; this model has {positions} positions and needs room for at "
-            "least one new token",
+            f"the prompt is {len(prompt_ids)} tokens; {holder} {positions} positions and needs room for at least one "
+            "new token",
             "messages",
             "context_length_exceeded",
         )
     if max_tokens is None:
         max_tokens = min(DEFAULT_MAX_TOKENS, positions - len(prompt_ids))
-    try:
-        check_room(model.config, len(prompt_ids), max_tokens)
-    except UserError as error:
-        raise RequestError(str(error), token_field, "context_length_exceeded") from None
+    if len(prompt_ids) + max_tokens > positions:
+        raise RequestError(
+            f"the prompt ({len(prompt_ids)} tokens) and {token_field} ({max_tokens}) need "
+            f"{len(prompt_ids) + max_tokens} positions; {holder} {positions}",
+            token_field,
+            "context_length_exceeded",
+        )
     return ChatRequest(
         prompt_ids=prompt_ids,
         max_tokens=max_tokens,
@@ -173,6 +222,7 @@ def parse_request(body, tokenizer: Tokenizer, model: MiniMind) -> ChatRequest:
         stream=stream,
         include_usage=isinstance(stream_options, dict) and bool(stream_options.get("include_usage")),
         thinking=thinking,
+        stop=_stop(body),
     )
 
 
@@ -301,11 +351,33 @@ class BatchEngine:
 # The HTTP app
 
 
+def slot_context(model: MiniMind, slots: int, kv_cache_mb: float) -> int:
+    """The positions each of `slots` slots gets from a KV cache of kv_cache_mb MiB: a multiple of the prefill
+    chunk, at most the model's positions."""
+    per_slot = int(kv_cache_mb * 2**20) // (slots * cache_bytes_per_position(model))
+    context = min(per_slot, model.config.max_position_embeddings) // PREFILL_CHUNK * PREFILL_CHUNK
+    if context < PREFILL_CHUNK:
+        raise UserError(f"--kv_cache_mb {kv_cache_mb} gives {slots} slots {per_slot} positions each; a slot needs "
+                        f"at least {PREFILL_CHUNK}: give more memory or a smaller --max_batch_size")  # fmt: skip
+    return context
+
+
 def create_app(
-    model: MiniMind, tokenizer: Tokenizer, model_id: str, max_batch_size: int = 16, batch_window_s: float = 0.02
+    model: MiniMind,
+    tokenizer: Tokenizer,
+    model_id: str,
+    max_batch_size: int = 16,
+    batch_window_s: float = 0.02,
+    batching: str = "continuous",
+    kv_cache_mb: float = 1024,
 ) -> FastAPI:
-    """The FastAPI app over one model; its engine thread starts here."""
-    engine = BatchEngine(model, tokenizer.eos_id, max_batch_size, batch_window_s)
+    """The FastAPI app over one model; its engine thread starts here. batching: "continuous" (max_batch_size
+    slots sharing kv_cache_mb of KV cache) or "static" (batch_window_s applies)."""
+    if batching == "continuous":
+        context = slot_context(model, max_batch_size, kv_cache_mb)
+        engine = SlotEngine(model, tokenizer.eos_id, slots=max_batch_size, context=context, finish=Finish)
+    else:
+        context, engine = None, BatchEngine(model, tokenizer.eos_id, max_batch_size, batch_window_s)
     created = int(time.time())
     app = FastAPI(title="minimind-jax", description="OpenAI-compatible chat completions")
 
@@ -315,7 +387,8 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_id, "batches": engine.batches}
+        progress = {"decode_steps": engine.steps} if batching == "continuous" else {"batches": engine.batches}
+        return {"status": "ok", "model": model_id, "batching": batching, "context": context, **progress}
 
     @app.get("/v1/models")
     async def models():
@@ -329,7 +402,7 @@ def create_app(
                 body = json.loads(await request.body())
             except (json.JSONDecodeError, UnicodeDecodeError) as error:
                 raise RequestError(f"the request body is not valid JSON: {error}") from None
-            chat = parse_request(body, tokenizer, model)
+            chat = parse_request(body, tokenizer, model, context)
         except RequestError as error:
             return error_response(error)
 
@@ -348,12 +421,15 @@ def create_app(
                 _stream(job, events, chat, tokenizer, reply_id, now, model_id), media_type="text/event-stream"
             )
 
-        ids = []
+        reply = ReplyText(tokenizer, chat.stop)
         while not isinstance(event := await events.get(), Finish):
-            ids.append(event)
+            reply.add(event)
+            if reply.stops.stopped:
+                job.cancelled, event = True, Finish("stop")  # the engine frees the row at its next step
+                break
         if event.reason == "error":
             return error_response(RequestError(f"generation failed: {event.error}", status=500))
-        content, reasoning, tool_calls = split_reply(tokenizer.decode(ids, skip_special_tokens=True))
+        content, reasoning, tool_calls = split_reply(reply.finish())
         message = {"role": "assistant", "content": content}
         if reasoning is not None:
             message["reasoning_content"] = reasoning
@@ -367,10 +443,39 @@ def create_app(
             "choices": [
                 {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish_reason(event, tool_calls)}
             ],
-            "usage": _usage(chat, len(ids)),
+            "usage": _usage(chat, reply.num_tokens),
         }
 
     return app
+
+
+class ReplyText:
+    """A reply's text as its tokens arrive, cut before the request's first stop sequence: `add(token)` returns
+    the new text that is sure to stay (decoded as StreamPrinter decodes, held back where a stop string may
+    begin); `finish()` returns the whole text."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: list[str]):
+        self.pieces: list[str] = []
+        self.printer, self.stops = StreamPrinter(tokenizer, self.pieces.append), StopSequences(stops)
+        self.text, self.num_tokens = "", 0
+
+    def add(self, token: int) -> str:
+        self.num_tokens += 1
+        self.printer.add(token)
+        return self._take()
+
+    def finish(self) -> str:
+        if not self.stops.stopped:
+            self.printer.finish()
+            self._take()
+            self.text += self.stops.finish()
+        return self.text
+
+    def _take(self) -> str:
+        new = "".join(self.stops.add(piece) for piece in self.pieces)
+        self.pieces.clear()
+        self.text += new
+        return new
 
 
 def _finish_reason(event: Finish, tool_calls: list) -> str:
@@ -405,18 +510,15 @@ async def _stream(job: Job, events: asyncio.Queue, chat: ChatRequest, tokenizer,
             chunk["usage"] = usage
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
-    pieces: list[str] = []
-    printer, reply = StreamPrinter(tokenizer, pieces.append), ReplyStream(chat.thinking)
-    num_tokens = 0
+    text, reply = ReplyText(tokenizer, chat.stop), ReplyStream(chat.thinking)
     try:
         yield event({"role": "assistant", "content": ""})
         while not isinstance(token := await events.get(), Finish):
-            num_tokens += 1
-            printer.add(token)
-            for piece in pieces:
-                if delta := reply.add(piece):
-                    yield event(delta)
-            pieces.clear()
+            if delta := reply.add(text.add(token)):
+                yield event(delta)
+            if text.stops.stopped:
+                job.cancelled, token = True, Finish("stop")
+                break
         if token.reason == "error":
             error = {
                 "message": f"generation failed: {token.error}",
@@ -426,16 +528,15 @@ async def _stream(job: Job, events: asyncio.Queue, chat: ChatRequest, tokenizer,
             }
             yield f"data: {json.dumps({'error': error})}\n\n"
             return
-        text = printer.finish()
-        for piece in pieces:
-            if delta := reply.add(piece):
-                yield event(delta)
-        _, _, tool_calls = split_reply(text)
+        before = len(text.text)
+        if delta := reply.add(text.finish()[before:]):
+            yield event(delta)
+        _, _, tool_calls = split_reply(text.text)
         if tool_calls:
             yield event({"tool_calls": [{"index": i, **call} for i, call in enumerate(tool_calls)]})
         yield event({}, _finish_reason(token, tool_calls))
         if chat.include_usage:
-            yield event(None, usage=_usage(chat, num_tokens))
+            yield event(None, usage=_usage(chat, text.num_tokens))
         yield "data: [DONE]\n\n"
     finally:
         job.cancelled = True  # after the end this changes nothing; a client that left stops its row

@@ -145,3 +145,31 @@ def _without_partial_tag(text: str) -> str:
         if THINK_END.startswith(text[-size:]):
             return text[:-size]
     return text
+
+
+class StopSequences:
+    """OpenAI's `stop`: the reply ends before the first of these strings it would contain. Text is passed on as
+    it arrives, but for a tail that could still grow into a stop string."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.held, self.stopped = stops, "", False
+        self.hold = max((len(stop) - 1 for stop in stops), default=0)
+
+    def add(self, piece: str) -> str:
+        """The text of `piece` (and of what was held back) that is now sure to precede any stop string."""
+        if self.stopped:
+            return ""
+        self.held += piece
+        found = [index for index in (self.held.find(stop) for stop in self.stops) if index >= 0]
+        if found:
+            self.stopped = True
+            text, self.held = self.held[: min(found)], ""
+            return text
+        cut = max(len(self.held) - self.hold, 0)
+        text, self.held = self.held[:cut], self.held[cut:]
+        return text
+
+    def finish(self) -> str:
+        """What was held back, at the reply's end."""
+        text, self.held = ("" if self.stopped else self.held), ""
+        return text

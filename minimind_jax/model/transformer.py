@@ -37,7 +37,7 @@ class KVCache(NamedTuple):
 
     k_LBSKHd: jax.Array
     v_LBSKHd: jax.Array
-    length: jax.Array  # int32 scalar: positions [0, length) are filled
+    length: jax.Array  # int32: positions [0, length) are filled; a scalar, or [B] when each row has its own
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
@@ -139,10 +139,11 @@ def attention_bias(
 ):
     """Additive fp32 bias [B,1,T,S]: -inf above the causal diagonal or across segments, -1e9 on padded keys.
 
-    Query t sits at absolute position query_offset + t; key s at position s.
+    Query t sits at absolute position query_offset + t (query_offset: a scalar, or [B], one per row); key s at
+    position s.
     """
-    query_pos = query_offset + jnp.arange(num_queries)[:, None]
-    allowed = (jnp.arange(num_keys)[None, :] <= query_pos)[None]  # [1,T,S]
+    query_pos = jnp.reshape(query_offset, (-1, 1, 1)) + jnp.arange(num_queries)[None, :, None]
+    allowed = jnp.arange(num_keys)[None, None, :] <= query_pos  # [1 or B,T,S]
     if segment_ids_BT is not None:
         keys = segment_ids_BT if key_segment_ids_BS is None else key_segment_ids_BS
         allowed = allowed & (segment_ids_BT[:, :, None] == keys[:, None, :])
@@ -240,6 +241,14 @@ def padded_causal_attention(q_BTNHd, k_BTKHd, v_BTKHd, bias_B1TT, multiple: int,
     return out_BTNHd[:, :t]
 
 
+def _write_cache(cache_BSKHd, new_BTKHd, index):
+    """The cache with the new keys (or values) written from position `index`: a scalar, or [B], one per row."""
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(cache_BSKHd, new_BTKHd, (0, index, 0, 0))
+    write_row = lambda cache_SKHd, new_TKHd, start: jax.lax.dynamic_update_slice(cache_SKHd, new_TKHd, (start, 0, 0))
+    return jax.vmap(write_row)(cache_BSKHd, new_BTKHd, index)
+
+
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
         d, hd = config.hidden_size, config.head_dim
@@ -273,9 +282,8 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
-            k_cache, v_cache = kv_cache
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0)).astype(dtype)
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0)).astype(dtype)
+            k, v = (_write_cache(cache, new.astype(cache.dtype), cache_index).astype(dtype)
+                    for cache, new in zip(kv_cache, (k, v)))  # fmt: skip
         fused = mask.fusable and dropout_rngs is None
         if fused and self.impl == "cudnn":
             out = padded_causal_attention(q, k, v, mask.bias_B1TS, CUDNN_ROW_MULTIPLE, implementation="cudnn")
@@ -624,7 +632,8 @@ class MiniMind(nnx.Module):
         input_ids: [B,T] token ids.
         attention_mask: [B,T] (or [B,S] over the cache's S positions when decoding); 1 = real token, 0 = padding.
         segment_ids_BT: packed rows; a token attends only within its segment. positions_BT restart per segment.
-        cache: decode with a fixed-size KV cache; the T new tokens are written at cache.length.
+        cache: decode with a fixed-size KV cache; the T new tokens are written at cache.length (each row at
+          its own when cache.length is [B]).
         train: MoE aux loss and 2510's fp16 expert buffer, as MiniMind's training mode.
         batch_axes: inside shard_map, the mesh axes the batch is split over (for the MoE aux loss).
         dropout_rngs: enables dropout (config.dropout) when given.
@@ -636,7 +645,7 @@ class MiniMind(nnx.Module):
         b, t = input_ids.shape
         offset = jnp.zeros((), jnp.int32) if cache is None else cache.length
         if positions_BT is None:
-            positions_BT = jnp.broadcast_to(offset + jnp.arange(t, dtype=jnp.int32), (b, t))
+            positions_BT = jnp.broadcast_to(jnp.reshape(offset, (-1, 1)) + jnp.arange(t, dtype=jnp.int32), (b, t))
         attention_factor = (cfg.rope_scaling or {}).get("attention_factor", 1.0)
         cos, sin = rope_cos_sin(rope_inv_freq(cfg), positions_BT, attention_factor)
         num_keys = t if cache is None else cache.k_LBSKHd.shape[2]

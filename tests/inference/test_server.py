@@ -155,19 +155,19 @@ def test_models_and_health(served):
 def test_concurrent_clients_each_get_their_own_reply(served):
     expected = [greedy_content(served, user(q)) for q in QUESTIONS]
     assert len(set(expected)) > len(QUESTIONS) // 2  # the prompts lead to different replies
-    batches_before = httpx.get(f"{served['base_url']}/health").json()["batches"]
+    steps_before = httpx.get(f"{served['base_url']}/health").json()["decode_steps"]
 
     def ask(question):
         reply = served["client"].chat.completions.create(
             model="minimind", messages=user(question), max_tokens=MAX_TOKENS, temperature=0
         )
-        return reply.choices[0].message.content
+        return reply.choices[0].message.content, reply.usage.completion_tokens
 
     with ThreadPoolExecutor(len(QUESTIONS)) as pool:
         got = list(pool.map(ask, QUESTIONS))
-    assert got == expected
-    batches = httpx.get(f"{served['base_url']}/health").json()["batches"] - batches_before
-    assert batches < len(QUESTIONS)  # requests were decoded together
+    assert [content for content, _ in got] == expected
+    steps = httpx.get(f"{served['base_url']}/health").json()["decode_steps"] - steps_before
+    assert steps < sum(tokens for _, tokens in got) // 2  # requests were decoded together
 
 
 def test_sampled_and_greedy_requests_share_a_batch(served):
@@ -213,6 +213,75 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served, bod
         served["client"].chat.completions.create(model="m", messages=[{"role": "wizard", "content": "hi"}])
     reply = served["client"].chat.completions.create(model="m", messages=user("hi"), max_tokens=2, temperature=0)
     assert reply.choices[0].message.content == greedy_content(served, user("hi"), max_tokens=2)
+
+
+@pytest.mark.parametrize(
+    "raw, param",
+    [
+        (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "temperature"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_p": NaN}', "top_p"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}', "temperature"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "open_thinking": "yes"}', "open_thinking"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [1, 2]}', "tools.[0]"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "seed": "abc"}', "seed"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": [1]}', "stop"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "hi \\ud800"}]}', None),
+    ],
+)
+def test_a_bad_request_among_requests_in_flight_fails_alone(served, raw, param):
+    """Non-finite numbers, wrong types and a lone surrogate are refused with OpenAI's 400, while three good
+    requests sent with the bad one get their greedy replies."""
+    questions = QUESTIONS[:3]
+
+    def good(question):
+        reply = served["client"].chat.completions.create(
+            model="m", messages=user(question), max_tokens=MAX_TOKENS, temperature=0
+        )
+        return reply.choices[0].message.content
+
+    def bad(_):
+        return httpx.post(f"{served['base_url']}/v1/chat/completions", content=raw, timeout=60)
+
+    with ThreadPoolExecutor(4) as pool:
+        replies = [pool.submit(good, question) for question in questions]
+        response = pool.submit(bad, None).result()
+        got = [reply.result() for reply in replies]
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and "\n" not in error["message"]
+    assert got == [greedy_content(served, user(question)) for question in questions]
+
+
+def test_stop_sequences_end_the_reply_before_them(served):
+    """OpenAI's `stop`: the reply is the greedy one cut before the first stop string, streamed or not."""
+    question = QUESTIONS[3]
+    whole = greedy_content(served, user(question), max_tokens=MAX_TOKENS)
+    stop = whole[len(whole) // 2 : len(whole) // 2 + 3]
+    assert stop.strip(), whole
+    expected = whole[: whole.index(stop)].strip()
+    reply = served["client"].chat.completions.create(
+        model="m", messages=user(question), max_tokens=MAX_TOKENS, temperature=0, stop=[stop, "never said"]
+    )
+    assert reply.choices[0].message.content == expected and reply.choices[0].finish_reason == "stop"
+    chunks = served["client"].chat.completions.create(
+        model="m", messages=user(question), max_tokens=MAX_TOKENS, temperature=0, stop=stop, stream=True
+    )
+    pieces, reasons = [], []
+    for chunk in chunks:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            reasons.append(chunk.choices[0].finish_reason)
+    assert "".join(pieces) == expected and reasons[-1] == "stop"
+
+
+@pytest.mark.parametrize("host, why", [("127.0.0.1", "Address already in use"), ("999.1.1.1", "")])
+def test_a_port_in_use_or_a_bad_host_is_one_error_line(served, chat_data, host, why):
+    port = served["base_url"].rsplit(":", 1)[1]
+    command = [sys.executable, "main.py", "serve", "--load_from", "no/such/weights.pth", "--host", host, "--port", port]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "serving" not in done.stdout
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"error: cannot listen on {host}:{port}: ")
+    assert why in done.stderr
 
 
 def test_serve_without_fastapi_says_what_to_install(monkeypatch, capsys):

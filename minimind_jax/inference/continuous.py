@@ -1,0 +1,186 @@
+"""Continuous batching: requests decode together in the slots of one fixed-size KV cache, and a new request
+joins at the next step instead of waiting for the batch in flight.
+
+Each slot holds one request's cache rows, its own length (its next position) and its own sampling. An engine
+step first runs one chunk of `prefill_chunk` prompt tokens of one request still reading its prompt (requests
+take turns chunk by chunk, so a long prompt never holds the others up for more than a chunk), then one
+decode step of every slot that is generating. A request that ends (eos, max_tokens, its client gone) frees its
+slot at once. Memory is the cache, allocated once: `slots` × `context` positions.
+
+Every shape is fixed (slots, context, the chunk), so the engine compiles one prefill and one decode program.
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from minimind_jax.inference.generation import Sampling, choose_tokens
+from minimind_jax.model.transformer import KVCache, MiniMind
+
+TOP_K = 50  # MiniMind's generate()
+PREFILL_CHUNK = 256
+
+
+def cache_bytes_per_position(model: MiniMind) -> int:
+    """The KV cache's bytes for one position of one slot (keys and values of every layer)."""
+    config = model.config
+    itemsize = jnp.dtype(config.dtype).itemsize
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * itemsize
+
+
+class SlotEngine:
+    """Decodes the submitted jobs (server.Job) with continuous batching, on a thread of its own."""
+
+    def __init__(self, model: MiniMind, eos_id: int, *, slots: int, context: int,
+                 prefill_chunk: int = PREFILL_CHUNK, finish: Callable[[str, str | None], Any]):  # fmt: skip
+        """finish(reason, error): the event that ends a job ("stop", "length", "error")."""
+        if context % prefill_chunk:
+            raise ValueError(f"context {context} is not a multiple of the prefill chunk {prefill_chunk}")
+        self.eos_id, self.slots, self.context, self.chunk, self.finish = eos_id, slots, context, prefill_chunk, finish
+        self.graphdef, self.params = nnx.split(model)
+        config = model.config
+        self.cache = KVCache.empty(config, slots, context, jnp.dtype(config.dtype))
+        self.vocab_size = config.vocab_size
+        self.jobs: list[Any] = [None] * slots
+        self.lengths = np.zeros(slots, np.int32)  # each slot's next position
+        self.tokens = np.zeros(slots, np.int32)  # each generating slot's last token
+        self.prompt_read = np.zeros(slots, np.int64)  # prompt tokens in the cache, while a slot prefills
+        self.new_tokens = np.zeros(slots, np.int64)
+        self.prefilling: collections.deque[int] = collections.deque()
+        self.key = jax.random.key(0)
+        self.steps = 0  # decode steps so far (/health reports them)
+        self._waiting: collections.deque = collections.deque()
+        self._wakeup = threading.Condition()
+        self._prefill = jax.jit(self._prefill_chunk, donate_argnums=(1,))
+        self._decode = jax.jit(self._decode_step, donate_argnums=(1,))
+        self._first = jax.jit(lambda logits_1V, sampling, key: choose_tokens(
+            logits_1V, jnp.zeros_like(logits_1V, bool), sampling, key, True))  # fmt: skip
+        threading.Thread(target=self._serve_forever, name="slot-engine", daemon=True).start()
+
+    def submit(self, job) -> None:
+        with self._wakeup:
+            self._waiting.append(job)
+            self._wakeup.notify()
+
+    # -- traced -----------------------------------------------------------------------------------------
+
+    def _prefill_chunk(self, params, cache: KVCache, slot, ids_1C, start, num_real):
+        """Writes one chunk of a prompt into slot `slot` from position `start`; returns (the cache, the logits
+        [1, V] after the chunk's last real token)."""
+        model: MiniMind = nnx.merge(self.graphdef, params)
+        take = lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=1)
+        row = KVCache(take(cache.k_LBSKHd), take(cache.v_LBSKHd), start)
+        out = model.forward(ids_1C, cache=row, return_logits=False)
+        put = lambda whole, part: jax.lax.dynamic_update_slice_in_dim(whole, part, slot, axis=1)
+        cache = cache._replace(k_LBSKHd=put(cache.k_LBSKHd, out.cache.k_LBSKHd),
+                               v_LBSKHd=put(cache.v_LBSKHd, out.cache.v_LBSKHd))  # fmt: skip
+        last_hidden_1D = jax.lax.dynamic_index_in_dim(out.hidden_states[0], num_real - 1, keepdims=True)
+        return cache, model.logits(last_hidden_1D)
+
+    def _decode_step(self, params, cache: KVCache, tokens_B, lengths_B, sampling: Sampling, key):
+        """One token for every slot, each at its own position; returns (the cache, the chosen tokens [B])."""
+        model: MiniMind = nnx.merge(self.graphdef, params)
+        out = model.forward(tokens_B[:, None], cache=cache._replace(length=lengths_B))
+        logits_BV = out.logits[:, 0]
+        tokens = choose_tokens(logits_BV, jnp.zeros_like(logits_BV, bool), sampling, key, True)
+        return out.cache, tokens
+
+    # -- the loop ---------------------------------------------------------------------------------------
+
+    def _serve_forever(self) -> None:
+        while True:
+            with self._wakeup:
+                self._wakeup.wait_for(lambda: self._waiting or any(job is not None for job in self.jobs))
+                self._admit()
+            try:
+                if self.prefilling:
+                    self._prefill_next()
+                if any(job is not None and slot not in self.prefilling for slot, job in enumerate(self.jobs)):
+                    self._decode_all()
+            except Exception as error:  # the server keeps serving; the requests in the slots get a 500
+                traceback.print_exc(file=sys.stderr)
+                for slot, job in enumerate(self.jobs):
+                    if job is not None:
+                        job.deliver(self.finish("error", f"{type(error).__name__}: {error}"))
+                        self._free(slot)
+
+    def _admit(self) -> None:
+        """Waiting jobs into free slots (called holding the lock)."""
+        while self._waiting and None in self.jobs:
+            job = self._waiting.popleft()
+            if job.cancelled:
+                continue
+            slot = self.jobs.index(None)
+            self.jobs[slot], self.prompt_read[slot], self.new_tokens[slot] = job, 0, 0
+            self.prefilling.append(slot)
+
+    def _free(self, slot: int) -> None:
+        self.jobs[slot] = None
+        if slot in self.prefilling:
+            self.prefilling.remove(slot)
+
+    def _split_key(self):
+        self.key, key = jax.random.split(self.key)
+        return key
+
+    def _prefill_next(self) -> None:
+        slot = self.prefilling.popleft()
+        job = self.jobs[slot]
+        if job.cancelled:
+            self._free(slot)
+            return
+        start = int(self.prompt_read[slot])
+        piece = job.prompt_ids[start : start + self.chunk]
+        ids = np.zeros((1, self.chunk), np.int32)
+        ids[0, : len(piece)] = piece
+        self.cache, logits_1V = self._prefill(self.params, self.cache, jnp.int32(slot), ids, jnp.int32(start),
+                                              jnp.int32(len(piece)))  # fmt: skip
+        self.prompt_read[slot] = start + len(piece)
+        if self.prompt_read[slot] < len(job.prompt_ids):
+            self.prefilling.append(slot)  # its next chunk after the other prompts' turns
+            return
+        sampling = Sampling.per_row([job.temperature], [TOP_K], [job.top_p], [1.0])
+        token = int(self._first(logits_1V, sampling, self._split_key())[0])
+        self.lengths[slot] = len(job.prompt_ids)
+        self._emit(slot, token)
+
+    def _decode_all(self) -> None:
+        generating = [slot for slot, job in enumerate(self.jobs) if job is not None and slot not in self.prefilling]
+        jobs = [self.jobs[slot] for slot in generating]
+        temperature, top_p = np.zeros(self.slots, np.float32), np.ones(self.slots, np.float32)
+        temperature[generating] = [job.temperature for job in jobs]
+        top_p[generating] = [job.top_p for job in jobs]
+        sampling = Sampling.per_row(temperature, [TOP_K] * self.slots, top_p, np.ones(self.slots, np.float32))
+        # The other slots write their step at their last position, which nothing reads before it is rewritten
+        positions = np.full(self.slots, self.context - 1, np.int32)
+        positions[generating] = self.lengths[generating]
+        self.cache, tokens = self._decode(self.params, self.cache, self.tokens, positions, sampling, self._split_key())
+        tokens = np.asarray(tokens)
+        self.steps += 1
+        for slot in generating:
+            self.lengths[slot] += 1
+            self._emit(slot, int(tokens[slot]))
+
+    def _emit(self, slot: int, token: int) -> None:
+        """Delivers a slot's new token, or ends its job (eos, max_tokens, gone) and frees the slot."""
+        job = self.jobs[slot]
+        if job.cancelled or token == self.eos_id:
+            job.deliver(self.finish("stop", None))
+            self._free(slot)
+            return
+        job.deliver(token)
+        self.new_tokens[slot] += 1
+        self.tokens[slot] = token
+        if self.new_tokens[slot] == job.max_tokens:
+            job.deliver(self.finish("length", None))
+            self._free(slot)
