@@ -5,6 +5,7 @@ import argparse
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 
@@ -431,3 +432,26 @@ def test_bench_rl_times_minimind_own_trainer(objective, era, arch, capsys, data_
         assert turn["rollout_s"] > 0 and 1 <= turn["avg_response_len"] <= 8
         assert (turn["log_probs_s"] is None) == (era == "2510")  # 2510 computes them inside its update
     assert result["speedup"]["update"] == pytest.approx(minimind["median"]["seconds"] / ours["median"]["seconds"])
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_bench_serve_times_clients_that_arrive_apart(capsys, chat_data, tmp_path):
+    """Both of our batching modes, each in its own server process, on the same Poisson arrivals: every
+    request is counted, and a first token never comes after the reply's end."""
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text("arch: minimind2\nhidden_size: 64\nnum_hidden_layers: 2\n")
+    flags = ["--preset", str(preset), "--tokenizer_path", str(chat_data["tokenizer"]), "--servers",
+             "continuous,static", "--clients", "4", "--min_tokens", "4", "--max_tokens", "8", "--rate", "20",
+             "--port", str(free_port()), "--json"]  # fmt: skip
+    assert main.main(["bench_serve", *flags]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [row["server"] for row in result["servers"]] == ["continuous", "static"]
+    assert result["rate_per_s"] == 20 and result["arrivals"] == "poisson"
+    for row in result["servers"]:
+        assert row["requests"] == 4 and 0 < row["completion_tokens"] <= 4 * 8
+        assert 0 < row["ttft_p50_s"] <= row["latency_p50_s"] and row["ttft_p95_s"] <= row["latency_p95_s"]

@@ -11,10 +11,10 @@ import pytest
 from minimind_jax.cli.main import main
 from minimind_jax.cli.train import add_arguments, config_from_args, train_flags
 from minimind_jax.model.config import CONFIG_DIR
-from minimind_jax.training.config import TrainConfig
+from minimind_jax.training.config import RL_MODES, TrainConfig
 
 FLAG_FIELDS = [field for field in dataclasses.fields(TrainConfig) if "help" in field.metadata]
-COMMANDS = ("sft", "pretrain", "lora", "dpo", "grpo")
+COMMANDS = ("sft", "pretrain", "lora", "dpo", "grpo", "ppo", "agent")
 
 
 def command_fields(command: str) -> list[dataclasses.Field]:
@@ -42,7 +42,6 @@ def parsed(*argv: str) -> TrainConfig:
 def test_only_the_subcommand_and_python_api_settings_are_not_flags():
     assert {field.name for field in dataclasses.fields(TrainConfig)} - {field.name for field in FLAG_FIELDS} == {
         "mode",
-        "shuffle",
         "progress",
     }
 
@@ -54,8 +53,10 @@ def test_every_flag_field_is_listed_in_help_with_its_help_text(capsys, command):
         assert field.metadata["help"].strip(), field.name
         assert field.name in listed, field.name
         assert "".join(field.metadata["help"].split()) in help_text, field.name
-    # Besides the fields: the run config, and --no_progress for TrainConfig.progress.
-    assert set(listed) == {field.name for field in command_fields(command)} | {"config", "no_progress"}
+    # Besides the fields: the run config, --no_progress for TrainConfig.progress, and RL's --rollout_engine
+    # (MiniMind's; torch, our sampler, is the one that runs).
+    engine = {"rollout_engine"} if command in RL_MODES else set()
+    assert set(listed) == {field.name for field in command_fields(command)} | {"config", "no_progress"} | engine
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -19,8 +19,9 @@ from flax import nnx
 import main
 from minimind_jax import weights
 from minimind_jax.data.tokenizer import load_tokenizer
+from minimind_jax.errors import UserError
 from minimind_jax.inference.generation import generate
-from minimind_jax.inference.server import RequestError, parse_request
+from minimind_jax.inference.server import RequestError, parse_request, slot_context
 from minimind_jax.inference.text import ReplyStream, split_reply
 from minimind_jax.model.config import ModelConfig
 from minimind_jax.model.transformer import MiniMind
@@ -215,6 +216,41 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served, bod
     assert reply.choices[0].message.content == greedy_content(served, user("hi"), max_tokens=2)
 
 
+def test_requests_arriving_at_random_moments_get_generates_replies(served):
+    """Continuous batching: 16 greedy requests sent at random moments join the decode in flight, each in its
+    own slot with its own position; every reply is still greedy `generate`'s."""
+    offsets = np.cumsum(np.random.default_rng(7).exponential(0.15, len(QUESTIONS)))
+
+    def ask(index):
+        time.sleep(offsets[index])
+        reply = served["client"].chat.completions.create(
+            model="m", messages=user(QUESTIONS[index]), max_tokens=MAX_TOKENS, temperature=0
+        )
+        return reply.choices[0].message.content
+
+    with ThreadPoolExecutor(len(QUESTIONS)) as pool:
+        got = list(pool.map(ask, range(len(QUESTIONS))))
+    assert got == [greedy_content(served, user(question)) for question in QUESTIONS]
+
+
+def test_a_short_request_joins_while_a_long_one_decodes(served):
+    """A short request sent while a long prompt is read and decoded ends first: it does not wait for the
+    long one's batch, and the long prompt is read in chunks between the others' steps."""
+    ends = {}
+
+    def ask(name, messages, max_tokens, delay):
+        time.sleep(delay)
+        started = time.perf_counter()
+        served["client"].chat.completions.create(model="m", messages=messages, max_tokens=max_tokens, temperature=0)
+        ends[name] = time.perf_counter() - started + delay
+
+    long_prompt = user(" ".join(QUESTIONS) * 40)  # about 2,000 tokens: several prefill chunks
+    with ThreadPoolExecutor(2) as pool:
+        pool.submit(ask, "long", long_prompt, 200, 0.0)
+        pool.submit(ask, "short", user("hi"), 3, 0.3)
+    assert ends["short"] < ends["long"], ends
+
+
 @pytest.mark.parametrize(
     "raw, param",
     [
@@ -353,3 +389,21 @@ def test_v3_thinking_requests_open_the_think_block(fields):
     assert "get_weather" in tokenizer.decode(with_tools.prompt_ids)
     with pytest.raises(RequestError, match="tools"):
         parse_request({"messages": user("hi"), "tools": "get_weather"}, tokenizer, v3)
+
+
+def test_a_request_is_admitted_only_if_it_fits_a_slot(chat_data):
+    """--kv_cache_mb shares the cache among the slots; a request whose prompt and max_tokens need more
+    positions than a slot has gets a 400 that names the limit (the 20k-token prompt that ran a batch out of
+    memory is refused this way), and without max_tokens it gets what is left of the slot."""
+    tokenizer = load_tokenizer(chat_data["tokenizer"])
+    model = MiniMind(ModelConfig(arch="minimind2", hidden_size=64, num_hidden_layers=2), rngs=nnx.Rngs(0))
+    per_position = 2 * 2 * 2 * 8 * 4  # keys and values, 2 layers, 2 kv heads of 8, fp32
+    assert slot_context(model, 16, 16 * 1024 * per_position / 2**20) == 1024
+    with pytest.raises(UserError, match="a slot needs at least 256"):
+        slot_context(model, 16, 16 * 100 * per_position / 2**20)
+    prompt = len(parse_request({"messages": user("hi")}, tokenizer, model).prompt_ids)
+    assert parse_request({"messages": user("hi")}, tokenizer, model, 1024).max_tokens == 1024 - prompt
+    with pytest.raises(RequestError, match=f"need {prompt + 1024} positions; this server gives a request 1024"):
+        parse_request({"messages": user("hi"), "max_tokens": 1024}, tokenizer, model, 1024)
+    with pytest.raises(RequestError, match="this server gives a request 1024 positions"):
+        parse_request({"messages": user("word " * 2000)}, tokenizer, model, 1024)
