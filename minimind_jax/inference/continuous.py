@@ -7,7 +7,9 @@ take turns chunk by chunk, so a long prompt never holds the others up for more t
 decode step of every slot that is generating. A request that ends (eos, max_tokens, its client gone) frees its
 slot at once. Memory is the cache, allocated once: `slots` × `context` positions.
 
-Every shape is fixed (slots, context, the chunk), so the engine compiles one prefill and one decode program.
+Attention reads only a window of the cache: its first positions up to the longest row's, rounded up to a
+power-of-two multiple of the chunk, so a step costs what the rows hold, not what the cache could hold. The
+engine compiles one prefill and one decode program per window size.
 """
 
 from __future__ import annotations
@@ -61,8 +63,8 @@ class SlotEngine:
         self.steps = 0  # decode steps so far (/health reports them)
         self._waiting: collections.deque = collections.deque()
         self._wakeup = threading.Condition()
-        self._prefill = jax.jit(self._prefill_chunk, donate_argnums=(1,))
-        self._decode = jax.jit(self._decode_step, donate_argnums=(1,))
+        self._prefill = jax.jit(self._prefill_chunk, donate_argnums=(1,), static_argnames=("window",))
+        self._decode = jax.jit(self._decode_step, donate_argnums=(1,), static_argnames=("window",))
         self._first = jax.jit(lambda logits_1V, sampling, key: choose_tokens(
             logits_1V, jnp.zeros_like(logits_1V, bool), sampling, key, True))  # fmt: skip
         threading.Thread(target=self._serve_forever, name="slot-engine", daemon=True).start()
@@ -74,26 +76,37 @@ class SlotEngine:
 
     # -- traced -----------------------------------------------------------------------------------------
 
-    def _prefill_chunk(self, params, cache: KVCache, slot, ids_1C, start, num_real):
-        """Writes one chunk of a prompt into slot `slot` from position `start`; returns (the cache, the logits
-        [1, V] after the chunk's last real token)."""
+    def _prefill_chunk(self, params, cache: KVCache, slot, ids_1C, start, num_real, *, window: int):
+        """Writes one chunk of a prompt into slot `slot` from position `start` (the chunk ends within the first
+        `window` positions); returns (the cache, the logits [1, V] after the chunk's last real token)."""
         model: MiniMind = nnx.merge(self.graphdef, params)
-        take = lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=1)
+        take = lambda x: jax.lax.dynamic_slice(x, (0, slot, 0, 0, 0), (x.shape[0], 1, window, *x.shape[3:]))
         row = KVCache(take(cache.k_LBSKHd), take(cache.v_LBSKHd), start)
         out = model.forward(ids_1C, cache=row, return_logits=False)
-        put = lambda whole, part: jax.lax.dynamic_update_slice_in_dim(whole, part, slot, axis=1)
+        put = lambda whole, part: jax.lax.dynamic_update_slice(whole, part, (0, slot, 0, 0, 0))
         cache = cache._replace(k_LBSKHd=put(cache.k_LBSKHd, out.cache.k_LBSKHd),
                                v_LBSKHd=put(cache.v_LBSKHd, out.cache.v_LBSKHd))  # fmt: skip
         last_hidden_1D = jax.lax.dynamic_index_in_dim(out.hidden_states[0], num_real - 1, keepdims=True)
         return cache, model.logits(last_hidden_1D)
 
-    def _decode_step(self, params, cache: KVCache, tokens_B, lengths_B, sampling: Sampling, key):
-        """One token for every slot, each at its own position; returns (the cache, the chosen tokens [B])."""
+    def _decode_step(self, params, cache: KVCache, tokens_B, lengths_B, sampling: Sampling, key, *, window: int):
+        """One token for every slot, each at its own position (past `window`: the slot writes nothing);
+        returns (the cache, the chosen tokens [B])."""
         model: MiniMind = nnx.merge(self.graphdef, params)
-        out = model.forward(tokens_B[:, None], cache=cache._replace(length=lengths_B))
+        view = lambda x: x[:, :, :window]
+        out = model.forward(tokens_B[:, None], cache=KVCache(view(cache.k_LBSKHd), view(cache.v_LBSKHd), lengths_B))
+        put = lambda whole, part: jax.lax.dynamic_update_slice(whole, part, (0, 0, 0, 0, 0))
+        cache = cache._replace(k_LBSKHd=put(cache.k_LBSKHd, out.cache.k_LBSKHd),
+                               v_LBSKHd=put(cache.v_LBSKHd, out.cache.v_LBSKHd))  # fmt: skip
         logits_BV = out.logits[:, 0]
-        tokens = choose_tokens(logits_BV, jnp.zeros_like(logits_BV, bool), sampling, key, True)
-        return out.cache, tokens
+        return cache, choose_tokens(logits_BV, jnp.zeros_like(logits_BV, bool), sampling, key, True)
+
+    def _window(self, positions: int) -> int:
+        """The smallest window holding `positions` positions: the chunk times a power of two, at most the cache."""
+        window = self.chunk
+        while window < positions:
+            window *= 2
+        return min(window, self.context)
 
     # -- the loop ---------------------------------------------------------------------------------------
 
@@ -144,7 +157,7 @@ class SlotEngine:
         ids = np.zeros((1, self.chunk), np.int32)
         ids[0, : len(piece)] = piece
         self.cache, logits_1V = self._prefill(self.params, self.cache, jnp.int32(slot), ids, jnp.int32(start),
-                                              jnp.int32(len(piece)))  # fmt: skip
+                                              jnp.int32(len(piece)), window=self._window(start + self.chunk))  # fmt: skip
         self.prompt_read[slot] = start + len(piece)
         if self.prompt_read[slot] < len(job.prompt_ids):
             self.prefilling.append(slot)  # its next chunk after the other prompts' turns
@@ -161,10 +174,11 @@ class SlotEngine:
         temperature[generating] = [job.temperature for job in jobs]
         top_p[generating] = [job.top_p for job in jobs]
         sampling = Sampling.per_row(temperature, [TOP_K] * self.slots, top_p, np.ones(self.slots, np.float32))
-        # The other slots write their step at their last position, which nothing reads before it is rewritten
-        positions = np.full(self.slots, self.context - 1, np.int32)
+        window = self._window(int(self.lengths[generating].max()) + 1)
+        positions = np.full(self.slots, window, np.int32)  # past the window: the other slots write nothing
         positions[generating] = self.lengths[generating]
-        self.cache, tokens = self._decode(self.params, self.cache, self.tokens, positions, sampling, self._split_key())
+        self.cache, tokens = self._decode(self.params, self.cache, self.tokens, positions, sampling, self._split_key(),
+                                          window=window)  # fmt: skip
         tokens = np.asarray(tokens)
         self.steps += 1
         for slot in generating:

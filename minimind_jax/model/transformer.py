@@ -242,11 +242,13 @@ def padded_causal_attention(q_BTNHd, k_BTKHd, v_BTKHd, bias_B1TT, multiple: int,
 
 
 def _write_cache(cache_BSKHd, new_BTKHd, index):
-    """The cache with the new keys (or values) written from position `index`: a scalar, or [B], one per row."""
+    """The cache with the new keys (or values) written from position `index`: a scalar, or [B], one per row,
+    where a row whose positions lie past the cache writes nothing (a slot with nothing to write)."""
     if jnp.ndim(index) == 0:
         return jax.lax.dynamic_update_slice(cache_BSKHd, new_BTKHd, (0, index, 0, 0))
-    write_row = lambda cache_SKHd, new_TKHd, start: jax.lax.dynamic_update_slice(cache_SKHd, new_TKHd, (start, 0, 0))
-    return jax.vmap(write_row)(cache_BSKHd, new_BTKHd, index)
+    b, t = new_BTKHd.shape[:2]
+    positions_BT = index[:, None] + jnp.arange(t)[None, :]
+    return cache_BSKHd.at[jnp.arange(b)[:, None], positions_BT].set(new_BTKHd, mode="drop")
 
 
 class Attention(nnx.Module):
