@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -177,8 +178,13 @@ def run(args) -> int:
         raise UserError(f"--servers takes some of {','.join(SERVERS)}, got {args.servers}")
     if args.clients < 1 or not 1 <= args.min_tokens <= args.max_tokens:
         raise UserError("--clients must be >= 1 and 1 <= --min_tokens <= --max_tokens")
-    if "minimind" in servers and not (args.minimind_dir and (pathlib.Path(args.minimind_dir) / "scripts").is_dir()):
-        raise UserError("--servers minimind runs MiniMind's scripts/serve_openai_api.py: give --minimind_dir")
+    if "minimind" in servers:
+        if not (args.minimind_dir and (pathlib.Path(args.minimind_dir) / "scripts").is_dir()):
+            raise UserError("--servers minimind runs MiniMind's scripts/serve_openai_api.py: give --minimind_dir")
+        torch_python = shutil.which(args.torch_python)
+        if torch_python is None:
+            raise UserError(f"--torch_python {args.torch_python}: not an executable")
+        args.torch_python = str(pathlib.Path(torch_python).absolute())  # the server runs in the checkout's scripts/
     from flax import nnx
 
     from minimind_jax import weights

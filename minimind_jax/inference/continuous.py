@@ -2,14 +2,15 @@
 joins at the next step instead of waiting for the batch in flight.
 
 Each slot holds one request's cache rows, its own length (its next position) and its own sampling. An engine
-step first runs one chunk of `prefill_chunk` prompt tokens of one request still reading its prompt (requests
-take turns chunk by chunk, so a long prompt never holds the others up for more than a chunk), then one
+step first runs one chunk of at most `prefill_chunk` prompt tokens of one request still reading its prompt
+(requests take turns chunk by chunk, so a long prompt never holds the others up for more than a chunk), then one
 decode step of every slot that is generating. A request that ends (eos, max_tokens, its client gone) frees its
 slot at once. Memory is the cache, allocated once: `slots` × `context` positions.
 
-Attention reads only a window of the cache: its first positions up to the longest row's, rounded up to a
-power-of-two multiple of the chunk, so a step costs what the rows hold, not what the cache could hold. The
-engine compiles one prefill and one decode program per window size.
+A decode step reads only the part of the cache in use: the first slots up to the highest busy one (a new
+request takes the lowest free slot), their number rounded up to a power of two, and their first positions up
+to the longest row's, rounded up to a power-of-two multiple of the chunk. So a step costs what the rows hold,
+not what the cache could hold, and the engine compiles one program per such shape.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class SlotEngine:
         self._waiting: collections.deque = collections.deque()
         self._wakeup = threading.Condition()
         self._prefill = jax.jit(self._prefill_chunk, donate_argnums=(1,), static_argnames=("window",))
-        self._decode = jax.jit(self._decode_step, donate_argnums=(1,), static_argnames=("window",))
+        self._decode = jax.jit(self._decode_step, donate_argnums=(1,), static_argnames=("rows", "window"))
         self._first = jax.jit(lambda logits_1V, sampling, key: choose_tokens(
             logits_1V, jnp.zeros_like(logits_1V, bool), sampling, key, True))  # fmt: skip
         threading.Thread(target=self._serve_forever, name="slot-engine", daemon=True).start()
@@ -89,11 +90,12 @@ class SlotEngine:
         last_hidden_1D = jax.lax.dynamic_index_in_dim(out.hidden_states[0], num_real - 1, keepdims=True)
         return cache, model.logits(last_hidden_1D)
 
-    def _decode_step(self, params, cache: KVCache, tokens_B, lengths_B, sampling: Sampling, key, *, window: int):
-        """One token for every slot, each at its own position (past `window`: the slot writes nothing);
-        returns (the cache, the chosen tokens [B])."""
+    def _decode_step(self, params, cache: KVCache, tokens_B, lengths_B, sampling: Sampling, key, *, rows: int,
+                     window: int):  # fmt: skip
+        """One token for each of the first `rows` slots, each at its own position (past `window`: the slot
+        writes nothing); returns (the cache, the chosen tokens [rows])."""
         model: MiniMind = nnx.merge(self.graphdef, params)
-        view = lambda x: x[:, :, :window]
+        view = lambda x: x[:, :rows, :window]
         out = model.forward(tokens_B[:, None], cache=KVCache(view(cache.k_LBSKHd), view(cache.v_LBSKHd), lengths_B))
         put = lambda whole, part: jax.lax.dynamic_update_slice(whole, part, (0, 0, 0, 0, 0))
         cache = cache._replace(k_LBSKHd=put(cache.k_LBSKHd, out.cache.k_LBSKHd),
@@ -154,10 +156,11 @@ class SlotEngine:
             return
         start = int(self.prompt_read[slot])
         piece = job.prompt_ids[start : start + self.chunk]
-        ids = np.zeros((1, self.chunk), np.int32)
+        # A prompt's last piece is padded to a power of two (from 16), not to a whole chunk
+        ids = np.zeros((1, min(self.chunk, 1 << max(len(piece) - 1, 15).bit_length())), np.int32)
         ids[0, : len(piece)] = piece
         self.cache, logits_1V = self._prefill(self.params, self.cache, jnp.int32(slot), ids, jnp.int32(start),
-                                              jnp.int32(len(piece)), window=self._window(start + self.chunk))  # fmt: skip
+                                              jnp.int32(len(piece)), window=self._window(start + ids.shape[1]))  # fmt: skip
         self.prompt_read[slot] = start + len(piece)
         if self.prompt_read[slot] < len(job.prompt_ids):
             self.prefilling.append(slot)  # its next chunk after the other prompts' turns
@@ -170,15 +173,16 @@ class SlotEngine:
     def _decode_all(self) -> None:
         generating = [slot for slot, job in enumerate(self.jobs) if job is not None and slot not in self.prefilling]
         jobs = [self.jobs[slot] for slot in generating]
-        temperature, top_p = np.zeros(self.slots, np.float32), np.ones(self.slots, np.float32)
+        rows = min(1 << max(generating).bit_length(), self.slots)  # a power of two past the highest busy slot
+        temperature, top_p = np.zeros(rows, np.float32), np.ones(rows, np.float32)
         temperature[generating] = [job.temperature for job in jobs]
         top_p[generating] = [job.top_p for job in jobs]
-        sampling = Sampling.per_row(temperature, [TOP_K] * self.slots, top_p, np.ones(self.slots, np.float32))
+        sampling = Sampling.per_row(temperature, [TOP_K] * rows, top_p, np.ones(rows, np.float32))
         window = self._window(int(self.lengths[generating].max()) + 1)
-        positions = np.full(self.slots, window, np.int32)  # past the window: the other slots write nothing
+        positions = np.full(rows, window, np.int32)  # past the window: the other slots write nothing
         positions[generating] = self.lengths[generating]
-        self.cache, tokens = self._decode(self.params, self.cache, self.tokens, positions, sampling, self._split_key(),
-                                          window=window)  # fmt: skip
+        self.cache, tokens = self._decode(self.params, self.cache, self.tokens[:rows], positions, sampling,
+                                          self._split_key(), rows=rows, window=window)  # fmt: skip
         tokens = np.asarray(tokens)
         self.steps += 1
         for slot in generating:
