@@ -39,6 +39,13 @@ def add_arguments(parser, command: str) -> None:
         "max_tokens do not fit a slot gets a 400",
     )
     parser.add_argument(
+        "--api_key", default=None, help="require `Authorization: Bearer KEY` on every /v1 request (default: none)"
+    )
+    parser.add_argument("--max_request_mb", default=8.0, type=float, help="larger request bodies get a 413")
+    parser.add_argument(
+        "--cors_origins", default=None, help="comma-separated origins whose pages may call the API (default: none)"
+    )
+    parser.add_argument(
         "--batch_window_ms",
         default=20.0,
         type=float,
@@ -59,6 +66,10 @@ def run(args) -> int:
         raise UserError(f"--batch_window_ms must be >= 0, got {args.batch_window_ms}")
     if not args.kv_cache_mb > 0:
         raise UserError(f"--kv_cache_mb must be > 0, got {args.kv_cache_mb}")
+    if not args.max_request_mb > 0:
+        raise UserError(f"--max_request_mb must be > 0, got {args.max_request_mb}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise UserError("--api_key is empty")
     listener = listening_socket(args.host, args.port)  # a port in use or a bad host fails here, before the model loads
     model = load_model(args)
     if args.arch and args.arch != model.config.arch:
@@ -72,8 +83,11 @@ def run(args) -> int:
     from minimind_jax.inference.server import create_app
 
     model_id = args.model_name or weights_path(args).name.removesuffix(".pth")
+    origins = (
+        [origin.strip() for origin in args.cors_origins.split(",") if origin.strip()] if args.cors_origins else None
+    )
     app = create_app(model, tokenizer, model_id, args.max_batch_size, args.batch_window_ms / 1000, args.batching,
-                     args.kv_cache_mb)  # fmt: skip
+                     args.kv_cache_mb, args.api_key, int(args.max_request_mb * 2**20), origins)  # fmt: skip
     print(f"serving {model_id} at http://{args.host}:{args.port}/v1 (OpenAI API; /health, /v1/models; "
           f"{args.batching} batching)", flush=True)  # fmt: skip
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])

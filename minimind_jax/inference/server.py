@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import hmac
 import json
 import math
 import sys
@@ -32,6 +33,7 @@ from collections.abc import Callable
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
@@ -370,9 +372,14 @@ def create_app(
     batch_window_s: float = 0.02,
     batching: str = "continuous",
     kv_cache_mb: float = 1024,
+    api_key: str | None = None,
+    max_request_bytes: int = 8 * 2**20,
+    cors_origins: list[str] | None = None,
 ) -> FastAPI:
     """The FastAPI app over one model; its engine thread starts here. batching: "continuous" (max_batch_size
-    slots sharing kv_cache_mb of KV cache) or "static" (batch_window_s applies)."""
+    slots sharing kv_cache_mb of KV cache) or "static" (batch_window_s applies). api_key: every /v1 request
+    must carry `Authorization: Bearer <api_key>`. max_request_bytes: larger bodies get a 413. cors_origins:
+    the origins whose pages may call the API (none by default)."""
     if batching == "continuous":
         context = slot_context(model, max_batch_size, kv_cache_mb)
         engine = SlotEngine(model, tokenizer.eos_id, slots=max_batch_size, context=context, finish=Finish)
@@ -380,6 +387,18 @@ def create_app(
         context, engine = None, BatchEngine(model, tokenizer.eos_id, max_batch_size, batch_window_s)
     created = int(time.time())
     app = FastAPI(title="minimind-jax", description="OpenAI-compatible chat completions")
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
+
+    @app.middleware("http")
+    async def authorize(request: Request, call_next):
+        # A CORS preflight carries no credentials; the request it announces does
+        if api_key is not None and request.url.path.startswith("/v1") and request.method != "OPTIONS":
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return error_response(RequestError("a valid API key is needed: Authorization: Bearer <key>",
+                                                   code="invalid_api_key", status=401))  # fmt: skip
+        return await call_next(request)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request, error: HTTPException):
@@ -399,7 +418,7 @@ def create_app(
     async def chat_completions(request: Request):
         try:
             try:
-                body = json.loads(await request.body())
+                body = json.loads(await _body_within(request, max_request_bytes))
             except (json.JSONDecodeError, UnicodeDecodeError) as error:
                 raise RequestError(f"the request body is not valid JSON: {error}") from None
             chat = parse_request(body, tokenizer, model, context)
@@ -476,6 +495,20 @@ class ReplyText:
         self.pieces.clear()
         self.text += new
         return new
+
+
+async def _body_within(request: Request, limit: int) -> bytes:
+    """The request's body, read no further than `limit` bytes (a 413 past it, however it is sent)."""
+    too_large = RequestError(f"the request body is over this server's limit of {limit} bytes", status=413)
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
 
 
 def _finish_reason(event: Finish, tool_calls: list) -> str:

@@ -407,3 +407,37 @@ def test_a_request_is_admitted_only_if_it_fits_a_slot(chat_data):
         parse_request({"messages": user("hi"), "max_tokens": 1024}, tokenizer, model, 1024)
     with pytest.raises(RequestError, match="this server gives a request 1024 positions"):
         parse_request({"messages": user("word " * 2000)}, tokenizer, model, 1024)
+
+
+def test_api_key_body_limit_and_cors(chat_data):
+    """--api_key: /v1 needs the bearer key (401 in OpenAI's form without it; /health stays open); bodies past
+    --max_request_mb get a 413 however they are sent; CORS answers only the origins given, none by default."""
+    from fastapi.testclient import TestClient
+
+    from minimind_jax.inference.server import create_app
+
+    tokenizer = load_tokenizer(chat_data["tokenizer"])
+    config = ModelConfig(arch="minimind2", hidden_size=64, num_hidden_layers=2, vocab_size=tokenizer.vocab_size)
+    model = MiniMind(config, rngs=nnx.Rngs(5))
+    app = create_app(model, tokenizer, "m", max_batch_size=2, kv_cache_mb=1, api_key="secret",
+                     max_request_bytes=2000, cors_origins=["http://allowed.example"])  # fmt: skip
+    client = TestClient(app)
+    body = {"model": "m", "messages": user("hi"), "max_tokens": 2, "temperature": 0}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "secret"}):
+        refused = client.post("/v1/chat/completions", json=body, headers=headers)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+    assert client.get("/v1/models").status_code == 401 and client.get("/health").status_code == 200
+    key = {"Authorization": "Bearer secret"}
+    assert client.post("/v1/chat/completions", json=body, headers=key).status_code == 200
+    big = {**body, "messages": user("word " * 1000)}
+    assert client.post("/v1/chat/completions", json=big, headers=key).status_code == 413
+    chunked = client.post("/v1/chat/completions", content=iter([json.dumps(big).encode()]), headers=key)
+    assert chunked.status_code == 413 and "limit of 2000 bytes" in chunked.json()["error"]["message"]
+    preflight = {"Access-Control-Request-Method": "POST"}
+    allowed = client.options("/v1/chat/completions", headers={**preflight, "Origin": "http://allowed.example"})
+    other = client.options("/v1/chat/completions", headers={**preflight, "Origin": "http://other.example"})
+    assert allowed.headers.get("access-control-allow-origin") == "http://allowed.example"
+    assert "access-control-allow-origin" not in other.headers
+    plain = TestClient(create_app(model, tokenizer, "m", max_batch_size=2, kv_cache_mb=1))
+    response = plain.post("/v1/chat/completions", json=body, headers={"Origin": "http://allowed.example"})
+    assert response.status_code == 200 and "access-control-allow-origin" not in response.headers
