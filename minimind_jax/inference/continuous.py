@@ -125,8 +125,9 @@ class SlotEngine:
             except Exception as error:  # the server keeps serving; the requests in the slots get a 500
                 traceback.print_exc(file=sys.stderr)
                 for slot, job in enumerate(self.jobs):
-                    if job is not None:
-                        job.deliver(self.finish("error", f"{type(error).__name__}: {error}"))
+                    if job is not None and self._deliver(
+                        slot, self.finish("error", f"{type(error).__name__}: {error}")
+                    ):
                         self._free(slot)
 
     def _admit(self) -> None:
@@ -193,12 +194,25 @@ class SlotEngine:
         """Delivers a slot's new token, or ends its job (eos, max_tokens, gone) and frees the slot."""
         job = self.jobs[slot]
         if job.cancelled or token == self.eos_id:
-            job.deliver(self.finish("stop", None))
-            self._free(slot)
+            self._end(slot, "stop")
             return
-        job.deliver(token)
+        if not self._deliver(slot, token):
+            return
         self.new_tokens[slot] += 1
         self.tokens[slot] = token
         if self.new_tokens[slot] == job.max_tokens:
-            job.deliver(self.finish("length", None))
+            self._end(slot, "length")
+
+    def _deliver(self, slot: int, event) -> bool:
+        """Hands a slot's job an event; a job that cannot take it (its client's loop is gone) loses its slot,
+        and only its own."""
+        try:
+            self.jobs[slot].deliver(event)
+            return True
+        except Exception:  # whatever the receiving side raises, the other slots go on
+            self._free(slot)
+            return False
+
+    def _end(self, slot: int, reason: str) -> None:
+        if self._deliver(slot, self.finish(reason, None)):
             self._free(slot)

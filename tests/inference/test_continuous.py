@@ -1,0 +1,78 @@
+"""The continuous-batching engine on its own: requests that join at different moments, prompts read in several
+chunks, slots reused, each reply greedy `generate`'s; a request whose receiver fails loses its slot alone."""
+
+import threading
+import time
+
+import numpy as np
+from flax import nnx
+
+from minimind_jax.inference.continuous import SlotEngine
+from minimind_jax.inference.generation import generate
+from minimind_jax.inference.server import Finish, Job
+from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.transformer import MiniMind
+
+EOS = 2
+NEW_TOKENS = 20
+
+
+def engine_and_model():
+    model = MiniMind(ModelConfig(arch="minimind2", hidden_size=64, num_hidden_layers=2), rngs=nnx.Rngs(5))
+    return SlotEngine(model, EOS, slots=4, context=768, finish=Finish), model
+
+
+def greedy(model, prompt):
+    new = generate(model, np.asarray([prompt]), NEW_TOKENS, eos_token_id=EOS)[0, len(prompt) :].tolist()
+    return new[: new.index(EOS)] if EOS in new else new
+
+
+def submit(engine, prompts, results, done, fail_index=None):
+    def deliver_for(index):
+        tokens = []
+
+        def deliver(event):
+            if index == fail_index:
+                raise RuntimeError("this client's loop is gone")
+            if isinstance(event, Finish):
+                results[index] = (tokens, event.reason)
+                if len(results) == len(prompts) - (fail_index is not None):
+                    done.set()
+            else:
+                tokens.append(event)
+
+        return deliver
+
+    for index, prompt in enumerate(prompts):
+        engine.submit(Job(prompt, NEW_TOKENS, 0.0, 1.0, deliver_for(index)))
+        time.sleep(0.05 * index)  # later requests join a decode in flight
+
+
+def test_requests_joining_apart_get_generates_replies():
+    """6 requests on 4 slots: prompts of 300 and 600 tokens take 2 and 3 chunks of 256, the others one padded
+    piece; slots are freed and taken again."""
+    engine, model = engine_and_model()
+    rng = np.random.default_rng(0)
+    prompts = [[int(x) for x in rng.integers(3, 6000, n)] for n in (5, 300, 17, 600, 40, 9)]
+    results, done = {}, threading.Event()
+    submit(engine, prompts, results, done)
+    assert done.wait(600)
+    for index, prompt in enumerate(prompts):
+        tokens, reason = results[index]
+        assert tokens == greedy(model, prompt), index
+        assert reason == ("length" if len(tokens) == NEW_TOKENS else "stop")
+
+
+def test_a_request_whose_receiver_fails_loses_its_slot_alone():
+    engine, model = engine_and_model()
+    prompts = [[5, 6, 7], [8, 9, 10, 11], [12, 13]]
+    results, done = {}, threading.Event()
+    submit(engine, prompts, results, done, fail_index=1)
+    assert done.wait(600)
+    assert set(results) == {0, 2}
+    for index in (0, 2):
+        assert results[index][0] == greedy(model, prompts[index])
+    deadline = time.monotonic() + 10  # the engine frees a slot just after its job's last event
+    while any(job is not None for job in engine.jobs) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert all(job is None for job in engine.jobs)
