@@ -236,6 +236,8 @@ class AgentRollouts:
         self.prompts.set_state(state)
 
     def next_batch(self, params, seed: int, old_params=None) -> tuple[dict, dict]:
+        """(the micro-batch, its statistics) of the next records' trajectories, rolled out with `params` (the
+        old log-probs are theirs: old_params, 2510 PPO's, has no use here)."""
         epoch, indices = self.prompts.next_batch()
         records = [self.prompts.records[i] for i in indices]
         trajectories = []
