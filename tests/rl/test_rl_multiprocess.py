@@ -34,7 +34,7 @@ RUNS = {
 
 @pytest.mark.parametrize("mode", RUNS)
 def test_two_processes_train_the_weights_of_one(mode, small_tokenizer, tmp_path):
-    data = write_jsonl(tmp_path / "rlaif.jsonl", random_chats(16 if mode == "ppo" else 6, seed=4))
+    data = write_jsonl(tmp_path / "rlaif.jsonl", random_chats(8 if mode == "ppo" else 6, seed=4))
     extra, name = RUNS[mode]
     flags = [mode, "--arch", "minimind3", "--hidden_size", "32", "--num_hidden_layers", "2", "--from_weight", "none",
              "--tokenizer_path", str(small_tokenizer), "--data_path", str(data), *extra, "--max_gen_len", "12",
@@ -59,7 +59,7 @@ def test_two_processes_train_the_weights_of_one(mode, small_tokenizer, tmp_path)
     assert [r["reward"] for r in records[0]] == [r["reward"] for r in records[1]]  # the same rollouts
     for got, want in zip(records[1], records[0]):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-7), got["update"]
-    if mode == "ppo":  # each rollout: one step, then the halted epoch's step with a zero loss
+    if mode == "ppo":  # the rollout: one step, then the halted epoch's step with a zero loss
         assert [r["lr"] for r in records[1]] == [r["lr"] for r in records[0]]
         assert all(r["loss"] == 0.0 and r["approx_kl"] > 1e-9 for r in records[0] + records[1])
     one, two = (torch.load(tmp_path / f"p{n}" / f"{name}.pth", weights_only=True) for n in (1, 2))
