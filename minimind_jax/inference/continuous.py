@@ -2,9 +2,11 @@
 joins at the next step instead of waiting for the batch in flight.
 
 Each slot holds one request's cache rows, its own length (its next position) and its own sampling. An engine
-step first runs one chunk of at most `prefill_chunk` prompt tokens of one request still reading its prompt
-(requests take turns chunk by chunk, so a long prompt never holds the others up for more than a chunk), then one
-decode step of every slot that is generating. A request that ends (eos, max_tokens, its client gone) frees its
+step runs one chunk of at most `prefill_chunk` prompt tokens of one request still reading its prompt
+(requests take turns chunk by chunk), then one decode step of every slot that is generating. While some slot
+generates, prompts get at most half the engine's time: a chunk runs only once the decode steps since the last
+one took as long as it did, so a long prompt neither holds up a newcomer's first token by more than a chunk
+nor slows the replies in flight by more than half. A request that ends (eos, max_tokens, its client gone) frees its
 slot at once. Memory is the cache, allocated once: `slots` × `context` positions.
 
 A decode step reads only the part of the cache in use: the first slots up to the highest busy one (a new
@@ -18,6 +20,7 @@ from __future__ import annotations
 import collections
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -60,6 +63,7 @@ class SlotEngine:
         self.prompt_read = np.zeros(slots, np.int64)  # prompt tokens in the cache, while a slot prefills
         self.new_tokens = np.zeros(slots, np.int64)
         self.prefilling: collections.deque[int] = collections.deque()
+        self.prefill_debt_s = 0.0  # prefill time not yet matched by decode time (see _serve_forever)
         self.key = jax.random.key(0)
         self.steps = 0  # decode steps so far (/health reports them)
         self._waiting: collections.deque = collections.deque()
@@ -118,10 +122,15 @@ class SlotEngine:
                 self._wakeup.wait_for(lambda: self._waiting or any(job is not None for job in self.jobs))
                 self._admit()
             try:
-                if self.prefilling:
+                generating = any(job is not None and slot not in self.prefilling for slot, job in enumerate(self.jobs))
+                if self.prefilling and (not generating or self.prefill_debt_s <= 0):
+                    started = time.perf_counter()
                     self._prefill_next()
-                if any(job is not None and slot not in self.prefilling for slot, job in enumerate(self.jobs)):
+                    self.prefill_debt_s += time.perf_counter() - started
+                if generating:
+                    started = time.perf_counter()
                     self._decode_all()
+                    self.prefill_debt_s = max(self.prefill_debt_s - (time.perf_counter() - started), 0.0)
             except Exception as error:  # the server keeps serving; the requests in the slots get a 500
                 traceback.print_exc(file=sys.stderr)
                 for slot, job in enumerate(self.jobs):
