@@ -44,7 +44,6 @@ from minimind_jax.rl.rollout import (
     make_old_log_probs,
     trainer_layout,
 )
-from minimind_jax.runtime import maybe_initialize_distributed, use_compilation_cache
 from minimind_jax.training import sharding
 from minimind_jax.training.accumulation import update_plan
 from minimind_jax.training.config import TrainConfig
@@ -63,13 +62,14 @@ from minimind_jax.training.run import (
     keep_earlier_run,
     move_earlier_run_aside,
     resume,
+    run_job,
     run_meta,
     save_due,
     write_summary,
 )
 from minimind_jax.training.run_lock import RunLock
 from minimind_jax.training.step import init_train_state, make_train_step
-from minimind_jax.training.wandb_log import WandbRun, require_wandb
+from minimind_jax.training.wandb_log import WandbRun
 from minimind_jax.weights import save_pth
 from minimind_jax.weights.orbax import TrainCheckpoints
 
@@ -342,13 +342,7 @@ def assemble(cfg: TrainConfig, model: MiniMind, records: list, tokenizer, mesh, 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Runs the whole RL job; returns a summary (final reward, paths)."""
-    maybe_initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
-    use_compilation_cache(cfg.compilation_cache_dir)
-    is_main = jax.process_index() == 0
-    if cfg.use_wandb:
-        require_wandb()
-    with RunLock(cfg.run_checkpoint_dir, is_main) as lock:
-        return _train(cfg, is_main, lock)
+    return run_job(cfg, _train)
 
 
 def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:

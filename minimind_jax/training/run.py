@@ -10,6 +10,7 @@ import functools
 import json
 import pathlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -374,15 +375,21 @@ def describe_run(cfg, model_config, mesh, dtype, step, objective, num_examples, 
     )
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Runs the whole training job; returns a summary (final losses, throughput, paths)."""
+def run_job(cfg: TrainConfig, job: Callable[[TrainConfig, bool, RunLock], dict[str, Any]]) -> dict[str, Any]:
+    """job(cfg, is_main, lock) once the processes have joined, with the compilation cache on and the run's lock
+    held (one live run per checkpoint directory): what every trainer's `train` does around its own run."""
     maybe_initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
     use_compilation_cache(cfg.compilation_cache_dir)
     is_main = jax.process_index() == 0
     if cfg.use_wandb:
         require_wandb()
-    with RunLock(cfg.run_checkpoint_dir, is_main) as lock:  # one live run per checkpoint directory
-        return _train(cfg, is_main, lock)
+    with RunLock(cfg.run_checkpoint_dir, is_main) as lock:
+        return job(cfg, is_main, lock)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Runs the whole training job; returns a summary (final losses, throughput, paths)."""
+    return run_job(cfg, _train)
 
 
 def _train(cfg: TrainConfig, is_main: bool, lock: RunLock) -> dict[str, Any]:
