@@ -120,6 +120,8 @@ def test_the_wheel_holds_only_the_minimind_jax_package(wheel):
     assert top_level == {"minimind_jax", wheel.name.split("-py3")[0] + ".dist-info"}
     presets = {name for name in names if name.startswith("minimind_jax/configs/")}
     assert {f"minimind_jax/configs/{p}.yaml" for p in ("minimind2-small", "minimind3-moe", "demo")} <= presets
+    page = {f"minimind_jax/inference/web/{name}" for name in ("index.html", "chat.js", "chat.css")}
+    assert page <= set(names)  # the chat page of main.py serve
     assert {"minimind_jax/weights/mapping.py", "minimind_jax/weights/pth.py", "minimind_jax/cli/convert.py"} <= set(
         names
     )

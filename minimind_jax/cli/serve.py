@@ -1,4 +1,6 @@
-"""`python main.py serve`: an OpenAI-compatible chat server (MiniMind's scripts/serve_openai_api.py).
+"""`python main.py serve`: an OpenAI-compatible chat server (MiniMind's scripts/serve_openai_api.py) with a
+chat page at `/` (MiniMind's scripts/web_demo.py); `main.py web` is the same command, and opens the page in
+the browser once the server listens.
 
 The model and tokenizer are found and checked as `main.py chat` finds them (same flags). The server itself is
 minimind_jax/inference/server.py; it needs FastAPI and uvicorn (`pip install minimind-jax[serve]`).
@@ -10,6 +12,9 @@ import importlib.util
 import pathlib
 import socket
 import sys
+import threading
+import urllib.parse
+import webbrowser
 
 from minimind_jax.cli.chat import add_model_arguments, load_model, load_tokenizer_for, weights_path
 from minimind_jax.errors import UserError
@@ -39,7 +44,9 @@ def add_arguments(parser, command: str) -> None:
         "max_tokens do not fit a slot gets a 400",
     )
     parser.add_argument(
-        "--api_key", default=None, help="require `Authorization: Bearer KEY` on every /v1 request (default: none)"
+        "--api_key",
+        default=None,
+        help="require `Authorization: Bearer KEY` on every /v1 request, and the key for the page (default: none)",
     )
     parser.add_argument("--max_request_mb", default=8.0, type=float, help="larger request bodies get a 413")
     parser.add_argument(
@@ -57,7 +64,7 @@ def run(args) -> int:
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
     if missing:
         command = pathlib.Path(sys.argv[0]).name  # main.py in a checkout, minimind-jax installed
-        raise UserError(f"{command} serve needs {' and '.join(missing)}: pip install minimind-jax[serve]")
+        raise UserError(f"{command} {args.command} needs {' and '.join(missing)}: pip install minimind-jax[serve]")
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
     if args.max_batch_size < 1 or args.max_batch_size & (args.max_batch_size - 1):
@@ -88,10 +95,24 @@ def run(args) -> int:
     )
     app = create_app(model, tokenizer, model_id, args.max_batch_size, args.batch_window_ms / 1000, args.batching,
                      args.kv_cache_mb, args.api_key, int(args.max_request_mb * 2**20), origins)  # fmt: skip
-    print(f"serving {model_id} at http://{args.host}:{args.port}/v1 (OpenAI API; /health, /v1/models; "
-          f"{args.batching} batching)", flush=True)  # fmt: skip
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
+    url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    print(f"serving {model_id} at {url}/v1 (OpenAI API; /health, /v1/models; {args.batching} batching); "
+          f"chat page at {url}/", flush=True)  # fmt: skip
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    if args.command == "web":
+        page = f"{url}/?{urllib.parse.urlencode({'api_key': args.api_key})}" if args.api_key else f"{url}/"
+        threading.Thread(target=_open_when_started, args=(server, page), daemon=True).start()
+    server.run(sockets=[listener])
     return 0
+
+
+def _open_when_started(server, page: str) -> None:
+    while not server.started:
+        if server.should_exit:
+            return
+        threading.Event().wait(0.1)
+    if not webbrowser.open(page):
+        print(f"open {page} in a browser", flush=True)
 
 
 def listening_socket(host: str, port: int) -> socket.socket:

@@ -65,7 +65,7 @@ class SlotEngine:
         self.prefilling: collections.deque[int] = collections.deque()
         self.prefill_debt_s = 0.0  # prefill time not yet matched by decode time (see _serve_forever)
         self.key = jax.random.key(0)
-        self.steps = 0  # decode steps so far (/health reports them)
+        self.steps = 0  # decode steps so far
         self._waiting: collections.deque = collections.deque()
         self._wakeup = threading.Condition()
         self._prefill = jax.jit(self._prefill_chunk, donate_argnums=(1,), static_argnames=("window",))
@@ -113,6 +113,10 @@ class SlotEngine:
         while window < positions:
             window *= 2
         return min(window, self.context)
+
+    def progress(self) -> dict:
+        """What /health reports: decode steps so far and the requests in slots now."""
+        return {"decode_steps": self.steps, "busy_slots": sum(job is not None for job in self.jobs)}
 
     # -- the loop ---------------------------------------------------------------------------------------
 

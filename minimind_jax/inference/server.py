@@ -1,9 +1,14 @@
-"""An OpenAI-compatible chat server: `/v1/chat/completions` (streamed or not), `/v1/models`, `/health`.
+"""An OpenAI-compatible chat server: `/v1/chat/completions` (streamed or not), `/v1/models`, `/health`, and
+a chat page at `/` (inference/web/: plain HTML, CSS and JS that call this API; nothing fetched from elsewhere)
+with web_demo's tools, which run here (`/v1/tools`, `/v1/tools/call`; inference/tools.py).
 
 It takes the request fields of MiniMind's scripts/serve_openai_api.py: `temperature` (0: greedy), `top_p`,
 `max_tokens`, `stream`, `tools` (the template lists them; `<tool_call>` blocks in the reply become
 `tool_calls`) and, for v3, `open_thinking` or `chat_template_kwargs` (the reasoning comes back as
 `reasoning_content`). Any `model` name is accepted. Bad requests get OpenAI's error body with a 4xx status.
+
+With an API key, the API needs `Authorization: Bearer <key>` and the page a cookie: opening `/?api_key=<key>`
+sets it (HttpOnly, same-site only, and not the key itself) and sends the browser on to `/`.
 
 Requests are decoded with continuous batching by default (`continuous.SlotEngine`): each takes a slot of one
 fixed-size KV cache, joins the running decode at the next step, reads its prompt in chunks between the
@@ -21,7 +26,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import hashlib
 import hmac
+import importlib.resources
 import json
 import math
 import sys
@@ -34,7 +41,7 @@ from collections.abc import Callable
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from minimind_jax.data.records import BadRecord, check_unicode
@@ -43,6 +50,8 @@ from minimind_jax.errors import UserError
 from minimind_jax.inference.continuous import PREFILL_CHUNK, SlotEngine, cache_bytes_per_position
 from minimind_jax.inference.generation import Decoder, Sampling
 from minimind_jax.inference.text import ReplyStream, StopSequences, StreamPrinter, split_reply
+from minimind_jax.inference.tools import DEMO_TOOLS, run_demo_tool
+from minimind_jax.model.config import num_params
 from minimind_jax.model.transformer import MiniMind
 
 # MiniMind's server defaults (serve_openai_api.py), and its model's generate() top_k
@@ -53,6 +62,19 @@ TOP_K = 50
 ROLES = ("system", "user", "assistant", "tool")
 FIRST_NEW_TOKEN_SLOTS = 256  # the cache starts with room for this many new tokens and doubles as needed
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+PAGE_FILES = {"chat.js": "text/javascript", "chat.css": "text/css"}
+PAGE_COOKIE = "minimind_jax_session"
+# The page runs only its own files and talks only to this server; nothing else loads, nothing frames it
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+KEY_FORM = """<!doctype html><meta charset="utf-8"><title>minimind-jax</title>
+<form method="get" action="/"><p>This server needs its API key.</p>
+<input name="api_key" type="password" autofocus> <button>Open</button></form>"""
 
 
 class RequestError(Exception):
@@ -267,7 +289,7 @@ class BatchEngine:
         self.positions = model.config.max_position_embeddings
         self._waiting: collections.deque[Job] = collections.deque()
         self._wakeup = threading.Condition()
-        self.batches = 0  # decoded so far (/health reports it)
+        self.batches = 0  # decoded so far
         self._last_batch_size = 1
         threading.Thread(target=self._serve_forever, name="batch-engine", daemon=True).start()
 
@@ -275,6 +297,10 @@ class BatchEngine:
         with self._wakeup:
             self._waiting.append(job)
             self._wakeup.notify()
+
+    def progress(self) -> dict:
+        """What /health reports."""
+        return {"batches": self.batches}
 
     def _fits(self, jobs: list[Job]) -> bool:
         """Every row ends within the model's positions: left padding puts all prompts at the widest's end."""
@@ -375,30 +401,45 @@ def create_app(
     api_key: str | None = None,
     max_request_bytes: int = 8 * 2**20,
     cors_origins: list[str] | None = None,
+    engine=None,
 ) -> FastAPI:
     """The FastAPI app over one model; its engine thread starts here. batching: "continuous" (max_batch_size
-    slots sharing kv_cache_mb of KV cache) or "static" (batch_window_s applies). api_key: every /v1 request
-    must carry `Authorization: Bearer <api_key>`. max_request_bytes: larger bodies get a 413. cors_origins:
-    the origins whose pages may call the API (none by default)."""
-    if batching == "continuous":
+    slots sharing kv_cache_mb of KV cache) or "static" (batch_window_s applies). api_key: the API and the page
+    need it (see the module docstring). max_request_bytes: larger bodies get a 413. cors_origins: the origins
+    whose pages may call the API (none by default). engine: decodes the jobs instead of one built here (it
+    takes `submit(job)` and reports `progress()`)."""
+    context = None
+    if engine is None and batching == "continuous":
         context = slot_context(model, max_batch_size, kv_cache_mb)
         engine = SlotEngine(model, tokenizer.eos_id, slots=max_batch_size, context=context, finish=Finish)
-    else:
-        context, engine = None, BatchEngine(model, tokenizer.eos_id, max_batch_size, batch_window_s)
+    elif engine is None:
+        engine = BatchEngine(model, tokenizer.eos_id, max_batch_size, batch_window_s)
     created = int(time.time())
     app = FastAPI(title="minimind-jax", description="OpenAI-compatible chat completions")
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
+    # The page's cookie proves the key without holding it
+    session = hashlib.sha256(f"minimind-jax page session:{api_key}".encode()).hexdigest() if api_key else None
 
     @app.middleware("http")
     async def authorize(request: Request, call_next):
+        path = request.url.path
         # A CORS preflight carries no credentials; the request it announces does
-        if api_key is not None and request.url.path.startswith("/v1") and request.method != "OPTIONS":
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error_response(RequestError("a valid API key is needed: Authorization: Bearer <key>",
-                                                   code="invalid_api_key", status=401))  # fmt: skip
-        return await call_next(request)
+        if api_key is None or request.method == "OPTIONS" or not (path.startswith("/v1") or path in PAGE_PATHS):
+            return await call_next(request)
+        given_key = request.query_params.get("api_key")
+        if path == "/" and given_key is not None and hmac.compare_digest(given_key.encode(), api_key.encode()):
+            opened = RedirectResponse("/", status_code=303)  # the key leaves the address bar
+            opened.set_cookie(PAGE_COOKIE, session, httponly=True, samesite="strict")
+            return opened
+        bearer = request.headers.get("authorization", "").encode()
+        cookie = request.cookies.get(PAGE_COOKIE, "").encode()
+        if hmac.compare_digest(bearer, f"Bearer {api_key}".encode()) or hmac.compare_digest(cookie, session.encode()):
+            return await call_next(request)
+        if path.startswith("/v1"):
+            return error_response(RequestError("a valid API key is needed: Authorization: Bearer <key>",
+                                               code="invalid_api_key", status=401))  # fmt: skip
+        return HTMLResponse(KEY_FORM, status_code=401, headers=PAGE_HEADERS)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request, error: HTTPException):
@@ -406,13 +447,51 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        progress = {"decode_steps": engine.steps} if batching == "continuous" else {"batches": engine.batches}
-        return {"status": "ok", "model": model_id, "batching": batching, "context": context, **progress}
+        return {"status": "ok", "model": model_id, "batching": batching, "context": context, **engine.progress()}
+
+    @app.get("/")
+    async def page():
+        return HTMLResponse(_page_file("index.html"), headers=PAGE_HEADERS)
+
+    @app.get("/static/{name}")
+    async def page_file(name: str):
+        if name not in PAGE_FILES:
+            return error_response(RequestError(f"no such file: {name}", status=404))
+        return Response(_page_file(name), media_type=PAGE_FILES[name], headers=PAGE_HEADERS)
 
     @app.get("/v1/models")
     async def models():
-        entry = {"id": model_id, "object": "model", "created": created, "owned_by": "minimind-jax"}
+        config = model.config
+        entry = {
+            "id": model_id,
+            "object": "model",
+            "created": created,
+            "owned_by": "minimind-jax",
+            "max_model_len": context or config.max_position_embeddings,
+            "arch": config.arch,
+            "parameters": num_params(config),
+            "thinking": config.is_v3,  # open_thinking means something to v3's template only
+        }
         return {"object": "list", "data": [entry]}
+
+    @app.get("/v1/tools")
+    async def tools():
+        return {"object": "list", "data": DEMO_TOOLS}
+
+    @app.post("/v1/tools/call")
+    async def call_tool(request: Request):
+        """Runs one tool call of the page's: {"name", "arguments"} -> {"content": the tool turn's content}."""
+        try:
+            try:
+                body = json.loads(await _body_within(request, max_request_bytes))
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise RequestError(f"the request body is not valid JSON: {error}") from None
+            if not isinstance(body, dict) or not isinstance(body.get("name"), str):
+                raise RequestError("the body must be an object with a 'name' and 'arguments'", "name")
+        except RequestError as error:
+            return error_response(error)
+        content = await asyncio.to_thread(run_demo_tool, body["name"], body.get("arguments", {}))
+        return {"name": body["name"], "content": content}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -466,6 +545,13 @@ def create_app(
         }
 
     return app
+
+
+PAGE_PATHS = {"/", *(f"/static/{name}" for name in PAGE_FILES)}
+
+
+def _page_file(name: str) -> bytes:
+    return importlib.resources.files("minimind_jax.inference").joinpath("web", name).read_bytes()
 
 
 class ReplyText:

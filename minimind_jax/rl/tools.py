@@ -10,12 +10,11 @@ failed call, `{"error": "tool not found"}`.
 
 from __future__ import annotations
 
-import ast
 import json
-import math
-import operator
 import re
 from typing import Any
+
+from minimind_jax.inference.tools import calculate
 
 WEATHER_DATA = {"北京": ("28°C", "晴"), "上海": ("15°C", "多云"), "广州": ("32°C", "闷热"), "深圳": ("30°C", "晴"),
                 "杭州": ("22°C", "阴"), "成都": ("18°C", "小雨"), "武汉": ("25°C", "多云"), "南京": ("20°C", "晴"),
@@ -34,59 +33,6 @@ UNIT_DATA = {"km_miles": 0.621371, "miles_km": 1.60934, "kg_pounds": 2.20462, "p
 FAILED_CALL = '{"error": "tool not found"}'  # MiniMind's observation for any call that returns nothing
 MAX_OBSERVATION_CHARS = 2048
 TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
-
-# The calculator's bounds (MiniMind stops eval after one second)
-MAX_INTEGER_BITS = 100_000
-MAX_MATH_INTEGER_ARGUMENT = 10_000
-BINARY_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-                    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}  # fmt: skip
-UNARY_OPERATORS = {ast.UAdd: operator.pos, ast.USub: operator.neg}
-MATH_NAMES = {name for name in dir(math) if not name.startswith("_")}
-
-
-def _bounded(value):
-    if isinstance(value, int) and value.bit_length() > MAX_INTEGER_BITS:
-        raise OverflowError("integer too large")
-    return value
-
-
-def _evaluate(node: ast.AST):
-    if isinstance(node, ast.Expression):
-        return _evaluate(node.body)
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float, complex):
-        return node.value
-    if isinstance(node, ast.BinOp) and type(node.op) in BINARY_OPERATORS:
-        left, right = _evaluate(node.left), _evaluate(node.right)
-        if isinstance(node.op, ast.Pow) and isinstance(left, int) and isinstance(right, int):
-            if right > 0 and right * max(abs(left).bit_length(), 1) > MAX_INTEGER_BITS:
-                raise OverflowError("power too large")
-        return _bounded(BINARY_OPERATORS[type(node.op)](left, right))
-    if isinstance(node, ast.UnaryOp) and type(node.op) in UNARY_OPERATORS:
-        return UNARY_OPERATORS[type(node.op)](_evaluate(node.operand))
-    if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "math"
-            and node.attr in MATH_NAMES):  # fmt: skip
-        return getattr(math, node.attr)
-    if isinstance(node, ast.Call) and not node.keywords:
-        function = _evaluate(node.func)
-        if not callable(function):
-            raise ValueError("not a function")
-        arguments = [_evaluate(argument) for argument in node.args]
-        if any(isinstance(a, int) and abs(a) > MAX_MATH_INTEGER_ARGUMENT for a in arguments):
-            raise OverflowError("argument too large")  # factorial, comb, perm: MiniMind's alarm would stop them
-        return _bounded(function(*arguments))
-    raise ValueError(f"not arithmetic: {type(node).__name__}")
-
-
-def calculate(expression: str) -> str:
-    """The calculator's answer, str(value) as MiniMind's eval gives it, for arithmetic written as MiniMind
-    accepts it (^ for **, ×, ÷, −, full-width parentheses). Raises ValueError (or ArithmeticError) otherwise."""
-    for written, python in (("^", "**"), ("×", "*"), ("÷", "/"), ("−", "-"), ("（", "("), ("）", ")")):
-        expression = expression.replace(written, python)
-    try:  # eval ignores leading spaces and tabs; ast.parse would call them an indent
-        tree = ast.parse(expression.lstrip(" \t"), mode="eval")
-    except SyntaxError as error:
-        raise ValueError(str(error)) from None
-    return str(_evaluate(tree))
 
 
 def _unit_converter(args):

@@ -23,7 +23,7 @@ from minimind_jax.errors import UserError
 from minimind_jax.inference.generation import generate
 from minimind_jax.inference.server import RequestError, parse_request, slot_context
 from minimind_jax.inference.text import ReplyStream, split_reply
-from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.config import ModelConfig, num_params
 from minimind_jax.model.transformer import MiniMind
 from tests.conftest import REPO_ROOT, require_shared
 
@@ -441,3 +441,57 @@ def test_api_key_body_limit_and_cors(chat_data):
     plain = TestClient(create_app(model, tokenizer, "m", max_batch_size=2, kv_cache_mb=1))
     response = plain.post("/v1/chat/completions", json=body, headers={"Origin": "http://allowed.example"})
     assert response.status_code == 200 and "access-control-allow-origin" not in response.headers
+
+
+def test_the_page_and_its_tools_are_served_with_a_strict_policy(chat_data):
+    """`/` and its two files come from the package with a Content-Security-Policy that lets only them run;
+    /v1/tools lists web_demo's 8 tools and /v1/tools/call runs one in the server."""
+    from fastapi.testclient import TestClient
+
+    from minimind_jax.inference.server import create_app
+
+    tokenizer = load_tokenizer(chat_data["tokenizer"])
+    config = ModelConfig(arch="minimind3", hidden_size=64, num_hidden_layers=2, vocab_size=tokenizer.vocab_size)
+    client = TestClient(create_app(MiniMind(config, rngs=nnx.Rngs(5)), tokenizer, "m", max_batch_size=2,
+                                   kv_cache_mb=1))  # fmt: skip
+    page = client.get("/")
+    assert page.status_code == 200 and '<script src="/static/chat.js" defer>' in page.text
+    policy = page.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "default-src 'none'" in policy and "frame-ancestors 'none'" in policy
+    assert client.get("/static/chat.js").headers["content-type"].startswith("text/javascript")
+    assert client.get("/static/../server.py").status_code == 404 and client.get("/static/x.js").status_code == 404
+    names = [tool["function"]["name"] for tool in client.get("/v1/tools").json()["data"]]
+    assert names == ["calculate_math", "get_current_time", "random_number", "text_length", "unit_converter",
+                     "get_current_weather", "get_exchange_rate", "translate_text"]  # fmt: skip
+    called = client.post("/v1/tools/call", json={"name": "calculate_math", "arguments": '{"expression": "2**10"}'})
+    assert called.json() == {"name": "calculate_math", "content": '{"result": "1024"}'}
+    assert client.post("/v1/tools/call", json=[1]).status_code == 400
+    entry = client.get("/v1/models").json()["data"][0]
+    assert entry["arch"] == "minimind3" and entry["thinking"] and entry["parameters"] == num_params(config)
+
+
+def test_web_opens_the_page_with_the_key(chat_data, tmp_path):
+    """`main.py web` is `serve` that opens the page (with --api_key, the address that lets the browser in)."""
+    tokenizer = load_tokenizer(chat_data["tokenizer"])
+    config = ModelConfig(arch="minimind2", hidden_size=64, num_hidden_layers=2, vocab_size=tokenizer.vocab_size)
+    pth = weights.save_pth(MiniMind(config, rngs=nnx.Rngs(5)), tmp_path / "full_sft_64.pth")
+    opened = tmp_path / "opened.txt"
+    browser = tmp_path / "browser.py"
+    browser.write_text(f"import sys, pathlib; pathlib.Path({str(opened)!r}).write_text(sys.argv[1])\n")
+    port = free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "BROWSER": f"{sys.executable} {browser} %s"}
+    command = [sys.executable, "main.py", "web", "--load_from", pth, "--tokenizer_path", chat_data["tokenizer"],
+               "--port", str(port), "--api_key", "k&1"]  # fmt: skip
+    server = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(600):
+            if opened.exists() or server.poll() is not None:
+                break
+            time.sleep(0.2)
+        assert opened.read_text() == f"http://127.0.0.1:{port}/?api_key=k%261"
+        page = httpx.get(opened.read_text(), follow_redirects=True)
+        assert page.status_code == 200 and str(page.url) == f"http://127.0.0.1:{port}/"
+        assert httpx.get(f"http://127.0.0.1:{port}/").status_code == 401
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
