@@ -7,7 +7,8 @@ step runs one chunk of at most `prefill_chunk` prompt tokens of one request stil
 generates, prompts get at most half the engine's time: a chunk runs only once the decode steps since the last
 one took as long as it did, so a long prompt neither holds up a newcomer's first token by more than a chunk
 nor slows the replies in flight by more than half. A request that ends (eos, max_tokens, its client gone) frees its
-slot at once. Memory is the cache, allocated once: `slots` × `context` positions.
+slot at once. A prompt chunk that fails fails its own request alone; a decode step that fails fails the rows
+it was generating, and the engine goes on. Memory is the cache, allocated once: `slots` × `context` positions.
 
 A decode step reads only the part of the cache in use: the first slots up to the highest busy one (a new
 request takes the lowest free slot), their number rounded up to a power of two, and their first positions up
@@ -54,9 +55,8 @@ class SlotEngine:
             raise ValueError(f"context {context} is not a multiple of the prefill chunk {prefill_chunk}")
         self.eos_id, self.slots, self.context, self.chunk, self.finish = eos_id, slots, context, prefill_chunk, finish
         self.graphdef, self.params = nnx.split(model)
-        config = model.config
+        self.config = config = model.config
         self.cache = KVCache.empty(config, slots, context, jnp.dtype(config.dtype))
-        self.vocab_size = config.vocab_size
         self.jobs: list[Any] = [None] * slots
         self.lengths = np.zeros(slots, np.int32)  # each slot's next position
         self.tokens = np.zeros(slots, np.int32)  # each generating slot's last token
@@ -125,23 +125,38 @@ class SlotEngine:
             with self._wakeup:
                 self._wakeup.wait_for(lambda: self._waiting or any(job is not None for job in self.jobs))
                 self._admit()
-            try:
-                generating = any(job is not None and slot not in self.prefilling for slot, job in enumerate(self.jobs))
-                if self.prefilling and (not generating or self.prefill_debt_s <= 0):
-                    started = time.perf_counter()
-                    self._prefill_next()
-                    self.prefill_debt_s += time.perf_counter() - started
-                if generating:
-                    started = time.perf_counter()
+            generating = any(job is not None and slot not in self.prefilling for slot, job in enumerate(self.jobs))
+            if self.prefilling and (not generating or self.prefill_debt_s <= 0):
+                started = time.perf_counter()
+                slot = self.prefilling.popleft()
+                try:
+                    self._prefill_next(slot)
+                except Exception as error:  # one prompt's chunk: its request alone fails
+                    self._fail([slot], error)
+                self.prefill_debt_s += time.perf_counter() - started
+            if generating:
+                started = time.perf_counter()
+                try:
                     self._decode_all()
-                    self.prefill_debt_s = max(self.prefill_debt_s - (time.perf_counter() - started), 0.0)
-            except Exception as error:  # the server keeps serving; the requests in the slots get a 500
-                traceback.print_exc(file=sys.stderr)
-                for slot, job in enumerate(self.jobs):
-                    if job is not None and self._deliver(
-                        slot, self.finish("error", f"{type(error).__name__}: {error}")
-                    ):
-                        self._free(slot)
+                except Exception as error:  # the step was every generating row's: they fail, the server goes on
+                    self._fail([s for s, job in enumerate(self.jobs) if job and s not in self.prefilling], error)
+                self.prefill_debt_s = max(self.prefill_debt_s - (time.perf_counter() - started), 0.0)
+
+    def _fail(self, slots: list[int], error: Exception) -> None:
+        """Ends the jobs of `slots` with an error. A step that failed after taking the cache (it is donated)
+        lost every slot's rows: the cache is made again, the requests still reading their prompt read them
+        again from the start, and those already generating fail too."""
+        traceback.print_exc(file=sys.stderr)
+        failed = set(slots)
+        if any(leaf.is_deleted() for leaf in jax.tree.leaves(self.cache)):
+            self.cache = KVCache.empty(self.config, self.slots, self.context, jnp.dtype(self.config.dtype))
+            failed |= {slot for slot, job in enumerate(self.jobs) if job is not None and slot not in self.prefilling}
+            self.prompt_read[list(self.prefilling)] = 0
+        for slot in sorted(failed):
+            if self.jobs[slot] is not None and self._deliver(
+                slot, self.finish("error", f"{type(error).__name__}: {error}")
+            ):
+                self._free(slot)
 
     def _admit(self) -> None:
         """Waiting jobs into free slots (called holding the lock)."""
@@ -162,8 +177,8 @@ class SlotEngine:
         self.key, key = jax.random.split(self.key)
         return key
 
-    def _prefill_next(self) -> None:
-        slot = self.prefilling.popleft()
+    def _prefill_next(self, slot: int) -> None:
+        """Reads the next chunk of the prompt in `slot` (taken off the front of `prefilling`)."""
         job = self.jobs[slot]
         if job.cancelled:
             self._free(slot)

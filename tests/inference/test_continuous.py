@@ -1,5 +1,6 @@
 """The continuous-batching engine on its own: requests that join at different moments, prompts read in several
-chunks, slots reused, each reply greedy `generate`'s; a request whose receiver fails loses its slot alone."""
+chunks, slots reused, each reply greedy `generate`'s; a request whose receiver fails, or whose prompt fails,
+loses its slot alone; a failed step fails its rows and the engine goes on."""
 
 import threading
 import time
@@ -48,6 +49,13 @@ def submit(engine, prompts, results, done, fail_index=None):
         time.sleep(0.05 * index)  # later requests join a decode in flight
 
 
+def wait_until_free(engine):
+    deadline = time.monotonic() + 10  # the engine frees a slot just after its job's last event
+    while any(job is not None for job in engine.jobs) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return all(job is None for job in engine.jobs)
+
+
 def test_requests_joining_apart_get_generates_replies():
     """6 requests on 4 slots: prompts of 300 and 600 tokens take 2 and 3 chunks of 256, the others one padded
     piece; slots are freed and taken again."""
@@ -72,7 +80,53 @@ def test_a_request_whose_receiver_fails_loses_its_slot_alone():
     assert set(results) == {0, 2}
     for index in (0, 2):
         assert results[index][0] == greedy(model, prompts[index])
-    deadline = time.monotonic() + 10  # the engine frees a slot just after its job's last event
-    while any(job is not None for job in engine.jobs) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert all(job is None for job in engine.jobs)
+    assert wait_until_free(engine)
+
+
+def test_a_prompt_whose_chunk_fails_fails_alone():
+    """A failing prefill ends its own request with an error; the requests beside it get generate's replies."""
+    engine, model = engine_and_model()
+    real_prefill, poison = engine._prefill, 4321
+
+    def prefill(params, cache, slot, ids, *args, **kwargs):
+        if poison in np.asarray(ids):
+            raise RuntimeError("this prompt's chunk failed")
+        return real_prefill(params, cache, slot, ids, *args, **kwargs)
+
+    engine._prefill = prefill
+    prompts = [[5, 6, 7], [8, poison, 10, 11], [12, 13], [14, 15, 16, 17, 18]]
+    results, done = {}, threading.Event()
+    submit(engine, prompts, results, done)
+    assert done.wait(600)
+    assert results[1] == ([], "error")
+    for index in (0, 2, 3):
+        assert results[index] == (greedy(model, prompts[index]), "length"), index
+    assert wait_until_free(engine)
+
+
+def test_a_step_that_lost_the_cache_fails_its_rows_and_the_engine_goes_on():
+    """A decode step that fails after its donated cache is gone: the rows it was generating fail, the cache
+    is made again, and a prompt still being read then, and requests after, get generate's replies."""
+    engine, model = engine_and_model()
+    real_decode, failures = engine._decode, []
+
+    def decode(params, cache, *args, **kwargs):
+        if not failures and engine.prefilling:  # once, while another prompt is still being read
+            failures.append(engine.steps)
+            cache.k_LBSKHd.delete()
+            raise RuntimeError("the device failed")
+        return real_decode(params, cache, *args, **kwargs)
+
+    engine._decode = decode
+    long_prompt = [int(x) for x in np.random.default_rng(1).integers(3, 6000, 700)]  # 3 chunks
+    prompts = [[5, 6, 7], long_prompt]
+    results, done = {}, threading.Event()
+    submit(engine, prompts, results, done)
+    assert done.wait(600)
+    tokens, reason = results[0]
+    assert failures and reason == "error" and tokens == greedy(model, prompts[0])[: len(tokens)]
+    assert results[1] == (greedy(model, long_prompt), "length")
+    later, later_done = {}, threading.Event()
+    submit(engine, [[9, 10, 11]], later, later_done)
+    assert later_done.wait(600) and later[0] == (greedy(model, [9, 10, 11]), "length")
+    assert wait_until_free(engine)
