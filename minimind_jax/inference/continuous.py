@@ -8,7 +8,8 @@ generates, prompts get at most half the engine's time: a chunk runs only once th
 one took as long as it did, so a long prompt neither holds up a newcomer's first token by more than a chunk
 nor slows the replies in flight by more than half. A request that ends (eos, max_tokens, its client gone) frees its
 slot at once. A prompt chunk that fails fails its own request alone; a decode step that fails fails the rows
-it was generating, and the engine goes on. Memory is the cache, allocated once: `slots` × `context` positions.
+it was generating, and the engine goes on. Memory is the cache, allocated once: `slots` × `context` positions;
+what a burst's steps used besides goes back to the OS once no request is left.
 
 A decode step reads only the part of the cache in use: the first slots up to the highest busy one (a new
 request takes the lowest free slot), their number rounded up to a power of two, and their first positions up
@@ -32,7 +33,8 @@ import numpy as np
 from flax import nnx
 
 from minimind_jax.inference.generation import Sampling, choose_tokens
-from minimind_jax.model.transformer import KVCache, MiniMind
+from minimind_jax.model.transformer import KVCache, MiniMind, write_cache
+from minimind_jax.runtime import release_freed_memory
 
 TOP_K = 50  # MiniMind's generate()
 PREFILL_CHUNK = 256
@@ -88,22 +90,22 @@ class SlotEngine:
         take = lambda x: jax.lax.dynamic_slice(x, (0, slot, 0, 0, 0), (x.shape[0], 1, window, *x.shape[3:]))
         row = KVCache(take(cache.k_LBSKHd), take(cache.v_LBSKHd), start)
         out = model.forward(ids_1C, cache=row, return_logits=False)
-        put = lambda whole, part: jax.lax.dynamic_update_slice(whole, part, (0, slot, 0, 0, 0))
-        cache = cache._replace(k_LBSKHd=put(cache.k_LBSKHd, out.cache.k_LBSKHd),
-                               v_LBSKHd=put(cache.v_LBSKHd, out.cache.v_LBSKHd))  # fmt: skip
+        # Only the chunk's positions are written back (in place: the cache is donated)
+        put = lambda whole, new: jax.lax.dynamic_update_slice(whole, new, (0, slot, start, 0, 0))
+        cache = cache._replace(k_LBSKHd=put(cache.k_LBSKHd, out.new_kv[0]), v_LBSKHd=put(cache.v_LBSKHd, out.new_kv[1]))
         last_hidden_1D = jax.lax.dynamic_index_in_dim(out.hidden_states[0], num_real - 1, keepdims=True)
         return cache, model.logits(last_hidden_1D)
 
     def _decode_step(self, params, cache: KVCache, tokens_B, lengths_B, sampling: Sampling, key, *, rows: int,
                      window: int):  # fmt: skip
-        """One token for each of the first `rows` slots, each at its own position (past `window`: the slot
+        """One token for each of the first `rows` slots, each at its own position (at `context`: the slot
         writes nothing); returns (the cache, the chosen tokens [rows])."""
         model: MiniMind = nnx.merge(self.graphdef, params)
         view = lambda x: x[:, :rows, :window]
         out = model.forward(tokens_B[:, None], cache=KVCache(view(cache.k_LBSKHd), view(cache.v_LBSKHd), lengths_B))
-        put = lambda whole, part: jax.lax.dynamic_update_slice(whole, part, (0, 0, 0, 0, 0))
-        cache = cache._replace(k_LBSKHd=put(cache.k_LBSKHd, out.cache.k_LBSKHd),
-                               v_LBSKHd=put(cache.v_LBSKHd, out.cache.v_LBSKHd))  # fmt: skip
+        # One position per row is written back (in place: the cache is donated), not the whole view
+        cache = cache._replace(k_LBSKHd=write_cache(cache.k_LBSKHd, out.new_kv[0], lengths_B),
+                               v_LBSKHd=write_cache(cache.v_LBSKHd, out.new_kv[1], lengths_B))  # fmt: skip
         logits_BV = out.logits[:, 0]
         return cache, choose_tokens(logits_BV, jnp.zeros_like(logits_BV, bool), sampling, key, True)
 
@@ -121,10 +123,18 @@ class SlotEngine:
     # -- the loop ---------------------------------------------------------------------------------------
 
     def _serve_forever(self) -> None:
+        busy_since_release = False
         while True:
             with self._wakeup:
-                self._wakeup.wait_for(lambda: self._waiting or any(job is not None for job in self.jobs))
-                self._admit()
+                idle = not self._waiting and all(job is None for job in self.jobs)
+                if not (idle and busy_since_release):
+                    self._wakeup.wait_for(lambda: self._waiting or any(job is not None for job in self.jobs))
+                    self._admit()
+            if idle and busy_since_release:  # a burst is over: its working memory goes back (outside the lock)
+                release_freed_memory()
+                busy_since_release = False
+                continue
+            busy_since_release = True
             generating = any(job is not None and slot not in self.prefilling for slot, job in enumerate(self.jobs))
             if self.prefilling and (not generating or self.prefill_debt_s <= 0):
                 started = time.perf_counter()
@@ -208,7 +218,7 @@ class SlotEngine:
         top_p[generating] = [job.top_p for job in jobs]
         sampling = Sampling.per_row(temperature, [TOP_K] * rows, top_p, np.ones(rows, np.float32))
         window = self._window(int(self.lengths[generating].max()) + 1)
-        positions = np.full(rows, window, np.int32)  # past the window: the other slots write nothing
+        positions = np.full(rows, self.context, np.int32)  # past the cache: the other slots write nothing
         positions[generating] = self.lengths[generating]
         self.cache, tokens = self._decode(self.params, self.cache, self.tokens[:rows], positions, sampling,
                                           self._split_key(), rows=rows, window=window)  # fmt: skip

@@ -53,6 +53,7 @@ from minimind_jax.inference.text import ReplyStream, StopSequences, StreamPrinte
 from minimind_jax.inference.tools import DEMO_TOOLS, run_demo_tool
 from minimind_jax.model.config import num_params
 from minimind_jax.model.transformer import MiniMind
+from minimind_jax.runtime import release_freed_memory
 
 # MiniMind's server defaults (serve_openai_api.py), and its model's generate() top_k
 DEFAULT_TEMPERATURE = 0.7
@@ -335,6 +336,10 @@ class BatchEngine:
                 traceback.print_exc(file=sys.stderr)
                 for job in batch:
                     job.deliver(Finish("error", f"{type(error).__name__}: {error}"))
+            with self._wakeup:
+                idle = not self._waiting
+            if idle:  # the burst is over: its working memory goes back to the OS
+                release_freed_memory()
 
     def _decode(self, batch: list[Job]) -> None:
         rows = batch_bucket(len(batch), self.max_batch_size)

@@ -49,7 +49,8 @@ class ModelOutput(NamedTuple):
     logits: jax.Array | None  # [B,T,V] fp32, None when not requested
     hidden_states: jax.Array  # [B,T,D] after the final norm
     aux_loss: jax.Array  # fp32 scalar: summed MoE aux loss of all layers (0 in eval mode or without MoE)
-    cache: KVCache | None
+    cache: KVCache | None  # the cache with the new positions written
+    new_kv: tuple[jax.Array, jax.Array] | None = None  # with a cache: the new keys and values [L,B,T,KV,Hd]
 
 
 def _uniform_init(key, shape, fan_in):
@@ -241,14 +242,17 @@ def padded_causal_attention(q_BTNHd, k_BTKHd, v_BTKHd, bias_B1TT, multiple: int,
     return out_BTNHd[:, :t]
 
 
-def _write_cache(cache_BSKHd, new_BTKHd, index):
-    """The cache with the new keys (or values) written from position `index`: a scalar, or [B], one per row,
-    where a row whose positions lie past the cache writes nothing (a slot with nothing to write)."""
+def write_cache(cache_XBSKHd, new_XBTKHd, index):
+    """The cache with the new keys (or values) written from position `index` on its S axis (leading axes, such
+    as layers, are carried along): a scalar, or [B], one per row of `new` (the cache's first B rows), where a
+    row whose positions lie past the cache writes nothing (a slot with nothing to write)."""
+    s_axis = cache_XBSKHd.ndim - 3
     if jnp.ndim(index) == 0:
-        return jax.lax.dynamic_update_slice(cache_BSKHd, new_BTKHd, (0, index, 0, 0))
-    b, t = new_BTKHd.shape[:2]
+        return jax.lax.dynamic_update_slice(cache_XBSKHd, new_XBTKHd, (0,) * s_axis + (index, 0, 0))
+    b, t = new_XBTKHd.shape[s_axis - 1 : s_axis + 1]
     positions_BT = index[:, None] + jnp.arange(t)[None, :]
-    return cache_BSKHd.at[jnp.arange(b)[:, None], positions_BT].set(new_BTKHd, mode="drop")
+    rows_positions = (slice(None),) * (s_axis - 1) + (jnp.arange(b)[:, None], positions_BT)
+    return cache_XBSKHd.at[rows_positions].set(new_XBTKHd, mode="drop")
 
 
 class Attention(nnx.Module):
@@ -271,7 +275,8 @@ class Attention(nnx.Module):
         self.recompute_scores = config.remat != "none"  # causal_blocks keeps its probabilities only without remat
 
     def __call__(self, x_BTD, cos, sin, mask: AttentionMask, kv_cache=None, cache_index=None, dropout_rngs=None):
-        """Returns (out_BTD, (k_BSKHd, v_BSKHd)) where S is T without a cache, the cache size with one."""
+        """Returns (out_BTD, (k_BTKHd, v_BTKHd)): the new keys and values (after RoPE; in the cache's dtype with
+        a cache, which the caller writes them into)."""
         dtype = x_BTD.dtype
         b, t, d = x_BTD.shape
         # Projections on [B·T, D]: contracting over one token axis, the weight gradients need no transposed
@@ -283,9 +288,10 @@ class Attention(nnx.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is not None:
-            k, v = (_write_cache(cache, new.astype(cache.dtype), cache_index).astype(dtype)
-                    for cache, new in zip(kv_cache, (k, v)))  # fmt: skip
+        new_kv = (k, v)
+        if kv_cache is not None:  # attend over the cache with the new positions in it
+            new_kv = tuple(new.astype(cache.dtype) for cache, new in zip(kv_cache, new_kv))
+            k, v = (write_cache(cache, new, cache_index).astype(dtype) for cache, new in zip(kv_cache, new_kv))
         fused = mask.fusable and dropout_rngs is None
         if fused and self.impl == "cudnn":
             out = padded_causal_attention(q, k, v, mask.bias_B1TS, CUDNN_ROW_MULTIPLE, implementation="cudnn")
@@ -301,7 +307,7 @@ class Attention(nnx.Module):
                 q, k, v, mask.bias_B1TS, scale=1 / math.sqrt(self.head_dim), implementation="xla"
             )
         out = self._project("o_proj", out.reshape(b * t, self.num_heads * self.head_dim)).reshape(b, t, d)
-        return self.dropout(out, rngs=dropout_rngs, deterministic=dropout_rngs is None), (k, v)
+        return self.dropout(out, rngs=dropout_rngs, deterministic=dropout_rngs is None), new_kv
 
     def _project(self, name: str, x_ND):
         """x through the projection `name`, plus its LoRA adapter when it has one."""
@@ -677,16 +683,17 @@ class MiniMind(nnx.Module):
             run_block = jax.checkpoint(run_block, policy=_REMAT_POLICIES[cfg.remat])
         # Unrolled (scan_layers=False), compile time grows with depth, but XLA lays out each layer's saved
         # activations freely instead of stacking them into [L, ...] buffers: faster on CPU.
-        h, (aux_L, new_caches) = jax.lax.scan(
+        h, (aux_L, new_kv_L) = jax.lax.scan(
             run_block, h, (layer_state, layer_caches, layer_keys), unroll=1 if cfg.scan_layers else num_layers
         )
 
         hidden = self.norm(h)
         new_cache = None
-        if cache is not None:
-            new_cache = KVCache(new_caches[0], new_caches[1], cache.length + t)
+        if cache is not None:  # the layers return only the new positions: one write of T positions here
+            written = (write_cache(old, new, cache.length) for old, new in zip(layer_caches, new_kv_L))
+            new_cache = KVCache(*written, cache.length + t)
         logits = self.logits(hidden) if return_logits else None
-        return ModelOutput(logits, hidden, aux_L.sum(), new_cache)
+        return ModelOutput(logits, hidden, aux_L.sum(), new_cache, new_kv_L)
 
     def logits(self, hidden_NTD):
         """The tied lm_head: [..., D] -> fp32 [..., V]."""
