@@ -66,6 +66,7 @@ def main() -> None:
                 time.sleep(0.5)
         ask(base_url, "hello", 16, {})  # compiles the short shapes
         ask(base_url, "你好 " * 2000, 16, {})  # and those of a long prompt
+        time.sleep(2)  # both memory readings come 2 s after the last reply
         print("resident memory idle:", resident_mib(server.pid), "MiB")
         outs = [{} for _ in range(9)]
         threads = [threading.Thread(target=ask, args=(base_url, "今天天气很好，我们去公园散步吧。" * 560, 64, outs[0]))]

@@ -64,6 +64,7 @@ ROLES = ("system", "user", "assistant", "tool")
 FIRST_NEW_TOKEN_SLOTS = 256  # the cache starts with room for this many new tokens and doubles as needed
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 PAGE_FILES = {"chat.js": "text/javascript", "chat.css": "text/css"}
+PAGE_PATHS = {"/", *(f"/static/{name}" for name in PAGE_FILES)}
 PAGE_COOKIE = "minimind_jax_session"
 # The page runs only its own files and talks only to this server; nothing else loads, nothing frames it
 PAGE_HEADERS = {
@@ -187,15 +188,19 @@ def _stop(body: dict) -> list[str]:
     return stops
 
 
+def _check_unicode(body) -> None:
+    try:
+        check_unicode(body)
+    except BadRecord:
+        raise RequestError("the request holds text that is not valid Unicode (a lone surrogate)") from None
+
+
 def parse_request(body, tokenizer: Tokenizer, model: MiniMind, context: int | None = None) -> ChatRequest:
     """The checked request, its prompt rendered with the chat template; RequestError when it is refused.
     context: the most positions (prompt and max_tokens) a request may take (default: the model's)."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
-    try:
-        check_unicode(body)
-    except BadRecord:
-        raise RequestError("the request holds text that is not valid Unicode (a lone surrogate)") from None
+    _check_unicode(body)
     messages = _messages(body)
     tools = _tools(body)
     if body.get("n", 1) != 1:
@@ -487,12 +492,10 @@ def create_app(
     async def call_tool(request: Request):
         """Runs one tool call of the page's: {"name", "arguments"} -> {"content": the tool turn's content}."""
         try:
-            try:
-                body = json.loads(await _body_within(request, max_request_bytes))
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise RequestError(f"the request body is not valid JSON: {error}") from None
+            body = await _json_body(request, max_request_bytes)
             if not isinstance(body, dict) or not isinstance(body.get("name"), str):
                 raise RequestError("the body must be an object with a 'name' and 'arguments'", "name")
+            _check_unicode(body)
         except RequestError as error:
             return error_response(error)
         content = await asyncio.to_thread(run_demo_tool, body["name"], body.get("arguments", {}))
@@ -501,11 +504,7 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         try:
-            try:
-                body = json.loads(await _body_within(request, max_request_bytes))
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise RequestError(f"the request body is not valid JSON: {error}") from None
-            chat = parse_request(body, tokenizer, model, context)
+            chat = parse_request(await _json_body(request, max_request_bytes), tokenizer, model, context)
         except RequestError as error:
             return error_response(error)
 
@@ -552,9 +551,6 @@ def create_app(
     return app
 
 
-PAGE_PATHS = {"/", *(f"/static/{name}" for name in PAGE_FILES)}
-
-
 def _page_file(name: str) -> bytes:
     return importlib.resources.files("minimind_jax.inference").joinpath("web", name).read_bytes()
 
@@ -586,6 +582,14 @@ class ReplyText:
         self.pieces.clear()
         self.text += new
         return new
+
+
+async def _json_body(request: Request, limit: int):
+    """The request's body parsed as JSON, read no further than `limit` bytes."""
+    try:
+        return json.loads(await _body_within(request, limit))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RequestError(f"the request body is not valid JSON: {error}") from None
 
 
 async def _body_within(request: Request, limit: int) -> bytes:

@@ -455,3 +455,4 @@ def test_bench_serve_times_clients_that_arrive_apart(capsys, chat_data, tmp_path
     for row in result["servers"]:
         assert row["requests"] == 4 and 0 < row["completion_tokens"] <= 4 * 8
         assert 0 < row["ttft_p50_s"] <= row["latency_p50_s"] and row["ttft_p95_s"] <= row["latency_p95_s"]
+        assert row["bound_tokens_per_s"] > 0

@@ -466,6 +466,8 @@ def test_the_page_and_its_tools_are_served_with_a_strict_policy(chat_data):
     called = client.post("/v1/tools/call", json={"name": "calculate_math", "arguments": '{"expression": "2**10"}'})
     assert called.json() == {"name": "calculate_math", "content": '{"result": "1024"}'}
     assert client.post("/v1/tools/call", json=[1]).status_code == 400
+    surrogate = b'{"name": "text_length", "arguments": {"text": "\\ud800"}}'
+    assert client.post("/v1/tools/call", content=surrogate).status_code == 400
     entry = client.get("/v1/models").json()["data"][0]
     assert entry["arch"] == "minimind3" and entry["thinking"] and entry["parameters"] == num_params(config)
 
