@@ -2,24 +2,32 @@
 joins at the next step instead of waiting for the batch in flight.
 
 Each slot holds one request's cache rows, its own length (its next position) and its own sampling. An engine
-step runs one chunk of at most `prefill_chunk` prompt tokens of one request still reading its prompt
-(requests take turns chunk by chunk), then one decode step of every slot that is generating. While some slot
-generates, prompts get at most half the engine's time: a chunk runs only once the decode steps since the last
-one took as long as it did, so a long prompt neither holds up a newcomer's first token by more than a chunk
-nor slows the replies in flight by more than half. A request that ends (eos, max_tokens, its client gone) frees its
-slot at once. A prompt chunk that fails fails its own request alone; a decode step that fails fails the rows
-it was generating, and the engine goes on. Memory is the cache, allocated once: `slots` × `context` positions;
-what a burst's steps used besides goes back to the OS once no request is left.
+step runs one chunk of at most `prefill_chunk` prompt tokens of one request still reading its prompt (the one
+with the least left to read), then one decode step of every slot that is generating. While some slot
+generates, long prompts get at most half the engine's time: their chunk runs only once the decode steps since
+the last one took as long as it did, so a long prompt neither holds up a newcomer's first token by more than a
+chunk nor slows the replies in flight by more than half; a short prompt is read at once. A request that ends
+(eos, max_tokens, its client gone) frees its slot at once. A prompt chunk that fails fails its own request
+alone; a decode step that fails fails the rows it was generating, and the engine goes on. Memory is the
+cache, allocated once: `slots` × `context` positions; what a burst's steps used besides goes back to the OS
+once no request is left.
 
 A decode step reads only the part of the cache in use: the first slots up to the highest busy one (a new
 request takes the lowest free slot), their number rounded up to a power of two, and their first positions up
 to the longest row's, rounded up to a power-of-two multiple of the chunk. So a step costs what the rows hold,
 not what the cache could hold, and the engine compiles one program per such shape.
+
+Programs compile on a thread of their own, ahead of need where the engine can tell (the base window's at
+start, a prompt's chunks and first decode shape when it is admitted, the next window before a row reaches
+it), and the engine goes on with what is ready meanwhile: a prompt chunk whose program is not compiled yet
+waits its turn, and a row that would need a new decode program joins the others once it is ready. So a long
+prompt's new shapes do not stall the replies in flight.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import sys
 import threading
 import time
@@ -38,6 +46,7 @@ from minimind_jax.runtime import release_freed_memory
 
 TOP_K = 50  # MiniMind's generate()
 PREFILL_CHUNK = 256
+SHORT_PROMPT = 64  # a prompt with at most this much left to read is read even while prefill owes decode time
 
 
 def cache_bytes_per_position(model: MiniMind) -> int:
@@ -74,6 +83,17 @@ class SlotEngine:
         self._decode = jax.jit(self._decode_step, donate_argnums=(1,), static_argnames=("rows", "window"))
         self._first = jax.jit(lambda logits_1V, sampling, key: choose_tokens(
             logits_1V, jnp.zeros_like(logits_1V, bool), sampling, key, True))  # fmt: skip
+        self._programs: dict[tuple, concurrent.futures.Future] = {}  # compiled or compiling, by shape
+        self._compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="slot-engine-compile")
+        self._last_decoded: list[int] = []
+        # The shapes of short requests, compiled from the start
+        for rows in (1 << i for i in range(slots.bit_length())):
+            self._prepare_decode(rows, self.chunk)
+        for width in (16 << i for i in range(max(prefill_chunk // 16, 1).bit_length())):
+            self._prepare_prefill(min(width, prefill_chunk), self.chunk)
+        first_sampling = _specs(Sampling.per_row([0.0], [TOP_K], [1.0], [1.0]))
+        logits = jax.ShapeDtypeStruct((1, config.vocab_size), jnp.float32)
+        self._program(("first",), lambda: self._first.lower(logits, first_sampling, _specs(self.key)))
         threading.Thread(target=self._serve_forever, name="slot-engine", daemon=True).start()
 
     def submit(self, job) -> None:
@@ -116,6 +136,51 @@ class SlotEngine:
             window *= 2
         return min(window, self.context)
 
+    # -- programs, compiled ahead -------------------------------------------------------------------------
+
+    def _program(self, key: tuple, lower) -> concurrent.futures.Future:
+        """The future of a program's compilation (`lower()` gives it lowered), started if it was not."""
+        if key not in self._programs:
+            self._programs[key] = self._compiler.submit(lambda: lower().compile())
+        return self._programs[key]
+
+    def _prepare_prefill(self, width: int, window: int) -> concurrent.futures.Future:
+        i32 = jax.ShapeDtypeStruct((), jnp.int32)
+        ids = jax.ShapeDtypeStruct((1, width), jnp.int32)
+        return self._program(("prefill", width, window), lambda: self._prefill.lower(
+            _specs(self.params), _specs(self.cache), i32, ids, i32, i32, window=window))  # fmt: skip
+
+    def _prepare_decode(self, rows: int, window: int) -> concurrent.futures.Future:
+        vector = jax.ShapeDtypeStruct((rows,), jnp.int32)
+        sampling = _specs(Sampling.per_row(np.zeros(rows), [TOP_K] * rows, np.ones(rows), np.ones(rows)))
+        return self._program(("decode", rows, window), lambda: self._decode.lower(
+            _specs(self.params), _specs(self.cache), vector, vector, sampling, _specs(self.key), rows=rows,
+            window=window))  # fmt: skip
+
+    def _prefill_shape(self, slot: int) -> tuple[int, int]:
+        """(width, window) of the next chunk of the prompt in `slot`: a prompt's last piece is padded to a power
+        of two (from 16), not to a whole chunk."""
+        start = int(self.prompt_read[slot])
+        piece = min(len(self.jobs[slot].prompt_ids) - start, self.chunk)
+        width = min(self.chunk, 1 << max(piece - 1, 15).bit_length())
+        return width, self._window(start + width)
+
+    def _decode_shape(self, generating: list[int]) -> tuple[int, int]:
+        """(rows, window) of a decode step of `generating`: a power of two past the highest busy slot, and the
+        window of the longest row."""
+        rows = min(1 << max(generating).bit_length(), self.slots)
+        return rows, self._window(int(self.lengths[generating].max()) + 1)
+
+    def _prepare_prompt(self, slot: int) -> None:
+        """Compiles ahead what a newly admitted prompt will need: its chunks, and its first decode step."""
+        length = len(self.jobs[slot].prompt_ids)
+        for start in range(0, length, self.chunk):
+            width = min(self.chunk, 1 << max(min(length - start, self.chunk) - 1, 15).bit_length())
+            self._prepare_prefill(width, self._window(start + width))
+        generating = [s for s, job in enumerate(self.jobs) if job is not None and s not in self.prefilling]
+        rows, window = self._decode_shape(generating) if generating else (1, self.chunk)
+        self._prepare_decode(max(rows, min(1 << slot.bit_length(), self.slots)), max(window, self._window(length + 1)))
+
     def progress(self) -> dict:
         """What /health reports: decode steps so far and the requests in slots now."""
         return {"decode_steps": self.steps, "busy_slots": sum(job is not None for job in self.jobs)}
@@ -136,13 +201,14 @@ class SlotEngine:
                 continue
             busy_since_release = True
             generating = any(job is not None and slot not in self.prefilling for slot, job in enumerate(self.jobs))
-            if self.prefilling and (not generating or self.prefill_debt_s <= 0):
+            if self.prefilling:
                 started = time.perf_counter()
-                slot = self.prefilling.popleft()
-                try:
-                    self._prefill_next(slot)
-                except Exception as error:  # one prompt's chunk: its request alone fails
-                    self._fail([slot], error)
+                slot = self._next_prefill(generating)
+                if slot is not None:
+                    try:
+                        self._prefill_next(slot)
+                    except Exception as error:  # one prompt's chunk: its request alone fails
+                        self._fail([slot], error)
                 self.prefill_debt_s += time.perf_counter() - started
             if generating:
                 started = time.perf_counter()
@@ -177,6 +243,7 @@ class SlotEngine:
             slot = self.jobs.index(None)
             self.jobs[slot], self.prompt_read[slot], self.new_tokens[slot] = job, 0, 0
             self.prefilling.append(slot)
+            self._prepare_prompt(slot)
 
     def _free(self, slot: int) -> None:
         self.jobs[slot] = None
@@ -187,22 +254,43 @@ class SlotEngine:
         self.key, key = jax.random.split(self.key)
         return key
 
+    def _next_prefill(self, generating: bool) -> int | None:
+        """The prompt to read a chunk of now, taken out of `prefilling`, or None: of those whose next chunk's
+        program is compiled, the one with the least left to read (a newcomer's question before a long
+        document's next chunk). While rows generate, only once the prefill debt is paid, or for a prompt whose
+        rest is short; with none generating, it waits briefly for a compile."""
+        left = lambda slot: len(self.jobs[slot].prompt_ids) - int(self.prompt_read[slot])
+        compiling = {slot: self._prepare_prefill(*self._prefill_shape(slot)) for slot in self.prefilling}
+        ready = [slot for slot, program in compiling.items() if program.done()]
+        if generating:
+            ready = [slot for slot in ready if self.prefill_debt_s <= 0 or left(slot) <= SHORT_PROMPT]
+        elif not ready:
+            concurrent.futures.wait(compiling.values(), timeout=0.05, return_when=concurrent.futures.FIRST_COMPLETED)
+        if not ready:
+            return None
+        slot = min(ready, key=left)
+        self.prefilling.remove(slot)
+        return slot
+
     def _prefill_next(self, slot: int) -> None:
-        """Reads the next chunk of the prompt in `slot` (taken off the front of `prefilling`)."""
+        """Reads the next chunk of the prompt in `slot` (taken out of `prefilling`)."""
         job = self.jobs[slot]
         if job.cancelled:
             self._free(slot)
             return
         start = int(self.prompt_read[slot])
         piece = job.prompt_ids[start : start + self.chunk]
-        # A prompt's last piece is padded to a power of two (from 16), not to a whole chunk
-        ids = np.zeros((1, min(self.chunk, 1 << max(len(piece) - 1, 15).bit_length())), np.int32)
+        width, window = self._prefill_shape(slot)
+        ids = np.zeros((1, width), np.int32)
         ids[0, : len(piece)] = piece
         self.cache, logits_1V = self._prefill(self.params, self.cache, jnp.int32(slot), ids, jnp.int32(start),
-                                              jnp.int32(len(piece)), window=self._window(start + ids.shape[1]))  # fmt: skip
+                                              jnp.int32(len(piece)), window=window)  # fmt: skip
         self.prompt_read[slot] = start + len(piece)
         if self.prompt_read[slot] < len(job.prompt_ids):
-            self.prefilling.append(slot)  # its next chunk after the other prompts' turns
+            # Done before the engine goes on: queued chunks would hold up whatever comes next, and the time
+            # a chunk takes is what the decode steps pay back
+            jax.block_until_ready(self.cache)
+            self.prefilling.append(slot)
             return
         sampling = Sampling.per_row([job.temperature], [TOP_K], [job.top_p], [1.0])
         token = int(self._first(logits_1V, sampling, self._split_key())[0])
@@ -211,13 +299,23 @@ class SlotEngine:
 
     def _decode_all(self) -> None:
         generating = [slot for slot, job in enumerate(self.jobs) if job is not None and slot not in self.prefilling]
+        shape = self._decode_shape(generating)
+        if not self._prepare_decode(*shape).done():
+            # Rows that joined since the last step wait for the program that takes them; the others go on
+            earlier = [slot for slot in generating if slot in self._last_decoded]
+            if earlier and self._prepare_decode(*self._decode_shape(earlier)).done():
+                generating, shape = earlier, self._decode_shape(earlier)
+            else:
+                concurrent.futures.wait([self._prepare_decode(*shape)])
+        rows, window = shape
+        if int(self.lengths[generating].max()) + 1 + self.chunk // 4 > window and window < self.context:
+            self._prepare_decode(rows, window * 2)  # the longest row nears the window's end
+        self._last_decoded = generating
         jobs = [self.jobs[slot] for slot in generating]
-        rows = min(1 << max(generating).bit_length(), self.slots)  # a power of two past the highest busy slot
         temperature, top_p = np.zeros(rows, np.float32), np.ones(rows, np.float32)
         temperature[generating] = [job.temperature for job in jobs]
         top_p[generating] = [job.top_p for job in jobs]
         sampling = Sampling.per_row(temperature, [TOP_K] * rows, top_p, np.ones(rows, np.float32))
-        window = self._window(int(self.lengths[generating].max()) + 1)
         positions = np.full(rows, self.context, np.int32)  # past the cache: the other slots write nothing
         positions[generating] = self.lengths[generating]
         self.cache, tokens = self._decode(self.params, self.cache, self.tokens[:rows], positions, sampling,
@@ -254,3 +352,8 @@ class SlotEngine:
     def _end(self, slot: int, reason: str) -> None:
         if self._deliver(slot, self.finish(reason, None)):
             self._free(slot)
+
+
+def _specs(tree):
+    """The shapes and dtypes of a pytree's arrays, to compile a program for them ahead."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)

@@ -23,8 +23,8 @@ def engine_and_model():
     return SlotEngine(model, EOS, slots=4, context=768, finish=Finish), model
 
 
-def greedy(model, prompt):
-    new = generate(model, np.asarray([prompt]), NEW_TOKENS, eos_token_id=EOS)[0, len(prompt) :].tolist()
+def greedy(model, prompt, new_tokens=NEW_TOKENS):
+    new = generate(model, np.asarray([prompt]), new_tokens, eos_token_id=EOS)[0, len(prompt) :].tolist()
     return new[: new.index(EOS)] if EOS in new else new
 
 
@@ -130,3 +130,42 @@ def test_a_step_that_lost_the_cache_fails_its_rows_and_the_engine_goes_on():
     submit(engine, [[9, 10, 11]], later, later_done)
     assert later_done.wait(600) and later[0] == (greedy(model, [9, 10, 11]), "length")
     assert wait_until_free(engine)
+
+
+def test_a_long_prompts_new_shapes_compile_while_the_others_generate():
+    """The programs a long prompt needs (larger windows) compile on the side: the reply in flight finishes
+    while they are held from finishing, and then the long prompt gets generate's reply too."""
+    engine, model = engine_and_model()
+    release, real_program = threading.Event(), engine._program
+
+    def held_program(key, lower):
+        if key[-1] > engine.chunk:  # a window past the first
+            return real_program(key, lambda: (release.wait(), lower())[1])
+        return real_program(key, lower)
+
+    short, long_prompt = [5, 6, 7], [int(x) for x in np.random.default_rng(2).integers(3, 6000, 600)]
+    results, short_done, long_done = {}, threading.Event(), threading.Event()
+
+    def receiver(name, done):
+        tokens = []
+
+        def deliver(event):
+            if isinstance(event, Finish):
+                results[name] = (tokens, event.reason)
+                done.set()
+            else:
+                tokens.append(event)
+
+        return deliver
+
+    engine.submit(Job(short, 150, 0.0, 1.0, receiver("short", short_done)))  # still generating when the
+    engine._program = held_program  # long prompt's second chunk needs a program that is held
+    engine.submit(Job(long_prompt, NEW_TOKENS, 0.0, 1.0, receiver("long", long_done)))
+    try:
+        assert short_done.wait(120), "the reply in flight waited for the long prompt's compiles"
+    finally:
+        release.set()
+    assert long_done.wait(600)
+    tokens, reason = results["short"]
+    assert tokens == greedy(model, short, 150) and reason == ("length" if len(tokens) == 150 else "stop")
+    assert results["long"] == (greedy(model, long_prompt), "length")
