@@ -157,29 +157,32 @@ class SlotEngine:
             _specs(self.params), _specs(self.cache), vector, vector, sampling, _specs(self.key), rows=rows,
             window=window))  # fmt: skip
 
-    def _prefill_shape(self, slot: int) -> tuple[int, int]:
-        """(width, window) of the next chunk of the prompt in `slot`: a prompt's last piece is padded to a power
-        of two (from 16), not to a whole chunk."""
-        start = int(self.prompt_read[slot])
-        piece = min(len(self.jobs[slot].prompt_ids) - start, self.chunk)
+    def _chunk_shape(self, prompt_length: int, start: int) -> tuple[int, int]:
+        """(width, window) of a prompt's chunk from `start`: a prompt's last piece is padded to a power of two
+        (from 16), not to a whole chunk."""
+        piece = min(prompt_length - start, self.chunk)
         width = min(self.chunk, 1 << max(piece - 1, 15).bit_length())
         return width, self._window(start + width)
 
-    def _decode_shape(self, generating: list[int]) -> tuple[int, int]:
-        """(rows, window) of a decode step of `generating`: a power of two past the highest busy slot, and the
-        window of the longest row."""
-        rows = min(1 << max(generating).bit_length(), self.slots)
-        return rows, self._window(int(self.lengths[generating].max()) + 1)
+    def _prefill_shape(self, slot: int) -> tuple[int, int]:
+        return self._chunk_shape(len(self.jobs[slot].prompt_ids), int(self.prompt_read[slot]))
+
+    def _decode_shape(self, highest_slot: int, longest: int) -> tuple[int, int]:
+        """(rows, window) of a decode step: a power of two past the highest busy slot, and the window of the
+        longest row's next position."""
+        return min(1 << highest_slot.bit_length(), self.slots), self._window(longest + 1)
+
+    def _step_shape(self, generating: list[int]) -> tuple[int, int]:
+        return self._decode_shape(max(generating), int(self.lengths[generating].max()))
 
     def _prepare_prompt(self, slot: int) -> None:
         """Compiles ahead what a newly admitted prompt will need: its chunks, and its first decode step."""
         length = len(self.jobs[slot].prompt_ids)
         for start in range(0, length, self.chunk):
-            width = min(self.chunk, 1 << max(min(length - start, self.chunk) - 1, 15).bit_length())
-            self._prepare_prefill(width, self._window(start + width))
+            self._prepare_prefill(*self._chunk_shape(length, start))
         generating = [s for s, job in enumerate(self.jobs) if job is not None and s not in self.prefilling]
-        rows, window = self._decode_shape(generating) if generating else (1, self.chunk)
-        self._prepare_decode(max(rows, min(1 << slot.bit_length(), self.slots)), max(window, self._window(length + 1)))
+        longest = max([length, *self.lengths[generating]])
+        self._prepare_decode(*self._decode_shape(max([slot, *generating]), int(longest)))
 
     def progress(self) -> dict:
         """What /health reports: decode steps so far and the requests in slots now."""
@@ -202,20 +205,20 @@ class SlotEngine:
             busy_since_release = True
             generating = any(job is not None and slot not in self.prefilling for slot, job in enumerate(self.jobs))
             if self.prefilling:
-                started = time.perf_counter()
                 slot = self._next_prefill(generating)
+                started = time.perf_counter()
                 if slot is not None:
                     try:
                         self._prefill_next(slot)
                     except Exception as error:  # one prompt's chunk: its request alone fails
                         self._fail([slot], error)
-                self.prefill_debt_s += time.perf_counter() - started
+                    self.prefill_debt_s += time.perf_counter() - started
             if generating:
                 started = time.perf_counter()
                 try:
                     self._decode_all()
-                except Exception as error:  # the step was every generating row's: they fail, the server goes on
-                    self._fail([s for s, job in enumerate(self.jobs) if job and s not in self.prefilling], error)
+                except Exception as error:  # the step was its rows': they fail, the server goes on
+                    self._fail(self._last_decoded, error)
                 self.prefill_debt_s = max(self.prefill_debt_s - (time.perf_counter() - started), 0.0)
 
     def _fail(self, slots: list[int], error: Exception) -> None:
@@ -299,12 +302,12 @@ class SlotEngine:
 
     def _decode_all(self) -> None:
         generating = [slot for slot, job in enumerate(self.jobs) if job is not None and slot not in self.prefilling]
-        shape = self._decode_shape(generating)
+        shape = self._step_shape(generating)
         if not self._prepare_decode(*shape).done():
             # Rows that joined since the last step wait for the program that takes them; the others go on
             earlier = [slot for slot in generating if slot in self._last_decoded]
-            if earlier and self._prepare_decode(*self._decode_shape(earlier)).done():
-                generating, shape = earlier, self._decode_shape(earlier)
+            if earlier and self._prepare_decode(*self._step_shape(earlier)).done():
+                generating, shape = earlier, self._step_shape(earlier)
             else:
                 concurrent.futures.wait([self._prepare_decode(*shape)])
         rows, window = shape
