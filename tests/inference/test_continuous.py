@@ -1,6 +1,7 @@
 """The continuous-batching engine on its own: requests that join at different moments, prompts read in several
 chunks, slots reused, each reply greedy `generate`'s; a request whose receiver fails, or whose prompt fails,
-loses its slot alone; a failed step fails its rows and the engine goes on."""
+loses its slot alone; a failed step fails its rows and the engine goes on; a long prompt's new shapes compile
+while the others generate; a burst's memory goes back when it is over."""
 
 import threading
 import time
@@ -169,3 +170,20 @@ def test_a_long_prompts_new_shapes_compile_while_the_others_generate():
     tokens, reason = results["short"]
     assert tokens == greedy(model, short, 150) and reason == ("length" if len(tokens) == 150 else "stop")
     assert results["long"] == (greedy(model, long_prompt), "length")
+
+
+def test_the_memory_of_a_burst_goes_back_once_no_request_is_left(monkeypatch):
+    """When the last request of a burst ends, the engine hands what its steps freed back to the OS, once."""
+    from minimind_jax.inference import continuous
+
+    releases = []
+    monkeypatch.setattr(continuous, "release_freed_memory", lambda: releases.append(time.monotonic()))
+    engine, model = engine_and_model()
+    results, done = {}, threading.Event()
+    submit(engine, [[5, 6, 7], [8, 9, 10, 11]], results, done)
+    assert done.wait(600) and wait_until_free(engine)
+    deadline = time.monotonic() + 10
+    while not releases and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert len(releases) == 1
