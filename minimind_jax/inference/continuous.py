@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import queue
 import sys
 import threading
 import time
@@ -84,7 +85,9 @@ class SlotEngine:
         self._first = jax.jit(lambda logits_1V, sampling, key: choose_tokens(
             logits_1V, jnp.zeros_like(logits_1V, bool), sampling, key, True))  # fmt: skip
         self._programs: dict[tuple, concurrent.futures.Future] = {}  # compiled or compiling, by shape
-        self._compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="slot-engine-compile")
+        self._to_compile: queue.SimpleQueue = queue.SimpleQueue()
+        # A daemon thread: a compile still queued never holds up the process's exit
+        threading.Thread(target=self._compile_forever, name="slot-engine-compile", daemon=True).start()
         self._last_decoded: list[int] = []
         # The shapes of short requests, compiled from the start
         for rows in (1 << i for i in range(slots.bit_length())):
@@ -139,10 +142,20 @@ class SlotEngine:
     # -- programs, compiled ahead -------------------------------------------------------------------------
 
     def _program(self, key: tuple, lower) -> concurrent.futures.Future:
-        """The future of a program's compilation (`lower()` gives it lowered), started if it was not."""
+        """The future of a program's compilation (`lower()` gives it lowered), queued if it was not."""
         if key not in self._programs:
-            self._programs[key] = self._compiler.submit(lambda: lower().compile())
+            self._programs[key] = concurrent.futures.Future()
+            self._to_compile.put((self._programs[key], lower))
         return self._programs[key]
+
+    def _compile_forever(self) -> None:
+        while True:
+            compiled, lower = self._to_compile.get()
+            try:
+                lower().compile()  # into the jitted function's cache
+                compiled.set_result(None)
+            except Exception as error:  # the engine's own call compiles it again, and fails its request
+                compiled.set_exception(error)
 
     def _prepare_prefill(self, width: int, window: int) -> concurrent.futures.Future:
         i32 = jax.ShapeDtypeStruct((), jnp.int32)
