@@ -193,7 +193,7 @@ class SlotEngine:
         length = len(self.jobs[slot].prompt_ids)
         for start in range(0, length, self.chunk):
             self._prepare_prefill(*self._chunk_shape(length, start))
-        generating = [s for s, job in enumerate(self.jobs) if job is not None and s not in self.prefilling]
+        generating = self._generating()
         longest = max([length, *self.lengths[generating]])
         self._prepare_decode(*self._decode_shape(max([slot, *generating]), int(longest)))
 
@@ -216,7 +216,7 @@ class SlotEngine:
                 busy_since_release = False
                 continue
             busy_since_release = True
-            generating = any(job is not None and slot not in self.prefilling for slot, job in enumerate(self.jobs))
+            generating = bool(self._generating())
             if self.prefilling:
                 slot = self._next_prefill(generating)
                 started = time.perf_counter()
@@ -242,7 +242,7 @@ class SlotEngine:
         failed = set(slots)
         if any(leaf.is_deleted() for leaf in jax.tree.leaves(self.cache)):
             self.cache = KVCache.empty(self.config, self.slots, self.context, jnp.dtype(self.config.dtype))
-            failed |= {slot for slot, job in enumerate(self.jobs) if job is not None and slot not in self.prefilling}
+            failed |= set(self._generating())
             self.prompt_read[list(self.prefilling)] = 0
         for slot in sorted(failed):
             if self.jobs[slot] is not None and self._deliver(
@@ -260,6 +260,10 @@ class SlotEngine:
             self.jobs[slot], self.prompt_read[slot], self.new_tokens[slot] = job, 0, 0
             self.prefilling.append(slot)
             self._prepare_prompt(slot)
+
+    def _generating(self) -> list[int]:
+        """The slots whose request has read its prompt and is generating."""
+        return [slot for slot, job in enumerate(self.jobs) if job is not None and slot not in self.prefilling]
 
     def _free(self, slot: int) -> None:
         self.jobs[slot] = None
@@ -314,7 +318,7 @@ class SlotEngine:
         self._emit(slot, token)
 
     def _decode_all(self) -> None:
-        generating = [slot for slot, job in enumerate(self.jobs) if job is not None and slot not in self.prefilling]
+        generating = self._generating()
         shape = self._step_shape(generating)
         if not self._prepare_decode(*shape).done():
             # Rows that joined since the last step wait for the program that takes them; the others go on
