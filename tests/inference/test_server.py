@@ -31,6 +31,8 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 MAX_TOKENS = 12
+SLOT_POSITIONS = 4096  # what the served model's 16 slots get from its --kv_cache_mb, below its 32,768 positions
+BYTES_PER_POSITION = 2 * 2 * 2 * 8 * 4  # keys and values, 2 layers, 2 kv heads of 8, fp32
 QUESTIONS = [
     "hello there",
     "how are you today",
@@ -75,6 +77,8 @@ def served(chat_data, tmp_path_factory):
         str(pth),
         "--tokenizer_path",
         str(chat_data["tokenizer"]),
+        "--kv_cache_mb",
+        str(SLOT_POSITIONS * 16 * BYTES_PER_POSITION / 2**20),
     ]
     server = subprocess.Popen(
         [*command, "--port", str(port)], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
@@ -145,6 +149,15 @@ def test_greedy_replies_streamed_or_not_are_generates(served):
     assert text == expected
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reply.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+
+def test_the_server_listens_on_loopback_alone(served):
+    """Without --host it binds 127.0.0.1: another loopback address of this machine (Linux routes all of
+    127/8 to it), which a server on every interface would answer, is refused."""
+    port = int(served["base_url"].rsplit(":", 1)[1])
+    assert httpx.get(f"{served['base_url']}/health").status_code == 200
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.2:{port}/health", timeout=5)
 
 
 def test_models_and_health(served):
@@ -267,6 +280,29 @@ def test_a_short_request_joins_while_a_long_one_decodes(served):
 def test_a_bad_request_among_requests_in_flight_fails_alone(served, raw, param):
     """Non-finite numbers, wrong types and a lone surrogate are refused with OpenAI's 400, while three good
     requests sent with the bad one get their greedy replies."""
+    error = refused_among_good_requests(served, raw)
+    assert error["param"] == param
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        # the issue's 20k-token prompt: within the model's 32,768 positions, beyond a slot's
+        ({"model": "m", "messages": user("word " * 20000)}, "messages"),
+        ({"model": "m", "messages": user("hi"), "max_tokens": SLOT_POSITIONS}, "max_tokens"),
+    ],
+)
+def test_a_request_beyond_a_slot_is_refused_while_others_decode(served, body, param):
+    """Admission: a prompt or max_tokens that does not fit a slot of the KV budget gets a 400 naming the limit,
+    and the requests decoding beside it get their greedy replies."""
+    error = refused_among_good_requests(served, json.dumps(body).encode())
+    assert error["param"] == param and error["code"] == "context_length_exceeded"
+    assert f"this server gives a request {SLOT_POSITIONS}" in error["message"], error["message"]
+
+
+def refused_among_good_requests(served, raw: bytes) -> dict:
+    """Sends `raw` beside three good greedy requests: checks that it alone got OpenAI's 400 and that the others
+    got greedy `generate`'s replies; returns the 400's error object."""
     questions = QUESTIONS[:3]
 
     def good(question):
@@ -284,8 +320,9 @@ def test_a_bad_request_among_requests_in_flight_fails_alone(served, raw, param):
         got = [reply.result() for reply in replies]
     assert response.status_code == 400, response.text
     error = response.json()["error"]
-    assert error["type"] == "invalid_request_error" and error["param"] == param and "\n" not in error["message"]
+    assert error["type"] == "invalid_request_error" and "\n" not in error["message"]
     assert got == [greedy_content(served, user(question)) for question in questions]
+    return error
 
 
 def test_stop_sequences_end_the_reply_before_them(served):
@@ -397,10 +434,9 @@ def test_a_request_is_admitted_only_if_it_fits_a_slot(chat_data):
     memory is refused this way), and without max_tokens it gets what is left of the slot."""
     tokenizer = load_tokenizer(chat_data["tokenizer"])
     model = MiniMind(ModelConfig(arch="minimind2", hidden_size=64, num_hidden_layers=2), rngs=nnx.Rngs(0))
-    per_position = 2 * 2 * 2 * 8 * 4  # keys and values, 2 layers, 2 kv heads of 8, fp32
-    assert slot_context(model, 16, 16 * 1024 * per_position / 2**20) == 1024
+    assert slot_context(model, 16, 16 * 1024 * BYTES_PER_POSITION / 2**20) == 1024
     with pytest.raises(UserError, match="a slot needs at least 256"):
-        slot_context(model, 16, 16 * 100 * per_position / 2**20)
+        slot_context(model, 16, 16 * 100 * BYTES_PER_POSITION / 2**20)
     prompt = len(parse_request({"messages": user("hi")}, tokenizer, model).prompt_ids)
     assert parse_request({"messages": user("hi")}, tokenizer, model, 1024).max_tokens == 1024 - prompt
     with pytest.raises(RequestError, match=f"need {prompt + 1024} positions; this server gives a request 1024"):
