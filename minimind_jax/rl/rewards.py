@@ -165,19 +165,21 @@ def call_reward_fn(function: Callable, prompts: list[str], completions: list[str
     """The user's rewards for these completions, checked: one finite float each. first_row: the batch's first
     row in the run's data (for messages)."""
     name = getattr(function, "spec", getattr(function, "__name__", "reward_fn"))
+    rows = f"the batch's prompts start at data row {first_row}"
     try:
         values = function(prompts, completions, **record_fields)
     except Exception as error:  # the user's code: whatever it raises is reported in one line
-        raise UserError(f"--reward_fn {name} raised {type(error).__name__}: {first_line(error)} "
-                        f"(prompts of data rows {first_row}..)") from None  # fmt: skip
+        raise UserError(f"--reward_fn {name} raised {type(error).__name__}: {first_line(error)} ({rows})") from None
     try:
         rewards = np.asarray(values, np.float64).reshape(-1)
     except (TypeError, ValueError):
-        raise UserError(f"--reward_fn {name} returned {type(values).__name__}, not one float per completion") from None
+        raise UserError(f"--reward_fn {name} returned {type(values).__name__}, not one float per completion "
+                        f"({rows})") from None  # fmt: skip
     if len(rewards) != len(completions):
-        raise UserError(f"--reward_fn {name} returned {len(rewards)} rewards for {len(completions)} completions")
+        raise UserError(f"--reward_fn {name} returned {len(rewards)} rewards for {len(completions)} completions "
+                        f"({rows})")  # fmt: skip
     bad = [i for i, value in enumerate(rewards) if not math.isfinite(value)]
     if bad:
-        raise UserError(f"--reward_fn {name} returned {rewards[bad[0]]} for completion {bad[0]} (row "
-                        f"{bad[0]} of the batch starting at data row {first_row}): rewards must be finite")  # fmt: skip
+        raise UserError(f"--reward_fn {name} returned {rewards[bad[0]]} for completion {bad[0]} of the batch "
+                        f"({rows}): rewards must be finite")  # fmt: skip
     return rewards.astype(np.float32)

@@ -90,6 +90,7 @@ def test_a_bad_reward_fn_is_one_line_naming_it(tmp_path, monkeypatch, body, mess
     with pytest.raises(UserError, match=message.replace("bad_rewards", module)) as error:
         call_reward_fn(load_reward_fn(f"{module}:score"), ["p", "p"], ["a", "b"], 7)
     assert "\n" not in str(error.value) and f"{module}:score" in str(error.value)
+    assert "prompts start at data row 7" in str(error.value)
 
 
 @pytest.mark.parametrize("spec, message", [("nocolon", "give module:function"),

@@ -82,7 +82,9 @@ def test_a_sampled_run_logs_minimind_metrics_and_resumes_exactly(mode, small_tok
     for metric in metrics:
         assert all(np.isfinite(r[metric]) for r in logged), metric
     assert all(1 <= r["avg_response_len"] <= 12 for r in logged if "avg_response_len" in r)
-    assert ", Reward:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert ", Reward:" in printed
+    assert "no --reward_model_path: only MiniMind's rule rewards count" in printed
     weights = torch.load(whole / f"{name}.pth", weights_only=True)
     assert {value.dtype for value in weights.values()} == {torch.float16}
     assert "lm_head.weight" in weights and "model.embed_tokens.weight" in weights and len(weights) > 10
@@ -168,20 +170,25 @@ def test_bad_agent_input_is_one_line_and_writes_nothing(small_tokenizer, agent_p
     assert not (out / "agent_32.pth").exists() and not any((out / "checkpoints").glob("*/*"))
 
 
+@pytest.mark.parametrize("failure, message", [("return [float('nan')] * len(completions)", "returned nan for completion 0"),
+                                              ("raise ValueError('service down')", "raised ValueError: service down")])  # fmt: skip
 def test_a_reward_fn_that_fails_mid_run_keeps_the_updates_before_it(small_tokenizer, prompts, tmp_path, capsys,
-                                                                     monkeypatch):  # fmt: skip
-    """The function returns NaN on its third call: updates 1 and 2 stay saved, and the error is one line."""
-    (tmp_path / "flaky_rewards.py").write_text(
+                                                                     monkeypatch, failure, message):  # fmt: skip
+    """The function fails on its third call: updates 1 and 2 stay saved, and the error is one line."""
+    module = f"flaky_rewards_{abs(hash(failure))}"
+    (tmp_path / f"{module}.py").write_text(
         "calls = []\n"
         "def score(prompts, completions, **fields):\n"
         "    calls.append(1)\n"
-        "    return [float('nan') if len(calls) == 3 else float(len(c) % 3) for c in completions]\n"
+        "    if len(calls) == 3:\n"
+        f"        {failure}\n"
+        "    return [float(len(c) % 3) for c in completions]\n"
     )
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
-    assert main([*grpo_argv(small_tokenizer, prompts, out), "--reward_fn", "flaky_rewards:score"]) == 1
+    assert main([*grpo_argv(small_tokenizer, prompts, out), "--reward_fn", f"{module}:score"]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--reward_fn flaky_rewards:score returned nan for completion 0" in err
+    assert err.count("\n") == 1 and f"--reward_fn {module}:score {message}" in err
     assert "saved update 2" in err
     assert [r["update"] for r in records(out)] == [1, 2] and (out / "grpo_32.pth").exists()
 
