@@ -248,20 +248,26 @@ def test_requests_arriving_at_random_moments_get_generates_replies(served):
 
 def test_a_short_request_joins_while_a_long_one_decodes(served):
     """A short request sent while a long prompt is read and decoded ends first: it does not wait for the
-    long one's batch, and the long prompt is read in chunks between the others' steps."""
-    ends = {}
+    long one's batch, and the long prompt is read in chunks between the others' steps. Both replies are
+    greedy `generate`'s."""
+    ends, replies = {}, {}
 
     def ask(name, messages, max_tokens, delay):
         time.sleep(delay)
         started = time.perf_counter()
-        served["client"].chat.completions.create(model="m", messages=messages, max_tokens=max_tokens, temperature=0)
+        reply = served["client"].chat.completions.create(
+            model="m", messages=messages, max_tokens=max_tokens, temperature=0
+        )
         ends[name] = time.perf_counter() - started + delay
+        replies[name] = reply.choices[0].message.content
 
     long_prompt = user(" ".join(QUESTIONS) * 40)  # about 2,000 tokens: several prefill chunks
     with ThreadPoolExecutor(2) as pool:
-        pool.submit(ask, "long", long_prompt, 200, 0.0)
-        pool.submit(ask, "short", user("hi"), 3, 0.3)
+        asked = [pool.submit(ask, "long", long_prompt, 200, 0.0), pool.submit(ask, "short", user("hi"), 3, 0.3)]
+    for future in asked:
+        future.result()
     assert ends["short"] < ends["long"], ends
+    assert replies == {"long": greedy_content(served, long_prompt, 200), "short": greedy_content(served, user("hi"), 3)}
 
 
 @pytest.mark.parametrize(
@@ -274,6 +280,7 @@ def test_a_short_request_joins_while_a_long_one_decodes(served):
         (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [1, 2]}', "tools.[0]"),
         (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "seed": "abc"}', "seed"),
         (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": [1]}', "stop"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}', "stop"),
         (b'{"model": "m", "messages": [{"role": "user", "content": "hi \\ud800"}]}', None),
     ],
 )

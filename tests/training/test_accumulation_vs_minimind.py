@@ -53,10 +53,11 @@ def test_updates_and_weights_are_minimind_train_pretrain(era, arch, tmp_path):
     assert beyond <= 1e-4 * total  # measured: 0 (2510) and 2 (v3) of 440k; before the era boundaries, 97%
 
 
-@pytest.mark.parametrize("era, arch, stop", [("2510", "minimind2", 1), ("v3", "minimind3", 2)])
+@pytest.mark.parametrize("era, arch, stop", [("2510", "minimind2", 1), ("v3", "minimind3", 1), ("v3", "minimind3", 2)])
 def test_a_run_resumed_between_uneven_updates_is_the_uninterrupted_run(era, arch, stop, tmp_path):
-    """Stopped after update `stop` (2510: before the update that carries epoch 1's remainder; v3: after epoch
-    1's flush), then --from_resume 1: the same .pth, bit for bit, as the run that was never stopped."""
+    """Stopped after update `stop` (2510: before the update that carries epoch 1's remainder; v3: in the middle
+    of epoch 1, before its flush, or after the flush), then --from_resume 1: the same .pth, bit for bit, as the
+    run that was never stopped."""
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     assert main(pretrain_argv(era, arch, tmp_path, whole)) == 0
     assert main([*pretrain_argv(era, arch, tmp_path, resumed), "--max_steps", str(stop)]) == 0
