@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 
 from minimind_jax.inference.generation import Sampling, choose_tokens
-from minimind_jax.model.transformer import KVCache, MiniMind, write_cache
+from minimind_jax.model.transformer import KVCache, MiniMind, split_for_decoding, write_cache
 from minimind_jax.runtime import release_freed_memory
 
 TOP_K = 50  # MiniMind's generate()
@@ -66,7 +66,7 @@ class SlotEngine:
         if context % prefill_chunk:
             raise ValueError(f"context {context} is not a multiple of the prefill chunk {prefill_chunk}")
         self.eos_id, self.slots, self.context, self.chunk, self.finish = eos_id, slots, context, prefill_chunk, finish
-        self.graphdef, self.params = nnx.split(model)
+        self.graphdef, self.params, self.layer_weights = split_for_decoding(model)
         self.config = config = model.config
         self.cache = KVCache.empty(config, slots, context, jnp.dtype(config.dtype))
         self.jobs: list[Any] = [None] * slots
@@ -80,8 +80,8 @@ class SlotEngine:
         self.steps = 0  # decode steps so far
         self._waiting: collections.deque = collections.deque()
         self._wakeup = threading.Condition()
-        self._prefill = jax.jit(self._prefill_chunk, donate_argnums=(1,), static_argnames=("window",))
-        self._decode = jax.jit(self._decode_step, donate_argnums=(1,), static_argnames=("rows", "window"))
+        self._prefill = jax.jit(self._prefill_chunk, donate_argnums=(2,), static_argnames=("window",))
+        self._decode = jax.jit(self._decode_step, donate_argnums=(2,), static_argnames=("rows", "window"))
         self._first = jax.jit(lambda logits_1V, sampling, key: choose_tokens(
             logits_1V, jnp.zeros_like(logits_1V, bool), sampling, key, True))  # fmt: skip
         self._programs: dict[tuple, concurrent.futures.Future] = {}  # compiled or compiling, by shape
@@ -106,29 +106,31 @@ class SlotEngine:
 
     # -- traced -----------------------------------------------------------------------------------------
 
-    def _prefill_chunk(self, params, cache: KVCache, slot, ids_1C, start, num_real, *, window: int):
+    def _prefill_chunk(self, params, layer_weights, cache: KVCache, slot, ids_1C, start, num_real, *, window: int):
         """Writes one chunk of a prompt into slot `slot` from position `start` (the chunk ends within the first
         `window` positions); returns (the cache, the logits [1, V] after the chunk's last real token)."""
         model: MiniMind = nnx.merge(self.graphdef, params)
-        take = lambda x: jax.lax.dynamic_slice(x, (0, slot, 0, 0, 0), (x.shape[0], 1, window, *x.shape[3:]))
-        row = KVCache(take(cache.k_LBSKHd), take(cache.v_LBSKHd), start)
-        out = model.forward(ids_1C, cache=row, return_logits=False)
+        take = lambda x: jax.lax.dynamic_slice(x, (slot, 0, 0, 0), (1, window, *x.shape[2:]))
+        out = model.forward(ids_1C, cache=cache.map(take)._replace(length=start), layer_weights=layer_weights,
+                            return_logits=False)  # fmt: skip
         # Only the chunk's positions are written back (in place: the cache is donated)
-        put = lambda whole, new: jax.lax.dynamic_update_slice(whole, new, (0, slot, start, 0, 0))
-        cache = cache._replace(k_LBSKHd=put(cache.k_LBSKHd, out.new_kv[0]), v_LBSKHd=put(cache.v_LBSKHd, out.new_kv[1]))
+        put = lambda whole, new: jax.lax.dynamic_update_slice(whole, new, (slot, start, 0, 0))
+        cache = KVCache(*(tuple(map(put, whole, new)) for whole, new in
+                          zip((cache.layer_k_BSKHd, cache.layer_v_BSKHd), out.new_kv)), cache.length)  # fmt: skip
         last_hidden_1D = jax.lax.dynamic_index_in_dim(out.hidden_states[0], num_real - 1, keepdims=True)
         return cache, model.logits(last_hidden_1D)
 
-    def _decode_step(self, params, cache: KVCache, tokens_B, lengths_B, sampling: Sampling, key, *, rows: int,
-                     window: int):  # fmt: skip
+    def _decode_step(self, params, layer_weights, cache: KVCache, tokens_B, lengths_B, sampling: Sampling, key, *,
+                     rows: int, window: int):  # fmt: skip
         """One token for each of the first `rows` slots, each at its own position (at `context`: the slot
         writes nothing); returns (the cache, the chosen tokens [rows])."""
         model: MiniMind = nnx.merge(self.graphdef, params)
-        view = lambda x: x[:, :rows, :window]
-        out = model.forward(tokens_B[:, None], cache=KVCache(view(cache.k_LBSKHd), view(cache.v_LBSKHd), lengths_B))
+        view = cache.map(lambda x: x[:rows, :window])._replace(length=lengths_B)
+        out = model.forward(tokens_B[:, None], cache=view, layer_weights=layer_weights)
         # One position per row is written back (in place: the cache is donated), not the whole view
-        cache = cache._replace(k_LBSKHd=write_cache(cache.k_LBSKHd, out.new_kv[0], lengths_B),
-                               v_LBSKHd=write_cache(cache.v_LBSKHd, out.new_kv[1], lengths_B))  # fmt: skip
+        write = lambda whole, new: write_cache(whole, new, lengths_B)
+        cache = KVCache(*(tuple(map(write, whole, new)) for whole, new in
+                          zip((cache.layer_k_BSKHd, cache.layer_v_BSKHd), out.new_kv)), cache.length)  # fmt: skip
         logits_BV = out.logits[:, 0]
         return cache, choose_tokens(logits_BV, jnp.zeros_like(logits_BV, bool), sampling, key, True)
 
@@ -161,14 +163,15 @@ class SlotEngine:
         i32 = jax.ShapeDtypeStruct((), jnp.int32)
         ids = jax.ShapeDtypeStruct((1, width), jnp.int32)
         return self._program(("prefill", width, window), lambda: self._prefill.lower(
-            _specs(self.params), _specs(self.cache), i32, ids, i32, i32, window=window))  # fmt: skip
+            _specs(self.params), _specs(self.layer_weights), _specs(self.cache), i32, ids, i32, i32,
+            window=window))  # fmt: skip
 
     def _prepare_decode(self, rows: int, window: int) -> concurrent.futures.Future:
         vector = jax.ShapeDtypeStruct((rows,), jnp.int32)
         sampling = _specs(Sampling.per_row(np.zeros(rows), [TOP_K] * rows, np.ones(rows), np.ones(rows)))
         return self._program(("decode", rows, window), lambda: self._decode.lower(
-            _specs(self.params), _specs(self.cache), vector, vector, sampling, _specs(self.key), rows=rows,
-            window=window))  # fmt: skip
+            _specs(self.params), _specs(self.layer_weights), _specs(self.cache), vector, vector, sampling,
+            _specs(self.key), rows=rows, window=window))  # fmt: skip
 
     def _chunk_shape(self, prompt_length: int, start: int) -> tuple[int, int]:
         """(width, window) of a prompt's chunk from `start`: a prompt's last piece is padded to a power of two
@@ -303,8 +306,8 @@ class SlotEngine:
         width, window = self._prefill_shape(slot)
         ids = np.zeros((1, width), np.int32)
         ids[0, : len(piece)] = piece
-        self.cache, logits_1V = self._prefill(self.params, self.cache, jnp.int32(slot), ids, jnp.int32(start),
-                                              jnp.int32(len(piece)), window=window)  # fmt: skip
+        self.cache, logits_1V = self._prefill(self.params, self.layer_weights, self.cache, jnp.int32(slot), ids,
+                                              jnp.int32(start), jnp.int32(len(piece)), window=window)  # fmt: skip
         self.prompt_read[slot] = start + len(piece)
         if self.prompt_read[slot] < len(job.prompt_ids):
             # Done before the engine goes on: queued chunks would hold up whatever comes next, and the time
@@ -338,8 +341,8 @@ class SlotEngine:
         sampling = Sampling.per_row(temperature, [TOP_K] * rows, top_p, np.ones(rows, np.float32))
         positions = np.full(rows, self.context, np.int32)  # past the cache: the other slots write nothing
         positions[generating] = self.lengths[generating]
-        self.cache, tokens = self._decode(self.params, self.cache, self.tokens[:rows], positions, sampling,
-                                          self._split_key(), rows=rows, window=window)  # fmt: skip
+        self.cache, tokens = self._decode(self.params, self.layer_weights, self.cache, self.tokens[:rows], positions,
+                                          sampling, self._split_key(), rows=rows, window=window)  # fmt: skip
         tokens = np.asarray(tokens)
         self.steps += 1
         for slot in generating:

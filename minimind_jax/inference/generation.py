@@ -28,7 +28,7 @@ from flax import nnx
 
 from minimind_jax.errors import UserError
 from minimind_jax.model.config import ModelConfig, load_preset
-from minimind_jax.model.transformer import KVCache, MiniMind, check_token_ids
+from minimind_jax.model.transformer import KVCache, MiniMind, check_token_ids, split_for_decoding, unstack_layers
 
 MIN_BUCKET = 16  # the shortest prompt / new-token bucket
 CANDIDATES = 64  # the largest logits a top-k draw reads (top-k below this, e.g. MiniMind's 50)
@@ -196,12 +196,13 @@ def _choose(state: DecodeState, logits_BV, sampling, eos_id, do_sample) -> Decod
     )
 
 
-def _prefill(graphdef, params, ids_BP, mask_BS, prompt_len, sampling, eos_id, key, do_sample) -> DecodeState:
+def _prefill(graphdef, params, layer_weights, ids_BP, mask_BS, prompt_len, sampling, eos_id, key, do_sample
+             ) -> DecodeState:  # fmt: skip
     model: MiniMind = nnx.merge(graphdef, params)
     config = model.config
     batch, padded_len = ids_BP.shape
     cache = KVCache.empty(config, batch, mask_BS.shape[1], jnp.dtype(config.dtype))
-    out = model.forward(ids_BP, mask_BS, cache=cache, return_logits=False)
+    out = model.forward(ids_BP, mask_BS, cache=cache, layer_weights=layer_weights, return_logits=False)
     last_hidden_BD = jax.lax.dynamic_index_in_dim(out.hidden_states, prompt_len - 1, axis=1, keepdims=False)
     # The pad tokens of the left padding and of the bucket do not count as seen.
     real_BP = (mask_BS[:, :padded_len] > 0) & (jnp.arange(padded_len) < prompt_len)
@@ -219,9 +220,9 @@ def _prefill(graphdef, params, ids_BP, mask_BS, prompt_len, sampling, eos_id, ke
     return _choose(state, model.logits(last_hidden_BD), sampling, eos_id, do_sample)
 
 
-def _step(graphdef, params, state: DecodeState, sampling, eos_id, do_sample) -> DecodeState:
+def _step(graphdef, params, layer_weights, state: DecodeState, sampling, eos_id, do_sample) -> DecodeState:
     model: MiniMind = nnx.merge(graphdef, params)
-    out = model.forward(state.tokens_B[:, None], state.mask_BS, cache=state.cache)
+    out = model.forward(state.tokens_B[:, None], state.mask_BS, cache=state.cache, layer_weights=layer_weights)
     return _choose(state._replace(cache=out.cache), out.logits[:, 0], sampling, eos_id, do_sample)
 
 
@@ -231,7 +232,8 @@ def _generate(
     """Prefill + while_loop decode; returns (new tokens [B, num_slots], their log-probabilities under the model's
     own logits (no temperature or filter, as MiniMind's rollout engine scores them) [B, num_slots], how many
     were produced)."""
-    state = _prefill(graphdef, params, ids_BP, mask_BS, prompt_len, sampling, eos_id, key, do_sample)
+    layer_weights = unstack_layers(params["layers"])  # once, not at every step
+    state = _prefill(graphdef, params, layer_weights, ids_BP, mask_BS, prompt_len, sampling, eos_id, key, do_sample)
     chosen_log_prob = lambda state: jnp.take_along_axis(
         jax.nn.log_softmax(state.logits_BV, axis=-1), state.tokens_B[:, None], axis=-1
     )[:, 0]
@@ -244,7 +246,7 @@ def _generate(
 
     def decode_one(carry):
         step, state, new_BN, log_probs_BN = carry
-        state = _step(graphdef, params, state, sampling, eos_id, do_sample)
+        state = _step(graphdef, params, layer_weights, state, sampling, eos_id, do_sample)
         new_BN = jax.lax.dynamic_update_index_in_dim(new_BN, state.tokens_B, step, axis=1)
         return (
             step + 1,
@@ -268,9 +270,9 @@ class _Compiled(NamedTuple):
 _COMPILED: dict[tuple, _Compiled] = {}
 
 
-def _compiled_for(model: MiniMind):
-    """(params, jitted functions). The jitted functions are shared by every model of one structure, so new
-    weights (or a new model object) never recompile."""
+def _compiled_for(model: MiniMind) -> _Compiled:
+    """The jitted functions, shared by every model of one structure, so new weights (or a new model object)
+    never recompile."""
     graphdef, params = nnx.split(model)
     key = (json.dumps(model.config.to_dict(), sort_keys=True), jax.tree.structure(params))
     if key not in _COMPILED:
@@ -285,7 +287,7 @@ def _compiled_for(model: MiniMind):
                 static_argnames=("do_sample", "num_slots"),
             ),
         )
-    return params, _COMPILED[key]
+    return _COMPILED[key]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -366,11 +368,10 @@ def generate(
         return (ids_BT, np.zeros((len(ids_BT), 0), np.float32)) if return_log_probs else ids_BT
     check_room(model.config, ids_BT.shape[1], max_new_tokens)
     sampling = Sampling.create(do_sample, temperature, top_k, top_p, repetition_penalty)
-    params, compiled = _compiled_for(model)
     num_slots = bucket_length(max_new_tokens)
     ids_BP, mask_BS = _bucketed(ids_BT, mask_BT, num_slots)
-    new_BN, log_probs_BN, num_new = compiled.generate(
-        params,
+    new_BN, log_probs_BN, num_new = _compiled_for(model).generate(
+        nnx.state(model),
         ids_BP,
         mask_BS,
         jnp.int32(ids_BT.shape[1]),
@@ -412,13 +413,15 @@ class Decoder:
             sampling = Sampling.create(do_sample, temperature, top_k, top_p, repetition_penalty)
         self.sampling = sampling
         self.eos_id = jnp.int32(-1 if eos_token_id is None else eos_token_id)
-        self.params, self.compiled = _compiled_for(model)
+        self.compiled = _compiled_for(model)
+        _, self.params, self.layer_weights = split_for_decoding(model)
 
     def start(self, input_ids, attention_mask=None, *, seed: int = 0, expected_new_tokens: int = 256) -> DecodeState:
         ids_BT, mask_BT = _prompt_arrays(input_ids, attention_mask, self.vocab_size)
         ids_BP, mask_BS = _bucketed(ids_BT, mask_BT, bucket_length(expected_new_tokens))
         return self.compiled.prefill(
             self.params,
+            self.layer_weights,
             ids_BP,
             mask_BS,
             jnp.int32(ids_BT.shape[1]),
@@ -432,13 +435,14 @@ class Decoder:
         slots = state.mask_BS.shape[1]
         if int(state.cache.length) >= slots:
             state = _grow(state, slots)
-        return self.compiled.step(self.params, state, self.sampling, self.eos_id, do_sample=self.do_sample)
+        return self.compiled.step(
+            self.params, self.layer_weights, state, self.sampling, self.eos_id, do_sample=self.do_sample
+        )
 
 
 def _grow(state: DecodeState, extra_slots: int) -> DecodeState:
     """The same state with `extra_slots` more (empty, unmasked) cache slots."""
-    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, extra_slots), (0, 0), (0, 0)))
-    cache = state.cache._replace(k_LBSKHd=pad(state.cache.k_LBSKHd), v_LBSKHd=pad(state.cache.v_LBSKHd))
+    cache = state.cache.map(lambda x_BSKHd: jnp.pad(x_BSKHd, ((0, 0), (0, extra_slots), (0, 0), (0, 0))))
     mask_BS = jnp.pad(state.mask_BS, ((0, 0), (0, extra_slots)), constant_values=1)
     return state._replace(cache=cache, mask_BS=mask_BS)
 
@@ -477,7 +481,7 @@ def benchmark_decode(
     """
     config: ModelConfig = load_preset(preset)
     model = MiniMind(config, rngs=nnx.Rngs(seed))
-    params, compiled = _compiled_for(model)
+    params, compiled = nnx.state(model), _compiled_for(model)
     sampling = Sampling.create(False, 1.0, 0, 1.0, 1.0)
     no_eos, key = jnp.int32(-1), jax.random.key(seed)
     num_slots = bucket_length(new_tokens)
@@ -496,7 +500,7 @@ def benchmark_decode(
         if int(num_new) != new_tokens:
             raise RuntimeError(f"generated {int(num_new)} tokens, expected {new_tokens}")
 
-        prefill_args = (params, ids_BP, mask_BS, jnp.int32(prompt_len), sampling, no_eos, key)
+        prefill_args = (*split_for_decoding(model)[1:], ids_BP, mask_BS, jnp.int32(prompt_len), sampling, no_eos, key)
         prefill = compiled.prefill.lower(*prefill_args, do_sample=False).compile()
         jax.block_until_ready(prefill(*prefill_args))
         start = time.perf_counter()

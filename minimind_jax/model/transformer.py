@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -33,16 +35,24 @@ def check_token_ids(ids: np.ndarray, vocab_size: int) -> None:
 
 
 class KVCache(NamedTuple):
-    """Fixed-size cache for all layers. Keys are stored after RoPE and before the GQA repeat."""
+    """Fixed-size cache, one array per layer: a decode step reads and writes each in place, where slicing one
+    stacked [L, ...] array would copy every layer's part at every step. Keys are stored after RoPE and before
+    the GQA repeat."""
 
-    k_LBSKHd: jax.Array
-    v_LBSKHd: jax.Array
+    layer_k_BSKHd: tuple[jax.Array, ...]
+    layer_v_BSKHd: tuple[jax.Array, ...]
     length: jax.Array  # int32: positions [0, length) are filled; a scalar, or [B] when each row has its own
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-        shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+        shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
+        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
+        return cls(zeros(), zeros(), jnp.zeros((), jnp.int32))
+
+    def map(self, function: Callable[[jax.Array], jax.Array]) -> KVCache:
+        """The cache with `function` applied to every layer's keys and values (e.g. a slice or a pad)."""
+        return self._replace(layer_k_BSKHd=tuple(map(function, self.layer_k_BSKHd)),
+                             layer_v_BSKHd=tuple(map(function, self.layer_v_BSKHd)))  # fmt: skip
 
 
 class ModelOutput(NamedTuple):
@@ -50,7 +60,8 @@ class ModelOutput(NamedTuple):
     hidden_states: jax.Array  # [B,T,D] after the final norm
     aux_loss: jax.Array  # fp32 scalar: summed MoE aux loss of all layers (0 in eval mode or without MoE)
     cache: KVCache | None  # the cache with the new positions written
-    new_kv: tuple[jax.Array, jax.Array] | None = None  # with a cache: the new keys and values [L,B,T,KV,Hd]
+    # with a cache: only the new positions' keys and values, (layer_k_BTKHd, layer_v_BTKHd), one [B,T,KV,Hd] per layer
+    new_kv: tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]] | None = None
 
 
 def _uniform_init(key, shape, fan_in):
@@ -600,6 +611,24 @@ _REMAT_POLICIES = {
 }
 
 
+def unstack_layers(stacked: nnx.State) -> tuple[nnx.State, ...]:
+    """The stacked layers' state ([L, ...] leaves) as one state per layer."""
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    return tuple(jax.tree.map(operator.itemgetter(i), stacked) for i in range(num_layers))
+
+
+def split_for_decoding(model: MiniMind) -> tuple[nnx.GraphDef, nnx.State, tuple[nnx.State, ...]]:
+    """(graphdef, params, layer_weights) for many decode steps: each layer's weights as arrays of their own,
+    which every step reads in place (indexing the stacked [L, ...] weights inside a step copies them at every
+    step), and the model's other params with the stacked layer weights left empty, so that the weights are
+    held once. A step runs `nnx.merge(graphdef, params).forward(ids, cache=..., layer_weights=layer_weights)`."""
+    graphdef, params = nnx.split(model)
+    layers = params["layers"]
+    layer_weights = unstack_layers(layers)
+    params["layers"] = jax.tree.map(lambda x: jnp.zeros((0,), x.dtype), layers)
+    return graphdef, params, layer_weights
+
+
 class MiniMind(nnx.Module):
     """MiniMindForCausalLM. `model(ids, attention_mask)` gives fp32 logits; `model.forward` gives everything."""
 
@@ -630,6 +659,7 @@ class MiniMind(nnx.Module):
         segment_ids_BT=None,
         positions_BT=None,
         cache: KVCache | None = None,
+        layer_weights: tuple[nnx.State, ...] | None = None,
         train: bool = False,
         dropout_rngs: nnx.Rngs | None = None,
         return_logits: bool = True,
@@ -641,7 +671,9 @@ class MiniMind(nnx.Module):
         attention_mask: [B,T] (or [B,S] over the cache's S positions when decoding); 1 = real token, 0 = padding.
         segment_ids_BT: packed rows; a token attends only within its segment. positions_BT restart per segment.
         cache: decode with a fixed-size KV cache; the T new tokens are written at cache.length (each row at
-          its own when cache.length is [B]).
+          its own when cache.length is [B]). The layers then run one after another.
+        layer_weights: with a cache, each layer's weights as arrays of their own (`split_for_decoding`), which
+          the layers read in place; without them each call slices (copies) them out of the stacked weights.
         train: MoE aux loss and 2510's fp16 expert buffer, as MiniMind's training mode.
         batch_axes: inside shard_map, the mesh axes the batch is split over (for the MoE aux loss).
         dropout_rngs: enables dropout (config.dropout) when given.
@@ -656,7 +688,7 @@ class MiniMind(nnx.Module):
             positions_BT = jnp.broadcast_to(jnp.reshape(offset, (-1, 1)) + jnp.arange(t, dtype=jnp.int32), (b, t))
         attention_factor = (cfg.rope_scaling or {}).get("attention_factor", 1.0)
         cos, sin = rope_cos_sin(rope_inv_freq(cfg), positions_BT, attention_factor)
-        num_keys = t if cache is None else cache.k_LBSKHd.shape[2]
+        num_keys = t if cache is None else cache.layer_k_BSKHd[0].shape[1]
         bias = attention_bias(b, t, num_keys, offset, segment_ids_BT=segment_ids_BT, attention_mask_BS=attention_mask)
         mask = AttentionMask(bias, segment_ids_BT, fusable=cache is None and attention_mask is None)
 
@@ -670,7 +702,6 @@ class MiniMind(nnx.Module):
             if dropout_rngs is not None
             else jnp.zeros((num_layers,), jnp.uint32)
         )
-        layer_caches = None if cache is None else (cache.k_LBSKHd, cache.v_LBSKHd)
 
         def run_block(h_BTD, per_layer):
             state, kv, key = per_layer
@@ -681,19 +712,35 @@ class MiniMind(nnx.Module):
 
         if cfg.remat != "none":
             run_block = jax.checkpoint(run_block, policy=_REMAT_POLICIES[cfg.remat])
-        # Unrolled (scan_layers=False), compile time grows with depth, but XLA lays out each layer's saved
-        # activations freely instead of stacking them into [L, ...] buffers: faster on CPU.
-        h, (aux_L, new_kv_L) = jax.lax.scan(
-            run_block, h, (layer_state, layer_caches, layer_keys), unroll=1 if cfg.scan_layers else num_layers
-        )
+        new_cache = new_kv = None
+        if cache is None:
+            # Unrolled (scan_layers=False), compile time grows with depth, but XLA lays out each layer's saved
+            # activations freely instead of stacking them into [L, ...] buffers: faster on CPU.
+            h, (aux_L, _) = jax.lax.scan(
+                run_block, h, (layer_state, None, layer_keys), unroll=1 if cfg.scan_layers else num_layers
+            )
+            aux = aux_L.sum()
+        else:  # one layer after another, each reading its own weights and cache in place
+            weights = layer_weights if layer_weights is not None else unstack_layers(layer_state)
+            aux_L, layer_k_BTKHd, layer_v_BTKHd = [], [], []
+            for i in range(num_layers):
+                layer_kv = (cache.layer_k_BSKHd[i], cache.layer_v_BSKHd[i])
+                h, (layer_aux, (k_BTKHd, v_BTKHd)) = run_block(h, (weights[i], layer_kv, layer_keys[i]))
+                aux_L.append(layer_aux)
+                layer_k_BTKHd.append(k_BTKHd)
+                layer_v_BTKHd.append(v_BTKHd)
+            aux = sum(aux_L)
+            new_kv = (tuple(layer_k_BTKHd), tuple(layer_v_BTKHd))
+            # The layers return only the new positions: one write of T positions per layer here
+            write = lambda layer_old, layer_new: tuple(
+                write_cache(old, new, cache.length) for old, new in zip(layer_old, layer_new)
+            )
+            new_cache = KVCache(write(cache.layer_k_BSKHd, new_kv[0]), write(cache.layer_v_BSKHd, new_kv[1]),
+                                cache.length + t)  # fmt: skip
 
         hidden = self.norm(h)
-        new_cache = None
-        if cache is not None:  # the layers return only the new positions: one write of T positions here
-            written = (write_cache(old, new, cache.length) for old, new in zip(layer_caches, new_kv_L))
-            new_cache = KVCache(*written, cache.length + t)
         logits = self.logits(hidden) if return_logits else None
-        return ModelOutput(logits, hidden, aux_L.sum(), new_cache, new_kv_L)
+        return ModelOutput(logits, hidden, aux, new_cache, new_kv)
 
     def logits(self, hidden_NTD):
         """The tied lm_head: [..., D] -> fp32 [..., V]."""

@@ -89,10 +89,10 @@ def test_a_prompt_whose_chunk_fails_fails_alone():
     engine, model = engine_and_model()
     real_prefill, poison = engine._prefill, 4321
 
-    def prefill(params, cache, slot, ids, *args, **kwargs):
+    def prefill(params, layer_weights, cache, slot, ids, *args, **kwargs):
         if poison in np.asarray(ids):
             raise RuntimeError("this prompt's chunk failed")
-        return real_prefill(params, cache, slot, ids, *args, **kwargs)
+        return real_prefill(params, layer_weights, cache, slot, ids, *args, **kwargs)
 
     engine._prefill = prefill
     prompts = [[5, 6, 7], [8, poison, 10, 11], [12, 13], [14, 15, 16, 17, 18]]
@@ -111,12 +111,12 @@ def test_a_step_that_lost_the_cache_fails_its_rows_and_the_engine_goes_on():
     engine, model = engine_and_model()
     real_decode, failures = engine._decode, []
 
-    def decode(params, cache, *args, **kwargs):
+    def decode(params, layer_weights, cache, *args, **kwargs):
         if not failures and engine.prefilling:  # once, while another prompt is still being read
             failures.append(engine.steps)
-            cache.k_LBSKHd.delete()
+            cache.layer_k_BSKHd[0].delete()
             raise RuntimeError("the device failed")
-        return real_decode(params, cache, *args, **kwargs)
+        return real_decode(params, layer_weights, cache, *args, **kwargs)
 
     engine._decode = decode
     long_prompt = [int(x) for x in np.random.default_rng(1).integers(3, 6000, 700)]  # 3 chunks
