@@ -26,6 +26,7 @@ prompt's new shapes do not stall the replies in flight.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import concurrent.futures
 import queue
@@ -42,10 +43,22 @@ import numpy as np
 from flax import nnx
 
 from minimind_jax.inference.generation import Sampling, choose_tokens
-from minimind_jax.model.transformer import KVCache, MiniMind, split_for_decoding, write_cache
+from minimind_jax.model.transformer import KVCache, MiniMind, split_for_decoding
 from minimind_jax.runtime import release_freed_memory
 
 TOP_K = 50  # MiniMind's generate()
+# At exit, no compile starts and the one in progress ends first: the process aborts if XLA is torn down under a
+# thread that is compiling. Queued compiles never hold up the exit.
+_COMPILING, _EXITING = threading.Lock(), threading.Event()
+
+
+@atexit.register
+def _let_the_compile_in_progress_end() -> None:
+    _EXITING.set()
+    with _COMPILING:
+        pass
+
+
 PREFILL_CHUNK = 256
 SHORT_PROMPT = 64  # a prompt with at most this much left to read is read even while prefill owes decode time
 
@@ -80,7 +93,10 @@ class SlotEngine:
         self.steps = 0  # decode steps so far
         self._waiting: collections.deque = collections.deque()
         self._wakeup = threading.Condition()
-        self._prefill = jax.jit(self._prefill_chunk, donate_argnums=(2,), static_argnames=("window",))
+        # A prompt chunk is read by one program and written into the cache (donated) in place by a second: in
+        # one program XLA copied the whole cache, as nothing ordered the chunk's reads before its writes.
+        self._prefill = jax.jit(self._prefill_chunk, static_argnames=("window",))
+        self._put_chunk = jax.jit(self._write_chunk, donate_argnums=(0,))
         self._decode = jax.jit(self._decode_step, donate_argnums=(2,), static_argnames=("rows", "window"))
         self._first = jax.jit(lambda logits_1V, sampling, key: choose_tokens(
             logits_1V, jnp.zeros_like(logits_1V, bool), sampling, key, True))  # fmt: skip
@@ -107,32 +123,33 @@ class SlotEngine:
     # -- traced -----------------------------------------------------------------------------------------
 
     def _prefill_chunk(self, params, layer_weights, cache: KVCache, slot, ids_1C, start, num_real, *, window: int):
-        """Writes one chunk of a prompt into slot `slot` from position `start` (the chunk ends within the first
-        `window` positions); returns (the cache, the logits [1, V] after the chunk's last real token)."""
+        """One chunk of a prompt in slot `slot` from position `start` (the chunk ends within the first `window`
+        positions); returns (its keys and values, the logits [1, V] after the chunk's last real token)."""
         model: MiniMind = nnx.merge(self.graphdef, params)
         take = lambda x: jax.lax.dynamic_slice(x, (slot, 0, 0, 0), (1, window, *x.shape[2:]))
         out = model.forward(ids_1C, cache=cache.map(take)._replace(length=start), layer_weights=layer_weights,
                             return_logits=False)  # fmt: skip
-        # Only the chunk's positions are written back (in place: the cache is donated)
-        put = lambda whole, new: jax.lax.dynamic_update_slice(whole, new, (slot, start, 0, 0))
-        cache = KVCache(*(tuple(map(put, whole, new)) for whole, new in
-                          zip((cache.layer_k_BSKHd, cache.layer_v_BSKHd), out.new_kv)), cache.length)  # fmt: skip
         last_hidden_1D = jax.lax.dynamic_index_in_dim(out.hidden_states[0], num_real - 1, keepdims=True)
-        return cache, model.logits(last_hidden_1D)
+        return out.new_kv, model.logits(last_hidden_1D)
 
     def _decode_step(self, params, layer_weights, cache: KVCache, tokens_B, lengths_B, sampling: Sampling, key, *,
                      rows: int, window: int):  # fmt: skip
         """One token for each of the first `rows` slots, each at its own position (at `context`: the slot
-        writes nothing); returns (the cache, the chosen tokens [rows])."""
+        writes nothing), attending over the first `window` positions; returns (the cache, the chosen tokens
+        [rows]). The new positions are written into the cache (donated) in place, before the reads."""
         model: MiniMind = nnx.merge(self.graphdef, params)
-        view = cache.map(lambda x: x[:rows, :window])._replace(length=lengths_B)
-        out = model.forward(tokens_B[:, None], cache=view, layer_weights=layer_weights)
-        # One position per row is written back (in place: the cache is donated), not the whole view
-        write = lambda whole, new: write_cache(whole, new, lengths_B)
-        cache = KVCache(*(tuple(map(write, whole, new)) for whole, new in
-                          zip((cache.layer_k_BSKHd, cache.layer_v_BSKHd), out.new_kv)), cache.length)  # fmt: skip
+        out = model.forward(tokens_B[:, None], cache=cache._replace(length=lengths_B), layer_weights=layer_weights,
+                            attention_window=window)  # fmt: skip
         logits_BV = out.logits[:, 0]
-        return cache, choose_tokens(logits_BV, jnp.zeros_like(logits_BV, bool), sampling, key, True)
+        return out.cache, choose_tokens(logits_BV, jnp.zeros_like(logits_BV, bool), sampling, key, True)
+
+    @staticmethod
+    def _write_chunk(cache: KVCache, new_kv, slot, start) -> KVCache:
+        """The cache with a prompt chunk's keys and values written into slot `slot` from position `start`."""
+        put = lambda whole, new: jax.lax.dynamic_update_slice(whole, new, (slot, start, 0, 0))
+        layer_k_BSKHd, layer_v_BSKHd = (tuple(map(put, whole, new)) for whole, new in
+                                        zip((cache.layer_k_BSKHd, cache.layer_v_BSKHd), new_kv))  # fmt: skip
+        return KVCache(layer_k_BSKHd, layer_v_BSKHd, cache.length)
 
     def _window(self, positions: int) -> int:
         """The smallest window holding `positions` positions: the chunk times a power of two, at most the cache."""
@@ -153,15 +170,21 @@ class SlotEngine:
     def _compile_forever(self) -> None:
         while True:
             compiled, lower = self._to_compile.get()
-            try:
-                lower().compile()  # into the jitted function's cache
-                compiled.set_result(None)
-            except Exception as error:  # the engine's own call compiles it again, and fails its request
-                compiled.set_exception(error)
+            with _COMPILING:
+                if _EXITING.is_set():
+                    return
+                try:
+                    lower().compile()  # into the jitted function's cache
+                    compiled.set_result(None)
+                except Exception as error:  # the engine's own call compiles it again, and fails its request
+                    compiled.set_exception(error)
 
     def _prepare_prefill(self, width: int, window: int) -> concurrent.futures.Future:
+        """The future of a chunk's program; its write's is queued first (one thread compiles them in order)."""
         i32 = jax.ShapeDtypeStruct((), jnp.int32)
         ids = jax.ShapeDtypeStruct((1, width), jnp.int32)
+        self._program(("write_prefill", width), lambda: self._put_chunk.lower(
+            _specs(self.cache), self._new_kv_specs(1, width), i32, i32))  # fmt: skip
         return self._program(("prefill", width, window), lambda: self._prefill.lower(
             _specs(self.params), _specs(self.layer_weights), _specs(self.cache), i32, ids, i32, i32,
             window=window))  # fmt: skip
@@ -172,6 +195,12 @@ class SlotEngine:
         return self._program(("decode", rows, window), lambda: self._decode.lower(
             _specs(self.params), _specs(self.layer_weights), _specs(self.cache), vector, vector, sampling,
             _specs(self.key), rows=rows, window=window))  # fmt: skip
+
+    def _new_kv_specs(self, rows: int, positions: int):
+        """The shapes of a step's new keys and values: ([rows, positions, KV, Hd] per layer,) × 2."""
+        layer = jax.ShapeDtypeStruct((rows, positions, *self.cache.layer_k_BSKHd[0].shape[2:]),
+                                     self.cache.layer_k_BSKHd[0].dtype)  # fmt: skip
+        return ((layer,) * self.config.num_hidden_layers,) * 2
 
     def _chunk_shape(self, prompt_length: int, start: int) -> tuple[int, int]:
         """(width, window) of a prompt's chunk from `start`: a prompt's last piece is padded to a power of two
@@ -306,8 +335,9 @@ class SlotEngine:
         width, window = self._prefill_shape(slot)
         ids = np.zeros((1, width), np.int32)
         ids[0, : len(piece)] = piece
-        self.cache, logits_1V = self._prefill(self.params, self.layer_weights, self.cache, jnp.int32(slot), ids,
-                                              jnp.int32(start), jnp.int32(len(piece)), window=window)  # fmt: skip
+        new_kv, logits_1V = self._prefill(self.params, self.layer_weights, self.cache, jnp.int32(slot), ids,
+                                          jnp.int32(start), jnp.int32(len(piece)), window=window)  # fmt: skip
+        self.cache = self._put_chunk(self.cache, new_kv, jnp.int32(slot), jnp.int32(start))
         self.prompt_read[slot] = start + len(piece)
         if self.prompt_read[slot] < len(job.prompt_ids):
             # Done before the engine goes on: queued chunks would hold up whatever comes next, and the time

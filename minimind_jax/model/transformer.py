@@ -300,9 +300,12 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_kv = (k, v)
-        if kv_cache is not None:  # attend over the cache with the new positions in it
+        if kv_cache is not None:  # attend over the cache with the new positions in it: its first b rows, and
+            # as many positions as the mask has keys
             new_kv = tuple(new.astype(cache.dtype) for cache, new in zip(kv_cache, new_kv))
-            k, v = (write_cache(cache, new, cache_index).astype(dtype) for cache, new in zip(kv_cache, new_kv))
+            num_keys = mask.bias_B1TS.shape[-1]
+            k, v = (write_cache(cache, new, cache_index)[:b, :num_keys].astype(dtype)
+                    for cache, new in zip(kv_cache, new_kv))  # fmt: skip
         fused = mask.fusable and dropout_rngs is None
         if fused and self.impl == "cudnn":
             out = padded_causal_attention(q, k, v, mask.bias_B1TS, CUDNN_ROW_MULTIPLE, implementation="cudnn")
@@ -660,6 +663,7 @@ class MiniMind(nnx.Module):
         positions_BT=None,
         cache: KVCache | None = None,
         layer_weights: tuple[nnx.State, ...] | None = None,
+        attention_window: int | None = None,
         train: bool = False,
         dropout_rngs: nnx.Rngs | None = None,
         return_logits: bool = True,
@@ -674,6 +678,8 @@ class MiniMind(nnx.Module):
           its own when cache.length is [B]). The layers then run one after another.
         layer_weights: with a cache, each layer's weights as arrays of their own (`split_for_decoding`), which
           the layers read in place; without them each call slices (copies) them out of the stacked weights.
+        attention_window: with a cache, attend over its first attention_window positions only (a cache with
+          more rows than the batch: its first B rows; the others are left as they are).
         train: MoE aux loss and 2510's fp16 expert buffer, as MiniMind's training mode.
         batch_axes: inside shard_map, the mesh axes the batch is split over (for the MoE aux loss).
         dropout_rngs: enables dropout (config.dropout) when given.
@@ -688,7 +694,7 @@ class MiniMind(nnx.Module):
             positions_BT = jnp.broadcast_to(jnp.reshape(offset, (-1, 1)) + jnp.arange(t, dtype=jnp.int32), (b, t))
         attention_factor = (cfg.rope_scaling or {}).get("attention_factor", 1.0)
         cos, sin = rope_cos_sin(rope_inv_freq(cfg), positions_BT, attention_factor)
-        num_keys = t if cache is None else cache.layer_k_BSKHd[0].shape[1]
+        num_keys = t if cache is None else attention_window or cache.layer_k_BSKHd[0].shape[1]
         bias = attention_bias(b, t, num_keys, offset, segment_ids_BT=segment_ids_BT, attention_mask_BS=attention_mask)
         mask = AttentionMask(bias, segment_ids_BT, fusable=cache is None and attention_mask is None)
 
