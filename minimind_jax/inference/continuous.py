@@ -141,7 +141,9 @@ class SlotEngine:
         out = model.forward(tokens_B[:, None], cache=cache._replace(length=lengths_B), layer_weights=layer_weights,
                             attention_window=window)  # fmt: skip
         logits_BV = out.logits[:, 0]
-        return out.cache, choose_tokens(logits_BV, jnp.zeros_like(logits_BV, bool), sampling, key, True)
+        # (the engine keeps each slot's length itself: the cache's stays as it came, so its shape does too)
+        cache = out.cache._replace(length=cache.length)
+        return cache, choose_tokens(logits_BV, jnp.zeros_like(logits_BV, bool), sampling, key, True)
 
     @staticmethod
     def _write_chunk(cache: KVCache, new_kv, slot, start) -> KVCache:

@@ -57,6 +57,17 @@ def wait_until_free(engine):
     return all(job is None for job in engine.jobs)
 
 
+def test_one_program_per_step_shape_however_many_steps_ran():
+    """The cache a step returns has the shapes it was given, so later steps of one shape reuse its program
+    instead of compiling again on the engine's thread."""
+    engine, model = engine_and_model()
+    for prompt in ([5, 6, 7], [8, 9, 10, 11]):  # one slot, one window: one decode shape
+        results, done = {}, threading.Event()
+        submit(engine, [prompt], results, done)
+        assert done.wait(600) and results[0] == (greedy(model, prompt), "length")
+    assert engine._decode._cache_size() == 1
+
+
 def test_requests_joining_apart_get_generates_replies():
     """6 requests on 4 slots: prompts of 300 and 600 tokens take 2 and 3 chunks of 256, the others one padded
     piece; slots are freed and taken again."""
