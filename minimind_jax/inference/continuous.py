@@ -47,6 +47,9 @@ from minimind_jax.model.transformer import KVCache, MiniMind, split_for_decoding
 from minimind_jax.runtime import release_freed_memory
 
 TOP_K = 50  # MiniMind's generate()
+PREFILL_CHUNK = 256
+SHORT_PROMPT = 64  # a prompt with at most this much left to read is read even while prefill owes decode time
+
 # At exit, no compile starts and the one in progress ends first: the process aborts if XLA is torn down under a
 # thread that is compiling. Queued compiles never hold up the exit.
 _COMPILING, _EXITING = threading.Lock(), threading.Event()
@@ -57,10 +60,6 @@ def _let_the_compile_in_progress_end() -> None:
     _EXITING.set()
     with _COMPILING:
         pass
-
-
-PREFILL_CHUNK = 256
-SHORT_PROMPT = 64  # a prompt with at most this much left to read is read even while prefill owes decode time
 
 
 def cache_bytes_per_position(model: MiniMind) -> int:

@@ -60,7 +60,7 @@ class ModelOutput(NamedTuple):
     hidden_states: jax.Array  # [B,T,D] after the final norm
     aux_loss: jax.Array  # fp32 scalar: summed MoE aux loss of all layers (0 in eval mode or without MoE)
     cache: KVCache | None  # the cache with the new positions written
-    # with a cache: only the new positions' keys and values, (layer_k_BTKHd, layer_v_BTKHd), one [B,T,KV,Hd] per layer
+    # with a cache: only the new positions' (layer_k_BTKHd, layer_v_BTKHd), one [B,T,KV,Hd] per layer
     new_kv: tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]] | None = None
 
 
@@ -621,10 +621,11 @@ def unstack_layers(stacked: nnx.State) -> tuple[nnx.State, ...]:
 
 
 def split_for_decoding(model: MiniMind) -> tuple[nnx.GraphDef, nnx.State, tuple[nnx.State, ...]]:
-    """(graphdef, params, layer_weights) for many decode steps: each layer's weights as arrays of their own,
-    which every step reads in place (indexing the stacked [L, ...] weights inside a step copies them at every
-    step), and the model's other params with the stacked layer weights left empty, so that the weights are
-    held once. A step runs `nnx.merge(graphdef, params).forward(ids, cache=..., layer_weights=layer_weights)`."""
+    """(graphdef, params, layer_weights) for many decode steps: each layer's weights as arrays of their own
+    (a copy), which every step reads in place (indexing the stacked [L, ...] weights inside a step copies them
+    at every step), and the model's other params with the stacked layer weights left out (zero-size), so a
+    step's arguments hold each weight once. A step runs
+    `nnx.merge(graphdef, params).forward(ids, cache=..., layer_weights=layer_weights)`."""
     graphdef, params = nnx.split(model)
     layers = params["layers"]
     layer_weights = unstack_layers(layers)
