@@ -60,7 +60,8 @@ def wait_until_free(engine):
 def test_one_program_per_step_shape_however_many_steps_ran():
     """The cache a step returns has the shapes it was given, so later steps of one shape reuse its program
     instead of compiling again on the engine's thread."""
-    engine, model = engine_and_model()
+    model = MiniMind(ModelConfig(arch="minimind2", hidden_size=64, num_hidden_layers=2), rngs=nnx.Rngs(5))
+    engine = SlotEngine(model, EOS, slots=1, context=128, prefill_chunk=64, finish=Finish)
     for prompt in ([5, 6, 7], [8, 9, 10, 11]):  # one slot, one window: one decode shape
         results, done = {}, threading.Event()
         submit(engine, [prompt], results, done)
