@@ -147,10 +147,7 @@ class SlotEngine:
     @staticmethod
     def _write_chunk(cache: KVCache, new_kv, slot, start) -> KVCache:
         """The cache with a prompt chunk's keys and values written into slot `slot` from position `start`."""
-        put = lambda whole, new: jax.lax.dynamic_update_slice(whole, new, (slot, start, 0, 0))
-        layer_k_BSKHd, layer_v_BSKHd = (tuple(map(put, whole, new)) for whole, new in
-                                        zip((cache.layer_k_BSKHd, cache.layer_v_BSKHd), new_kv))  # fmt: skip
-        return KVCache(layer_k_BSKHd, layer_v_BSKHd, cache.length)
+        return cache.with_new(new_kv, lambda whole, new: jax.lax.dynamic_update_slice(whole, new, (slot, start, 0, 0)))
 
     def _window(self, positions: int) -> int:
         """The smallest window holding `positions` positions: the chunk times a power of two, at most the cache."""

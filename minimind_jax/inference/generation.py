@@ -485,6 +485,7 @@ def benchmark_decode(
     sampling = Sampling.create(False, 1.0, 0, 1.0, 1.0)
     no_eos, key = jnp.int32(-1), jax.random.key(seed)
     num_slots = bucket_length(new_tokens)
+    _, decode_params, layer_weights = split_for_decoding(model)  # the prefill as a Decoder runs it
     rows = []
     for batch in batch_sizes:
         ids = np.random.default_rng(seed).integers(3, config.vocab_size, (batch, prompt_len))
@@ -500,7 +501,7 @@ def benchmark_decode(
         if int(num_new) != new_tokens:
             raise RuntimeError(f"generated {int(num_new)} tokens, expected {new_tokens}")
 
-        prefill_args = (*split_for_decoding(model)[1:], ids_BP, mask_BS, jnp.int32(prompt_len), sampling, no_eos, key)
+        prefill_args = (decode_params, layer_weights, ids_BP, mask_BS, jnp.int32(prompt_len), sampling, no_eos, key)
         prefill = compiled.prefill.lower(*prefill_args, do_sample=False).compile()
         jax.block_until_ready(prefill(*prefill_args))
         start = time.perf_counter()

@@ -54,6 +54,12 @@ class KVCache(NamedTuple):
         return self._replace(layer_k_BSKHd=tuple(map(function, self.layer_k_BSKHd)),
                              layer_v_BSKHd=tuple(map(function, self.layer_v_BSKHd)))  # fmt: skip
 
+    def with_new(self, new_kv, write: Callable[[jax.Array, jax.Array], jax.Array]) -> KVCache:
+        """The cache with each layer's new keys and values (as `ModelOutput.new_kv`) put in by
+        `write(the layer's cache, its new positions)`."""
+        return self._replace(layer_k_BSKHd=tuple(map(write, self.layer_k_BSKHd, new_kv[0])),
+                             layer_v_BSKHd=tuple(map(write, self.layer_v_BSKHd, new_kv[1])))  # fmt: skip
+
 
 class ModelOutput(NamedTuple):
     logits: jax.Array | None  # [B,T,V] fp32, None when not requested
@@ -739,11 +745,8 @@ class MiniMind(nnx.Module):
             aux = sum(aux_L)
             new_kv = (tuple(layer_k_BTKHd), tuple(layer_v_BTKHd))
             # The layers return only the new positions: one write of T positions per layer here
-            write = lambda layer_old, layer_new: tuple(
-                write_cache(old, new, cache.length) for old, new in zip(layer_old, layer_new)
-            )
-            new_cache = KVCache(write(cache.layer_k_BSKHd, new_kv[0]), write(cache.layer_v_BSKHd, new_kv[1]),
-                                cache.length + t)  # fmt: skip
+            written = cache.with_new(new_kv, lambda old, new: write_cache(old, new, cache.length))
+            new_cache = written._replace(length=cache.length + t)
 
         hidden = self.norm(h)
         logits = self.logits(hidden) if return_logits else None
